@@ -1,0 +1,86 @@
+"""The command layer: parse options, call one library function, render.
+
+``main()`` is the single place where errors become a one-line message on
+stderr and an exit code (0 ok, 1 operational, 2 usage, 3 environment).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return os.environ.get("WSCTL_DEBUG", "") not in ("", "0") or "--debug" in argv
+
+
+def _psycopg_exit(exc: BaseException) -> tuple[int, str] | None:
+    """Map a psycopg error that escaped the library to an exit code and message."""
+    mod = type(exc).__module__ or ""
+    if not mod.startswith("psycopg"):
+        return None
+    import psycopg
+
+    from wsctl.db import first_line
+
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        return 3, f"database connection failed: {first_line(exc)}"
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return 3, f"insufficient privilege: {first_line(exc)}"
+    if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+        return 3, f"schema not migrated? {first_line(exc)} (hint: run `wsctl migrate`)"
+    return 1, f"database error: {first_line(exc)}"
+
+
+def _click_exceptions():
+    """Typer 0.2x vendors click as typer._click; older Typer uses click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # pragma: no cover - depends on the installed Typer
+        from click import exceptions
+    return exceptions
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run wsctl with ``argv`` and return the exit code (never raises for expected failures)."""
+    import typer
+
+    from wsctl.cli.app import app
+    from wsctl.errors import WsctlError
+
+    ce = _click_exceptions()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    try:
+        rv = app(args=argv, prog_name="wsctl", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except WsctlError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"wsctl: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
+    except (typer.Exit, getattr(ce, "Exit", typer.Exit)) as exc:
+        return exc.exit_code
+    except ce.ClickException as exc:
+        exc.show()
+        return 2 if isinstance(exc, ce.UsageError) else exc.exit_code
+    except (typer.Abort, getattr(ce, "Abort", typer.Abort), KeyboardInterrupt):
+        print("wsctl: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as exc:
+        mapped = _psycopg_exit(exc)
+        if debug or mapped is None:
+            traceback.print_exc()
+        if mapped is None:
+            print(f"wsctl: internal error: {exc!r}", file=sys.stderr)
+            return 1
+        code, msg = mapped
+        print(f"wsctl: error: {' '.join(msg.split())}", file=sys.stderr)
+        return code
+
+
+def entry() -> None:
+    sys.exit(main())

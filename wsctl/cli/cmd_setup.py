@@ -1,0 +1,107 @@
+"""`wsctl init` and `wsctl migrate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from wsctl.cli.common import JSON_OPTION, state
+
+
+def init(
+    ctx: typer.Context,
+    database_url: str | None = typer.Option(
+        None, "--database-url", help="URL to write into the file (default: the global option)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing wsctl.toml."),
+    path: Path = typer.Option(Path("wsctl.toml"), "--path", help="Where to write the file."),
+) -> None:
+    """Write a commented wsctl.toml in the current directory."""
+    from wsctl.cli.output import line
+    from wsctl.settings import write_init_file
+
+    url = database_url or state(ctx).database_url
+    written = write_init_file(path, url, force=force)
+    line(f"wrote {written}")
+
+
+def migrate(
+    ctx: typer.Context,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the SQL of pending files."),
+    show_status: bool = typer.Option(
+        False,
+        "--status",
+        help="List applied, pending and changed migrations (exit 1 if any pending).",
+    ),
+    lock_timeout: float = typer.Option(
+        60.0, "--lock-timeout", help="Seconds to wait for another migrate's lock."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Bring the database schema up to date (needs a direct or session-mode connection)."""
+    from wsctl import migrations
+    from wsctl.cli import output
+    from wsctl.db import mask_url
+    from wsctl.errors import EnvError
+
+    st = state(ctx)
+    settings = st.settings()
+    if settings.transaction_pooler and not (show_status or dry_run):
+        raise EnvError(
+            f"migrations cannot run through a transaction-mode pooler "
+            f"({mask_url(settings.database_url)})",
+            hint="use the direct connection (Supabase: port 5432) for `wsctl migrate`",
+        )
+    with st.connect(require_schema=False) as conn:
+        if show_status:
+            status = migrations.status(conn)
+            if as_json:
+                output.emit_json(status.to_json())
+            else:
+                rows = [
+                    (a["version"], a["name"], "applied", a["applied_at"]) for a in status.applied
+                ]
+                rows += [(p["version"], p["name"], "pending", None) for p in status.pending]
+                rows += [(c["version"], c["name"], "CHANGED", c["file"]) for c in status.changed]
+                output.table(["version", "name", "state", "applied_at/file"], rows)
+            if not status.up_to_date:
+                raise typer.Exit(1)
+            return
+        if dry_run:
+            pending = migrations.pending_sql(conn)
+            if as_json:
+                output.emit_json(
+                    {
+                        "pending": [
+                            {"version": m.version, "name": m.name, "sql": m.sql} for m in pending
+                        ]
+                    }
+                )
+            elif not pending:
+                output.line("-- nothing pending: schema is up to date")
+            else:
+                for m in pending:
+                    output.line(f"-- {m.filename}")
+                    output.line(m.sql.rstrip())
+                    output.line()
+            return
+        result = migrations.migrate(
+            conn,
+            lock_timeout=lock_timeout,
+            on_apply=None if as_json else (lambda m: output.notice(f"applying {m.filename}")),
+        )
+    if as_json:
+        output.emit_json({"applied": result.applied, "rebuilt_indexes": result.rebuilt_indexes})
+        return
+    for name in result.rebuilt_indexes:
+        output.notice(f"rebuilt invalid index {name}")
+    if not result.applied:
+        output.line("schema is up to date: nothing to apply")
+    for a in result.applied:
+        output.line(f"applied {a['version']:04d}_{a['name']} ({a['duration_ms']} ms)")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("migrate")(migrate)

@@ -1,0 +1,67 @@
+"""What every command shares: settings, the connection, the global options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from wsctl.settings import Settings
+
+
+@dataclass
+class CliState:
+    database_url: str | None = None
+    debug: bool = False
+    _settings: Settings | None = field(default=None, repr=False)
+
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from wsctl import settings
+
+            self._settings = settings.load(self.database_url)
+        return self._settings
+
+    def resolved_url(self, *, embedded_dbname: str | None = None) -> str:
+        """The configured URL, or the embedded server's (started on demand, said on stderr)."""
+        s = self.settings()
+        if s.database_url:
+            return s.database_url
+        from wsctl import embedded
+        from wsctl.cli.output import notice
+        from wsctl.settings import user_data_dir
+
+        server = embedded.ensure(user_data_dir(), embedded_dbname or embedded.DEFAULT_DBNAME)
+        notice(
+            f"no database URL configured: using the embedded PostgreSQL in {server.pgdata} "
+            "(set WSCTL_DATABASE_URL or run `wsctl init` to use another)"
+        )
+        return server.url
+
+    def connect(
+        self, *, require_schema: bool = True, autocommit: bool = True
+    ) -> psycopg.Connection:
+        from wsctl import db, migrations
+
+        conn = db.connect(self.resolved_url(), self.settings(), autocommit=autocommit)
+        if require_schema:
+            try:
+                migrations.require_up_to_date(conn)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+
+def state(ctx: typer.Context) -> CliState:
+    root = ctx.find_root()
+    if not isinstance(root.obj, CliState):
+        root.obj = CliState()
+    return root.obj
+
+
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout.")

@@ -1,0 +1,102 @@
+"""The one place that opens database connections.
+
+Connections are safe behind a transaction-mode pooler (Supabase on port 6543,
+PgBouncer): no server-side prepared statements there, and no session state.
+Timeouts are set per transaction with ``set_config(..., true)`` (SET LOCAL),
+never as startup ``options``, which PgBouncer rejects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from wsctl.errors import EnvError
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from wsctl.settings import Settings
+
+_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+
+
+def mask_url(url: str | None) -> str:
+    """The URL with its password replaced by ``***`` (URL form and key=value form)."""
+    if not url:
+        return "<none>"
+    if "://" not in url:
+        return _KV_PASSWORD.sub(r"\1***", url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        if ":" in userinfo:
+            user, _, password = userinfo.partition(":")
+            userinfo = f"{user}:***" if password else user
+        netloc = f"{userinfo}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = [
+            (k, "***" if k.lower() in ("password", "sslpassword") else v)
+            for k, v in parse_qsl(query, keep_blank_values=True)
+        ]
+        query = urlencode(pairs, safe="/:")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__
+
+
+def connect(
+    url: str,
+    settings: Settings,
+    *,
+    autocommit: bool = True,
+    application_name: str = "wsctl",
+) -> psycopg.Connection:
+    """Open a connection; failures become ``EnvError`` (exit 3) with the password masked."""
+    import psycopg
+
+    kwargs: dict = {
+        "autocommit": autocommit,
+        "application_name": application_name,
+        "connect_timeout": settings.connect_timeout,
+    }
+    if settings.transaction_pooler:
+        kwargs["prepare_threshold"] = None
+    try:
+        conn = psycopg.connect(url, **kwargs)
+    except psycopg.OperationalError as exc:
+        msg = first_line(exc).replace(url, mask_url(url))
+        raise EnvError(f"cannot connect to {mask_url(url)}: {msg}") from None
+    except psycopg.ProgrammingError as exc:  # malformed conninfo
+        raise EnvError(f"invalid database URL {mask_url(url)}: {first_line(exc)}") from None
+    if settings.transaction_pooler:
+        conn.prepare_threshold = None
+    conn.info_statement_timeout = settings.statement_timeout  # type: ignore[attr-defined]
+    return conn
+
+
+@contextmanager
+def tx(
+    conn: psycopg.Connection,
+    *,
+    statement_timeout: str | None = None,
+    lock_timeout: str = "0",
+) -> Iterator[psycopg.Connection]:
+    """A transaction with its timeouts set by SET LOCAL (nothing leaks to the session)."""
+    from wsctl.queries import q
+
+    timeout = statement_timeout or getattr(conn, "info_statement_timeout", "5min")
+    with conn.transaction():
+        conn.execute(q("set_local_timeouts"), (timeout, lock_timeout))
+        yield conn

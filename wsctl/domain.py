@@ -1,0 +1,127 @@
+"""Small shared pieces of the domain: slugs, clients, and workstream inference.
+
+``infer_workstreams`` is THE inference: the backfill uses it to set
+``batches.workstream_slug``, config resolution uses it to advise on items of
+legacy batches, and the dispatcher uses it to say what the backfill would set.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from wsctl.errors import OperationalError
+from wsctl.queries import q
+
+if TYPE_CHECKING:
+    import psycopg
+
+SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+MAX_SLUG = 200
+
+
+def validate_slug(value: str, what: str = "slug") -> str:
+    """Return ``value`` if it is a slug (``^[a-z0-9][a-z0-9_-]*$``), else exit 1 with a clear error."""
+    if not isinstance(value, str) or not SLUG_RE.fullmatch(value) or len(value) > MAX_SLUG:
+        shown = value if isinstance(value, str) and len(value) <= 80 else f"{str(value)[:77]}..."
+        raise OperationalError(
+            f"invalid {what} {shown!r}: use lower-case letters, digits, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def parse_uuid(value: str, what: str = "id") -> uuid.UUID:
+    try:
+        return uuid.UUID(str(value).strip())
+    except (ValueError, AttributeError):
+        shown = value if len(str(value)) <= 80 else f"{str(value)[:77]}..."
+        raise OperationalError(f"invalid {what} {shown!r}: expected a UUID") from None
+
+
+@dataclass(frozen=True)
+class Client:
+    id: uuid.UUID
+    name: str
+
+
+def find_client(conn: psycopg.Connection, name_or_id: str) -> Client:
+    """A client by id or by exact name; exit 1 when there is none."""
+    value = (name_or_id or "").strip()
+    if not value:
+        raise OperationalError("a client name or id is required")
+    row = None
+    try:
+        as_id = uuid.UUID(value)
+    except ValueError:
+        as_id = None
+    if as_id is not None:
+        row = conn.execute(q("client_by_id"), (as_id,)).fetchone()
+    if row is None:
+        row = conn.execute(q("client_by_name"), (value,)).fetchone()
+    if row is None:
+        shown = value if len(value) <= 80 else f"{value[:77]}..."
+        raise OperationalError(
+            f"no client named or with id {shown!r}", hint="see `wsctl client list`"
+        )
+    return Client(id=row[0], name=row[1])
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What the workstream of a legacy batch (NULL workstream_slug) would be."""
+
+    batch_id: uuid.UUID
+    registered: list[str] = field(default_factory=list)  # register every blueprint step
+    narrowed: list[str] = field(default_factory=list)  # ... and the client has a config there
+
+    @property
+    def candidates(self) -> list[str]:
+        """The candidates left after narrowing (all registered ones when narrowing kept none)."""
+        if len(self.registered) > 1 and self.narrowed:
+            return self.narrowed
+        return self.registered
+
+    @property
+    def workstream(self) -> str | None:
+        """The single inferred workstream, or None when there is no or more than one candidate."""
+        c = self.candidates
+        return c[0] if len(c) == 1 else None
+
+    @property
+    def reason(self) -> str:
+        if self.workstream:
+            how = (
+                "the only workstream"
+                if len(self.registered) == 1
+                else (
+                    "the only one of "
+                    + ", ".join(self.registered)
+                    + " where the client has a config"
+                )
+            )
+            return f"{self.workstream} is {how} registering every blueprint step"
+        if not self.registered:
+            return "no workstream registers every step of the blueprint"
+        return "several workstreams register every step: " + ", ".join(self.candidates)
+
+
+def infer_workstreams(
+    conn: psycopg.Connection, batch_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, Inference]:
+    """Inference for many batches in one statement (one per backfill chunk)."""
+    if not batch_ids:
+        return {}
+    rows = conn.execute(q("infer_workstreams"), (list(batch_ids),)).fetchall()
+    out = {bid: Inference(batch_id=bid) for bid in batch_ids}
+    for batch_id, registered, narrowed in rows:
+        out[batch_id] = Inference(
+            batch_id=batch_id, registered=list(registered or []), narrowed=list(narrowed or [])
+        )
+    return out
+
+
+def infer_workstream(conn: psycopg.Connection, batch_id: uuid.UUID) -> Inference:
+    return infer_workstreams(conn, [batch_id])[batch_id]

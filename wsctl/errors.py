@@ -1,0 +1,42 @@
+"""One exception family for everything wsctl refuses or cannot do.
+
+Each class carries the process exit code the CLI turns it into:
+0 ok, 1 operational, 2 usage, 3 environment. The CLI prints ``str(error)``
+as a single line on stderr; the library never prints or exits.
+"""
+
+from __future__ import annotations
+
+
+class WsctlError(Exception):
+    """Base class: an expected failure with a one-line message."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = " ".join(str(self).split())
+        if self.hint:
+            text += f" (hint: {' '.join(self.hint.split())})"
+        return text
+
+
+class OperationalError(WsctlError):
+    """The request was understood but refused or failed (pending, invalid, not found)."""
+
+    exit_code = 1
+
+
+class UsageError(WsctlError):
+    """The command line itself is wrong."""
+
+    exit_code = 2
+
+
+class EnvError(WsctlError):
+    """The environment is not usable: database unreachable, credentials, schema not migrated."""
+
+    exit_code = 3

@@ -1,0 +1,76 @@
+"""Every SQL statement wsctl sends lives under ``sql/``.
+
+``sql/queries/*.sql`` hold named blocks in procrastinate's style::
+
+    -- claim_states --
+    -- one line saying what it does
+    SELECT ...;
+
+``sql/migrations/NNNN_name.sql`` hold schema changes (see ``wsctl.migrations``).
+In a wheel the directory is mapped to ``wsctl/sql``; in a checkout it is the
+top-level ``sql/``.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+_BLOCK = re.compile(r"^-- ([a-z0-9_]+) --\s*$", re.MULTILINE)
+
+
+@cache
+def sql_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "sql", here.parent / "sql"):
+        if (candidate / "migrations").is_dir():
+            return candidate
+    raise RuntimeError("wsctl's sql/ directory is missing from the installation")
+
+
+def parse_blocks(text: str) -> dict[str, str]:
+    """Split a queries file into ``{name: statement}``; the leading comment lines are kept out."""
+    out: dict[str, str] = {}
+    parts = _BLOCK.split(text)
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        lines = [ln for ln in body.strip().splitlines()]
+        while lines and lines[0].startswith("--"):
+            lines.pop(0)
+        stmt = "\n".join(lines).strip().rstrip(";").strip()
+        if name in out:
+            raise RuntimeError(f"query {name!r} is defined twice")
+        out[name] = stmt
+    return out
+
+
+@cache
+def _all() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for path in sorted((sql_dir() / "queries").glob("*.sql")):
+        for name, stmt in parse_blocks(path.read_text(encoding="utf-8")).items():
+            if name in out:
+                raise RuntimeError(f"query {name!r} is defined twice ({path.name})")
+            out[name] = stmt
+    return out
+
+
+def q(name: str) -> str:
+    """The statement named ``name``."""
+    try:
+        return _all()[name]
+    except KeyError:
+        raise RuntimeError(f"no SQL query named {name!r} under sql/queries") from None
+
+
+def names() -> list[str]:
+    return sorted(_all())
+
+
+def example_path(name: str) -> Path:
+    """A file from ``examples/`` (shipped inside the wheel as ``wsctl/examples``)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "examples" / name, here.parent / "examples" / name):
+        if candidate.exists():
+            return candidate
+    raise RuntimeError(f"example file {name!r} is missing from the installation")
