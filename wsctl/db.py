@@ -47,7 +47,7 @@ def mask_url(url: str | None) -> str:
             (k, "***" if k.lower() in ("password", "sslpassword") else v)
             for k, v in parse_qsl(query, keep_blank_values=True)
         ]
-        query = urlencode(pairs, safe="/:")
+        query = urlencode(pairs, safe="/:*")
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
