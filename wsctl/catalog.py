@@ -1,0 +1,535 @@
+"""The catalog an operator maintains: clients, registry rows, client configs.
+
+Registry rows say which Modal functions run a workflow step in a workstream;
+client configs hold one client's settings for a step in a workstream. Both
+are keyed by the composite ``(workflow slug, workstream slug)``. Every write
+validates all its input first and runs in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wsctl.db import tx
+from wsctl.domain import Client, find_client, validate_slug
+from wsctl.errors import OperationalError, UsageError
+from wsctl.queries import q
+
+if TYPE_CHECKING:
+    import psycopg
+
+STEP_TYPES = ("sync", "async")
+# A Modal function name: a Python identifier, or Class.method for Modal classes.
+_FN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+# Client names are free text in the dashboard; new ones stay printable and shell-safe.
+_CLIENT_NAME_RE = re.compile(r"^[^\W_][\w .&',()+/-]*$")
+MAX_NAME = 200
+
+
+def _shown(value: Any) -> str:
+    text = str(value)
+    return repr(text if len(text) <= 80 else f"{text[:77]}...")
+
+
+# --- clients ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientRow:
+    id: uuid.UUID
+    name: str
+    created_at: datetime | None = None
+    configs: int = 0
+    batches: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "name": self.name,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "configs": self.configs,
+            "batches": self.batches,
+        }
+
+
+def validate_client_name(name: str) -> str:
+    """A new client's name: letters, digits, spaces and . & ' , ( ) + / _ - (no ';', quotes only ')."""
+    value = name.strip() if isinstance(name, str) else ""
+    if not value or len(value) > MAX_NAME or not _CLIENT_NAME_RE.fullmatch(value):
+        raise OperationalError(
+            f"invalid client name {_shown(name)}: use letters, digits, spaces and . & ' , ( ) + / _ -, "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def add_client(conn: psycopg.Connection, name: str) -> tuple[ClientRow, bool]:
+    """Add a client; returns ``(row, created)`` (an existing name is returned as is)."""
+    value = validate_client_name(name)
+    with tx(conn):
+        row = conn.execute(q("catalog_client_insert"), (value,)).fetchone()
+        created = row is not None
+        if row is None:
+            row = conn.execute(q("catalog_client_get"), (value,)).fetchone()
+    return ClientRow(id=row[0], name=row[1], created_at=row[2]), created
+
+
+def list_clients(conn: psycopg.Connection) -> list[ClientRow]:
+    rows = conn.execute(q("catalog_client_list")).fetchall()
+    return [
+        ClientRow(id=r[0], name=r[1], created_at=r[2], configs=r[3], batches=r[4]) for r in rows
+    ]
+
+
+# --- registry --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegistryRow:
+    """Which Modal functions run one workflow step in one workstream."""
+
+    workflow_slug: str
+    workstream_slug: str
+    type: str
+    sender: str
+    receiver: str | None = None
+    id: uuid.UUID | None = None
+    created_at: datetime | None = None
+
+    @classmethod
+    def from_db(cls, row: tuple) -> RegistryRow:
+        return cls(
+            id=row[0],
+            workflow_slug=row[1],
+            workstream_slug=row[2],
+            type=row[3],
+            sender=row[4],
+            receiver=row[5],
+            created_at=row[6],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "workflow": self.workflow_slug,
+            "workstream": self.workstream_slug,
+            "type": self.type,
+            "sender": self.sender,
+            "receiver": self.receiver,
+            "id": str(self.id) if self.id else None,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+        }
+
+
+def validate_registry_row(
+    workflow: str, workstream: str, type_: str, sender: str, receiver: str | None
+) -> RegistryRow:
+    """A checked registry row (slugs, type, function names; async needs a receiver)."""
+    validate_slug(workflow, "workflow slug")
+    validate_slug(workstream, "workstream slug")
+    if type_ not in STEP_TYPES:
+        raise OperationalError(f"invalid type {_shown(type_)}: use sync or async")
+    for what, fn in (("sender", sender), ("receiver", receiver)):
+        if fn is None and what == "receiver":
+            continue
+        if not isinstance(fn, str) or len(fn) > MAX_NAME or not _FN_RE.fullmatch(fn):
+            raise OperationalError(
+                f"invalid {what} function name {_shown(fn)}: expected a Python identifier "
+                "(or Class.method)"
+            )
+    if type_ == "async" and not receiver:
+        raise OperationalError(
+            f"{workflow} in {workstream}: an async step needs --receiver (the function "
+            "the outside service's webhook reaches)"
+        )
+    if type_ == "sync" and receiver:
+        raise OperationalError(
+            f"{workflow} in {workstream}: a sync step finishes itself; drop --receiver"
+        )
+    return RegistryRow(workflow, workstream, type_, sender, receiver or None)
+
+
+@dataclass(frozen=True)
+class RegistryWrite:
+    row: RegistryRow
+    created: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.row.to_json(), "created": self.created}
+
+
+def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrite:
+    before = conn.execute(
+        q("catalog_registry_get_for_update"), (row.workflow_slug, row.workstream_slug)
+    ).fetchone()
+    params = {
+        "workflow": row.workflow_slug,
+        "workstream": row.workstream_slug,
+        "type": row.type,
+        "sender": row.sender,
+        "receiver": row.receiver,
+    }
+    after = conn.execute(q("catalog_registry_upsert"), params).fetchone()
+    return RegistryWrite(RegistryRow.from_db(after), created=before is None)
+
+
+def add_registry(
+    conn: psycopg.Connection,
+    *,
+    workflow: str,
+    workstream: str,
+    type: str,
+    sender: str,
+    receiver: str | None = None,
+) -> RegistryWrite:
+    """Register a step's Modal functions in a workstream (upsert on the composite key)."""
+    row = validate_registry_row(workflow, workstream, type, sender, receiver)
+    with tx(conn):
+        return _upsert_registry(conn, row)
+
+
+def list_registry(
+    conn: psycopg.Connection, *, workstream: str | None = None, workflow: str | None = None
+) -> list[RegistryRow]:
+    if workstream is not None:
+        validate_slug(workstream, "workstream slug")
+    if workflow is not None:
+        validate_slug(workflow, "workflow slug")
+    rows = conn.execute(
+        q("catalog_registry_list"), {"workstream": workstream, "workflow": workflow}
+    ).fetchall()
+    return [RegistryRow.from_db(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class RegistryRemoval:
+    row: RegistryRow
+    needed_by: int  # states that still needed the row (removed anyway with force)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.row.to_json(), "removed": True, "needed_by": self.needed_by}
+
+
+def remove_registry(
+    conn: psycopg.Connection, *, workflow: str, workstream: str, force: bool = False
+) -> RegistryRemoval:
+    """Remove a registry row; refused while PENDING/DISPATCHING/DISPATCHED states need it."""
+    validate_slug(workflow, "workflow slug")
+    validate_slug(workstream, "workstream slug")
+    with tx(conn):
+        found = conn.execute(
+            q("catalog_registry_get_for_update"), (workflow, workstream)
+        ).fetchone()
+        if found is None:
+            raise OperationalError(
+                f"{workflow} is not registered in workstream {workstream}",
+                hint="see `wsctl registry list`",
+            )
+        row = RegistryRow.from_db(found)
+        needed = conn.execute(q("catalog_registry_needed_by"), (workflow, workstream)).fetchone()[0]
+        if needed and not force:
+            raise OperationalError(
+                f"refused: {needed} pending or dispatched state(s) of {workflow} in "
+                f"workstream {workstream} still need this registry row",
+                hint="let them finish, cancel them, or pass --force",
+            )
+        conn.execute(q("catalog_registry_delete"), (row.id,))
+    return RegistryRemoval(row=row, needed_by=needed)
+
+
+_IMPORT_KEYS = {"workflow", "workstream", "type", "sender", "receiver"}
+
+
+def parse_registry_toml(text: str, source: str = "registry file") -> list[RegistryRow]:
+    """Every ``[[registry]]`` row of a TOML document, all validated (the first error stops)."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise OperationalError(f"{source}: not valid TOML: {exc}") from None
+    extra = set(doc) - {"registry"}
+    if extra:
+        raise OperationalError(f"{source}: unknown top-level key(s): {', '.join(sorted(extra))}")
+    entries = doc.get("registry")
+    if not isinstance(entries, list) or not entries:
+        raise OperationalError(f"{source}: expected one or more [[registry]] tables")
+    rows: list[RegistryRow] = []
+    seen: dict[tuple[str, str], int] = {}
+    for i, entry in enumerate(entries, start=1):
+        where = f"{source}: registry row {i}"
+        if not isinstance(entry, dict):
+            raise OperationalError(f"{where}: expected a table")
+        unknown = set(entry) - _IMPORT_KEYS
+        if unknown:
+            raise OperationalError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
+        missing = [k for k in ("workflow", "workstream", "type", "sender") if k not in entry]
+        if missing:
+            raise OperationalError(f"{where}: missing {', '.join(missing)}")
+        if not all(isinstance(v, str) for v in entry.values()):
+            raise OperationalError(f"{where}: every value must be a string")
+        try:
+            row = validate_registry_row(
+                entry["workflow"],
+                entry["workstream"],
+                entry["type"],
+                entry["sender"],
+                entry.get("receiver") or None,
+            )
+        except OperationalError as exc:
+            raise OperationalError(f"{where}: {exc}") from None
+        key = (row.workflow_slug, row.workstream_slug)
+        if key in seen:
+            raise OperationalError(
+                f"{where}: {key[0]} in {key[1]} is already defined by row {seen[key]}"
+            )
+        seen[key] = i
+        rows.append(row)
+    return rows
+
+
+@dataclass(frozen=True)
+class RegistryImport:
+    rows: list[RegistryWrite] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def created(self) -> int:
+        return sum(1 for w in self.rows if w.created)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "created": self.created,
+            "updated": len(self.rows) - self.created,
+            "rows": [w.to_json() for w in self.rows],
+        }
+
+
+def import_registry(
+    conn: psycopg.Connection, path: Path, *, dry_run: bool = False
+) -> RegistryImport:
+    """Upsert every row of a registry TOML file in one transaction: all rows or none."""
+    text = _read_text(path)
+    rows = parse_registry_toml(text, str(path))
+    if dry_run:
+        return RegistryImport(rows=[RegistryWrite(r, created=False) for r in rows], dry_run=True)
+    with tx(conn):
+        written = [_upsert_registry(conn, r) for r in rows]
+    return RegistryImport(rows=written)
+
+
+# --- client configs --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigRow:
+    id: uuid.UUID
+    client: Client
+    workflow_slug: str
+    workstream_slug: str
+    config: dict[str, Any]
+    updated_at: datetime | None = None
+
+    def to_json(self, *, reveal: bool = False) -> dict[str, Any]:
+        from wsctl.redact import redact
+
+        return {
+            "id": str(self.id),
+            "client": self.client.name,
+            "client_id": str(self.client.id),
+            "workflow": self.workflow_slug,
+            "workstream": self.workstream_slug,
+            "config": redact(self.config, reveal=reveal),
+            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
+        }
+
+
+def _config_row(client: Client, r: tuple) -> ConfigRow:
+    return ConfigRow(
+        id=r[0],
+        client=client,
+        workflow_slug=r[2],
+        workstream_slug=r[3],
+        config=r[4],
+        updated_at=r[5],
+    )
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise OperationalError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OperationalError(f"{path}: cannot read: {exc}") from None
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """A config document from a .json or .toml file; it must be an object/table."""
+    path = Path(path)
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise OperationalError(f"{path}: not valid JSON: {exc}") from None
+    elif suffix == ".toml":
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise OperationalError(f"{path}: not valid TOML: {exc}") from None
+    else:
+        raise OperationalError(f"{path}: expected a .json or .toml file")
+    if not isinstance(doc, dict):
+        raise OperationalError(f"{path}: the config must be a JSON object")
+    return doc
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; a value is JSON when it parses as JSON, else the plain string."""
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise OperationalError(f"invalid --set {_shown(item)}: expected key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class ConfigWrite:
+    row: ConfigRow
+    created: bool
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self, *, reveal: bool = False) -> dict[str, Any]:
+        return {
+            **self.row.to_json(reveal=reveal),
+            "created": self.created,
+            "warnings": self.warnings,
+        }
+
+
+def set_config(
+    conn: psycopg.Connection,
+    *,
+    client: str,
+    workflow: str,
+    workstream: str,
+    config: dict[str, Any] | None = None,
+    merge: dict[str, Any] | None = None,
+) -> ConfigWrite:
+    """Upsert a client config: ``config`` replaces the document, ``merge`` adds/overwrites keys."""
+    from psycopg.types.json import Jsonb
+
+    validate_slug(workflow, "workflow slug")
+    validate_slug(workstream, "workstream slug")
+    if (config is None) == (merge is None):
+        raise UsageError("give either a whole config (--file) or keys to merge (--set)")
+    doc = config if config is not None else merge
+    if not isinstance(doc, dict):
+        raise OperationalError("the config must be a JSON object")
+    found = find_client(conn, client)
+    warnings = []
+    registered = conn.execute(q("resolve_registry"), (workflow, workstream)).fetchone()
+    if registered is None:
+        warnings.append(
+            f"{workflow} is not registered in workstream {workstream} "
+            "(see `wsctl registry list`); the config is stored anyway"
+        )
+    key = (found.id, workflow, workstream)
+    with tx(conn):
+        before = conn.execute(q("catalog_config_get_for_update"), key).fetchone()
+        name = "catalog_config_replace" if config is not None else "catalog_config_merge"
+        row = conn.execute(q(name), (*key, Jsonb(doc))).fetchone()
+    return ConfigWrite(_config_row(found, row), created=before is None, warnings=warnings)
+
+
+@dataclass(frozen=True)
+class ConfigRemoval:
+    row: ConfigRow  # the row as it was (whole removal) or as it is now (some keys)
+    deleted: bool
+    removed_keys: list[str] = field(default_factory=list)
+    missing_keys: list[str] = field(default_factory=list)
+
+    def to_json(self, *, reveal: bool = False) -> dict[str, Any]:
+        return {
+            **self.row.to_json(reveal=reveal),
+            "deleted": self.deleted,
+            "removed_keys": self.removed_keys,
+            "missing_keys": self.missing_keys,
+        }
+
+
+def unset_config(
+    conn: psycopg.Connection,
+    *,
+    client: str,
+    workflow: str,
+    workstream: str,
+    keys: list[str] | None = None,
+) -> ConfigRemoval:
+    """Delete a client config row, or only some of its top-level keys."""
+    validate_slug(workflow, "workflow slug")
+    validate_slug(workstream, "workstream slug")
+    found = find_client(conn, client)
+    with tx(conn):
+        before = conn.execute(
+            q("catalog_config_get_for_update"), (found.id, workflow, workstream)
+        ).fetchone()
+        if before is None:
+            raise OperationalError(
+                f"client {found.name} has no config for {workflow} in workstream {workstream}",
+                hint="see `wsctl config list`",
+            )
+        if not keys:
+            conn.execute(q("catalog_config_delete"), (before[0],))
+            return ConfigRemoval(_config_row(found, before), deleted=True)
+        present = [k for k in keys if k in before[4]]
+        missing = [k for k in keys if k not in before[4]]
+        after = before
+        if present:
+            after = conn.execute(q("catalog_config_remove_keys"), (present, before[0])).fetchone()
+    return ConfigRemoval(
+        _config_row(found, after), deleted=False, removed_keys=present, missing_keys=missing
+    )
+
+
+def list_configs(
+    conn: psycopg.Connection,
+    *,
+    client: str | None = None,
+    workstream: str | None = None,
+    workflow: str | None = None,
+) -> list[ConfigRow]:
+    if workstream is not None:
+        validate_slug(workstream, "workstream slug")
+    if workflow is not None:
+        validate_slug(workflow, "workflow slug")
+    client_id = find_client(conn, client).id if client is not None else None
+    rows = conn.execute(
+        q("catalog_config_list"),
+        {"client_id": client_id, "workstream": workstream, "workflow": workflow},
+    ).fetchall()
+    return [
+        ConfigRow(
+            id=r[0],
+            client=Client(id=r[1], name=r[2]),
+            workflow_slug=r[3],
+            workstream_slug=r[4],
+            config=r[5],
+            updated_at=r[6],
+        )
+        for r in rows
+    ]

@@ -1,0 +1,172 @@
+"""Helpers for code running inside the Modal functions (the seed's worker helpers).
+
+The connection comes from wsctl's settings (``WSCTL_DATABASE_URL``, typically
+from a Modal secret). Inside Modal there is no embedded database to fall back
+to, so a missing URL is an ``EnvError``. Each call opens and closes its own
+short connection, unless the caller passes ``conn=`` (tests, local backend).
+
+``get_client_config`` returns a config only when the workstream is known for
+certain (explicit or recorded on the batch). It raises
+``ConfigResolutionError`` on a mismatch, on several candidates, or when the
+workstream is merely inferred, instead of returning a config that may belong
+to another workstream. Log lines follow the seed::
+
+    [CONFIG] item=abc12345... workflow=<slug> workstream=<slug> -> config found
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from wsctl.domain import parse_uuid
+from wsctl.errors import EnvError, OperationalError
+from wsctl.queries import q
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from wsctl.resolve import Resolution
+
+log = logging.getLogger("wsctl.worker")
+
+
+class ConfigResolutionError(OperationalError):
+    """The config cannot be used: mismatch, ambiguity, or a merely inferred workstream."""
+
+    def __init__(self, message: str, *, resolution: Resolution | None = None, hint=None):
+        super().__init__(message, hint=hint)
+        self.resolution = resolution
+
+
+@contextmanager
+def _connection(conn: psycopg.Connection | None) -> Iterator[psycopg.Connection]:
+    if conn is not None:
+        yield conn
+        return
+    from wsctl import db, settings
+
+    s = settings.load()
+    if not s.database_url:
+        raise EnvError(
+            "no database URL for the worker helpers: set WSCTL_DATABASE_URL "
+            "(for example from a Modal secret); they never use an embedded database"
+        )
+    with db.connect(s.database_url, s, application_name="wsctl-worker") as c:
+        yield c
+
+
+def _short(item_id: Any) -> str:
+    return f"{str(item_id)[:8]}..."
+
+
+def get_workstream_slug(item_id: str, *, conn: psycopg.Connection | None = None) -> str | None:
+    """The ``workstream_slug`` of the item's batch; None for a legacy batch that has none.
+
+    An unknown item raises ``ConfigResolutionError``.
+    """
+    item = parse_uuid(item_id, "item id")
+    with _connection(conn) as c:
+        row = c.execute(q("worker_item_workstream"), (item,)).fetchone()
+    if row is None:
+        raise ConfigResolutionError(f"no batch item with id {item}")
+    if row[0] is None:
+        log.warning(
+            "[CONFIG] item=%s workstream=None (the batch has no workstream_slug)", _short(item)
+        )
+    return row[0]
+
+
+def _refusal(res: Resolution) -> str:
+    what = f"item {res.item_id} workflow {res.workflow_slug}"
+    if res.status == "mismatch":
+        return (
+            f"{what}: workstream {res.explicit_workstream_slug} was passed but the item's "
+            f"batch carries {res.batch_workstream_slug}; refusing to choose"
+        )
+    backfill = (
+        f"`wsctl backfill workstream-slug` would set {res.backfill_workstream_slug}"
+        if res.backfill_workstream_slug
+        else "`wsctl backfill workstream-slug` cannot infer one"
+    )
+    if res.status == "ambiguous":
+        return (
+            f"{what}: the batch has no workstream_slug and several workstreams fit "
+            f"({', '.join(res.candidates)}); {backfill}"
+        )
+    if res.inferred:
+        return (
+            f"{what}: the batch has no workstream_slug; {res.workstream_slug} is only "
+            f"inferred and is not used; {backfill}"
+        )
+    return f"{what}: the batch has no workstream_slug and none can be inferred; {backfill}"
+
+
+def get_client_config(
+    item_id: str,
+    workflow_slug: str,
+    workstream_slug: str | None = None,
+    *,
+    conn: psycopg.Connection | None = None,
+) -> dict | None:
+    """The client's config for ``workflow_slug`` in the item's workstream, or None (no config).
+
+    ``workstream_slug`` is the one the dispatcher passed (the batch's); when it
+    is None the batch's is used. Raises ``ConfigResolutionError`` whenever the
+    workstream is not known for certain.
+    """
+    from wsctl.resolve import resolve_config
+
+    item = parse_uuid(item_id, "item id")
+    with _connection(conn) as c:
+        res = resolve_config(
+            c, workflow_slug=workflow_slug, item_id=item, workstream_slug=workstream_slug
+        )
+    head = f"[CONFIG] item={_short(item)} workflow={workflow_slug} workstream={res.workstream_slug}"
+    for warning in res.warnings:
+        log.warning("[CONFIG] item=%s %s", _short(item), warning)
+    if res.trusted:
+        log.info("%s -> config found", head)
+        return res.config
+    if res.status == "not_found" and res.source in ("explicit", "batch"):
+        log.info("%s -> no config", head)
+        return None
+    if res.status == "ambiguous":
+        log.warning("%s -> ambiguous: %s", head, ", ".join(res.candidates))
+    elif res.status == "mismatch":
+        log.warning(
+            "%s -> mismatch: batch=%s explicit=%s",
+            head,
+            res.batch_workstream_slug,
+            res.explicit_workstream_slug,
+        )
+    elif res.inferred:
+        log.warning("%s -> inferred, refused", head)
+    else:
+        log.warning("%s -> no config", head)
+    raise ConfigResolutionError(_refusal(res), resolution=res)
+
+
+def complete_step(state_id: str, *, conn: psycopg.Connection | None = None) -> bool:
+    """Mark a state COMPLETED and enqueue the next blueprint step; False if it already was."""
+    sid = parse_uuid(state_id, "state id")
+    with _connection(conn) as c:
+        return bool(c.execute(q("worker_complete_step"), (sid,)).fetchone()[0])
+
+
+def fail_step(state_id: str, error: str, *, conn: psycopg.Connection | None = None) -> bool:
+    """Mark a state FAILED with ``error``; False when it was COMPLETED, CANCELLED or unknown."""
+    sid = parse_uuid(state_id, "state id")
+    with _connection(conn) as c:
+        return bool(c.execute(q("worker_fail_step"), (sid, str(error))).fetchone()[0])
+
+
+__all__ = [
+    "ConfigResolutionError",
+    "complete_step",
+    "fail_step",
+    "get_client_config",
+    "get_workstream_slug",
+]
