@@ -7,15 +7,15 @@ client was generated from (``modal_proto.api_grpc.ModalClientBase``); it is serv
 grpclib on a free port from a background thread that owns its own asyncio loop, so
 synchronous tests, other threads and other processes can all use it.
 
-Quick start::
+Quick start (pytest)::
 
     from tests.support.modal_standin import ModalStandIn, Outcome, reset_modal_client
 
-    with ModalStandIn() as standin:
+    with ModalStandIn() as standin:         # or .start() / .stop()
         fid = standin.add_function("enrichment-worker", "start_normalize_company_name")
-        for k, v in standin.env.items():
-            monkeypatch.setenv(k, v)        # MODAL_SERVER_URL / MODAL_TOKEN_* / proxy off
-        reset_modal_client()                # drop a cached client bound to another URL
+        standin.patch_env(monkeypatch)      # MODAL_SERVER_URL / MODAL_TOKEN_* / proxy off,
+                                            # hides ~/.modal.toml, reset_modal_client()
+        # subprocesses: subprocess.run(..., env={**os.environ, **standin.env})
 
         fn = modal.Function.from_name("enrichment-worker", "start_normalize_company_name")
         call = fn.spawn("3f0c...", "apollo_scrape")
@@ -71,7 +71,14 @@ with extra attributes ``call_id`` ("fc-..."), ``input_id``, ``function_id``,
 ``standin.calls`` -> ``collections.Counter`` of RPC names, counting *every* request
 received (including injected failures, client retries and UNIMPLEMENTED ones).
 ``standin.lookups`` -> list of ``(environment, app_name, function_name, found)`` per
-``FunctionGet``.
+``FunctionGet``.  ``standin.call_ids`` -> ids of calls created by FunctionMap.
+``standin.wait_for_spawns(n, timeout)`` polls until ``n`` spawns were recorded.
+``standin.reset()`` forgets everything (functions too) and releases hanging requests;
+ids stay unique across resets.
+
+Caveat: ``modal`` does not share an in-flight hydration.  ``asyncio.gather`` of N
+``spawn.aio`` calls on a not-yet-hydrated ``Function`` sends N ``FunctionGet`` requests
+(observed: 200 for 200); ``await fn.hydrate.aio()`` once first to send one.
 
 Outcomes of function calls (what ``FunctionCall.get(timeout=0)`` sees)
 ----------------------------------------------------------------------
@@ -98,21 +105,38 @@ DEADLINE_EXCEEDED, CANCELLED, INTERNAL, UNKNOWN; no per-attempt timeout.  Measur
 * NOT_FOUND on FunctionGet (unknown function) -> ``modal.exception.NotFoundError``
   "Lookup failed for Function '<fn>' from the '<app>' app[ (in the '<env>'
   environment)]: <server message>." -- 1 attempt, a few ms.
+* NOT_FOUND on FunctionMap (function deleted after lookup) -> ``NotFoundError`` with the
+  bare server message.
 * UNAUTHENTICATED -> ``modal.exception.AuthError``, 1 attempt, immediate.
+  (Likewise PERMISSION_DENIED -> ``PermissionDeniedError``, INVALID_ARGUMENT ->
+  ``InvalidError``: 1 attempt.)
 * RESOURCE_EXHAUSTED -> ``modal.exception.ResourceExhaustedError``, 1 attempt, immediate
   (spawn_map would retry it forever; plain spawn does not).
 * UNAVAILABLE ``times<=3`` -> transparently retried, call succeeds (~0.1/0.3/0.7 s extra).
   ``times>=4`` (or ``None`` = always) -> ``modal.exception.ServiceError`` after 4
   attempts, ~0.7 s.  So keep injected outages finite or rely on the 0.7 s give-up.
+  DEADLINE_EXCEEDED / UNKNOWN / CANCELLED behave the same (``ServiceError``); INTERNAL
+  -> ``modal.exception.InternalError`` after 4 attempts, ~0.7 s.
 * ``retry_after=s`` attaches an ``RPCRetryPolicy`` detail (Modal's server-driven
   throttling): the client then retries *any* status after ``s`` seconds, without limit
-  unless ``MODAL_MAX_THROTTLE_WAIT`` is set -- use small ``times``.
+  unless ``MODAL_MAX_THROTTLE_WAIT`` is set -- use small ``times``.  It logs
+  "Warning: Received Status.X ... Retrying..." to stderr.
+* ``after_processing=True`` -> the request is fully handled (spawn recorded, call id
+  issued) and then answered with the error: a lost reply.  With a retryable status the
+  client retries and the stand-in records a second spawn with a new call id -- both
+  spawns carry the same ``idempotency_key`` (``retry_attempt`` 0 and 1).
 * "hang" -> the request never completes (until ``release_hangs``/``reset``/``stop``);
   ``FunctionGet``/``FunctionMap`` have no client-side deadline, so the caller blocks
   forever: wrap in ``asyncio.wait_for`` -> ``asyncio.TimeoutError`` (== builtin
   ``TimeoutError`` on 3.11) after your timeout; the client stays usable.
-  ``FunctionGetOutputs`` does carry a deadline (timeout + 5 s per attempt).
+  ``FunctionGetOutputs`` does carry a deadline (timeout + 5 s per attempt): a hanging
+  ``get(timeout=0)`` ends with ``modal.exception.ConnectionError("Deadline exceeded")``
+  after 4 attempts, ~20.7 s -- too slow for unit tests.
 * "delay" (``seconds=``) -> answers normally after a pause.
+
+* Stand-in stopped / nothing listening -> the client keeps re-trying to connect
+  (18 attempts, <= 63 s budget) and raises ``modal.exception.ConnectionError("Could not
+  connect to the Modal server.")`` after ~56 s.  Don't test "Modal is down" that way.
 
 Actions: a grpclib ``Status`` (optionally ``message=``), ``"hang"``, ``"delay"``.
 ``times`` counts matching requests (``None`` = every request until cleared); several
@@ -428,6 +452,8 @@ class ModalStandIn:
             "MODAL_OAUTH_JWT_KEY",
             "MODAL_PROFILE",
             "MODAL_IS_REMOTE",
+            "MODAL_ENVIRONMENT",
+            "MODAL_PAYLOAD_FORMAT",
         ):
             monkeypatch.delenv(key, raising=False)
         if isolate_user_config:
