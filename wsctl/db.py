@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from wsctl.errors import EnvError
+from wsctl.errors import DatabaseUnavailable, EnvError
 
 if TYPE_CHECKING:
     import psycopg
@@ -77,7 +77,7 @@ def connect(
         conn = psycopg.connect(url, **kwargs)
     except psycopg.OperationalError as exc:
         msg = first_line(exc).replace(url, mask_url(url))
-        raise EnvError(f"cannot connect to {mask_url(url)}: {msg}") from None
+        raise DatabaseUnavailable(f"cannot connect to {mask_url(url)}: {msg}") from None
     except psycopg.ProgrammingError as exc:  # malformed conninfo
         raise EnvError(f"invalid database URL {mask_url(url)}: {first_line(exc)}") from None
     if settings.transaction_pooler:

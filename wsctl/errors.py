@@ -40,3 +40,7 @@ class EnvError(WsctlError):
     """The environment is not usable: database unreachable, credentials, schema not migrated."""
 
     exit_code = 3
+
+
+class DatabaseUnavailable(EnvError):
+    """The database could not be reached (the dispatch loop retries these)."""

@@ -35,8 +35,9 @@ REVOKE ALL ON wsctl.batch_dedupe_keys, wsctl.backfill_progress FROM PUBLIC;
 -- item's next blueprint step as PENDING. Idempotent: completing a completed
 -- state, or enqueuing a step that exists, does nothing. A batch whose items
 -- have all completed their last step becomes COMPLETED. Returns the number of
--- states this call completed.
-CREATE OR REPLACE FUNCTION wsctl.complete_steps(state_ids uuid[])
+-- states this call completed. With expected_token, only states still
+-- claimed with that token are completed (a stale claim never overwrites).
+CREATE OR REPLACE FUNCTION wsctl.complete_steps(state_ids uuid[], expected_token uuid DEFAULT NULL)
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, public
@@ -55,6 +56,7 @@ BEGIN
             last_error = NULL
         WHERE ws.id = ANY (state_ids)
           AND ws.status NOT IN ('COMPLETED', 'CANCELLED')
+          AND (expected_token IS NULL OR ws.claim_token = expected_token)
         RETURNING ws.item_id, ws.batch_id, ws.step_name
     ), nxt AS (
         SELECT d.item_id, d.batch_id,
@@ -120,6 +122,6 @@ $$;
 
 -- On Supabase a function reachable by anon can be called by anyone holding
 -- the public key: only roles granted explicitly may execute these.
-REVOKE ALL ON FUNCTION wsctl.complete_steps(uuid[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION wsctl.complete_steps(uuid[], uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION wsctl.complete_step(uuid) FROM PUBLIC;
 REVOKE ALL ON FUNCTION wsctl.fail_step(uuid, text) FROM PUBLIC;

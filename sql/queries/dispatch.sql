@@ -1,0 +1,179 @@
+-- dispatch_claim --
+-- Claim due states in ONE statement: expired leases first, then due PENDING rows, oldest
+-- available_at first, each through its partial index with FOR UPDATE SKIP LOCKED inside a
+-- MATERIALIZED CTE (so never more rows than the limit), flipped to DISPATCHING with this
+-- claim's token and lease; the batch's workstream and the registry row for
+-- (step_name, workstream_slug) come back with each row (NULL when there is none).
+WITH expired AS MATERIALIZED (
+    SELECT ws.id
+    FROM public.workflow_states ws
+    WHERE ws.status = 'DISPATCHING'
+      AND ws.lease_expires_at < now()
+      AND (%(workstream)s::text IS NULL OR EXISTS (
+            SELECT 1 FROM public.batches b
+            WHERE b.id = ws.batch_id AND b.workstream_slug = %(workstream)s::text))
+    ORDER BY ws.lease_expires_at
+    LIMIT %(limit)s
+    FOR UPDATE OF ws SKIP LOCKED
+), pending AS MATERIALIZED (
+    SELECT ws.id
+    FROM public.workflow_states ws
+    WHERE ws.status = 'PENDING'
+      AND ws.available_at <= now()
+      AND (%(workstream)s::text IS NULL OR EXISTS (
+            SELECT 1 FROM public.batches b
+            WHERE b.id = ws.batch_id AND b.workstream_slug = %(workstream)s::text))
+    ORDER BY ws.available_at
+    LIMIT greatest(%(limit)s - (SELECT count(*) FROM expired), 0)
+    FOR UPDATE OF ws SKIP LOCKED
+), claimed AS (
+    UPDATE public.workflow_states ws
+    SET status = 'DISPATCHING',
+        claim_token = %(token)s,
+        lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+        claimed_by = %(claimed_by)s,
+        updated_at = now()
+    WHERE ws.id IN (SELECT id FROM expired UNION ALL SELECT id FROM pending)
+    RETURNING ws.id, ws.item_id, ws.batch_id, ws.step_name, ws.attempts
+)
+SELECT c.id, c.item_id, c.batch_id, c.step_name, c.attempts,
+       b.workstream_slug, er.type, er.modal_sender_fn, er.modal_receiver_fn
+FROM claimed c
+JOIN public.batches b ON b.id = c.batch_id
+LEFT JOIN public.enrichment_registry er
+       ON er.slug = c.step_name AND er.workstream_slug = b.workstream_slug;
+
+-- dispatch_plan --
+-- --dry-run: what a pass would claim, resolved the same way, without locking or writing.
+SELECT ws.id, ws.item_id, ws.batch_id, ws.step_name, ws.attempts,
+       b.workstream_slug, er.type, er.modal_sender_fn, er.modal_receiver_fn
+FROM public.workflow_states ws
+JOIN public.batches b ON b.id = ws.batch_id
+LEFT JOIN public.enrichment_registry er
+       ON er.slug = ws.step_name AND er.workstream_slug = b.workstream_slug
+WHERE ((ws.status = 'PENDING' AND ws.available_at <= now())
+       OR (ws.status = 'DISPATCHING' AND ws.lease_expires_at < now()))
+  AND (%(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text)
+ORDER BY ws.available_at
+LIMIT %(limit)s;
+
+-- dispatch_complete_claimed --
+-- Sync steps whose function returned: COMPLETED and next step enqueued, guarded by the claim token.
+SELECT wsctl.complete_steps(%s::uuid[], %s::uuid);
+
+-- dispatch_mark_dispatched --
+-- Spawned (or async sender returned): DISPATCHED with its call id, guarded by the claim token.
+UPDATE public.workflow_states ws
+SET status = 'DISPATCHED',
+    modal_call_id = u.call_id,
+    dispatched_at = now(),
+    lease_expires_at = NULL,
+    last_error = NULL,
+    updated_at = now()
+FROM unnest(%s::uuid[], %s::text[]) AS u(id, call_id)
+WHERE ws.id = u.id AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING';
+
+-- dispatch_retry_or_fail --
+-- Transient failures: back to PENDING after a backoff, or FAILED once attempts reach the maximum.
+UPDATE public.workflow_states ws
+SET status = CASE WHEN ws.attempts + 1 >= %(max_attempts)s THEN 'FAILED' ELSE 'PENDING' END,
+    attempts = ws.attempts + 1,
+    available_at = now() + make_interval(secs => u.delay),
+    last_error = u.error,
+    claim_token = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+FROM unnest(%(ids)s::uuid[], %(errors)s::text[], %(delays)s::float8[]) AS u(id, error, delay)
+WHERE ws.id = u.id AND ws.claim_token = %(token)s::uuid AND ws.status = 'DISPATCHING'
+RETURNING ws.id, ws.status;
+
+-- dispatch_block --
+-- Cannot be resolved (no workstream, no registry row, function not found): BLOCKED with the reason.
+UPDATE public.workflow_states ws
+SET status = 'BLOCKED',
+    last_error = u.reason,
+    claim_token = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+FROM unnest(%s::uuid[], %s::text[]) AS u(id, reason)
+WHERE ws.id = u.id AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING';
+
+-- dispatch_release --
+-- A pass stopped for an environment error: unspawned claims go back to PENDING untouched.
+UPDATE public.workflow_states ws
+SET status = 'PENDING',
+    claim_token = NULL,
+    lease_expires_at = NULL,
+    claimed_by = NULL,
+    updated_at = now()
+WHERE ws.id = ANY (%s::uuid[]) AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING';
+
+-- dispatch_reconcile_candidates --
+-- DISPATCHED sync steps with a Modal call id, and async senders, oldest first (bounded per pass).
+SELECT ws.id, ws.item_id, ws.step_name, ws.modal_call_id, ws.attempts, er.type, b.workstream_slug,
+       er.modal_sender_fn
+FROM public.workflow_states ws
+JOIN public.batches b ON b.id = ws.batch_id
+LEFT JOIN public.enrichment_registry er
+       ON er.slug = ws.step_name AND er.workstream_slug = b.workstream_slug
+WHERE ws.status = 'DISPATCHED' AND ws.modal_call_id IS NOT NULL
+  AND (%(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text)
+ORDER BY ws.dispatched_at
+LIMIT %(limit)s;
+
+-- dispatch_reconcile_complete --
+-- A polled sync call returned: complete the DISPATCHED state (idempotent if the function did).
+SELECT wsctl.complete_steps(ARRAY(
+    SELECT ws.id FROM public.workflow_states ws
+    WHERE ws.id = ANY (%s::uuid[]) AND ws.status = 'DISPATCHED'));
+
+-- dispatch_reconcile_retry --
+-- A polled call raised: back to PENDING with backoff, or FAILED at the maximum attempts.
+UPDATE public.workflow_states ws
+SET status = CASE WHEN ws.attempts + 1 >= %(max_attempts)s THEN 'FAILED' ELSE 'PENDING' END,
+    attempts = ws.attempts + 1,
+    available_at = now() + make_interval(secs => u.delay),
+    last_error = u.error,
+    modal_call_id = NULL,
+    updated_at = now()
+FROM unnest(%(ids)s::uuid[], %(errors)s::text[], %(delays)s::float8[]) AS u(id, error, delay)
+WHERE ws.id = u.id AND ws.status = 'DISPATCHED'
+RETURNING ws.id, ws.status;
+
+-- dispatch_callback_timeouts --
+-- DISPATCHED longer than the callback timeout: FAILED with that reason (bounded per pass).
+WITH due AS MATERIALIZED (
+    SELECT s.id
+    FROM public.workflow_states s
+    JOIN public.batches b ON b.id = s.batch_id
+    WHERE s.status = 'DISPATCHED'
+      AND s.dispatched_at < now() - make_interval(secs => %(timeout)s)
+      AND (%(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text)
+    LIMIT %(limit)s
+    FOR UPDATE OF s SKIP LOCKED
+)
+UPDATE public.workflow_states ws
+SET status = 'FAILED',
+    last_error = format('no completion within the callback timeout of %%s s (dispatched %%s)',
+                        %(timeout)s, ws.dispatched_at),
+    updated_at = now()
+WHERE ws.id IN (SELECT id FROM due) AND ws.status = 'DISPATCHED'
+RETURNING ws.id;
+
+-- dispatch_retry_states --
+-- `wsctl retry`: an operator fixed the cause; BLOCKED/FAILED states of a batch go back to PENDING.
+UPDATE public.workflow_states ws
+SET status = 'PENDING',
+    attempts = 0,
+    available_at = now(),
+    claim_token = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+WHERE ws.batch_id = %(batch_id)s
+  AND ws.status = ANY (%(statuses)s::text[])
+  AND (%(step)s::text IS NULL OR ws.step_name = %(step)s::text)
+RETURNING ws.id;
+
+-- dispatch_batch_exists --
+-- `wsctl retry` refuses an unknown batch.
+SELECT 1 FROM public.batches WHERE id = %s;

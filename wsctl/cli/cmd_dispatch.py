@@ -1,0 +1,192 @@
+"""`wsctl dispatch` (one pass or a loop) and `wsctl retry`."""
+
+from __future__ import annotations
+
+import typer
+
+from wsctl.cli.common import JSON_OPTION, state
+
+_FROM_CONFIG = "default: the dispatch table of wsctl.toml, else"
+
+
+def dispatch(
+    ctx: typer.Context,
+    once: bool = typer.Option(False, "--once", help="Run one pass and exit (the default)."),
+    loop: bool = typer.Option(False, "--loop", help="Run passes until SIGTERM/SIGINT."),
+    interval: float | None = typer.Option(
+        None, "--interval", help=f"Seconds between --loop passes ({_FROM_CONFIG}: 10)."
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", help=f"Most states claimed in a pass ({_FROM_CONFIG}: 1000)."
+    ),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", help=f"Concurrent spawns/calls ({_FROM_CONFIG}: 32)."
+    ),
+    backend: str | None = typer.Option(
+        None, "--backend", help=f"modal or local ({_FROM_CONFIG}: modal)."
+    ),
+    app: str | None = typer.Option(
+        None, "--app", help="Modal app name, or for --backend local a file path or module."
+    ),
+    modal_environment: str | None = typer.Option(
+        None, "--modal-environment", help="Modal environment name."
+    ),
+    workstream: str | None = typer.Option(
+        None, "--workstream", help="Only states of batches in this workstream."
+    ),
+    lease_seconds: int | None = typer.Option(
+        None, "--lease-seconds", help=f"Claim lease ({_FROM_CONFIG}: 300)."
+    ),
+    spawn_timeout: float | None = typer.Option(
+        None, "--spawn-timeout", help=f"Seconds per spawn ({_FROM_CONFIG}: 30)."
+    ),
+    max_attempts: int | None = typer.Option(
+        None, "--max-attempts", help=f"Attempts before FAILED ({_FROM_CONFIG}: 5)."
+    ),
+    callback_timeout: int | None = typer.Option(
+        None,
+        "--callback-timeout",
+        help=f"Seconds a DISPATCHED state may wait for completion ({_FROM_CONFIG}: 3600).",
+    ),
+    no_reconcile: bool = typer.Option(False, "--no-reconcile", help="Skip polling spawned calls."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; claim nothing."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Log one line per dispatched item on stderr."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Claim due workflow states and run them on their (step, workstream) function."""
+    from wsctl.cli.dispatch_render import render_plan, render_summary
+    from wsctl.dispatch.engine import PassOptions, plan, run_pass
+    from wsctl.dispatch.loop import make_backend
+    from wsctl.domain import validate_slug
+    from wsctl.errors import UsageError
+
+    if once and loop:
+        raise UsageError("--once and --loop exclude each other")
+    st = state(ctx)
+    cfg = st.settings().dispatch
+
+    def pick(value, key):
+        return cfg[key] if value is None else value
+
+    if workstream is not None:
+        validate_slug(workstream, "workstream")
+    opts = PassOptions(
+        limit=int(pick(limit, "limit")),
+        concurrency=int(pick(concurrency, "concurrency")),
+        workstream=workstream,
+        lease_seconds=int(pick(lease_seconds, "lease_seconds")),
+        max_attempts=int(pick(max_attempts, "max_attempts")),
+        callback_timeout=int(pick(callback_timeout, "callback_timeout")),
+        reconcile=not no_reconcile,
+    )
+    opts.validate()
+    chosen = make_backend(
+        str(pick(backend, "backend")),
+        app=pick(app, "app"),
+        environment=pick(modal_environment, "modal_environment"),
+        spawn_timeout=float(pick(spawn_timeout, "spawn_timeout")),
+    )
+    if verbose:
+        import logging
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("wsctl.dispatch")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+    if dry_run:
+        chosen.setup()
+        try:
+            with st.connect() as conn:
+                rows = plan(conn, opts, chosen)
+        finally:
+            chosen.close()
+        render_plan(rows, as_json=as_json)
+        return
+
+    if loop:
+        _run_loop(st, chosen, opts, float(pick(interval, "interval")), as_json)
+        return
+
+    try:
+        with st.connect() as conn:
+            summary = run_pass(conn, chosen, opts)
+    finally:
+        chosen.close()
+    render_summary(summary, as_json=as_json)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+def _run_loop(st, backend, opts, interval: float, as_json: bool) -> None:
+    import signal
+    import threading
+
+    from wsctl.cli import output
+    from wsctl.cli.dispatch_render import render_summary
+    from wsctl.dispatch.loop import run_loop
+
+    if interval < 0:
+        from wsctl.errors import UsageError
+
+        raise UsageError("--interval must be zero or more seconds")
+    stop = threading.Event()
+
+    def request_stop(signum, _frame):
+        output.notice(f"received {signal.Signals(signum).name}: finishing the current pass")
+        stop.set()
+
+    old = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        run_loop(
+            st.connect,
+            backend,
+            opts,
+            interval=interval,
+            stop=stop,
+            on_pass=lambda s: render_summary(s, as_json=as_json, compact=True),
+            on_error=output.warn,
+        )
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def retry(
+    ctx: typer.Context,
+    batch: str = typer.Option(..., "--batch", help="Batch id."),
+    step: str | None = typer.Option(None, "--step", help="Only this blueprint step."),
+    status: list[str] = typer.Option(
+        None, "--status", help="BLOCKED and/or FAILED (default: both)."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Put a batch's BLOCKED/FAILED states back to PENDING after fixing the cause."""
+    from wsctl.cli import output
+    from wsctl.dispatch.engine import retry_states
+    from wsctl.domain import parse_uuid, validate_slug
+    from wsctl.errors import UsageError
+
+    batch_id = parse_uuid(batch, "batch id")
+    statuses = [s.upper() for s in (status or ["BLOCKED", "FAILED"])]
+    bad = [s for s in statuses if s not in ("BLOCKED", "FAILED")]
+    if bad:
+        raise UsageError(f"--status takes BLOCKED or FAILED, not {', '.join(bad)}")
+    if step is not None:
+        validate_slug(step, "step")
+    with state(ctx).connect() as conn:
+        n = retry_states(conn, batch_id, step=step, statuses=statuses)
+    if as_json:
+        output.emit_json(
+            {"batch_id": str(batch_id), "requeued": n, "statuses": statuses, "step": step}
+        )
+    else:
+        output.line(f"requeued {n} state(s) of batch {batch_id} as PENDING")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("dispatch")(dispatch)
+    app.command("retry")(retry)

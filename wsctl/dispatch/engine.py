@@ -1,0 +1,365 @@
+"""One dispatch pass over the database, independent of the backend.
+
+Claim (one statement, committed before any spawn) -> resolve by the composite
+key (the claim already joined the batch's workstream and the registry row)
+-> run/spawn through the backend -> record outcomes in a few set-based
+statements guarded by the claim token -> reconcile spawned calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from wsctl.db import tx
+from wsctl.dispatch.backend import Backend, Failure, Job
+from wsctl.domain import infer_workstreams
+from wsctl.errors import EnvError, OperationalError
+from wsctl.queries import q
+
+if TYPE_CHECKING:
+    import psycopg
+
+log = logging.getLogger("wsctl.dispatch")
+
+
+@dataclass
+class PassOptions:
+    limit: int = 1000
+    concurrency: int = 32
+    workstream: str | None = None
+    lease_seconds: int = 300
+    max_attempts: int = 5
+    callback_timeout: int = 3600
+    reconcile: bool = True
+    reconcile_limit: int = 1000
+    chunk_size: int = 5000
+    claimed_by: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+    def validate(self) -> None:
+        from wsctl.errors import UsageError
+
+        for name in ("limit", "concurrency", "lease_seconds", "max_attempts", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.callback_timeout < 1:
+            raise UsageError("callback timeout must be at least 1 second")
+
+
+@dataclass
+class PassSummary:
+    claimed: int = 0
+    dispatched: int = 0
+    completed: int = 0
+    blocked: int = 0
+    retried: int = 0
+    failed: int = 0
+    released: int = 0
+    reconciled: int = 0
+    seconds: float = 0.0
+    backend: str = ""
+    errors: list[dict] = field(default_factory=list)  # a sample of blocked/failed rows
+
+    @property
+    def ok(self) -> bool:
+        return self.blocked == 0 and self.failed == 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def backoff_seconds(attempts: int) -> float:
+    """Exponential backoff with jitter: ~5 s, 10 s, 20 s ... capped at 15 minutes."""
+    base = min(900.0, 5.0 * (2 ** max(0, attempts)))
+    return base * random.uniform(0.5, 1.5)
+
+
+_ERROR_SAMPLE = 20
+
+
+def _note(summary: PassSummary, state_id, item_id, status: str, reason: str) -> None:
+    if len(summary.errors) < _ERROR_SAMPLE:
+        summary.errors.append(
+            {"state_id": str(state_id), "item_id": str(item_id), "status": status, "reason": reason}
+        )
+
+
+def _blocked_reasons(conn: psycopg.Connection, rows: list[tuple]) -> dict:
+    """Reasons for claimed rows that cannot be resolved by (step, workstream)."""
+    missing_ws = {r[2] for r in rows if r[5] is None}
+    inferred = infer_workstreams(conn, list(missing_ws)) if missing_ws else {}
+    reasons = {}
+    for r in rows:
+        state_id, _item, batch_id, step, _att, ws = r[:6]
+        if ws is None:
+            inf = inferred.get(batch_id)
+            advice = (
+                f"`wsctl backfill workstream-slug` would set {inf.workstream}"
+                if inf is not None and inf.workstream
+                else f"the backfill cannot infer it ({inf.reason if inf else 'unknown batch'})"
+            )
+            reasons[state_id] = f"batch {batch_id} has no workstream_slug; {advice}"
+        else:
+            reasons[state_id] = (
+                f"no enrichment_registry row for (step={step}, workstream={ws}); "
+                "never falling back to another workstream's function"
+            )
+    return reasons
+
+
+def _claim(conn: psycopg.Connection, opts: PassOptions, n: int, token: uuid.UUID) -> list[tuple]:
+    with tx(conn):
+        return conn.execute(
+            q("dispatch_claim"),
+            {
+                "limit": n,
+                "token": token,
+                "lease_seconds": opts.lease_seconds,
+                "claimed_by": opts.claimed_by,
+                "workstream": opts.workstream,
+            },
+        ).fetchall()
+
+
+def _process_chunk(
+    conn: psycopg.Connection,
+    backend: Backend,
+    opts: PassOptions,
+    rows: list[tuple],
+    token: uuid.UUID,
+    summary: PassSummary,
+) -> Failure | None:
+    """Dispatch one claimed chunk and record every outcome; returns a pass-level failure."""
+    jobs: list[Job] = []
+    unresolved = [r for r in rows if r[5] is None or r[6] is None]
+    reasons = _blocked_reasons(conn, unresolved) if unresolved else {}
+    for r in rows:
+        if r[0] in reasons:
+            continue
+        jobs.append(Job(r[0], str(r[1]), r[3], r[5], r[7], r[6]))
+
+    results = backend.dispatch(jobs, opts.concurrency) if jobs else []
+
+    complete_ids, sent_ids, sent_calls = [], [], []
+    retry_ids, retry_errors, retry_delays = [], [], []
+    block_ids = list(reasons)
+    block_reasons = [reasons[i] for i in block_ids]
+    release_ids: list = []
+    pass_failure: Failure | None = None
+    attempts = {r[0]: r[4] for r in rows}
+    verbose = log.isEnabledFor(logging.INFO)
+    for job, res in zip(jobs, results, strict=True):
+        if res is None or isinstance(res, str):
+            if backend.runs_inline and job.type == "sync":
+                complete_ids.append(job.state_id)
+            else:
+                sent_ids.append(job.state_id)
+                sent_calls.append(res)
+            if verbose:
+                log.info(
+                    "Dispatched item %s... to %s (type=%s, workstream=%s)",
+                    job.item_id[:8],
+                    job.function,
+                    job.type,
+                    job.workstream_slug,
+                )
+        elif res.kind == "transient":
+            retry_ids.append(job.state_id)
+            retry_errors.append(res.message)
+            retry_delays.append(backoff_seconds(attempts[job.state_id]))
+        elif res.kind == "item":
+            block_ids.append(job.state_id)
+            block_reasons.append(res.message)
+        else:
+            pass_failure = pass_failure or res
+            release_ids.append(job.state_id)
+
+    with tx(conn):
+        if complete_ids:
+            conn.execute(q("dispatch_complete_claimed"), (complete_ids, token))
+            summary.completed += len(complete_ids)
+        if sent_ids:
+            conn.execute(q("dispatch_mark_dispatched"), (sent_ids, sent_calls, token))
+        if retry_ids:
+            out = conn.execute(
+                q("dispatch_retry_or_fail"),
+                {
+                    "ids": retry_ids,
+                    "errors": retry_errors,
+                    "delays": retry_delays,
+                    "token": token,
+                    "max_attempts": opts.max_attempts,
+                },
+            ).fetchall()
+            err = dict(zip(retry_ids, retry_errors, strict=True))
+            for state_id, status in out:
+                if status == "FAILED":
+                    summary.failed += 1
+                    _note(summary, state_id, "", "FAILED", err[state_id])
+                else:
+                    summary.retried += 1
+        if block_ids:
+            conn.execute(q("dispatch_block"), (block_ids, block_reasons, token))
+            summary.blocked += len(block_ids)
+            items = {r[0]: r[1] for r in rows}
+            for state_id, reason in zip(block_ids, block_reasons, strict=True):
+                _note(summary, state_id, items[state_id], "BLOCKED", reason)
+        if release_ids:
+            conn.execute(q("dispatch_release"), (release_ids, token))
+            summary.released += len(release_ids)
+    summary.dispatched += len(complete_ids) + len(sent_ids)
+    return pass_failure
+
+
+def reconcile(
+    conn: psycopg.Connection, backend: Backend, opts: PassOptions, summary: PassSummary
+) -> None:
+    """Poll spawned calls (bounded), then fail what outlived the callback timeout."""
+    if not backend.runs_inline:
+        with tx(conn):
+            rows = conn.execute(
+                q("dispatch_reconcile_candidates"),
+                {"workstream": opts.workstream, "limit": opts.reconcile_limit},
+            ).fetchall()
+        if rows:
+            polls = backend.poll([r[3] for r in rows])
+            done, retry_ids, retry_errors, retry_delays = [], [], [], []
+            for state_id, _item, _step, call_id, attempts, typ, _ws, _fn in rows:
+                p = polls.get(call_id)
+                if p is None:
+                    continue
+                if p.state == "returned" and typ == "sync":
+                    done.append(state_id)
+                elif p.state == "raised":
+                    retry_ids.append(state_id)
+                    retry_errors.append(p.error or "the Modal call raised")
+                    retry_delays.append(backoff_seconds(attempts))
+            with tx(conn):
+                if done:
+                    n = conn.execute(q("dispatch_reconcile_complete"), (done,)).fetchone()[0]
+                    summary.completed += n
+                    summary.reconciled += len(done)
+                if retry_ids:
+                    out = conn.execute(
+                        q("dispatch_reconcile_retry"),
+                        {
+                            "ids": retry_ids,
+                            "errors": retry_errors,
+                            "delays": retry_delays,
+                            "max_attempts": opts.max_attempts,
+                        },
+                    ).fetchall()
+                    err = dict(zip(retry_ids, retry_errors, strict=True))
+                    for state_id, status in out:
+                        summary.reconciled += 1
+                        if status == "FAILED":
+                            summary.failed += 1
+                            _note(summary, state_id, "", "FAILED", err[state_id])
+                        else:
+                            summary.retried += 1
+    with tx(conn):
+        timed_out = conn.execute(
+            q("dispatch_callback_timeouts"),
+            {
+                "timeout": opts.callback_timeout,
+                "workstream": opts.workstream,
+                "limit": opts.reconcile_limit,
+            },
+        ).fetchall()
+    for (state_id,) in timed_out:
+        summary.failed += 1
+        summary.reconciled += 1
+        _note(summary, state_id, "", "FAILED", "callback timeout")
+
+
+def run_pass(conn: psycopg.Connection, backend: Backend, opts: PassOptions) -> PassSummary:
+    """One dispatch pass. ``conn`` is autocommit; the backend is set up before any claim.
+
+    ``seconds`` runs from the first statement of the pass (reconcile, then the
+    first claim) to the last commit: set-up, connecting and importing the app
+    are excluded.
+    """
+    opts.validate()
+    summary = PassSummary(backend=backend.name)
+    backend.setup()  # a misconfiguration fails even when nothing is due
+    started = time.perf_counter()
+    remaining = opts.limit
+    failure: Failure | None = None
+    try:
+        if opts.reconcile:
+            # First, so that steps completed by reconciliation have their next
+            # step enqueued and dispatched in this same pass.
+            reconcile(conn, backend, opts, summary)
+        while remaining > 0:
+            n = min(opts.chunk_size, remaining)
+            token = uuid.uuid4()
+            rows = _claim(conn, opts, n, token)
+            if not rows:
+                break
+            summary.claimed += len(rows)
+            remaining -= len(rows)
+            completed_before = summary.completed
+            failure = _process_chunk(conn, backend, opts, rows, token, summary)
+            # A short chunk means nothing more is due, unless completions just
+            # enqueued next steps: those are due now, in this same pass.
+            if failure is not None or (len(rows) < n and summary.completed == completed_before):
+                break
+    finally:
+        summary.seconds = round(time.perf_counter() - started, 6)
+    if failure is not None:
+        raise EnvError(
+            f"dispatch stopped: {failure.message}; {summary.released} unspawned claim(s) "
+            "released to PENDING"
+        )
+    return summary
+
+
+@dataclass
+class PlanRow:
+    state_id: str
+    item_id: str
+    step: str
+    workstream: str | None
+    function: str | None
+    type: str | None
+    blocked_reason: str | None
+
+
+def plan(
+    conn: psycopg.Connection, opts: PassOptions, backend: Backend | None = None
+) -> list[PlanRow]:
+    """What a pass would do (``--dry-run``): nothing is claimed or written."""
+    with tx(conn):
+        rows = conn.execute(
+            q("dispatch_plan"), {"limit": opts.limit, "workstream": opts.workstream}
+        ).fetchall()
+        unresolved = [r for r in rows if r[5] is None or r[6] is None]
+        reasons = _blocked_reasons(conn, unresolved) if unresolved else {}
+    out = []
+    for r in rows:
+        reason = reasons.get(r[0])
+        if reason is None and backend is not None and backend.has_function(r[7]) is False:
+            reason = f"function {r[7]} not found in the app"
+        out.append(PlanRow(str(r[0]), str(r[1]), r[3], r[5], r[7], r[6], reason))
+    return out
+
+
+def retry_states(
+    conn: psycopg.Connection, batch_id, *, step: str | None = None, statuses: list[str]
+) -> int:
+    """Put a batch's BLOCKED/FAILED states back to PENDING after the cause was fixed."""
+    with tx(conn):
+        if conn.execute(q("dispatch_batch_exists"), (batch_id,)).fetchone() is None:
+            raise OperationalError(f"no batch with id {batch_id}")
+        return len(
+            conn.execute(
+                q("dispatch_retry_states"),
+                {"batch_id": batch_id, "statuses": statuses, "step": step},
+            ).fetchall()
+        )

@@ -1,0 +1,146 @@
+"""The local backend: run the app's functions in this process.
+
+``--backend local --app path/to/file.py`` (or a module name) imports the app
+and finds each registry function by name: a plain callable, or a Modal
+Function whose ``.local()`` is called. Functions run in a thread pool of
+``--concurrency`` threads fed from one shared iterator (no future per item),
+and the pass waits for all of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+from wsctl.dispatch.backend import Failure, Job, Poll, Result
+from wsctl.errors import EnvError
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return " ".join(text.split())[:2000]
+
+
+def run_threaded(call: Callable[[Job], Result], jobs: list[Job], concurrency: int) -> list[Result]:
+    """Apply ``call`` to every job with ``concurrency`` threads sharing one iterator."""
+    results: list[Result] = [None] * len(jobs)
+    if not jobs:
+        return results
+    work = iter(enumerate(jobs))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                nxt = next(work, None)
+            if nxt is None:
+                return
+            i, job = nxt
+            results[i] = call(job)
+
+    n = max(1, min(concurrency, len(jobs)))
+    if n == 1:
+        worker()
+        return results
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def load_app(app: str) -> ModuleType:
+    """Import a file path or a module name; failures are environment errors (exit 3)."""
+    looks_like_path = app.endswith(".py") or "/" in app or "\\" in app
+    try:
+        if looks_like_path:
+            path = Path(app).expanduser().resolve()
+            if not path.is_file():
+                raise EnvError(f"local app file not found: {app}")
+            name = f"wsctl_local_app_{abs(hash(str(path)))}"
+            if name in sys.modules:
+                return sys.modules[name]
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise EnvError(f"cannot import local app {app}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+            return module
+        return importlib.import_module(app)
+    except EnvError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise EnvError(f"cannot import local app {app!r}: {exc}") from exc
+    except Exception as exc:
+        raise EnvError(f"importing local app {app!r} failed: {_describe(exc)}") from exc
+
+
+def find_callable(module: ModuleType, name: str) -> Callable | None:
+    obj = getattr(module, name, None)
+    if obj is None:
+        return None
+    local = getattr(obj, "local", None)  # a modal.Function: run its body here
+    if callable(local) and not isinstance(obj, type):
+        return local
+    return obj if callable(obj) else None
+
+
+class LocalBackend:
+    name = "local"
+    runs_inline = True
+
+    def __init__(self, app: str):
+        self.app = app
+        self.module: ModuleType | None = None
+        self._fns: dict[str, Callable | None] = {}
+
+    def setup(self) -> None:
+        if not self.app:
+            raise EnvError("--backend local needs --app PATH_OR_MODULE")
+        self.module = load_app(self.app)
+        self._fns = {}
+
+    def _fn(self, name: str) -> Callable | None:
+        if name not in self._fns:
+            assert self.module is not None
+            self._fns[name] = find_callable(self.module, name)
+        return self._fns[name]
+
+    def has_function(self, name: str) -> bool | None:
+        return self._fn(name) is not None
+
+    def dispatch(self, jobs: list[Job], concurrency: int) -> list[Result]:
+        for name in {j.function for j in jobs}:
+            self._fn(name)  # resolve once per function, before the threads start
+
+        def call(job: Job) -> Result:
+            fn = self._fns.get(job.function)
+            if fn is None:
+                return Failure("item", f"function {job.function} not found in app {self.app}")
+            try:
+                fn(job.item_id, job.workstream_slug)
+            except Exception as exc:
+                if getattr(exc, "__wsctl_debug__", False):  # pragma: no cover
+                    traceback.print_exc()
+                return Failure("transient", _describe(exc))
+            return None
+
+        return run_threaded(call, jobs, concurrency)
+
+    def poll(self, call_ids: list[str]) -> dict[str, Poll]:
+        return {}
+
+    def close(self) -> None:
+        pass
