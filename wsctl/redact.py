@@ -3,10 +3,11 @@
 Client configs hold Clay webhook URLs, API keys and tokens. Two rules:
 
 * a value under a key that looks secret (its name contains key, token,
-  secret, passw, pwd, auth, credential, webhook, signature, cookie, session
-  or private) is replaced by ``***``, recursively for nested values;
+  secret, passw, pwd, auth, credential, hook (webhook), signature, cookie,
+  session or private) is replaced by ``***``, recursively for nested values;
 * any URL inside any string has its user info and its token-like query
-  parameters replaced by ``***``.
+  parameters replaced by ``***``, and a webhook URL (``hook`` in its host
+  or path) its whole path, since the path is the credential.
 
 The match on key names is deliberately broad (``monkey`` and ``author``
 are hidden too): hiding a harmless value costs less than printing a secret.
@@ -28,7 +29,7 @@ _SECRET_WORDS = (
     "pwd",
     "auth",
     "credential",
-    "webhook",
+    "hook",  # webhook URLs are credentials: whoever has one can post to it
     "signature",
     "cookie",
     "session",
@@ -66,6 +67,9 @@ def redact_url(url: str) -> str:
         else:  # a bare token as the user name (https://TOKEN@host)
             userinfo = MASK
         netloc = f"{userinfo}@{hostport}"
+    path = parts.path
+    if "hook" in parts.netloc.lower() or "hook" in path.lower():
+        path = f"/{MASK}"
     query = parts.query
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
@@ -80,7 +84,7 @@ def redact_url(url: str) -> str:
         and any(_is_secret_param(k) for k, _ in parse_qsl(fragment, keep_blank_values=True))
     ):
         fragment = MASK  # OAuth implicit flow: #access_token=...
-    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+    return urlunsplit((parts.scheme, netloc, path, query, fragment))
 
 
 def redact_text(text: str) -> str:

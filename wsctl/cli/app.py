@@ -45,6 +45,8 @@ def _register() -> None:
     from wsctl.cli import cmd_setup
 
     cmd_setup.register(app)
+    __import__("wsctl.cli.cmd_dispatch", fromlist=["register"]).register(app)
+    __import__("wsctl.cli.cmd_catalog", fromlist=["register"]).register(app)
 
 
 _register()

@@ -1,0 +1,494 @@
+"""`wsctl client`, `wsctl registry` and `wsctl config` end to end against real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from tests.conftest import table_snapshot
+from tests.test_resolve import (
+    APOLLO,
+    APOLLO_CFG,
+    ENRICH,
+    LINKEDIN,
+    LINKEDIN_CFG,
+    NORMALIZE,
+    add_config,
+    add_item,
+    add_state,
+    seed_world,
+)
+from wsctl.queries import example_path
+
+HOSTILE = "acme'; DROP TABLE batches; --"
+SECRET = "sk-live-SUPERSECRET123"
+HOOK = "https://api.clay.com/v3/sources/webhook/HOOKSECRET456"
+
+
+def assert_refused(r, code: int = 1, text: str | None = None):
+    assert r.code == code, (r.out, r.err)
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wsctl: error: "), r.err
+    assert "Traceback" not in r.err + r.out
+    if text:
+        assert text in lines[0]
+
+
+@pytest.fixture
+def world(conn):
+    return seed_world(conn)
+
+
+# --- client -----------------------------------------------------------------
+
+
+def test_client_add_prints_the_id_and_is_idempotent(cli, conn):
+    r = cli("client", "add", "Acme Corp")
+    assert r.code == 0, r.err
+    cid = uuid.UUID(r.out.strip())
+    assert conn.execute("SELECT name FROM clients WHERE id = %s", (cid,)).fetchone() == (
+        "Acme Corp",
+    )
+    again = cli("client", "add", "Acme Corp", "--json")
+    assert again.code == 0
+    doc = again.json()
+    assert doc["id"] == str(cid) and doc["name"] == "Acme Corp" and doc["created"] is False
+    assert conn.execute("SELECT count(*) FROM clients").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("name", [HOSTILE, "", "   ", "-acme", "a\nb", "x" * 201])
+def test_client_add_refuses_bad_names(cli, conn, name):
+    before = table_snapshot(conn)
+    assert_refused(cli("client", "add", "--", name), 1, "invalid client name")
+    assert table_snapshot(conn) == before
+
+
+def test_client_list(cli, conn, world):
+    add_item(conn, world["acme"], [NORMALIZE], APOLLO)
+    r = cli("client", "list", "--json")
+    assert r.code == 0
+    doc = {c["name"]: c for c in r.json()}
+    assert set(doc) == {"acme", "beta"}
+    assert doc["acme"]["configs"] == 2 and doc["acme"]["batches"] == 1
+    assert set(doc["acme"]) == {"id", "name", "created_at", "configs", "batches"}
+    text = cli("client", "list")
+    assert text.code == 0
+    lines = text.out.splitlines()
+    assert lines[0].split("\t") == ["id", "name", "configs", "batches", "created_at"]
+    assert lines[1].split("\t")[1:4] == ["acme", "2", "1"]
+
+
+# --- registry ---------------------------------------------------------------
+
+
+def test_registry_add_and_upsert(cli, conn):
+    r = cli(
+        "registry", "add", "--workflow", ENRICH, "--workstream", APOLLO, "--type", "async",
+        "--sender", "start_enrich", "--receiver", "receive_enrich",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    assert r.out.strip() == f"registered {ENRICH} in {APOLLO}: async start_enrich -> receive_enrich"
+    r = cli(
+        "registry", "add", "--workflow", ENRICH, "--workstream", APOLLO, "--type", "sync",
+        "--sender", "run_enrich", "--json",
+    )  # fmt: skip
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["created"] is False
+    assert (doc["workflow"], doc["workstream"], doc["type"], doc["sender"], doc["receiver"]) == (
+        ENRICH, APOLLO, "sync", "run_enrich", None,
+    )  # fmt: skip
+    rows = conn.execute(
+        "SELECT type, modal_sender_fn, modal_receiver_fn FROM enrichment_registry"
+    ).fetchall()
+    assert rows == [("sync", "run_enrich", None)]
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["--workflow", HOSTILE, "--workstream", APOLLO, "--type", "sync", "--sender", "f"], "invalid workflow slug"),
+        (["--workflow", ENRICH, "--workstream", HOSTILE, "--type", "sync", "--sender", "f"], "invalid workstream slug"),
+        (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "batch", "--sender", "f"], "invalid type"),
+        (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", HOSTILE], "invalid sender"),
+        (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "async", "--sender", "f"], "needs --receiver"),
+        (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", "f", "--receiver", "g"], "drop --receiver"),
+    ],
+)  # fmt: skip
+def test_registry_add_refuses_bad_input(cli, conn, world, args, text):
+    before = table_snapshot(conn)
+    assert_refused(cli("registry", "add", *args), 1, text)
+    assert table_snapshot(conn) == before
+
+
+def test_registry_list(cli, world):
+    r = cli("registry", "list", "--json")
+    assert r.code == 0
+    rows = r.json()
+    assert len(rows) == 13
+    assert {"workflow", "workstream", "type", "sender", "receiver"} <= set(rows[0])
+    r = cli("registry", "list", "--workstream", LINKEDIN, "--json")
+    rows = r.json()
+    assert len(rows) == 6 and {x["workstream"] for x in rows} == {LINKEDIN}
+    text = cli("registry", "list", "--workstream", APOLLO)
+    lines = text.out.splitlines()
+    assert lines[0].split("\t") == ["workflow", "workstream", "type", "sender", "receiver"]
+    enrich = next(ln for ln in lines if ln.startswith(ENRICH))
+    assert enrich.split("\t") == [
+        ENRICH, APOLLO, "async", "start_enrich_company_via_waterfall_in_clay",
+        "receive_enrich_company_via_waterfall_in_clay",
+    ]  # fmt: skip
+    assert_refused(cli("registry", "list", "--workstream", HOSTILE), 1, "invalid workstream slug")
+
+
+def test_registry_remove_refused_while_states_need_it(cli, conn, world):
+    batch, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], APOLLO)
+    state = add_state(conn, item, batch, ENRICH, "PENDING")
+    before = table_snapshot(conn)
+    args = ("registry", "remove", "--workflow", ENRICH, "--workstream", APOLLO)
+    assert_refused(cli(*args), 1, "1 pending or dispatched state(s)")
+    conn.execute("UPDATE workflow_states SET status = 'DISPATCHED' WHERE id = %s", (state,))
+    before = table_snapshot(conn)
+    assert_refused(cli(*args), 1, "still need this registry row")
+    assert table_snapshot(conn) == before
+    # the same step in the other workstream is not needed by that state
+    r = cli("registry", "remove", "--workflow", ENRICH, "--workstream", LINKEDIN, "--json")
+    assert r.code == 0, r.err
+    assert r.json()["removed"] is True and r.json()["needed_by"] == 0
+    # --force removes it anyway and says how many states needed it
+    r = cli(*args, "--force")
+    assert r.code == 0, r.err
+    assert "1 state(s) needed this row" in r.err
+    assert conn.execute(
+        "SELECT count(*) FROM enrichment_registry WHERE slug = %s", (ENRICH,)
+    ).fetchone() == (0,)
+
+
+def test_registry_remove_allowed_when_states_are_done(cli, conn, world):
+    batch, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], APOLLO)
+    add_state(conn, item, batch, ENRICH, "COMPLETED")
+    r = cli("registry", "remove", "--workflow", ENRICH, "--workstream", APOLLO)
+    assert r.code == 0 and r.out.strip() == f"removed {ENRICH} from {APOLLO}"
+
+
+def test_registry_remove_unknown_row_and_hostile_input(cli, conn, world):
+    before = table_snapshot(conn)
+    assert_refused(
+        cli("registry", "remove", "--workflow", "score_lead", "--workstream", LINKEDIN),
+        1,
+        "is not registered in workstream linkedin_scrape",
+    )
+    assert_refused(
+        cli("registry", "remove", "--workflow", HOSTILE, "--workstream", APOLLO),
+        1,
+        "invalid workflow slug",
+    )
+    assert table_snapshot(conn) == before
+
+
+def test_registry_import_example_file(cli, conn):
+    path = str(example_path("registry.toml"))
+    r = cli("registry", "import", path, "--dry-run", "--json")
+    assert r.code == 0 and r.json()["dry_run"] is True and len(r.json()["rows"]) == 12
+    assert conn.execute("SELECT count(*) FROM enrichment_registry").fetchone() == (0,)
+    r = cli("registry", "import", path, "--json")
+    assert r.code == 0, r.err
+    assert (r.json()["created"], r.json()["updated"]) == (12, 0)
+    r = cli("registry", "import", path)
+    assert r.code == 0 and "0 new, 12 updated" in r.err
+    rows = conn.execute(
+        "SELECT workstream_slug, count(*), count(*) FILTER (WHERE type = 'async'), "
+        "count(modal_receiver_fn) FROM enrichment_registry GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert rows == [(APOLLO, 6, 2, 2), (LINKEDIN, 6, 2, 2)]
+
+
+GOOD_ROW = '[[registry]]\nworkflow = "a"\nworkstream = "w"\ntype = "sync"\nsender = "run_a"\n'
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        (GOOD_ROW + '[[registry]]\nworkflow = "b"\nworkstream = "w"\ntype = "async"\nsender = "s"\n', "row 2: b in w: an async step needs"),
+        (GOOD_ROW + '[[registry]]\nworkflow = "B!"\nworkstream = "w"\ntype = "sync"\nsender = "s"\n', "row 2: invalid workflow slug"),
+        (GOOD_ROW + '[[registry]]\nworkflow = "c"\nworkstream = "w"\ntype = "sync"\n', "row 2: missing sender"),
+        (GOOD_ROW + '[[registry]]\nworkflow = "c"\nworkstream = "w"\ntype = "sync"\nsender = "s"\ncolour = "x"\n', "unknown key(s): colour"),
+        (GOOD_ROW + GOOD_ROW, "already defined by row 1"),
+        (GOOD_ROW + f'[[registry]]\nworkflow = "c"\nworkstream = "w"\ntype = "sync"\nsender = "{HOSTILE}"\n', "invalid sender"),
+        ('registry = "nope"', "expected one or more [[registry]] tables"),
+        ("[[registry]\n", "not valid TOML"),
+    ],
+)  # fmt: skip
+def test_registry_import_is_all_or_nothing(cli, conn, world, tmp_path, text, error):
+    path = tmp_path / "reg.toml"
+    path.write_text(text)
+    before = table_snapshot(conn)
+    assert_refused(cli("registry", "import", str(path)), 1, error)
+    assert table_snapshot(conn) == before
+
+
+def test_registry_import_missing_file(cli, conn):
+    assert_refused(cli("registry", "import", "nope.toml"), 1, "no such file")
+
+
+# --- config set / list / unset ------------------------------------------------
+
+
+def test_config_set_from_files_and_merge(cli, conn, world, tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"api_key": SECRET, "threshold": 0.5}))
+    base = ("config", "set", "--client", "acme", "--workflow", NORMALIZE, "--workstream", APOLLO)
+    r = cli(*base, "--file", str(f))
+    assert r.code == 0, r.err
+    assert r.out.startswith(f"created config of acme for {NORMALIZE} in {APOLLO}")
+    assert SECRET not in r.out and '"api_key": "***"' in r.out
+    r = cli(*base, "--set", "threshold=0.8", "--set", "mode=strict", "--set", 'cols=["a","b"]',
+            "--set", "enabled=true", "--json")  # fmt: skip
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["created"] is False and doc["config"]["api_key"] == "***"
+    stored = conn.execute(
+        "SELECT config FROM client_workflow_configs WHERE workflow_slug = %s AND workstream_slug = %s",
+        (NORMALIZE, APOLLO),
+    ).fetchone()[0]
+    assert stored == {
+        "api_key": SECRET,
+        "threshold": 0.8,
+        "mode": "strict",
+        "cols": ["a", "b"],
+        "enabled": True,
+    }
+    t = tmp_path / "c.toml"
+    t.write_text('clay_table = "t"\n[mapping]\nname = "company"\n')
+    r = cli(*base, "--file", str(t), "--reveal", "--json")
+    assert r.code == 0 and r.json()["config"] == {"clay_table": "t", "mapping": {"name": "company"}}
+    # by id, and the other workstream stays separate
+    r = cli("config", "set", "--client", str(world["acme"]), "--workflow", NORMALIZE,
+            "--workstream", LINKEDIN, "--set", "x=1")  # fmt: skip
+    assert r.code == 0
+    assert conn.execute(
+        "SELECT count(*) FROM client_workflow_configs WHERE workflow_slug = %s", (NORMALIZE,)
+    ).fetchone() == (2,)
+
+
+def test_config_set_bumps_updated_at(cli, conn, world):
+    conn.execute("UPDATE client_workflow_configs SET updated_at = now() - interval '1 day'")
+    r = cli("config", "set", "--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO,
+            "--set", "x=1")  # fmt: skip
+    assert r.code == 0
+    fresh = conn.execute(
+        "SELECT updated_at > now() - interval '1 hour' FROM client_workflow_configs "
+        "WHERE workflow_slug = %s AND workstream_slug = %s AND client_id = %s",
+        (ENRICH, APOLLO, world["acme"]),
+    ).fetchone()
+    assert fresh == (True,)
+
+
+def test_config_set_warns_when_the_step_is_not_registered(cli, conn, world):
+    r = cli("config", "set", "--client", "acme", "--workflow", "unregistered_step",
+            "--workstream", APOLLO, "--set", "a=1")  # fmt: skip
+    assert r.code == 0 and "is not registered in workstream apollo_scrape" in r.err
+
+
+@pytest.mark.parametrize(
+    "extra, code, text",
+    [
+        (["--client", HOSTILE, "--workflow", ENRICH, "--workstream", APOLLO, "--set", "a=1"], 1, "no client named"),
+        (["--client", "acme", "--workflow", HOSTILE, "--workstream", APOLLO, "--set", "a=1"], 1, "invalid workflow slug"),
+        (["--client", "acme", "--workflow", ENRICH, "--workstream", HOSTILE, "--set", "a=1"], 1, "invalid workstream slug"),
+        (["--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO, "--set", "novalue"], 1, "expected key=value"),
+        (["--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO, "--set", "=1"], 1, "expected key=value"),
+        (["--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO], 2, "give either --file"),
+        (["--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO, "--file", "x.json", "--set", "a=1"], 2, "give either --file"),
+        (["--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO, "--file", "missing.json"], 1, "no such file"),
+    ],
+)  # fmt: skip
+def test_config_set_refuses_bad_input(cli, conn, world, extra, code, text):
+    before = table_snapshot(conn)
+    assert_refused(cli("config", "set", *extra), code, text)
+    assert table_snapshot(conn) == before
+
+
+@pytest.mark.parametrize(
+    "name, content, text",
+    [
+        ("bad.json", "{not json", "not valid JSON"),
+        ("list.json", "[1, 2]", "must be a JSON object"),
+        ("bad.toml", "a = ", "not valid TOML"),
+        ("c.yaml", "a: 1", "expected a .json or .toml file"),
+    ],
+)
+def test_config_set_refuses_bad_files(cli, conn, world, tmp_path, name, content, text):
+    (tmp_path / name).write_text(content)
+    before = table_snapshot(conn)
+    r = cli("config", "set", "--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO,
+            "--file", str(tmp_path / name))  # fmt: skip
+    assert_refused(r, 1, text)
+    assert table_snapshot(conn) == before
+
+
+def test_config_list_redacts_unless_reveal(cli, conn, world):
+    add_config(
+        conn, world["beta"], NORMALIZE, APOLLO, {"api_key": SECRET, "hook": HOOK + "?token=T1"}
+    )
+    r = cli("config", "list", "--json")
+    assert r.code == 0
+    rows = r.json()
+    assert len(rows) == 4 and SECRET not in r.out and "HOOKSECRET456" not in r.out
+    assert "T1" not in r.out
+    mine = next(x for x in rows if x["workflow"] == NORMALIZE)
+    assert mine["config"] == {"api_key": "***", "hook": "***"}
+    assert set(mine) >= {
+        "id",
+        "client",
+        "client_id",
+        "workflow",
+        "workstream",
+        "config",
+        "updated_at",
+    }
+    text = cli("config", "list")
+    assert text.code == 0 and SECRET not in text.out and "HOOKSECRET456" not in text.out
+    assert "api.clay.com/hook/" not in text.out  # webhook_url values are hidden as a whole
+    shown = cli("config", "list", "--reveal", "--json")
+    assert SECRET in shown.out and "HOOKSECRET456" in shown.out
+    assert SECRET in cli("config", "list", "--reveal").out
+    filt = cli("config", "list", "--client", "acme", "--workstream", LINKEDIN, "--json").json()
+    assert [(x["client"], x["workflow"], x["workstream"]) for x in filt] == [
+        ("acme", ENRICH, LINKEDIN)
+    ]
+    assert_refused(cli("config", "list", "--client", HOSTILE), 1, "no client named")
+
+
+def test_config_unset_keys_and_row(cli, conn, world):
+    base = ("config", "unset", "--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO)
+    r = cli(*base, "--key", "clay_table", "--key", "nope", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["removed_keys"] == ["clay_table"] and doc["missing_keys"] == ["nope"]
+    assert doc["deleted"] is False and doc["config"] == {"webhook_url": "***"}
+    r = cli(*base)
+    assert r.code == 0 and r.out.strip() == f"deleted config acme / {ENRICH} / {APOLLO}"
+    left = conn.execute(
+        "SELECT workstream_slug FROM client_workflow_configs WHERE client_id = %s", (world["acme"],)
+    ).fetchall()
+    assert left == [(LINKEDIN,)]
+    before = table_snapshot(conn)
+    assert_refused(cli(*base), 1, "has no config for")
+    assert_refused(
+        cli("config", "unset", "--client", HOSTILE, "--workflow", ENRICH, "--workstream", APOLLO),
+        1,
+        "no client named",
+    )
+    assert table_snapshot(conn) == before
+
+
+# --- config show --------------------------------------------------------------
+
+
+def test_config_show_found_by_item(cli, conn, world):
+    _, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], LINKEDIN)
+    r = cli("config", "show", "--workflow", ENRICH, "--item", str(item), "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert list(doc)[:6] == ["status", "source", "workstream_slug", "config", "candidates", "trace"]
+    assert (doc["status"], doc["source"], doc["workstream_slug"]) == ("found", "batch", LINKEDIN)
+    assert doc["config"] == {"clay_table": "linkedin-companies", "webhook_url": "***"}
+    assert [t["rule"] for t in doc["trace"]] == ["item", "b:batch"]
+    assert doc["client"] == "acme" and doc["workflow_slug"] == ENRICH and doc["config_id"]
+    r = cli("config", "show", "--workflow", ENRICH, "--item", str(item))
+    assert r.code == 0
+    assert "status:     found" in r.out and "[b:batch] exact composite key" in r.out
+    assert "row: client_workflow_configs(id=" in r.out
+    assert '"clay_table": "linkedin-companies"' in r.out and "BBB" not in r.out
+    shown = cli("config", "show", "--workflow", ENRICH, "--item", str(item), "--reveal")
+    assert LINKEDIN_CFG["webhook_url"] in shown.out
+    shown = cli("config", "show", "--workflow", ENRICH, "--item", str(item), "--reveal", "--json")
+    assert shown.json()["config"] == LINKEDIN_CFG
+
+
+def test_config_show_exit_codes_for_every_outcome(cli, conn, world):
+    _, apollo_item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], APOLLO)
+    _, legacy_item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], None)
+    _, beta_legacy = add_item(conn, world["beta"], [NORMALIZE, ENRICH], None)
+    cases = [
+        (["--client", "acme", "--workstream", APOLLO], 0, "found", "explicit"),
+        (["--item", str(apollo_item), "--workstream", LINKEDIN], 1, "mismatch", "explicit"),
+        (["--item", str(legacy_item)], 1, "ambiguous", None),
+        (["--client", "acme"], 1, "ambiguous", None),
+        (["--item", str(beta_legacy)], 0, "found", "inferred"),
+        (["--client", "beta", "--workstream", APOLLO], 1, "not_found", "explicit"),
+    ]
+    for args, code, status, source in cases:
+        r = cli("config", "show", "--workflow", ENRICH, *args, "--json")
+        assert (r.code, r.json()["status"], r.json()["source"]) == (code, status, source), args
+    r = cli("config", "show", "--workflow", ENRICH, "--item", str(legacy_item))
+    assert r.code == 1 and "status:     ambiguous" in r.out
+    assert "candidates: apollo_scrape, linkedin_scrape" in r.out and r.err == ""
+    r = cli("config", "show", "--workflow", ENRICH, "--item", str(beta_legacy))
+    assert r.code == 0 and "source:     inferred" in r.out
+    assert "wsctl: warning: workstream linkedin_scrape is inferred" in r.err
+
+
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        (["--workflow", ENRICH, "--client", HOSTILE], 1, "no client named"),
+        (["--workflow", HOSTILE, "--client", "acme"], 1, "invalid workflow slug"),
+        (["--workflow", ENRICH, "--client", "acme", "--workstream", HOSTILE], 1, "invalid workstream slug"),
+        (["--workflow", ENRICH, "--item", HOSTILE], 1, "invalid item id"),
+        (["--workflow", ENRICH, "--item", "00000000-0000-0000-0000-000000000000"], 1, "no batch item"),
+        (["--workflow", ENRICH], 2, "give either --item"),
+    ],
+)  # fmt: skip
+def test_config_show_refuses_bad_input(cli, conn, world, args, code, text):
+    before = table_snapshot(conn)
+    r = cli("config", "show", *args)
+    assert_refused(r, code, text)
+    assert r.out == ""
+    assert table_snapshot(conn) == before
+    assert conn.execute("SELECT to_regclass('public.batches') IS NOT NULL").fetchone() == (True,)
+
+
+def test_config_show_redacts_urls_with_credentials(cli, conn, world):
+    add_config(conn, world["acme"], NORMALIZE, APOLLO,
+               {"endpoint": "https://bot:pa55word@api.example.com/x?apikey=K9&page=1"})  # fmt: skip
+    r = cli(
+        "config",
+        "show",
+        "--workflow",
+        NORMALIZE,
+        "--client",
+        "acme",
+        "--workstream",
+        APOLLO,
+        "--json",
+    )
+    assert r.code == 0
+    assert r.json()["config"]["endpoint"] == "https://bot:***@api.example.com/x?apikey=***&page=1"
+    text = cli(
+        "config", "show", "--workflow", NORMALIZE, "--client", "acme", "--workstream", APOLLO
+    )
+    assert "pa55word" not in text.out and "K9" not in text.out and "api.example.com" in text.out
+
+
+def test_every_command_has_help(run_cli):
+    for group, commands in {
+        "client": ["add", "list"],
+        "registry": ["add", "list", "remove", "import"],
+        "config": ["set", "list", "unset", "show"],
+    }.items():
+        for c in commands:
+            r = run_cli(group, c, "--help")
+            assert r.code == 0 and "Usage" in r.out, (group, c)
+
+
+def test_apollo_config_is_untouched_by_linkedin_writes(cli, conn, world):
+    r = cli("config", "set", "--client", "acme", "--workflow", ENRICH, "--workstream", LINKEDIN,
+            "--set", "clay_table=changed")  # fmt: skip
+    assert r.code == 0
+    res = cli("config", "show", "--workflow", ENRICH, "--client", "acme", "--workstream", APOLLO,
+              "--reveal", "--json")  # fmt: skip
+    assert res.json()["config"] == APOLLO_CFG

@@ -1,0 +1,126 @@
+"""Secret redaction and slug validation: examples and hypothesis properties (no database)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wsctl.domain import SLUG_RE, validate_slug
+from wsctl.errors import OperationalError
+from wsctl.redact import MASK, is_secret_key, redact, redact_text, redact_url
+
+SECRET_WORDS = ["key", "token", "secret", "password", "auth", "credential", "webhook"]
+
+# A secret: long and distinctive, so "does it appear in the output" is meaningful.
+secrets = st.text(alphabet="ABCDEFGHJKLMNPQRSTUVWXYZ23456789", min_size=12, max_size=40)
+plain_keys = st.sampled_from(["clay_table", "threshold", "fields", "name", "mapping", "limit"])
+secret_keys = st.builds(
+    lambda pre, word, post, upper: (pre + word + post).upper() if upper else pre + word + post,
+    st.sampled_from(["", "api_", "clay_", "x-", "my"]),
+    st.sampled_from(SECRET_WORDS),
+    st.sampled_from(["", "_url", "s", "_id", "Value"]),
+    st.booleans(),
+)
+json_scalars = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def test_examples():
+    config = {
+        "clay_table": "companies",
+        "webhook_url": "https://api.clay.com/v3/sources/webhook/abc",
+        "api_key": "sk-live-123",
+        "nested": {"Authorization": "Bearer xyz", "fields": ["a", "b"]},
+        "callback": "https://user:hunter2@example.com/cb?token=T0K&page=2",
+        "endpoints": ["https://TOKEN123@github.com/org/repo", "https://example.com/?a=1"],
+        "note": "use postgresql://app:pw@db:5432/x or host=db password=pw dbname=x",
+        "retries": 3,
+        "credentials": {"user": "u", "pass": "p", "enabled": True, "expires": None},
+    }
+    out = redact(config)
+    assert out["clay_table"] == "companies" and out["retries"] == 3
+    assert out["webhook_url"] == MASK and out["api_key"] == MASK
+    assert out["nested"] == {"Authorization": MASK, "fields": ["a", "b"]}
+    assert out["callback"] == "https://user:***@example.com/cb?token=***&page=2"
+    assert out["endpoints"] == ["https://***@github.com/org/repo", "https://example.com/?a=1"]
+    assert "pw" not in out["note"] and "app:***@db" in out["note"] and "password=***" in out["note"]
+    # shape kept under a secret key; booleans and None carry nothing
+    assert out["credentials"] == {"user": MASK, "pass": MASK, "enabled": True, "expires": None}
+    assert redact(config, reveal=True) is config
+    assert config["api_key"] == "sk-live-123"  # the input is not modified
+
+
+def test_webhook_urls_hide_their_path():
+    out = redact_text(
+        "post to https://hooks.slack.com/services/T0/B0/XYZ and https://x.io/webhook/abc"
+    )
+    assert out == "post to https://hooks.slack.com/*** and https://x.io/***"
+
+
+def test_url_fragment_tokens_are_hidden():
+    assert "abc" not in redact_url("https://app.example.com/cb#access_token=abc&x=1")
+
+
+@given(key=secret_keys, value=secrets)
+def test_values_under_secret_keys_never_show(key, value):
+    assert is_secret_key(key)
+    doc = {"outer": [{key: value}, {"deeper": {key: [value, {"x": value}]}}]}
+    assert value not in json.dumps(redact(doc))
+    assert value in json.dumps(redact(doc, reveal=True))
+
+
+@given(user=st.from_regex(r"[a-z]{1,8}", fullmatch=True), password=secrets, token=secrets)
+def test_credentials_in_urls_never_show(user, password, token):
+    url = f"https://{user}:{password}@hooks.example.com/p/{user}?access_token={token}&page=2"
+    doc = {"plain": url, "list": [f"see {url} now"]}
+    text = json.dumps(redact(doc))
+    assert password not in text and token not in text
+    assert "hooks.example.com" in text and "page=2" in text
+
+
+@given(key=plain_keys, value=st.text(max_size=30).filter(lambda s: "://" not in s and "=" not in s))
+def test_plain_values_are_left_alone(key, value):
+    assert redact({key: value}) == {key: value}
+    assert redact_text(value) == value
+
+
+@given(doc=json_values)
+def test_redaction_is_idempotent_and_keeps_json_shape(doc):
+    once = redact(doc)
+    assert redact(once) == once
+    json.dumps(once)  # still serialisable
+    assert type(once) is type(doc) or (isinstance(doc, tuple) and isinstance(once, list))
+
+
+# --- slugs -----------------------------------------------------------------
+
+
+@given(st.from_regex(r"[a-z0-9][a-z0-9_-]{0,60}", fullmatch=True))
+def test_valid_slugs_pass(slug):
+    assert validate_slug(slug, "workflow slug") == slug
+
+
+@given(st.text(max_size=40).filter(lambda s: not SLUG_RE.fullmatch(s)))
+def test_invalid_slugs_are_refused_with_one_line(value):
+    with pytest.raises(OperationalError) as info:
+        validate_slug(value, "workstream slug")
+    assert "invalid workstream slug" in info.value.one_line()
+    assert "\n" not in info.value.one_line()
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["acme'; DROP TABLE batches; --", "Apollo", "_x", "-x", "a b", "a;b", "", "é", "a" * 201],
+)
+def test_hostile_and_odd_slugs(value):
+    with pytest.raises(OperationalError, match="invalid slug"):
+        validate_slug(value)

@@ -1,0 +1,363 @@
+"""`wsctl client`, `wsctl registry` and `wsctl config`: the catalog and config resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from wsctl.cli.common import JSON_OPTION, state
+
+client_app = typer.Typer(help="Clients (by name or id everywhere).", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="Which Modal functions run a workflow step, per workstream.", no_args_is_help=True
+)
+config_app = typer.Typer(
+    help="Per-client configs by (workflow slug, workstream slug), and how they resolve.",
+    no_args_is_help=True,
+)
+
+REVEAL_OPTION = typer.Option(False, "--reveal", help="Print secrets instead of ***.")
+CLIENT_OPTION = typer.Option(..., "--client", help="Client name or id.")
+WORKFLOW_OPTION = typer.Option(..., "--workflow", help="Workflow step slug.")
+WORKSTREAM_OPTION = typer.Option(..., "--workstream", help="Workstream slug.")
+
+
+# --- client -----------------------------------------------------------------
+
+
+@client_app.command("add")
+def client_add(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The client's name."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Add a client and print its id (an existing name prints the existing id)."""
+    from wsctl import catalog
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        row, created = catalog.add_client(conn, name)
+    if as_json:
+        output.emit_json({**row.to_json(), "created": created})
+        return
+    if not created:
+        output.notice(f"client {row.name} already exists")
+    output.line(str(row.id))
+
+
+@client_app.command("list")
+def client_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """List clients with their number of configs and batches."""
+    from wsctl import catalog
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        rows = catalog.list_clients(conn)
+    if as_json:
+        output.emit_json([r.to_json() for r in rows])
+        return
+    output.table(
+        ["id", "name", "configs", "batches", "created_at"],
+        [(r.id, r.name, r.configs, r.batches, r.created_at) for r in rows],
+    )
+
+
+# --- registry ---------------------------------------------------------------
+
+
+def _registry_table(rows) -> None:
+    from wsctl.cli import output
+
+    output.table(
+        ["workflow", "workstream", "type", "sender", "receiver"],
+        [(r.workflow_slug, r.workstream_slug, r.type, r.sender, r.receiver) for r in rows],
+    )
+
+
+@registry_app.command("add")
+def registry_add(
+    ctx: typer.Context,
+    workflow: str = WORKFLOW_OPTION,
+    workstream: str = WORKSTREAM_OPTION,
+    type_: str = typer.Option(..., "--type", help="sync or async."),
+    sender: str = typer.Option(..., "--sender", help="Modal function that starts the step."),
+    receiver: str | None = typer.Option(
+        None, "--receiver", help="Modal function the webhook reaches (async steps)."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Register a step's Modal functions in a workstream (upsert on the composite key)."""
+    from wsctl import catalog
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        w = catalog.add_registry(
+            conn,
+            workflow=workflow,
+            workstream=workstream,
+            type=type_,
+            sender=sender,
+            receiver=receiver,
+        )
+    if as_json:
+        output.emit_json(w.to_json())
+        return
+    r = w.row
+    fns = r.sender + (f" -> {r.receiver}" if r.receiver else "")
+    verb = "registered" if w.created else "updated"
+    output.line(f"{verb} {r.workflow_slug} in {r.workstream_slug}: {r.type} {fns}")
+
+
+@registry_app.command("list")
+def registry_list(
+    ctx: typer.Context,
+    workstream: str | None = typer.Option(None, "--workstream", help="Only this workstream."),
+    workflow: str | None = typer.Option(None, "--workflow", help="Only this step slug."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List registry rows (workflow, workstream, type, sender, receiver)."""
+    from wsctl import catalog
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        rows = catalog.list_registry(conn, workstream=workstream, workflow=workflow)
+    if as_json:
+        output.emit_json([r.to_json() for r in rows])
+        return
+    _registry_table(rows)
+
+
+@registry_app.command("remove")
+def registry_remove(
+    ctx: typer.Context,
+    workflow: str = WORKFLOW_OPTION,
+    workstream: str = WORKSTREAM_OPTION,
+    force: bool = typer.Option(
+        False, "--force", help="Remove even while pending or dispatched states need the row."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Remove a registry row (refused while PENDING/DISPATCHED states need it)."""
+    from wsctl import catalog
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        removed = catalog.remove_registry(
+            conn, workflow=workflow, workstream=workstream, force=force
+        )
+    if as_json:
+        output.emit_json(removed.to_json())
+        return
+    if removed.needed_by:
+        output.warn(f"{removed.needed_by} state(s) needed this row and will not dispatch")
+    output.line(f"removed {removed.row.workflow_slug} from {removed.row.workstream_slug}")
+
+
+@registry_app.command("import")
+def registry_import(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., help="TOML file of [[registry]] tables."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate only; write nothing."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Upsert many registry rows from a TOML file, all or nothing."""
+    from wsctl import catalog
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        result = catalog.import_registry(conn, file, dry_run=dry_run)
+    if as_json:
+        output.emit_json(result.to_json())
+        return
+    _registry_table([w.row for w in result.rows])
+    if dry_run:
+        output.notice(f"{len(result.rows)} row(s) valid; nothing written (--dry-run)")
+    else:
+        updated = len(result.rows) - result.created
+        output.notice(
+            f"imported {len(result.rows)} row(s): {result.created} new, {updated} updated"
+        )
+
+
+# --- config -----------------------------------------------------------------
+
+
+def _dump(doc) -> str:
+    import json
+
+    return json.dumps(doc, indent=2, sort_keys=True, default=str)
+
+
+@config_app.command("set")
+def config_set(
+    ctx: typer.Context,
+    client: str = CLIENT_OPTION,
+    workflow: str = WORKFLOW_OPTION,
+    workstream: str = WORKSTREAM_OPTION,
+    file: Path | None = typer.Option(
+        None, "--file", help="A .json or .toml file: replaces the whole config."
+    ),
+    assignments: list[str] | None = typer.Option(
+        None, "--set", help="key=value merged into the config (repeatable; JSON values parse)."
+    ),
+    reveal: bool = REVEAL_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create or update a client config (--file replaces it, --set merges keys)."""
+    from wsctl import catalog
+    from wsctl.cli import output
+    from wsctl.errors import UsageError
+    from wsctl.redact import redact
+
+    if (file is None) == (not assignments):
+        raise UsageError("give either --file F.json|F.toml or one or more --set key=value")
+    doc = catalog.load_config_file(file) if file is not None else None
+    merge = catalog.parse_assignments(assignments) if assignments else None
+    with state(ctx).connect() as conn:
+        w = catalog.set_config(
+            conn, client=client, workflow=workflow, workstream=workstream, config=doc, merge=merge
+        )
+    if as_json:
+        output.emit_json(w.to_json(reveal=reveal))
+        return
+    for warning in w.warnings:
+        output.warn(warning)
+    r = w.row
+    verb = "created" if w.created else "updated"
+    output.line(f"{verb} config of {r.client.name} for {r.workflow_slug} in {r.workstream_slug}")
+    output.line(_dump(redact(r.config, reveal=reveal)))
+
+
+@config_app.command("list")
+def config_list(
+    ctx: typer.Context,
+    client: str | None = typer.Option(None, "--client", help="Only this client (name or id)."),
+    workstream: str | None = typer.Option(None, "--workstream", help="Only this workstream."),
+    workflow: str | None = typer.Option(None, "--workflow", help="Only this workflow slug."),
+    reveal: bool = REVEAL_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List client configs (secrets redacted unless --reveal)."""
+    import json
+
+    from wsctl import catalog
+    from wsctl.cli import output
+    from wsctl.redact import redact
+
+    with state(ctx).connect() as conn:
+        rows = catalog.list_configs(conn, client=client, workstream=workstream, workflow=workflow)
+    if as_json:
+        output.emit_json([r.to_json(reveal=reveal) for r in rows])
+        return
+    output.table(
+        ["client", "workflow", "workstream", "config", "updated_at"],
+        [
+            (
+                r.client.name,
+                r.workflow_slug,
+                r.workstream_slug,
+                json.dumps(redact(r.config, reveal=reveal), sort_keys=True),
+                r.updated_at,
+            )
+            for r in rows
+        ],
+    )
+
+
+@config_app.command("unset")
+def config_unset(
+    ctx: typer.Context,
+    client: str = CLIENT_OPTION,
+    workflow: str = WORKFLOW_OPTION,
+    workstream: str = WORKSTREAM_OPTION,
+    keys: list[str] | None = typer.Option(
+        None, "--key", help="Remove only this top-level key (repeatable); default: the whole row."
+    ),
+    reveal: bool = REVEAL_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Delete a client config, or only some of its keys."""
+    from wsctl import catalog
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        removed = catalog.unset_config(
+            conn, client=client, workflow=workflow, workstream=workstream, keys=keys or None
+        )
+    if as_json:
+        output.emit_json(removed.to_json(reveal=reveal))
+        return
+    r = removed.row
+    what = f"{r.client.name} / {r.workflow_slug} / {r.workstream_slug}"
+    if removed.deleted:
+        output.line(f"deleted config {what}")
+        return
+    if removed.missing_keys:
+        output.warn(f"not in the config: {', '.join(removed.missing_keys)}")
+    output.line(f"removed key(s) {', '.join(removed.removed_keys) or '(none)'} from {what}")
+
+
+def _row_text(row: dict | None) -> str:
+    if not row:
+        return "-"
+    table = row.get("table", "")
+    rest = " ".join(f"{k}={'NULL' if v is None else v}" for k, v in row.items() if k != "table")
+    return f"{table}({rest})"
+
+
+@config_app.command("show")
+def config_show(
+    ctx: typer.Context,
+    workflow: str = WORKFLOW_OPTION,
+    item: str | None = typer.Option(
+        None, "--item", help="Batch item id (client and workstream from its batch)."
+    ),
+    client: str | None = typer.Option(None, "--client", help="Client name or id."),
+    workstream: str | None = typer.Option(None, "--workstream", help="Explicit workstream slug."),
+    reveal: bool = REVEAL_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Resolve a client config and show how (exit 0 only when found)."""
+    from wsctl.cli import output
+    from wsctl.errors import UsageError
+    from wsctl.redact import redact
+    from wsctl.resolve import resolve_config
+
+    if (item is None) == (client is None):
+        raise UsageError("give either --item ID or --client C")
+    with state(ctx).connect() as conn:
+        res = resolve_config(
+            conn, workflow_slug=workflow, item_id=item, client=client, workstream_slug=workstream
+        )
+    if as_json:
+        output.emit_json(res.to_json(reveal=reveal))
+    else:
+        output.line(f"workflow:   {res.workflow_slug}")
+        if res.client:
+            output.line(f"client:     {res.client.name} ({res.client.id})")
+        if res.item_id:
+            output.line(f"item:       {res.item_id} (batch {res.batch_id})")
+        output.line(f"status:     {res.status}")
+        output.line(f"source:     {res.source or '-'}")
+        output.line(f"workstream: {res.workstream_slug or '-'}")
+        if res.candidates:
+            output.line(f"candidates: {', '.join(res.candidates)}")
+        output.line("trace:")
+        for i, t in enumerate(res.trace, start=1):
+            output.line(f"  {i}. [{t.rule}] {t.why}")
+            if t.row:
+                output.line(f"     row: {_row_text(t.row)}")
+        if res.config is not None:
+            output.line("config:")
+            output.line(_dump(redact(res.config, reveal=reveal)))
+    for warning in res.warnings:
+        output.warn(warning)
+    if not res.found:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(client_app, name="client")
+    app.add_typer(registry_app, name="registry")
+    app.add_typer(config_app, name="config")
