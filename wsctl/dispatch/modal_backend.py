@@ -32,16 +32,6 @@ def classify(exc: BaseException) -> Failure:
         return Failure("item", f"not found on Modal: {_describe(exc)}")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return Failure("transient", "spawn timed out; its outcome is unknown, retrying")
-    try:
-        from grpclib import GRPCError, Status
-
-        if isinstance(exc, GRPCError):
-            if exc.status == Status.UNAUTHENTICATED or exc.status == Status.PERMISSION_DENIED:
-                return Failure("pass", f"Modal rejected the credentials: {_describe(exc)}")
-            if exc.status == Status.NOT_FOUND:
-                return Failure("item", f"not found on Modal: {_describe(exc)}")
-    except ImportError:  # pragma: no cover
-        pass
     # Rate limits, unavailability, connection resets and anything unexpected:
     # retried with backoff, FAILED after --max-attempts.
     return Failure("transient", _describe(exc))
