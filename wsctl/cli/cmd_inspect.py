@@ -1,0 +1,175 @@
+"""`wsctl item show` (where an item went and why) and `wsctl doctor` (a diagnosis)."""
+
+from __future__ import annotations
+
+import typer
+
+from wsctl.cli.common import JSON_OPTION, state
+
+item_app = typer.Typer(help="Batch items: where each one went and why.", no_args_is_help=True)
+
+
+def _times(step) -> str:
+    parts = []
+    for key in ("created_at", "available_at", "dispatched_at", "completed_at", "updated_at"):
+        value = step.times.get(key)
+        if value is not None:
+            parts.append(f"{key.removesuffix('_at')} {value.isoformat(timespec='seconds')}")
+    lease = step.times.get("lease_expires_at")
+    if lease is not None and step.status == "DISPATCHING":
+        parts.append(f"lease expires {lease.isoformat(timespec='seconds')}")
+    return ", ".join(parts) or "-"
+
+
+def _config_cell(step) -> str:
+    res = step.resolution
+    if res is None:
+        return "error" if step.resolution_error else "-"
+    where = f" {res.workstream_slug}" if res.workstream_slug else ""
+    return f"{res.status}{f' ({res.source}{where})' if res.source else ''}"
+
+
+def _render_item(report, *, reveal: bool) -> None:
+    import json
+
+    from wsctl.cli import output
+    from wsctl.redact import redact, redact_text
+
+    output.line(f"item        {report.item_id}")
+    output.line(f"batch       {report.batch_id} ({report.batch_status})")
+    output.line(f"client      {report.client} ({report.client_id})")
+    output.line(f"workstream  {report.batch_workstream_slug or 'NULL (legacy batch)'}")
+    output.line(f"blueprint   {' -> '.join(report.blueprint) or '-'}")
+    output.line()
+    output.table(
+        ["#", "step", "status", "attempts", "workstream", "function", "modal_call_id", "config"],
+        [
+            (
+                s.position if s.position is not None else "+",
+                s.step,
+                s.shown_status,
+                s.attempts,
+                s.workstream_slug,
+                s.function or "no registry row",
+                s.modal_call_id,
+                _config_cell(s),
+            )
+            for s in report.steps
+        ],
+    )
+    for s in report.steps:
+        output.line()
+        pos = f"{s.position}." if s.position is not None else "+ (not in the blueprint)"
+        output.line(f"{pos} {s.step}: {s.shown_status}")
+        if s.registry:
+            r = s.registry
+            fns = r["sender"] + (f" -> receiver {r['receiver']}" if r["receiver"] else "")
+            output.line(f"   function    {fns} ({r['type']}, workstream {s.workstream_slug})")
+        else:
+            output.line(f"   function    {s.registry_note}")
+        output.line(f"   call id     {s.modal_call_id or '-'}")
+        if s.resolution is None:
+            output.line(f"   config      {s.resolution_error or '-'}")
+        else:
+            res = s.resolution
+            output.line(f"   config      {_config_cell(s)}")
+            for i, t in enumerate(res.trace, start=1):
+                output.line(f"     trace {i}. [{t.rule}] {t.why}")
+            if res.config is not None:
+                shown = json.dumps(redact(res.config, reveal=reveal), sort_keys=True, default=str)
+                output.line(f"     value     {shown}")
+            for w in res.warnings:
+                output.line(f"     warning   {w}")
+        error = s.last_error
+        if error and not reveal:
+            error = redact_text(error)
+        output.line(f"   last error  {' '.join(error.split()) if error else '-'}")
+        output.line(f"   times       {_times(s)}")
+    for warning in report.warnings:
+        output.warn(warning)
+
+
+@item_app.command("show")
+def item_show(
+    ctx: typer.Context,
+    item_id: str = typer.Argument(..., help="The batch item's id (a UUID)."),
+    reveal: bool = typer.Option(False, "--reveal", help="Print secrets instead of ***."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Where an item went and why: per blueprint step, its state, function, call and config."""
+    from wsctl.cli import output
+    from wsctl.item_report import item_report
+
+    with state(ctx).connect() as conn:
+        report = item_report(conn, item_id)
+    if as_json:
+        output.emit_json(report.to_json(reveal=reveal))
+        return
+    _render_item(report, reveal=reveal)
+
+
+def doctor(
+    ctx: typer.Context,
+    check_modal: bool = typer.Option(
+        False, "--check-modal", help="Also look every registry function up in the Modal app."
+    ),
+    app: str | None = typer.Option(
+        None,
+        "--app",
+        help="Modal app name (default: dispatch.app of wsctl.toml, else enrichment-worker).",
+    ),
+    modal_environment: str | None = typer.Option(
+        None, "--modal-environment", help="Modal environment (default: dispatch.modal_environment)."
+    ),
+    backend: str | None = typer.Option(
+        None,
+        "--backend",
+        help="The dispatch backend to judge credentials for (default: dispatch.backend, else modal).",
+    ),
+    callback_timeout: int | None = typer.Option(
+        None,
+        "--callback-timeout",
+        help="Seconds a DISPATCHED state may wait (default: dispatch.callback_timeout, else 3600).",
+    ),
+    top: int = typer.Option(10, "--top", min=1, help="Most rows listed per check."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Check the database, schema, data and Modal; exit 1 when any check FAILs."""
+    from wsctl.cli import output
+    from wsctl.doctor import doctor as run_doctor
+    from wsctl.errors import UsageError
+
+    st = state(ctx)
+    settings = st.settings()
+    cfg = settings.dispatch
+    timeout = int(cfg["callback_timeout"] if callback_timeout is None else callback_timeout)
+    if timeout < 1:
+        raise UsageError("--callback-timeout must be at least 1 second")
+    report = run_doctor(
+        lambda: st.connect(require_schema=False),
+        backend=str(cfg["backend"] if backend is None else backend),
+        callback_timeout=timeout,
+        check_modal=check_modal,
+        modal_app=cfg["app"] if app is None else app,
+        modal_environment=cfg["modal_environment"]
+        if modal_environment is None
+        else modal_environment,
+        top=top,
+        url=settings.database_url,
+    )
+    if as_json:
+        output.emit_json(report.to_json())
+    else:
+        output.table(
+            ["status", "check", "detail", "hint"],
+            [(c.status, c.name, c.detail, c.hint) for c in report.checks],
+        )
+        counts = report.counts()
+        output.line("doctor: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(item_app, name="item")
+    app.command("doctor")(doctor)

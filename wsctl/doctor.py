@@ -1,0 +1,497 @@
+"""`wsctl doctor`: a diagnosis of the database, the schema, the data and Modal in one pass.
+
+Every check reports OK, WARN, FAIL or SKIP with a one-line detail and hint;
+all checks run even when some fail. A database that cannot be reached is a
+FAIL of the first check (never an exception out of ``doctor``), and the
+checks that need it are SKIP; checks that need wsctl's schema are SKIP while
+migrations are pending. Every data check is one set-based count query with
+a bounded sample (``top`` rows). Nothing here prints or exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from wsctl.db import first_line, mask_url, tx
+from wsctl.errors import WsctlError
+from wsctl.queries import q
+
+if TYPE_CHECKING:
+    import psycopg
+
+OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
+STATUSES = (OK, WARN, FAIL, SKIP)
+
+# Check names, in the order they run and are reported.
+DATABASE = "database"
+SCHEMA = "schema"
+LEGACY_BATCHES = "legacy_batches"
+UNREGISTERED_STATES = "unregistered_states"
+MISSING_CONFIGS = "missing_configs"
+EXPIRED_LEASES = "expired_leases"
+STALE_DISPATCHED = "stale_dispatched"
+MODAL_CREDENTIALS = "modal_credentials"
+MODAL_FUNCTIONS = "modal_functions"
+
+
+@dataclass
+class Check:
+    """One check's outcome; ``rows`` is a bounded sample of what it found."""
+
+    name: str
+    status: str
+    detail: str
+    hint: str | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "detail": self.detail,
+            "hint": self.hint,
+            "rows": self.rows,
+        }
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """False when any check FAILed (WARN and SKIP do not fail the diagnosis)."""
+        return not any(c.status == FAIL for c in self.checks)
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(1 for c in self.checks if c.status == s) for s in STATUSES}
+
+    def get(self, name: str) -> Check:
+        return next(c for c in self.checks if c.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented ``wsctl doctor --json`` document."""
+        return {
+            "ok": self.ok,
+            "counts": self.counts(),
+            "checks": [c.to_json() for c in self.checks],
+        }
+
+
+def _ws(value: str | None) -> str:
+    return value if value is not None else "NULL"
+
+
+def _age(since: datetime | None) -> str:
+    if since is None:
+        return "?"
+    seconds = int((datetime.now(UTC) - since).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def _more(shown: int, total: int) -> str:
+    return f" (+{total - shown} more)" if total > shown else ""
+
+
+# --- the checks that read the database ---------------------------------------
+
+
+def _check_database(conn: psycopg.Connection) -> Check:
+    version = conn.execute(q("server_version")).fetchone()[0]
+    info = conn.info
+    where = f"{info.user}@{info.host}:{info.port}/{info.dbname}"
+    return Check(DATABASE, OK, f"connected to {where} (PostgreSQL {version})")
+
+
+def _check_schema(conn: psycopg.Connection) -> tuple[Check, bool]:
+    """The schema check, and whether the schema-dependent checks may run."""
+    from wsctl import migrations
+
+    st = migrations.status(conn)
+    if st.changed:
+        names = ", ".join(c["file"] for c in st.changed)
+        return (
+            Check(
+                SCHEMA,
+                FAIL,
+                f"migration files changed after they were applied: {names}",
+                "migrations are forward-only: restore the released files and add a new one",
+                rows=st.changed,
+            ),
+            not st.pending,
+        )
+    if st.pending:
+        first = st.pending[0]
+        return (
+            Check(
+                SCHEMA,
+                FAIL,
+                f"{len(st.pending)} pending migration(s), first "
+                f"{first['version']:04d}_{first['name']}; {len(st.applied)} applied",
+                "run `wsctl migrate` (a direct or session-mode connection)",
+                rows=st.pending,
+            ),
+            False,
+        )
+    last = st.applied[-1] if st.applied else None
+    latest = f", latest {last['version']:04d}_{last['name']}" if last else ""
+    return Check(SCHEMA, OK, f"{len(st.applied)} migration(s) applied{latest}"), True
+
+
+def _check_legacy_batches(conn: psycopg.Connection, top: int) -> Check:
+    total, active, sample = conn.execute(q("doctor_legacy_batches"), {"top": top}).fetchone()
+    if not total:
+        return Check(LEGACY_BATCHES, OK, "every batch has a workstream_slug")
+    return Check(
+        LEGACY_BATCHES,
+        WARN,
+        f"{total} batch(es) have no workstream_slug ({active} active); their states are "
+        "blocked until one is set",
+        "wsctl backfill workstream-slug",
+        rows=[{"batch_id": b} for b in sample],
+    )
+
+
+def _check_unregistered(conn: psycopg.Connection, top: int) -> Check:
+    rows = conn.execute(q("doctor_unregistered_states"), {"top": top}).fetchall()
+    if not rows:
+        return Check(UNREGISTERED_STATES, OK, "every PENDING/BLOCKED state has a registry row")
+    pairs = rows[0][3]
+    out = [{"step": s, "workstream": w, "states": n} for s, w, n, _ in rows]
+    listed = ", ".join(f"({s}, {_ws(w)}): {n}" for s, w, n, _ in rows)
+    known = [(s, w) for s, w, _, _ in rows if w is not None]
+    hints = []
+    if known:
+        s, w = known[0]
+        hints.append(
+            f"wsctl registry add --workflow {s} --workstream {w} --type sync|async --sender FN"
+        )
+    if len(known) < len(rows):
+        hints.append("workstream NULL (legacy batches): wsctl backfill workstream-slug")
+    hint = "; ".join(hints)
+    return Check(
+        UNREGISTERED_STATES,
+        FAIL,
+        f"PENDING/BLOCKED states in {pairs} (step, workstream) pair(s) without a registry "
+        f"row: {listed}{_more(len(rows), pairs)}",
+        hint,
+        rows=out,
+    )
+
+
+def _check_missing_configs(conn: psycopg.Connection, top: int) -> Check:
+    rows = conn.execute(q("doctor_missing_configs"), {"top": top}).fetchall()
+    if not rows:
+        return Check(
+            MISSING_CONFIGS,
+            OK,
+            "every active batch's client has a config for each (step, workstream) of its blueprint",
+        )
+    missing = rows[0][4]
+    out = [{"client": c, "step": s, "workstream": w, "batches": n} for c, s, w, n, _ in rows]
+    listed = ", ".join(f"({c}, {s}, {w})" for c, s, w, _, _ in rows)
+    return Check(
+        MISSING_CONFIGS,
+        WARN,
+        f"{missing} (client, step, workstream) without a client config in active batches: "
+        f"{listed}{_more(len(rows), missing)}",
+        f"wsctl config set --client {shlex.quote(rows[0][0])} --workflow {rows[0][1]} "
+        f"--workstream {rows[0][2]} --set key=value (for each step that needs a config)",
+        rows=out,
+    )
+
+
+def _check_expired_leases(conn: psycopg.Connection) -> Check:
+    n, oldest = conn.execute(q("doctor_expired_leases")).fetchone()
+    if not n:
+        return Check(EXPIRED_LEASES, OK, "no DISPATCHING state holds an expired lease")
+    return Check(
+        EXPIRED_LEASES,
+        WARN,
+        f"{n} DISPATCHING state(s) with an expired lease (oldest expired {_age(oldest)} ago): "
+        "a dispatcher died mid-pass",
+        "the next `wsctl dispatch` pass reclaims them",
+        rows=[{"states": n, "oldest_expiry": oldest.isoformat() if oldest else None}],
+    )
+
+
+def _check_stale_dispatched(conn: psycopg.Connection, top: int, timeout: int) -> Check:
+    rows = conn.execute(q("doctor_stale_dispatched"), {"top": top, "timeout": timeout}).fetchall()
+    if not rows:
+        return Check(
+            STALE_DISPATCHED,
+            OK,
+            f"no DISPATCHED state is older than the {timeout}s callback timeout",
+        )
+    total, undated, pairs = rows[0][4], rows[0][5], rows[0][6]
+    out = [
+        {"step": r[0], "workstream": r[1], "states": r[2], "oldest": r[3].isoformat()} for r in rows
+    ]
+    listed = ", ".join(f"({r[0]}, {_ws(r[1])}): {r[2]}, oldest {_age(r[3])}" for r in rows)
+    detail = (
+        f"{total} DISPATCHED state(s) older than the {timeout}s callback timeout: "
+        f"{listed}{_more(len(rows), pairs)}"
+    )
+    hint = (
+        "the next `wsctl dispatch` pass marks them FAILED; check the receivers, then `wsctl retry`"
+    )
+    if undated:
+        detail += (
+            f"; {undated} have no dispatched_at (dispatched before wsctl) and are never timed "
+            "out by the dispatcher"
+        )
+        hint = "check the receivers; states without dispatched_at need an operator (`wsctl retry`)"
+    return Check(STALE_DISPATCHED, WARN, detail, hint, rows=out)
+
+
+# --- Modal --------------------------------------------------------------------
+
+
+def _check_modal_credentials(backend: str) -> tuple[Check, bool]:
+    try:
+        from wsctl.dispatch.modal_backend import credentials_present
+
+        present = credentials_present()
+    except Exception as exc:  # a broken modal installation or ~/.modal.toml
+        status = FAIL if backend == "modal" else WARN
+        return Check(
+            MODAL_CREDENTIALS, status, f"cannot read Modal's configuration: {first_line(exc)}"
+        ), False
+    if present:
+        return Check(MODAL_CREDENTIALS, OK, "Modal token found (env or ~/.modal.toml)"), True
+    status = FAIL if backend == "modal" else WARN
+    why = (
+        "the configured dispatch backend is modal"
+        if backend == "modal"
+        else f"the configured dispatch backend is {backend}"
+    )
+    return (
+        Check(
+            MODAL_CREDENTIALS,
+            status,
+            f"no Modal token in MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or ~/.modal.toml ({why})",
+            "modal token set --token-id ... --token-secret ... (or set the two env vars)",
+        ),
+        False,
+    )
+
+
+async def _lookup_all(
+    app: str, environment: str | None, names: list[str], timeout: float, concurrency: int
+) -> dict[str, BaseException | None]:
+    import modal
+
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(name: str) -> tuple[str, BaseException | None]:
+        async with sem:
+            fn = modal.Function.from_name(app, name, environment_name=environment)
+            try:
+                await asyncio.wait_for(fn.hydrate.aio(), timeout)
+            except Exception as exc:
+                return name, exc
+            return name, None
+
+    return dict(await asyncio.gather(*(one(n) for n in names)))
+
+
+def _check_modal_functions(
+    used_by: dict[str, list[str]],
+    *,
+    app: str,
+    environment: str | None,
+    top: int,
+    timeout: float,
+) -> Check:
+    """Look every registry function up in the deployed app (no transaction is held meanwhile)."""
+    import modal.exception as mexc
+
+    where = f"Modal app {app}" + (f" (environment {environment})" if environment else "")
+    if not used_by:
+        return Check(MODAL_FUNCTIONS, OK, f"the registry names no function to look up in {where}")
+    results = asyncio.run(_lookup_all(app, environment, list(used_by), timeout, 16))
+    missing = [n for n, e in results.items() if isinstance(e, mexc.NotFoundError)]
+    rejected = [
+        n for n, e in results.items() if isinstance(e, mexc.AuthError | mexc.PermissionDeniedError)
+    ]
+    errors = {
+        n: e for n, e in results.items() if e is not None and n not in missing and n not in rejected
+    }
+    if rejected:
+        return Check(
+            MODAL_FUNCTIONS,
+            FAIL,
+            f"Modal rejected the credentials looking up {len(rejected)} function(s) in {where}",
+            "check the token: `modal token set`, or MODAL_TOKEN_ID/MODAL_TOKEN_SECRET",
+        )
+    if not missing and not errors:
+        return Check(
+            MODAL_FUNCTIONS, OK, f"all {len(used_by)} registry function(s) found in {where}"
+        )
+    sample = [{"function": n, "used_by": used_by[n], "error": None} for n in missing[:top]]
+    sample += [
+        {"function": n, "used_by": used_by[n], "error": first_line(e)}
+        for n, e in list(errors.items())[: max(0, top - len(sample))]
+    ]
+    parts = []
+    if missing:
+        listed = ", ".join(f"{n} (used by {', '.join(used_by[n])})" for n in missing[:top])
+        parts.append(
+            f"{len(missing)} of {len(used_by)} registry function(s) not found in {where}: "
+            f"{listed}{_more(min(len(missing), top), len(missing))}"
+        )
+    if errors:
+        n, e = next(iter(errors.items()))
+        parts.append(f"{len(errors)} lookup(s) failed, e.g. {n}: {first_line(e)}")
+    return Check(
+        MODAL_FUNCTIONS,
+        FAIL,
+        "; ".join(parts),
+        f"deploy the functions in app {app} (`modal deploy`), or fix the registry "
+        "(`wsctl registry add`)",
+        rows=sample,
+    )
+
+
+def _registry_functions(conn: psycopg.Connection) -> dict[str, list[str]]:
+    """Each function the registry names, with the (step (workstream)) rows that use it."""
+    with tx(conn):
+        rows = conn.execute(q("doctor_registry_functions")).fetchall()
+    return {fn: list(uses) for fn, uses in rows}
+
+
+# --- the pass -------------------------------------------------------------------
+
+
+def _guarded(conn: psycopg.Connection | None, name: str, fn: Callable[[], Check]) -> Check:
+    """Run one check (in its own read transaction with a connection); a failure FAILs it only."""
+    import psycopg
+
+    try:
+        if conn is None:
+            return fn()
+        with tx(conn):
+            return fn()
+    except psycopg.Error as exc:
+        return Check(name, FAIL, f"query failed: {first_line(exc)}", "rerun with --debug")
+    except WsctlError as exc:
+        return Check(name, FAIL, exc.one_line())
+    except Exception as exc:  # one broken check (e.g. a modal client error) must not stop the rest
+        return Check(name, FAIL, f"check raised {type(exc).__name__}: {first_line(exc)}")
+
+
+def _skip(name: str, why: str) -> Check:
+    return Check(name, SKIP, f"skipped: {why}")
+
+
+def doctor(
+    connect: Callable[[], psycopg.Connection],
+    *,
+    backend: str = "modal",
+    callback_timeout: int = 3600,
+    check_modal: bool = False,
+    modal_app: str | None = "enrichment-worker",
+    modal_environment: str | None = None,
+    lookup_timeout: float = 30.0,
+    top: int = 10,
+    url: str | None = None,
+) -> DoctorReport:
+    """Run every check once and return them in order (never raises for a failed check).
+
+    ``connect`` opens the connection (the CLI's, without the schema
+    requirement); a failure to connect is the ``database`` check's FAIL.
+    ``url``, when known, is only used to mask it out of error messages.
+    """
+    report = DoctorReport()
+    add = report.checks.append
+    conn = None
+    try:
+        conn = connect()
+    except Exception as exc:  # unreachable, refused, bad URL, embedded server failed
+        text = (
+            exc.one_line() if isinstance(exc, WsctlError) else f"cannot connect: {first_line(exc)}"
+        )
+        if url:
+            text = text.replace(url, mask_url(url))
+        add(
+            Check(
+                DATABASE,
+                FAIL,
+                text,
+                "check the URL (--database-url, WSCTL_DATABASE_URL, wsctl.toml) and that the "
+                "server accepts connections",
+            )
+        )
+    try:
+        schema_ok = False
+        if conn is not None:
+            add(_guarded(conn, DATABASE, lambda: _check_database(conn)))
+            schema: list[bool] = []
+
+            def schema_check() -> Check:
+                check, ready = _check_schema(conn)
+                schema.append(ready)
+                return check
+
+            add(_guarded(conn, SCHEMA, schema_check))
+            schema_ok = bool(schema and schema[0])
+        else:
+            add(_skip(SCHEMA, "no database connection"))
+
+        data_checks: list[tuple[str, Callable[[], Check]]] = [
+            (LEGACY_BATCHES, lambda: _check_legacy_batches(conn, top)),
+            (UNREGISTERED_STATES, lambda: _check_unregistered(conn, top)),
+            (MISSING_CONFIGS, lambda: _check_missing_configs(conn, top)),
+            (EXPIRED_LEASES, lambda: _check_expired_leases(conn)),
+            (STALE_DISPATCHED, lambda: _check_stale_dispatched(conn, top, callback_timeout)),
+        ]
+        for name, fn in data_checks:
+            if conn is None:
+                add(_skip(name, "no database connection"))
+            elif not schema_ok:
+                add(_skip(name, "the schema is not migrated (`wsctl migrate`)"))
+            else:
+                add(_guarded(conn, name, fn))
+
+        credentials, have_credentials = _check_modal_credentials(backend)
+        add(credentials)
+        if check_modal:
+            if conn is None:
+                add(_skip(MODAL_FUNCTIONS, "no database connection"))
+            elif not have_credentials:
+                add(
+                    Check(
+                        MODAL_FUNCTIONS,
+                        FAIL,
+                        "cannot look up the registry functions: no Modal credentials",
+                        "modal token set --token-id ... --token-secret ...",
+                    )
+                )
+            elif not modal_app:
+                add(Check(MODAL_FUNCTIONS, FAIL, "no Modal app name", "pass --app NAME"))
+            else:
+                add(
+                    _guarded(
+                        None,
+                        MODAL_FUNCTIONS,
+                        lambda: _check_modal_functions(
+                            _registry_functions(conn),
+                            app=modal_app,
+                            environment=modal_environment,
+                            top=top,
+                            timeout=lookup_timeout,
+                        ),
+                    )
+                )
+    finally:
+        if conn is not None:
+            conn.close()
+    return report

@@ -1,0 +1,197 @@
+"""Where an item went and why: `wsctl item show`.
+
+For one batch item, every step of its batch's blueprint in order (including
+steps not reached yet): the state's status, attempts and timestamps, the
+workstream it runs in, the registry row (Modal functions) for
+``(step, workstream)``, the Modal call id it was dispatched to, the last
+error, and the client config its lookup resolves to, with the resolution's
+trace. The config resolution is ``wsctl.resolve.resolve_config``, the same
+one the worker helpers use, so what is shown is what a worker would get.
+Read only; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from wsctl.domain import parse_uuid
+from wsctl.errors import OperationalError
+from wsctl.queries import q
+from wsctl.redact import redact_text
+from wsctl.resolve import Resolution, resolve_config
+
+if TYPE_CHECKING:
+    import psycopg
+
+NOT_REACHED = "NOT_REACHED"  # shown for a blueprint step the item has no state for yet
+TIMESTAMPS = (
+    "created_at",
+    "available_at",
+    "dispatched_at",
+    "completed_at",
+    "updated_at",
+    "lease_expires_at",
+)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+@dataclass
+class StepReport:
+    """One step of the item's blueprint (or a state outside it: ``position`` None)."""
+
+    position: int | None
+    step: str
+    workstream_slug: str | None
+    state_id: uuid.UUID | None = None
+    status: str | None = None  # None: not reached yet
+    attempts: int | None = None
+    registry: dict[str, Any] | None = None  # type, sender, receiver; None: no registry row
+    registry_note: str | None = None  # why there is no registry row
+    modal_call_id: str | None = None
+    last_error: str | None = None
+    claimed_by: str | None = None
+    times: dict[str, datetime | None] = field(default_factory=dict)
+    resolution: Resolution | None = None
+    resolution_error: str | None = None  # the step slug could not be resolved at all
+
+    @property
+    def shown_status(self) -> str:
+        return self.status or NOT_REACHED
+
+    @property
+    def function(self) -> str | None:
+        return self.registry["sender"] if self.registry else None
+
+    def to_json(self, *, reveal: bool = False) -> dict[str, Any]:
+        config = None
+        if self.resolution is not None:
+            config = self.resolution.to_json(reveal=reveal)
+        elif self.resolution_error:
+            config = {"status": "error", "error": self.resolution_error}
+        error = self.last_error
+        if error and not reveal:
+            error = redact_text(error)
+        return {
+            "position": self.position,
+            "step": self.step,
+            "in_blueprint": self.position is not None,
+            "state_id": str(self.state_id) if self.state_id else None,
+            "status": self.shown_status,
+            "attempts": self.attempts,
+            "workstream_slug": self.workstream_slug,
+            "registry": self.registry,
+            "registry_note": self.registry_note,
+            "function": self.function,
+            "modal_call_id": self.modal_call_id,
+            "config": config,
+            "last_error": error,
+            "claimed_by": self.claimed_by,
+            **{k: _iso(v) for k, v in self.times.items()},
+        }
+
+
+@dataclass
+class ItemReport:
+    item_id: uuid.UUID
+    batch_id: uuid.UUID
+    client_id: uuid.UUID
+    client: str
+    batch_workstream_slug: str | None
+    batch_status: str
+    blueprint: list[str]
+    created_at: datetime | None
+    steps: list[StepReport] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def legacy(self) -> bool:
+        """True when the batch carries no workstream (created before the change)."""
+        return self.batch_workstream_slug is None
+
+    def to_json(self, *, reveal: bool = False) -> dict[str, Any]:
+        """The documented ``wsctl item show --json`` document (secrets redacted unless reveal)."""
+        return {
+            "item": {
+                "id": str(self.item_id),
+                "batch_id": str(self.batch_id),
+                "client": self.client,
+                "client_id": str(self.client_id),
+                "batch_workstream_slug": self.batch_workstream_slug,
+                "batch_status": self.batch_status,
+                "blueprint": list(self.blueprint),
+                "created_at": _iso(self.created_at),
+            },
+            "steps": [s.to_json(reveal=reveal) for s in self.steps],
+            "warnings": list(self.warnings),
+        }
+
+
+def _registry_note(workstream: str | None, step: str) -> str:
+    if workstream is None:
+        return (
+            "no registry row: the batch has no workstream_slug (legacy batch), so no "
+            "(step, workstream) key exists; see `wsctl backfill workstream-slug`"
+        )
+    return f"no registry row for ({step}, {workstream}); see `wsctl registry add`"
+
+
+def item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemReport:
+    """Everything known about one item's way through its blueprint (read only).
+
+    A malformed or unknown id raises ``OperationalError`` (exit 1).
+    """
+    iid = item_id if isinstance(item_id, uuid.UUID) else parse_uuid(item_id, "item id")
+    row = conn.execute(q("inspect_item"), (iid,)).fetchone()
+    if row is None:
+        raise OperationalError(f"no batch item with id {iid}")
+    report = ItemReport(
+        item_id=row[0],
+        batch_id=row[1],
+        client_id=row[2],
+        client=row[3],
+        batch_workstream_slug=row[4],
+        batch_status=row[5],
+        blueprint=list(row[6] or []),
+        created_at=row[7],
+    )
+    if report.legacy:
+        report.warnings.append(
+            f"batch {report.batch_id} has no workstream_slug (legacy batch): the dispatcher "
+            "blocks its states until `wsctl backfill workstream-slug` sets one"
+        )
+    for r in conn.execute(q("inspect_item_steps"), {"item_id": iid}).fetchall():
+        (pos, step, state_id, status, attempts, ws, typ, sender, receiver, call_id, error) = r[:11]
+        times = dict(zip(TIMESTAMPS[:5], r[11:16], strict=True))
+        times["lease_expires_at"] = r[16]
+        s = StepReport(
+            position=pos,
+            step=step,
+            workstream_slug=ws,
+            state_id=state_id,
+            status=status,
+            attempts=attempts,
+            modal_call_id=call_id,
+            last_error=error,
+            claimed_by=r[17],
+            times=times,
+        )
+        if sender is not None:
+            s.registry = {"type": typ, "sender": sender, "receiver": receiver}
+        else:
+            s.registry_note = _registry_note(ws, step)
+        if pos is None:
+            report.warnings.append(
+                f"the item has a state for {step}, which is not in its blueprint"
+            )
+        try:
+            s.resolution = resolve_config(conn, workflow_slug=step, item_id=iid)
+        except OperationalError as exc:  # a legacy step name that is not a slug
+            s.resolution_error = exc.one_line()
+        report.steps.append(s)
+    return report
