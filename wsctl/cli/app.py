@@ -47,6 +47,7 @@ def _register() -> None:
     cmd_setup.register(app)
     __import__("wsctl.cli.cmd_dispatch", fromlist=["register"]).register(app)
     __import__("wsctl.cli.cmd_catalog", fromlist=["register"]).register(app)
+    __import__("wsctl.cli.cmd_batch", fromlist=["register"]).register(app)
     __import__("wsctl.cli.cmd_inspect", fromlist=["register"]).register(app)
 
 

@@ -1,0 +1,379 @@
+"""Backfill ``batches.workstream_slug`` for legacy batches, chunk by chunk.
+
+The workstream of a batch with none is inferred by THE shared inference
+(``wsctl.domain.infer_workstreams``, one statement per chunk); ``default``
+fills in where inference cannot. The walk goes through batches without a
+workstream by primary key, one short transaction per chunk with a lock
+timeout, and records the chunk's last id in ``wsctl.backfill_progress`` in
+that same transaction: an interrupted run resumes after its last finished
+chunk, and a finished walk clears the checkpoint.
+
+Batch ids are random UUIDs, so a batch inserted during the walk may land
+behind the cursor. After the walk, a sweep therefore goes once more over the
+batches still without a workstream (those left unresolved, those inserted
+meanwhile, and, after a resume, those the interrupted run left): the report
+and the exit code describe the table as it stands when the run ends.
+
+The UPDATE says ``WHERE workstream_slug IS NULL``: a value set meanwhile (by
+the dashboard) is never overwritten, and no other column is touched.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from wsctl.db import tx
+from wsctl.domain import Inference, infer_workstreams, parse_uuid, validate_slug
+from wsctl.errors import OperationalError
+from wsctl.queries import q
+
+if TYPE_CHECKING:
+    import psycopg
+
+JOB = "workstream_slug"
+CHECK_NAME = "batches_workstream_slug_not_null"
+DEFAULT_CHUNK_SIZE = 1000
+MAX_CHUNK_SIZE = 100_000
+
+
+@dataclass(frozen=True)
+class Unresolved:
+    batch_id: uuid.UUID
+    reason: str
+    candidates: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": str(self.batch_id),
+            "reason": self.reason,
+            "candidates": list(self.candidates),
+        }
+
+
+@dataclass(frozen=True)
+class ChunkReport:
+    """What one committed chunk did (passed to ``on_chunk``)."""
+
+    phase: str  # "walk" or "sweep"
+    batch_ids: list[uuid.UUID]
+    inferred: int
+    defaulted: int
+    updated: int
+    total: int  # batches without a workstream ahead of the walk when it started
+
+
+@dataclass
+class EnforceResult:
+    state: str  # "added", "validated", "already", "refused", "would add", "would refuse"
+    remaining_null: int
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.state in ("added", "validated", "already", "would add")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"state": self.state, "remaining_null": self.remaining_null, "ok": self.ok}
+
+
+@dataclass
+class BackfillReport:
+    inferred: int = 0
+    defaulted: int = 0
+    updated: int = 0
+    unresolved: list[Unresolved] = field(default_factory=list)
+    scanned: int = 0  # batches examined (walk + new ones in the sweep)
+    already_set: int = 0  # --batch ids that already had a workstream
+    dry_run: bool = False
+    default: str | None = None
+    resumed_after: uuid.UUID | None = None
+    resumed_checkpoint_at: datetime | None = None
+    # Defaulted batches whose blueprint the default workstream does not fully register.
+    default_unregistered: list[uuid.UUID] = field(default_factory=list)
+    enforce: EnforceResult | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inferred": self.inferred,
+            "defaulted": self.defaulted,
+            "updated": self.updated,
+            "unresolved": [u.to_json() for u in self.unresolved],
+            "scanned": self.scanned,
+            "already_set": self.already_set,
+            "dry_run": self.dry_run,
+            "default": self.default,
+            "default_unregistered": [str(b) for b in self.default_unregistered],
+            "resumed_after": str(self.resumed_after) if self.resumed_after else None,
+            "enforce": self.enforce.to_json() if self.enforce else None,
+        }
+
+
+def _check_default(conn: psycopg.Connection, default: str | None) -> str | None:
+    if default is None:
+        return None
+    validate_slug(default, "default workstream")
+    from wsctl.batches import known_workstreams
+
+    known = known_workstreams(conn)
+    if default not in known:
+        listed = ", ".join(known) if known else "none: the registry is empty"
+        raise OperationalError(
+            f"unknown default workstream {default!r} (no registry rows); "
+            f"known workstreams: {listed}"
+        )
+    return default
+
+
+def _check_scope(
+    conn: psycopg.Connection, batch_ids: list[str | uuid.UUID] | None, report: BackfillReport
+) -> list[uuid.UUID] | None:
+    if not batch_ids:
+        return None
+    ids: list[uuid.UUID] = []
+    for raw in batch_ids:
+        bid = raw if isinstance(raw, uuid.UUID) else parse_uuid(raw, "batch id")
+        if bid not in ids:
+            ids.append(bid)
+    found = dict(conn.execute(q("backfill_existing_ids"), (ids,)).fetchall())
+    missing = [str(b) for b in ids if b not in found]
+    if missing:
+        raise OperationalError(f"no batch with id {', '.join(missing)}")
+    report.already_set = sum(1 for b in ids if found[b])
+    return ids
+
+
+def _process_chunk(
+    conn: psycopg.Connection,
+    ids: list[uuid.UUID],
+    inferences: dict[uuid.UUID, Inference],
+    *,
+    default: str | None,
+    dry_run: bool,
+    report: BackfillReport,
+    unresolved: dict[uuid.UUID, Inference],
+) -> tuple[int, int, int]:
+    """Decide and (unless dry run) set the chunk's workstreams; returns (inferred, defaulted, updated)."""
+    set_ids: list[uuid.UUID] = []
+    set_values: list[str] = []
+    inferred = defaulted = 0
+    for bid in ids:
+        inf = inferences[bid]
+        if inf.workstream:
+            set_ids.append(bid)
+            set_values.append(inf.workstream)
+            inferred += 1
+        elif default:
+            set_ids.append(bid)
+            set_values.append(default)
+            defaulted += 1
+            if default not in inf.registered:
+                report.default_unregistered.append(bid)
+        else:
+            unresolved[bid] = inf
+    updated = 0
+    if set_ids and not dry_run:
+        updated = len(conn.execute(q("backfill_set"), (set_ids, set_values)).fetchall())
+    report.inferred += inferred
+    report.defaulted += defaulted
+    report.updated += updated
+    report.scanned += len(ids)
+    return inferred, defaulted, updated
+
+
+def _lock_error(exc: Exception, after: uuid.UUID | None) -> OperationalError:
+    where = f"after batch {after}" if after else "at the start"
+    return OperationalError(
+        f"backfill stopped {where}: another transaction held batch rows longer than the "
+        "lock timeout; finished chunks are kept, re-run to resume"
+    )
+
+
+def backfill_workstream_slug(
+    conn: psycopg.Connection,
+    *,
+    default: str | None = None,
+    batch_ids: list[str | uuid.UUID] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    dry_run: bool = False,
+    enforce: bool = False,
+    lock_timeout: str = "5s",
+    on_chunk: Callable[[ChunkReport], None] | None = None,
+) -> BackfillReport:
+    """Set ``workstream_slug`` on batches that have none; see the module docstring.
+
+    ``batch_ids`` restricts the run to those batches (no checkpoint is used).
+    ``dry_run`` reads only: it starts from the beginning and writes nothing,
+    not even the checkpoint. ``enforce`` adds the NOT NULL check once no batch
+    without a workstream remains (``report.enforce`` says what happened).
+    ``on_chunk`` is called after each committed chunk.
+    """
+    import psycopg
+
+    if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise OperationalError(f"the chunk size must be between 1 and {MAX_CHUNK_SIZE}")
+    report = BackfillReport(dry_run=dry_run)
+    report.default = _check_default(conn, default)
+    scope = _check_scope(conn, batch_ids, report)
+    resumable = scope is None and not dry_run
+
+    cursor: uuid.UUID | None = None
+    if resumable:
+        row = conn.execute(q("backfill_checkpoint_get"), (JOB,)).fetchone()
+        if row is not None and row[0] is not None:
+            cursor, report.resumed_after, report.resumed_checkpoint_at = row[0], row[0], row[1]
+    total = conn.execute(q("backfill_count_null"), {"after": cursor, "scope": scope}).fetchone()[0]
+
+    unresolved: dict[uuid.UUID, Inference] = {}
+    # The walk: from the checkpoint to the end, checkpointing each chunk.
+    while True:
+        try:
+            with tx(conn, lock_timeout=lock_timeout):
+                ids = [
+                    r[0]
+                    for r in conn.execute(
+                        q("backfill_next_chunk"),
+                        {"after": cursor, "scope": scope, "limit": chunk_size},
+                    ).fetchall()
+                ]
+                if not ids:
+                    break
+                counts = _process_chunk(
+                    conn,
+                    ids,
+                    infer_workstreams(conn, ids),
+                    default=report.default,
+                    dry_run=dry_run,
+                    report=report,
+                    unresolved=unresolved,
+                )
+                if resumable:
+                    conn.execute(q("backfill_checkpoint_set"), (JOB, ids[-1]))
+        except psycopg.errors.LockNotAvailable as exc:
+            raise _lock_error(exc, cursor) from None
+        cursor = ids[-1]
+        if on_chunk:
+            on_chunk(ChunkReport("walk", ids, *counts, total=total))
+    if resumable:
+        with tx(conn, lock_timeout=lock_timeout):
+            conn.execute(q("backfill_checkpoint_clear"), (JOB,))
+
+    if not dry_run:
+        _sweep(conn, scope, chunk_size, lock_timeout, report, unresolved, on_chunk, total)
+    report.unresolved = [
+        Unresolved(batch_id=b, reason=i.reason, candidates=list(i.candidates))
+        for b, i in sorted(unresolved.items(), key=lambda kv: kv[0])
+    ]
+    if enforce:
+        report.enforce = _enforce(conn, report, lock_timeout)
+    return report
+
+
+def _sweep(
+    conn: psycopg.Connection,
+    scope: list[uuid.UUID] | None,
+    chunk_size: int,
+    lock_timeout: str,
+    report: BackfillReport,
+    unresolved: dict[uuid.UUID, Inference],
+    on_chunk: Callable[[ChunkReport], None] | None,
+    total: int,
+) -> None:
+    """Once more over the batches still without a workstream, from the start.
+
+    Batches the walk left unresolved keep their inference (no second
+    inference); any other one (inserted behind the cursor meanwhile, or left by
+    an interrupted run before a resume) is inferred and set now. What is still
+    unresolved at the end is exactly what the table still lacks.
+    """
+    import psycopg
+
+    still: dict[uuid.UUID, Inference] = {}
+    cursor: uuid.UUID | None = None
+    while True:
+        try:
+            with tx(conn, lock_timeout=lock_timeout):
+                ids = [
+                    r[0]
+                    for r in conn.execute(
+                        q("backfill_next_chunk"),
+                        {"after": cursor, "scope": scope, "limit": chunk_size},
+                    ).fetchall()
+                ]
+                if not ids:
+                    break
+                known = [b for b in ids if b in unresolved]
+                for b in known:
+                    still[b] = unresolved[b]
+                new = [b for b in ids if b not in unresolved]
+                counts = (0, 0, 0)
+                if new:
+                    counts = _process_chunk(
+                        conn,
+                        new,
+                        infer_workstreams(conn, new),
+                        default=report.default,
+                        dry_run=False,
+                        report=report,
+                        unresolved=still,
+                    )
+        except psycopg.errors.LockNotAvailable as exc:
+            raise _lock_error(exc, cursor) from None
+        cursor = ids[-1]
+        if on_chunk and new:
+            on_chunk(ChunkReport("sweep", new, *counts, total=total))
+    unresolved.clear()
+    unresolved.update(still)
+
+
+def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str) -> EnforceResult:
+    """Add and validate the NOT NULL check once no batch lacks a workstream."""
+    import psycopg
+
+    remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
+    if report.dry_run:
+        remaining = max(remaining - report.inferred - report.defaulted, 0)
+        if remaining:
+            return EnforceResult(
+                "would refuse",
+                remaining,
+                f"--enforce would refuse: {remaining} batch(es) would still have no workstream_slug",
+            )
+        return EnforceResult("would add", 0, f"--enforce would add and validate {CHECK_NAME}")
+    row = conn.execute(q("backfill_check_state")).fetchone()
+    if row is not None and row[0]:
+        return EnforceResult("already", remaining, f"{CHECK_NAME} is already enforced")
+    if remaining:
+        return EnforceResult(
+            "refused",
+            remaining,
+            f"not enforcing: {remaining} batch(es) still have no workstream_slug "
+            "(resolve them, or pass --default)",
+        )
+    try:
+        if row is None:
+            with tx(conn, lock_timeout=lock_timeout):
+                conn.execute(q("backfill_add_check"))
+        with tx(conn, lock_timeout=lock_timeout):
+            conn.execute(q("backfill_validate_check"))
+    except psycopg.errors.CheckViolation:
+        return EnforceResult(
+            "refused",
+            conn.execute(q("backfill_null_total")).fetchone()[0],
+            f"a batch without workstream_slug appeared meanwhile: {CHECK_NAME} is in place "
+            "for new rows (NOT VALID) but not validated; re-run the backfill with --enforce",
+        )
+    except psycopg.errors.LockNotAvailable:
+        return EnforceResult(
+            "refused",
+            0,
+            f"could not lock public.batches within {lock_timeout} to add {CHECK_NAME}; try again",
+        )
+    except psycopg.errors.DuplicateObject:  # a concurrent --enforce added it first
+        return EnforceResult("already", 0, f"{CHECK_NAME} was added concurrently")
+    return EnforceResult(
+        "added" if row is None else "validated", 0, f"{CHECK_NAME} added and validated"
+    )

@@ -1,0 +1,468 @@
+"""Batches: create one from an item file, see where it stands, list, cancel.
+
+A batch carries its workstream from birth (``batches.workstream_slug``), and
+``create_batch`` writes the batch, every item and one PENDING state per item
+for the first blueprint step in ONE transaction: a bad row anywhere in the
+file rolls it all back.
+
+The items are streamed into ``COPY batch_items`` (memory stays flat in the
+file's size). Their ids are UUIDv7 (RFC 9562) made client-side: a per-batch
+prefix (48-bit millisecond time, version 7, 42 random bits) and a 32-bit
+counter. A batch's items therefore occupy one contiguous primary-key range:
+index inserts append instead of landing on random pages, and the states are
+written by one INSERT ... SELECT over that range (no scan of batch_items, no
+staging table).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from wsctl.db import tx
+from wsctl.domain import Client, find_client, parse_uuid, validate_slug
+from wsctl.errors import OperationalError
+from wsctl.itemfiles import open_items
+from wsctl.queries import q
+
+if TYPE_CHECKING:
+    import psycopg
+
+MAX_ITEMS = 0xFFFF_FFFF  # the id counter is 32 bits
+MAX_DEDUPE_KEY = 500
+_COPY_CHUNK = 256 * 1024  # characters per COPY write
+
+
+# --- validation ---------------------------------------------------------------
+
+
+def parse_blueprint(value: str | list[str]) -> list[str]:
+    """``"a,b,c"`` (or a list) as an ordered list of step slugs; refuses blanks and repeats."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    steps = [p.strip() for p in parts]
+    if not steps or steps == [""]:
+        raise OperationalError("the blueprint is empty: give its steps as step1,step2,...")
+    seen: set[str] = set()
+    for s in steps:
+        if not s:
+            raise OperationalError(f"the blueprint {value!r} has an empty step")
+        validate_slug(s, "blueprint step")
+        if s in seen:
+            raise OperationalError(f"the blueprint repeats step {s!r}")
+        seen.add(s)
+    return steps
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Validated options of a create: who, where, which steps, and what to warn about."""
+
+    client: Client
+    workstream: str
+    blueprint: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def known_workstreams(conn: psycopg.Connection) -> list[str]:
+    """Workstreams that have registry rows."""
+    return [r[0] for r in conn.execute(q("batch_known_workstreams")).fetchall()]
+
+
+def plan_batch(
+    conn: psycopg.Connection, *, client: str, workstream: str, blueprint: str | list[str]
+) -> BatchPlan:
+    """Check the options of a create before anything is written (exit 1 on any problem)."""
+    steps = parse_blueprint(blueprint)
+    validate_slug(workstream, "workstream")
+    found = find_client(conn, client)
+    known = known_workstreams(conn)
+    if workstream not in known:
+        listed = ", ".join(known) if known else "none: the registry is empty"
+        raise OperationalError(
+            f"unknown workstream {workstream!r} (no registry rows); known workstreams: {listed}"
+        )
+    registered = {
+        r[0] for r in conn.execute(q("batch_registered_steps"), (workstream, steps)).fetchall()
+    }
+    missing = [s for s in steps if s not in registered]
+    if missing:
+        raise OperationalError(
+            f"blueprint step(s) not registered in workstream {workstream}: {', '.join(missing)}",
+            hint=f"see `wsctl registry list --workstream {workstream}`",
+        )
+    configured = {
+        r[0]
+        for r in conn.execute(q("batch_configured_steps"), (found.id, workstream, steps)).fetchall()
+    }
+    warnings = [
+        f"client {found.name} has no config for step {s} in workstream {workstream}"
+        for s in steps
+        if s not in configured
+    ]
+    return BatchPlan(client=found, workstream=workstream, blueprint=steps, warnings=warnings)
+
+
+# --- create -------------------------------------------------------------------
+
+
+@dataclass
+class CreateResult:
+    batch_id: uuid.UUID | None  # None for a dry run
+    items: int
+    workstream_slug: str
+    blueprint: list[str]
+    client_id: uuid.UUID
+    client: str
+    dry_run: bool = False
+    deduplicated: bool = False  # an earlier create with the same dedupe key made this batch
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": str(self.batch_id) if self.batch_id else None,
+            "items": self.items,
+            "workstream_slug": self.workstream_slug,
+            "blueprint": list(self.blueprint),
+            "client_id": str(self.client_id),
+            "client": self.client,
+            "dry_run": self.dry_run,
+            "deduplicated": self.deduplicated,
+        }
+
+
+class _DedupeTaken(Exception):
+    """Raised inside the creating transaction to roll it back when the key is taken."""
+
+
+def _uuid7_prefix() -> str:
+    """The first 24 hex digits of a batch's item ids, dashed (the last 8 are a counter)."""
+    ms = time.time_ns() // 1_000_000
+    rnd = secrets.randbits(42)
+    high = ((ms & 0xFFFF_FFFF_FFFF) << 16) | (0x7 << 12) | (rnd >> 30)  # time, version, rand_a
+    mid = (0b10 << 30) | (rnd & 0x3FFF_FFFF)  # variant, rand_b's top 30 bits
+    h = f"{high:016x}{mid:08x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:24]}"
+
+
+def _check_dedupe_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    key = key.strip()
+    if not key:
+        raise OperationalError("the dedupe key is empty")
+    if len(key) > MAX_DEDUPE_KEY:
+        raise OperationalError(f"the dedupe key is longer than {MAX_DEDUPE_KEY} characters")
+    return key
+
+
+def _existing_for_key(
+    conn: psycopg.Connection, key: str, plan: BatchPlan, *, dry_run: bool
+) -> CreateResult | None:
+    row = conn.execute(q("batch_dedupe_lookup"), (key,)).fetchone()
+    if row is None:
+        return None
+    existing = get_batch(conn, row[0])
+    if (
+        existing.client_id != plan.client.id
+        or existing.workstream_slug != plan.workstream
+        or list(existing.blueprint) != plan.blueprint
+    ):
+        raise OperationalError(
+            f"dedupe key {key!r} already names batch {existing.batch_id} "
+            f"(client {existing.client}, workstream {existing.workstream_slug}, "
+            f"blueprint {','.join(existing.blueprint)}), not this request"
+        )
+    items = conn.execute(q("batch_item_count"), (existing.batch_id,)).fetchone()[0]
+    return CreateResult(
+        batch_id=existing.batch_id,
+        items=items,
+        workstream_slug=plan.workstream,
+        blueprint=plan.blueprint,
+        client_id=plan.client.id,
+        client=plan.client.name,
+        dry_run=dry_run,
+        deduplicated=True,
+        warnings=list(plan.warnings),
+    )
+
+
+def create_batch(
+    conn: psycopg.Connection,
+    *,
+    client: str,
+    workstream: str,
+    blueprint: str | list[str],
+    items: str | Path,
+    fmt: str | None = None,
+    dry_run: bool = False,
+    dedupe_key: str | None = None,
+    stdin: IO | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> CreateResult:
+    """Create a batch from an item file (``-`` is stdin) in one transaction.
+
+    Validates the options first (see ``plan_batch``), then streams the file
+    into COPY. ``dry_run`` parses the whole file and writes nothing. With
+    ``dedupe_key``, a key already used returns that batch (``deduplicated``).
+    ``on_progress(items, bytes_read)`` is called as the file is read.
+    """
+    plan = plan_batch(conn, client=client, workstream=workstream, blueprint=blueprint)
+    key = _check_dedupe_key(dedupe_key)
+    with open_items(items, fmt, stdin=stdin) as stream:
+        if key is not None:
+            found = _existing_for_key(conn, key, plan, dry_run=dry_run)
+            if found is not None:
+                return found
+        result = CreateResult(
+            batch_id=None,
+            items=0,
+            workstream_slug=plan.workstream,
+            blueprint=plan.blueprint,
+            client_id=plan.client.id,
+            client=plan.client.name,
+            dry_run=dry_run,
+            warnings=list(plan.warnings),
+        )
+        if dry_run:
+            for _ in stream.json_rows():
+                if on_progress and stream.items % 10_000 == 0:
+                    on_progress(stream.items, stream.bytes_read)
+            result.items = stream.items
+            return result
+        batch_id = uuid.uuid4()
+        try:
+            with tx(conn):
+                conn.execute(
+                    q("batch_insert"), (batch_id, plan.client.id, plan.blueprint, plan.workstream)
+                )
+                if key is not None:
+                    if conn.execute(q("batch_dedupe_claim"), (key, batch_id)).fetchone() is None:
+                        raise _DedupeTaken
+                prefix = _uuid7_prefix()
+                n = _copy_items(conn, stream, batch_id, prefix, on_progress)
+                conn.execute(
+                    q("batch_states_first_step"),
+                    {
+                        "state_prefix": _uuid7_prefix(),
+                        "step": plan.blueprint[0],
+                        "first_id": f"{prefix}00000001",
+                        "last_id": f"{prefix}{n:08x}",
+                        "batch_id": batch_id,
+                    },
+                )
+        except _DedupeTaken:
+            found = _existing_for_key(conn, key, plan, dry_run=False)
+            if found is None:  # pragma: no cover - the holder was deleted meanwhile
+                raise OperationalError(f"dedupe key {key!r} is taken; try again") from None
+            return found
+        result.batch_id = batch_id
+        result.items = n
+        return result
+
+
+def _copy_items(
+    conn: psycopg.Connection,
+    stream,
+    batch_id: uuid.UUID,
+    prefix: str,
+    on_progress: Callable[[int, int], None] | None,
+) -> int:
+    """COPY every item of ``stream`` into batch_items with ids ``prefix`` + counter; returns how many."""
+    middle = f"\t{batch_id}\t"
+    n = 0
+    parts: list[str] = []
+    size = 0
+    with conn.cursor() as cur, cur.copy(q("batch_items_copy")) as copy:
+        for text in stream.json_rows():
+            n += 1
+            if n > MAX_ITEMS:
+                raise OperationalError(f"more than {MAX_ITEMS} items in one batch")
+            # COPY text format: the JSON has no raw tab or newline; double its backslashes.
+            line = f"{prefix}{n:08x}{middle}{text.replace(chr(92), chr(92) * 2)}\n"
+            parts.append(line)
+            size += len(line)
+            if size >= _COPY_CHUNK:
+                copy.write("".join(parts))
+                parts.clear()
+                size = 0
+                if on_progress:
+                    on_progress(n, stream.bytes_read)
+        if parts:
+            copy.write("".join(parts))
+    if on_progress:
+        on_progress(n, stream.bytes_read)
+    return n
+
+
+# --- status, list, cancel -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    batch_id: uuid.UUID
+    client_id: uuid.UUID
+    client: str
+    workstream_slug: str | None
+    blueprint: list[str]
+    status: str
+    created_at: datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": str(self.batch_id),
+            "client_id": str(self.client_id),
+            "client": self.client,
+            "workstream_slug": self.workstream_slug,
+            "blueprint": list(self.blueprint),
+            "status": self.status,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+        }
+
+
+def _info(row) -> BatchInfo:
+    return BatchInfo(
+        batch_id=row[0],
+        client_id=row[1],
+        client=row[2],
+        workstream_slug=row[3],
+        blueprint=list(row[4] or []),
+        status=row[5],
+        created_at=row[6],
+    )
+
+
+def get_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchInfo:
+    """One batch; exit 1 when the id is malformed or unknown."""
+    bid = batch_id if isinstance(batch_id, uuid.UUID) else parse_uuid(batch_id, "batch id")
+    row = conn.execute(q("batch_get"), (bid,)).fetchone()
+    if row is None:
+        raise OperationalError(f"no batch with id {bid}", hint="see `wsctl batch list`")
+    return _info(row)
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    step: str
+    position: int | None  # 1-based place in the blueprint; None for a step outside it
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "position": self.position,
+            "counts": dict(self.counts),
+            "total": self.total,
+        }
+
+
+@dataclass(frozen=True)
+class BatchStatus:
+    batch: BatchInfo
+    items: int
+    steps: list[StepCounts]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.batch.to_json(),
+            "items": self.items,
+            "steps": [s.to_json() for s in self.steps],
+        }
+
+
+def batch_status(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchStatus:
+    """Per blueprint step, how many states are in each status (any free-text status counts).
+
+    Steps with states but outside the blueprint (written by other tools) come last.
+    """
+    info = get_batch(conn, batch_id)
+    items = conn.execute(q("batch_item_count"), (info.batch_id,)).fetchone()[0]
+    counts: dict[str, dict[str, int]] = {}
+    for step, status, n in conn.execute(q("batch_state_counts"), (info.batch_id,)).fetchall():
+        counts.setdefault(step, {})[status] = n
+    steps = [
+        StepCounts(step=s, position=i, counts=counts.pop(s, {}))
+        for i, s in enumerate(info.blueprint, start=1)
+    ]
+    steps += [StepCounts(step=s, position=None, counts=c) for s, c in sorted(counts.items())]
+    return BatchStatus(batch=info, items=items, steps=steps)
+
+
+def list_batches(
+    conn: psycopg.Connection,
+    *,
+    client: str | None = None,
+    workstream: str | None = None,
+    missing_workstream: bool = False,
+    limit: int | None = None,
+) -> list[BatchInfo]:
+    """Batches, newest first, filtered by client, workstream, or a missing workstream."""
+    if workstream is not None and missing_workstream:
+        raise OperationalError("--workstream and --missing-workstream exclude each other")
+    if workstream is not None:
+        validate_slug(workstream, "workstream")
+    if limit is not None and limit < 1:
+        raise OperationalError("the limit must be at least 1")
+    client_id = find_client(conn, client).id if client is not None else None
+    rows = conn.execute(
+        q("batch_list"),
+        {
+            "client_id": client_id,
+            "workstream": workstream,
+            "missing": missing_workstream,
+            "limit": limit,
+        },
+    ).fetchall()
+    return [_info(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    batch_id: uuid.UUID
+    cancelled_states: int
+    in_flight: int  # DISPATCHING / DISPATCHED states left to finish
+    previous_status: str
+    status: str = "CANCELLED"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch_id": str(self.batch_id),
+            "status": self.status,
+            "previous_status": self.previous_status,
+            "cancelled_states": self.cancelled_states,
+            "in_flight": self.in_flight,
+        }
+
+
+def cancel_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> CancelResult:
+    """PENDING and BLOCKED states become CANCELLED, and so does the batch.
+
+    In-flight states (DISPATCHING, DISPATCHED) finish as they will. Cancelling
+    a cancelled batch again sweeps states enqueued since; a COMPLETED batch is refused.
+    """
+    info = get_batch(conn, batch_id)
+    with tx(conn, lock_timeout="5s"):
+        row = conn.execute(q("batch_lock"), (info.batch_id,)).fetchone()
+        if row is None:  # deleted since get_batch
+            raise OperationalError(f"no batch with id {info.batch_id}")
+        previous = row[0]
+        if previous == "COMPLETED":
+            raise OperationalError(f"batch {info.batch_id} is COMPLETED: nothing to cancel")
+        cancelled = conn.execute(q("batch_cancel_states"), (info.batch_id,)).rowcount
+        conn.execute(q("batch_cancel"), (info.batch_id,))
+        in_flight = conn.execute(q("batch_in_flight"), (info.batch_id,)).fetchone()[0]
+    return CancelResult(
+        batch_id=info.batch_id,
+        cancelled_states=cancelled,
+        in_flight=in_flight,
+        previous_status=previous,
+    )

@@ -1,0 +1,257 @@
+"""`wsctl batch create/status/list/cancel` and `wsctl backfill workstream-slug`."""
+
+from __future__ import annotations
+
+import typer
+
+from wsctl.cli.common import JSON_OPTION, state
+
+batch_app = typer.Typer(
+    help="Batches: create one from a CSV or JSON Lines file, see where it stands, cancel it.",
+    no_args_is_help=True,
+)
+backfill_app = typer.Typer(help="Bring legacy rows up to date.", no_args_is_help=True)
+
+
+@batch_app.command("create")
+def batch_create(
+    ctx: typer.Context,
+    client: str = typer.Option(..., "--client", help="Client name or id."),
+    workstream: str = typer.Option(..., "--workstream", help="Workstream slug."),
+    blueprint: str = typer.Option(
+        ..., "--blueprint", help="Ordered workflow steps: step1,step2,..."
+    ),
+    items: str = typer.Option(
+        ..., "--items", help="Item file: CSV with a header row or JSON Lines; - reads stdin."
+    ),
+    fmt: str | None = typer.Option(
+        None, "--format", help="csv or jsonl (default: from the file's extension)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Validate and parse the whole file; write nothing."
+    ),
+    dedupe_key: str | None = typer.Option(
+        None,
+        "--dedupe-key",
+        help="A retried create with the same key returns the first batch instead of a copy.",
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create a batch with its workstream, its items and their first PENDING states."""
+    import sys
+
+    from wsctl import batches
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn, output.progress("loading items", None) as bar:
+        seen = [0]
+
+        def on_progress(n_items: int, bytes_read: int) -> None:
+            bar.advance(n_items - seen[0])
+            seen[0] = n_items
+
+        result = batches.create_batch(
+            conn,
+            client=client,
+            workstream=workstream,
+            blueprint=blueprint,
+            items=items,
+            fmt=fmt,
+            dry_run=dry_run,
+            dedupe_key=dedupe_key,
+            stdin=sys.stdin,
+            on_progress=on_progress,
+        )
+    for w in result.warnings:
+        output.warn(w)
+    if result.deduplicated:
+        output.notice(f"dedupe key {dedupe_key!r} already made batch {result.batch_id}")
+    if as_json:
+        output.emit_json(result.to_json())
+        return
+    if result.dry_run:
+        output.line(
+            f"dry run: would create a batch of {result.items} items for client "
+            f"{result.client} in workstream {result.workstream_slug}, blueprint "
+            f"{','.join(result.blueprint)} ({result.items} PENDING {result.blueprint[0]} states)"
+        )
+        return
+    verb = "existing batch" if result.deduplicated else "created batch"
+    output.line(
+        f"{verb} {result.batch_id}: {result.items} items, workstream "
+        f"{result.workstream_slug}, blueprint {','.join(result.blueprint)}"
+    )
+
+
+@batch_app.command("status")
+def batch_status(
+    ctx: typer.Context,
+    batch_id: str = typer.Argument(..., help="Batch id."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Per blueprint step, how many states are in each status."""
+    from wsctl import batches
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        st = batches.batch_status(conn, batch_id)
+    if as_json:
+        output.emit_json(st.to_json())
+        return
+    b = st.batch
+    output.line(f"batch {b.batch_id}  status {b.status}")
+    output.line(f"client {b.client}  workstream {b.workstream_slug or '- (none: see backfill)'}")
+    output.line(f"items {st.items}  created {b.created_at.isoformat() if b.created_at else '-'}")
+    statuses: list[str] = []
+    for s in st.steps:
+        statuses += [k for k in s.counts if k not in statuses]
+    order = ["PENDING", "DISPATCHING", "DISPATCHED", "COMPLETED", "FAILED", "BLOCKED", "CANCELLED"]
+    statuses = [k for k in order if k in statuses] + sorted(k for k in statuses if k not in order)
+    output.table(
+        ["#", "step", *statuses, "total"],
+        [
+            (s.position or "-", s.step, *(s.counts.get(k, 0) for k in statuses), s.total)
+            for s in st.steps
+        ],
+    )
+
+
+@batch_app.command("list")
+def batch_list(
+    ctx: typer.Context,
+    client: str | None = typer.Option(None, "--client", help="Only this client's batches."),
+    workstream: str | None = typer.Option(None, "--workstream", help="Only this workstream."),
+    missing_workstream: bool = typer.Option(
+        False, "--missing-workstream", help="Only batches without a workstream (legacy)."
+    ),
+    limit: int | None = typer.Option(None, "--limit", help="At most this many, newest first."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List batches, newest first."""
+    from wsctl import batches
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        rows = batches.list_batches(
+            conn,
+            client=client,
+            workstream=workstream,
+            missing_workstream=missing_workstream,
+            limit=limit,
+        )
+    if as_json:
+        output.emit_json([r.to_json() for r in rows])
+        return
+    output.table(
+        ["id", "client", "workstream", "status", "blueprint", "created_at"],
+        [
+            (r.batch_id, r.client, r.workstream_slug, r.status, ",".join(r.blueprint), r.created_at)
+            for r in rows
+        ],
+    )
+
+
+@batch_app.command("cancel")
+def batch_cancel(
+    ctx: typer.Context,
+    batch_id: str = typer.Argument(..., help="Batch id."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Cancel a batch: its PENDING and BLOCKED states are never dispatched."""
+    from wsctl import batches
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        result = batches.cancel_batch(conn, batch_id)
+    if as_json:
+        output.emit_json(result.to_json())
+        return
+    output.line(
+        f"cancelled batch {result.batch_id}: {result.cancelled_states} waiting state(s) "
+        f"cancelled, {result.in_flight} in flight left to finish"
+    )
+
+
+@backfill_app.command("workstream-slug")
+def backfill_workstream_slug(
+    ctx: typer.Context,
+    default: str | None = typer.Option(
+        None, "--default", help="Workstream to set where inference cannot decide."
+    ),
+    batch: list[str] | None = typer.Option(
+        None, "--batch", help="Only this batch (repeat, or comma-separate, for several)."
+    ),
+    chunk_size: int = typer.Option(1000, "--chunk-size", help="Batches per transaction."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Report what would be set; write nothing."
+    ),
+    enforce: bool = typer.Option(
+        False,
+        "--enforce",
+        help="Then require a workstream on every batch (CHECK ... NOT NULL); refused while any lacks one.",
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Infer and set batches.workstream_slug where it is NULL (exit 1 while any stays unresolved)."""
+    from wsctl import backfill
+    from wsctl.cli import output
+    from wsctl.errors import OperationalError
+
+    ids = [part.strip() for value in (batch or []) for part in value.split(",") if part.strip()]
+    with state(ctx).connect() as conn, output.progress("backfilling", None) as bar:
+        total_set = [False]
+
+        def on_chunk(chunk: backfill.ChunkReport) -> None:
+            if not total_set[0]:
+                bar.update_total(chunk.total)
+                total_set[0] = True
+            if chunk.phase == "walk":
+                bar.advance(len(chunk.batch_ids))
+
+        report = backfill.backfill_workstream_slug(
+            conn,
+            default=default,
+            batch_ids=ids or None,
+            chunk_size=chunk_size,
+            dry_run=dry_run,
+            enforce=enforce,
+            on_chunk=on_chunk,
+        )
+    if report.resumed_after:
+        output.notice(
+            f"resumed after batch {report.resumed_after} "
+            f"(checkpoint of {report.resumed_checkpoint_at:%Y-%m-%d %H:%M:%S %Z})"
+        )
+    if report.default_unregistered:
+        sample = ", ".join(str(b) for b in report.default_unregistered[:5])
+        more = len(report.default_unregistered) - 5
+        output.warn(
+            f"workstream {report.default} does not register every blueprint step of "
+            f"{len(report.default_unregistered)} defaulted batch(es): {sample}"
+            + (f" and {more} more" if more > 0 else "")
+        )
+    if as_json:
+        output.emit_json(report.to_json())
+    else:
+        would = "would set" if report.dry_run else "set"
+        output.line(
+            f"inferred {report.inferred}, defaulted {report.defaulted}, "
+            f"{would} {report.inferred + report.defaulted if report.dry_run else report.updated}, "
+            f"unresolved {len(report.unresolved)}"
+        )
+        if report.unresolved:
+            output.table(
+                ["batch_id", "reason", "candidates"],
+                [(u.batch_id, u.reason, ",".join(u.candidates) or "-") for u in report.unresolved],
+            )
+        if report.enforce and report.enforce.ok:
+            output.line(report.enforce.message)
+    if report.enforce and not report.enforce.ok:
+        raise OperationalError(report.enforce.message)
+    if report.unresolved:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(batch_app, name="batch")
+    app.add_typer(backfill_app, name="backfill")
