@@ -354,7 +354,7 @@ def test_stale_dispatched_from_settings_and_undated_rows(cli, conn, healthy, mod
     assert c["detail"].startswith("6 DISPATCHED state(s) older than the 120s callback timeout")
     assert "3 have no dispatched_at" in c["detail"]
     assert "oldest 3d" in c["detail"]
-    assert "need an operator" in c["hint"]
+    assert "need an operator: SELECT wsctl.fail_step" in c["hint"]
     assert table_snapshot(conn) == before
 
 

@@ -248,7 +248,10 @@ def _check_stale_dispatched(conn: psycopg.Connection, top: int, timeout: int) ->
             f"; {undated} have no dispatched_at (dispatched before wsctl) and are never timed "
             "out by the dispatcher"
         )
-        hint = "check the receivers; states without dispatched_at need an operator (`wsctl retry`)"
+        hint = (
+            "states without dispatched_at need an operator: SELECT wsctl.fail_step(id, 'reason') "
+            "on them, then `wsctl retry --batch ID`"
+        )
     return Check(STALE_DISPATCHED, WARN, detail, hint, rows=out)
 
 
@@ -381,7 +384,12 @@ def _guarded(conn: psycopg.Connection | None, name: str, fn: Callable[[], Check]
         with tx(conn):
             return fn()
     except psycopg.Error as exc:
-        return Check(name, FAIL, f"query failed: {first_line(exc)}", "rerun with --debug")
+        return Check(
+            name,
+            FAIL,
+            f"query failed: {first_line(exc)}",
+            "check the role's privileges and `wsctl migrate --status`",
+        )
     except WsctlError as exc:
         return Check(name, FAIL, exc.one_line())
     except Exception as exc:  # one broken check (e.g. a modal client error) must not stop the rest
