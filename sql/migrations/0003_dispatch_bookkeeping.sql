@@ -78,10 +78,20 @@ BEGIN
     FROM nxt;
 
     IF finished_batches IS NOT NULL THEN
+        -- Cheap probes first (two index range scans on (batch_id, status) that
+        -- stop at the first row): any state not COMPLETED/CANCELLED means the
+        -- batch is not done. Only then the full check that every item
+        -- completed its last step, once per finishing batch.
         UPDATE public.batches b
         SET status = 'COMPLETED'
         WHERE b.id = ANY (finished_batches)
           AND b.status NOT IN ('COMPLETED', 'CANCELLED')
+          AND NOT EXISTS (
+              SELECT 1 FROM public.workflow_states s
+              WHERE s.batch_id = b.id AND s.status < 'CANCELLED')
+          AND NOT EXISTS (
+              SELECT 1 FROM public.workflow_states s
+              WHERE s.batch_id = b.id AND s.status > 'COMPLETED')
           AND NOT EXISTS (
               SELECT 1
               FROM public.batch_items i

@@ -28,20 +28,19 @@ def _describe(exc: BaseException) -> str:
 
 
 def run_threaded(call: Callable[[Job], Result], jobs: list[Job], concurrency: int) -> list[Result]:
-    """Apply ``call`` to every job with ``concurrency`` threads sharing one iterator."""
+    """Apply ``call`` to every job with ``concurrency`` threads sharing one iterator.
+
+    No future per item and no lock: each thread's ``for`` pulls the next job
+    from the shared ``enumerate`` iterator, whose ``next`` is atomic under the
+    GIL (a C-level iterator over a list).
+    """
     results: list[Result] = [None] * len(jobs)
     if not jobs:
         return results
-    work = iter(enumerate(jobs))
-    lock = threading.Lock()
+    work = enumerate(jobs)
 
     def worker() -> None:
-        while True:
-            with lock:
-                nxt = next(work, None)
-            if nxt is None:
-                return
-            i, job = nxt
+        for i, job in work:
             results[i] = call(job)
 
     n = max(1, min(concurrency, len(jobs)))
