@@ -1,0 +1,409 @@
+"""wsctl batch create against a real PostgreSQL: one transaction, streamed COPY, every refusal writes nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import table_snapshot
+from wsctl import batches, db, settings
+from wsctl.errors import OperationalError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+APOLLO = EXAMPLES / "apollo_export_sample.csv"
+BLUEPRINT = (
+    "normalize_all_core_values,split_raw_apollo_scrape_data,enrich_company_via_waterfall_in_clay"
+)
+
+
+def seed_catalog(conn: psycopg.Connection) -> dict[str, uuid.UUID]:
+    """Clients, registry rows and configs, with direct SQL (the catalog commands are not needed).
+
+    apollo_scrape registers the three BLUEPRINT steps; inbound registers only the first.
+    acme has configs for the first two steps in apollo_scrape; globex has none.
+    """
+    ids = {}
+    for name in ("acme", "globex"):
+        ids[name] = conn.execute(
+            "INSERT INTO public.clients (name) VALUES (%s) RETURNING id", (name,)
+        ).fetchone()[0]
+    for ws, steps in {
+        "apollo_scrape": BLUEPRINT.split(","),
+        "inbound": ["normalize_all_core_values"],
+    }.items():
+        for step in steps:
+            conn.execute(
+                "INSERT INTO public.enrichment_registry (slug, workstream_slug, type, modal_sender_fn)"
+                " VALUES (%s, %s, 'sync', %s)",
+                (step, ws, f"run_{step}"),
+            )
+    for step in BLUEPRINT.split(",")[:2]:
+        conn.execute(
+            "INSERT INTO public.client_workflow_configs (client_id, workflow_slug, workstream_slug, config)"
+            " VALUES (%s, %s, 'apollo_scrape', '{}')",
+            (ids["acme"], step),
+        )
+    return ids
+
+
+@pytest.fixture
+def catalog(conn):
+    return seed_catalog(conn)
+
+
+def create_args(items: str | Path, *extra: str, client="acme", workstream="apollo_scrape"):
+    return (
+        "batch",
+        "create",
+        "--client",
+        client,
+        "--workstream",
+        workstream,
+        "--blueprint",
+        BLUEPRINT,
+        "--items",
+        str(items),
+        *extra,
+    )
+
+
+def write_csv(path: Path, n: int, *, bad_at_row: int | None = None) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["company", "domain", "n"])
+        for i in range(1, n + 1):
+            if i == bad_at_row:
+                f.write('broken,"quote"x,1\n')
+            else:
+                w.writerow([f"Company {i}, Inc.", f"c{i}.example", str(i)])
+    return path
+
+
+# --- the happy paths ------------------------------------------------------------
+
+
+def test_create_from_the_apollo_export_writes_batch_items_and_first_states(cli, conn, catalog):
+    r = cli(*create_args(APOLLO, "--json"))
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["items"] == 200
+    assert doc["workstream_slug"] == "apollo_scrape"
+    assert doc["blueprint"] == BLUEPRINT.split(",")
+    assert doc["deduplicated"] is False and doc["dry_run"] is False
+    bid = uuid.UUID(doc["batch_id"])
+    # acme has no config for the third step in apollo_scrape: one warning, on stderr.
+    assert "no config for step enrich_company_via_waterfall_in_clay" in r.err
+    assert "normalize_all_core_values in" not in r.err
+
+    row = conn.execute(
+        "SELECT client_id, blueprint, status, workstream_slug FROM public.batches WHERE id = %s",
+        (bid,),
+    ).fetchone()
+    assert row == (catalog["acme"], BLUEPRINT.split(","), "PENDING", "apollo_scrape")
+
+    with APOLLO.open(newline="", encoding="utf-8-sig") as f:
+        expected = list(csv.DictReader(f))
+    got = [
+        r[0]
+        for r in conn.execute(
+            "SELECT data FROM public.batch_items WHERE batch_id = %s ORDER BY id", (bid,)
+        )
+    ]
+    # Every value stays a string, "" included, in file order (ids follow the file).
+    assert got == expected
+    assert got[0]["# Employees"] == "1,200" and got[0]["Email"] == ""
+
+    states = conn.execute(
+        "SELECT s.step_name, s.status, count(*) FROM public.workflow_states s"
+        " JOIN public.batch_items i ON i.id = s.item_id AND i.batch_id = s.batch_id"
+        " WHERE s.batch_id = %s GROUP BY 1, 2",
+        (bid,),
+    ).fetchall()
+    assert states == [("normalize_all_core_values", "PENDING", 200)]
+
+
+def test_item_ids_are_uuid7_and_contiguous(cli, conn, catalog):
+    r = cli(*create_args(EXAMPLES / "items.csv", "--json"))
+    assert r.code == 0, r.err
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM public.batch_items WHERE batch_id = %s ORDER BY id",
+            (r.json()["batch_id"],),
+        )
+    ]
+    assert len(ids) == 5
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
+    assert [i.int - ids[0].int for i in ids] == [0, 1, 2, 3, 4]
+    data = conn.execute("SELECT data FROM public.batch_items WHERE id = %s", (ids[4],)).fetchone()[
+        0
+    ]
+    assert data["company_name"] == 'Initech "Labs"'
+    assert data["title"] == "Software Engineer\n(TPS reports)"
+
+
+def test_create_from_jsonl_keeps_json_types_and_skips_blank_lines(cli, conn, catalog):
+    r = cli(*create_args(EXAMPLES / "items.jsonl", "--json"))
+    assert r.code == 0, r.err
+    assert r.json()["items"] == 4
+    rows = [
+        r[0]
+        for r in conn.execute(
+            "SELECT data FROM public.batch_items WHERE batch_id = %s ORDER BY id",
+            (r.json()["batch_id"],),
+        )
+    ]
+    assert rows[0]["tags"] == ["saas", "b2b"] and rows[0]["employees"] == 5000
+    assert rows[1]["hq"] == {"city": "Gotham", "country": "US"}
+    assert rows[2]["employees"] is None and rows[2]["public"] is False
+    assert rows[3]["company_name"] == "Société Générale" and rows[3]["note"] == "UTF-8 ✓"
+
+
+def test_stdin_with_a_byte_order_mark_and_explicit_format(cli, conn, catalog):
+    text = "\ufeffcompany,domain\nAcme,acme.com\nGlobex,globex.com\n"
+    r = cli(*create_args("-", "--format", "csv", "--json"), stdin=text)
+    assert r.code == 0, r.err
+    assert r.json()["items"] == 2
+    keys = conn.execute(
+        "SELECT DISTINCT jsonb_object_keys(data) FROM public.batch_items"
+    ).fetchall()
+    assert sorted(k[0] for k in keys) == ["company", "domain"]
+
+
+def test_a_subprocess_reads_binary_stdin(db_url, conn, catalog, tmp_path):
+    """The installed command as a subprocess: real stdin bytes, BOM and CRLF line ends."""
+    data = "\ufeffcompany,domain\r\nAcme,acme.com\r\n\r\nGlobex,globex.com\r\n".encode()
+    env = {**os.environ, "WSCTL_DATABASE_URL": db_url}
+    args = create_args("-", "--format", "csv", "--json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "wsctl", *args], input=data, capture_output=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["items"] == 2
+    got = {
+        r[0]["company"]: r[0]["domain"] for r in conn.execute("SELECT data FROM public.batch_items")
+    }
+    assert got == {"Acme": "acme.com", "Globex": "globex.com"}
+
+
+def test_dry_run_parses_everything_and_writes_nothing(cli, conn, catalog):
+    before = table_snapshot(conn)
+    r = cli(*create_args(APOLLO, "--dry-run", "--json"))
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["dry_run"] is True and doc["batch_id"] is None and doc["items"] == 200
+    assert table_snapshot(conn) == before
+
+    r = cli(*create_args(APOLLO, "--dry-run"))
+    assert r.code == 0 and "would create a batch of 200 items" in r.out
+
+
+def test_dry_run_still_refuses_a_bad_file(cli, conn, catalog, tmp_path):
+    bad = write_csv(tmp_path / "bad.csv", 10, bad_at_row=7)
+    before = table_snapshot(conn)
+    r = cli(*create_args(bad, "--dry-run"))
+    assert r.code == 1
+    assert "bad.csv line 8" in r.err
+    assert table_snapshot(conn) == before
+
+
+# --- refusals: one line, exit code, nothing written -------------------------------
+
+
+def _bytes_file(tmp_path: Path, name: str, data: bytes) -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+BAD_FILES = [
+    ("quote.csv", b'a,b\n1,2\n3,"x"y\n', "line 3", "bad CSV"),
+    ("unclosed.csv", b'a,b\n1,2\n3,"never closed\n4,5\n', "line 4", "bad CSV"),
+    ("fields.csv", b"a,b,c\n1,2,3\n4,5\n", "line 3", "2 fields where the header has 3"),
+    ("toomany.csv", b"a,b\n1,2\n\n1,2,3\n", "line 4", "3 fields where the header has 2"),
+    ("empty.csv", b"", "empty file", "no header"),
+    ("bom_only.csv", b"\xef\xbb\xbf", "empty file", "no header"),
+    ("header_only.csv", b"a,b\n", "empty file", "only a header"),
+    ("dup.csv", b"a,b,a\n1,2,3\n", "line 1", "duplicate column name 'a'"),
+    ("latin1.csv", b"a,b\n1,2\ncaf\xe9,3\n", "line 3", "not valid UTF-8"),
+    ("nul.csv", b"a,b\n1,x\x00y\n", "line 2", "NUL"),
+    ("bad.jsonl", b'{"a": 1}\n{"a": \n', "line 2", "invalid JSON"),
+    ("array.jsonl", b'{"a": 1}\n\n[1, 2]\n', "line 3", "expected a JSON object, got an array"),
+    ("scalar.jsonl", b'"just a string"\n', "line 1", "got a string"),
+    ("nan.jsonl", b'{"a": NaN}\n', "line 1", "NaN is not valid JSON"),
+    ("nulesc.jsonl", b'{"a": "x\\u0000y"}\n', "line 1", "\\u0000"),
+    ("surrogate.jsonl", b'{"a": "\\ud800"}\n', "line 1", "surrogate"),
+    ("blank.jsonl", b"\n  \n", "empty file", "no items"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "where", "reason"), BAD_FILES, ids=[b[0] for b in BAD_FILES]
+)
+def test_malformed_item_files_are_refused_with_the_line(
+    cli, conn, catalog, tmp_path, name, data, where, reason
+):
+    path = _bytes_file(tmp_path, name, data)
+    before = table_snapshot(conn)
+    r = cli(*create_args(path))
+    assert r.code == 1, r.out
+    err = r.err.strip()
+    assert err.startswith("wsctl: error:") and len(err.splitlines()) == 1, err
+    assert where in err and reason in err, err
+    assert table_snapshot(conn) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code", "message"),
+    [
+        ({"client": "nobody"}, 1, "no client named or with id 'nobody'"),
+        ({"workstream": "outbound"}, 1, "known workstreams: apollo_scrape, inbound"),
+        ({"workstream": "Bad Slug"}, 1, "invalid workstream"),
+        (
+            {"workstream": "inbound"},
+            1,
+            "not registered in workstream inbound: split_raw_apollo_scrape_data, "
+            "enrich_company_via_waterfall_in_clay",
+        ),
+    ],
+)
+def test_option_refusals_write_nothing(cli, conn, catalog, kwargs, code, message):
+    before = table_snapshot(conn)
+    r = cli(*create_args(APOLLO, **kwargs))
+    assert r.code == code
+    assert message in r.err
+    assert table_snapshot(conn) == before
+
+
+@pytest.mark.parametrize(
+    ("blueprint", "message"),
+    [
+        ("a,,b", "empty step"),
+        ("normalize_all_core_values,normalize_all_core_values", "repeats step"),
+        (" ", "blueprint is empty"),
+        ("Not_A_Slug", "invalid blueprint step"),
+    ],
+)
+def test_bad_blueprints_are_refused(cli, conn, catalog, blueprint, message):
+    before = table_snapshot(conn)
+    args = list(create_args(APOLLO))
+    args[args.index("--blueprint") + 1] = blueprint
+    r = cli(*args)
+    assert r.code == 1 and message in r.err
+    assert table_snapshot(conn) == before
+
+
+def test_unknown_format_and_missing_file(cli, conn, catalog, tmp_path):
+    before = table_snapshot(conn)
+    r = cli(*create_args(tmp_path / "items.xlsx"))
+    assert r.code == 2 and "cannot tell the format" in r.err
+    r = cli(*create_args("-"), stdin="a\n1\n")
+    assert r.code == 2 and "--format" in r.err
+    r = cli(*create_args(tmp_path / "items.csv", "--format", "xml"))
+    assert r.code == 2 and "unknown item format" in r.err
+    r = cli(*create_args(tmp_path / "nope.csv"))
+    assert r.code == 1 and "no such item file" in r.err
+    assert table_snapshot(conn) == before
+
+
+def test_a_bad_row_at_line_50001_writes_nothing(cli, conn, catalog, tmp_path):
+    """The first 49,999 rows are already in the COPY stream when row 50,000 fails."""
+    path = write_csv(tmp_path / "big.csv", 60_000, bad_at_row=50_000)
+    before = table_snapshot(conn)
+    r = cli(*create_args(path))
+    assert r.code == 1
+    assert "big.csv line 50001: bad CSV" in r.err
+    assert table_snapshot(conn) == before
+    assert conn.execute("SELECT count(*) FROM wsctl.batch_dedupe_keys").fetchone()[0] == 0
+
+
+def test_a_row_postgresql_rejects_rolls_everything_back(conn, catalog, tmp_path):
+    """Belt and braces: whatever fails inside the transaction leaves nothing behind."""
+    path = write_csv(tmp_path / "ok.csv", 3000)
+    before = table_snapshot(conn)
+    with pytest.raises(OperationalError):
+        batches.create_batch(
+            conn,
+            client="acme",
+            workstream="apollo_scrape",
+            blueprint=BLUEPRINT,
+            items=path,
+            on_progress=lambda n, b: (_ for _ in ()).throw(OperationalError("stop")),
+        )
+    assert table_snapshot(conn) == before
+
+
+# --- dedupe ----------------------------------------------------------------------
+
+
+def test_dedupe_key_returns_the_existing_batch(cli, conn, catalog):
+    first = cli(*create_args(APOLLO, "--dedupe-key", "import-2026-01-01", "--json"))
+    assert first.code == 0, first.err
+    snap = table_snapshot(conn)
+    again = cli(*create_args(APOLLO, "--dedupe-key", "import-2026-01-01", "--json"))
+    assert again.code == 0, again.err
+    a, b = first.json(), again.json()
+    assert set(a) == set(b)
+    assert b["batch_id"] == a["batch_id"] and b["items"] == 200 and b["deduplicated"] is True
+    assert "already made batch" in again.err
+    assert table_snapshot(conn) == snap
+
+    # The same key for a different request is a mistake, not a retry.
+    r = cli(*create_args(APOLLO, "--dedupe-key", "import-2026-01-01", client="globex"))
+    assert r.code == 1 and "already names batch" in r.err
+    assert table_snapshot(conn) == snap
+
+
+def test_two_concurrent_creates_with_one_key_make_one_batch(db_url, conn, catalog, tmp_path):
+    path = write_csv(tmp_path / "items.csv", 30_000)
+    results: list = []
+    errors: list = []
+    barrier = threading.Barrier(2)
+
+    def run():
+        s = settings.Settings(database_url=db_url, url_source="test")
+        try:
+            with db.connect(db_url, s) as c:
+                barrier.wait()
+                results.append(
+                    batches.create_batch(
+                        c,
+                        client="acme",
+                        workstream="apollo_scrape",
+                        blueprint=BLUEPRINT,
+                        items=path,
+                        dedupe_key="same-key",
+                    )
+                )
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(results) == 2
+    assert results[0].batch_id == results[1].batch_id
+    assert sorted(r.deduplicated for r in results) == [False, True]
+    assert all(r.items == 30_000 for r in results)
+    assert conn.execute("SELECT count(*) FROM public.batches").fetchone()[0] == 1
+    assert conn.execute("SELECT count(*) FROM public.batch_items").fetchone()[0] == 30_000
+    assert conn.execute("SELECT count(*) FROM public.workflow_states").fetchone()[0] == 30_000
+
+
+def test_dedupe_key_must_not_be_blank(cli, conn, catalog):
+    before = table_snapshot(conn)
+    r = cli(*create_args(APOLLO, "--dedupe-key", "  "))
+    assert r.code == 1 and "dedupe key is empty" in r.err
+    assert table_snapshot(conn) == before
