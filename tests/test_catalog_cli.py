@@ -55,6 +55,7 @@ def test_client_add_prints_the_id_and_is_idempotent(cli, conn):
     assert again.code == 0
     doc = again.json()
     assert doc["id"] == str(cid) and doc["name"] == "Acme Corp" and doc["created"] is False
+    assert set(doc) == {"id", "name", "created_at", "created"}
     assert conn.execute("SELECT count(*) FROM clients").fetchone() == (1,)
 
 
@@ -113,7 +114,7 @@ def test_registry_add_and_upsert(cli, conn):
         (["--workflow", ENRICH, "--workstream", HOSTILE, "--type", "sync", "--sender", "f"], "invalid workstream slug"),
         (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "batch", "--sender", "f"], "invalid type"),
         (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", HOSTILE], "invalid sender"),
-        (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "async", "--sender", "f"], "needs --receiver"),
+        (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "async", "--sender", "f"], "needs a receiver"),
         (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", "f", "--receiver", "g"], "drop --receiver"),
     ],
 )  # fmt: skip
@@ -211,7 +212,7 @@ GOOD_ROW = '[[registry]]\nworkflow = "a"\nworkstream = "w"\ntype = "sync"\nsende
 @pytest.mark.parametrize(
     "text, error",
     [
-        (GOOD_ROW + '[[registry]]\nworkflow = "b"\nworkstream = "w"\ntype = "async"\nsender = "s"\n', "row 2: b in w: an async step needs"),
+        (GOOD_ROW + '[[registry]]\nworkflow = "b"\nworkstream = "w"\ntype = "async"\nsender = "s"\n', "row 2: b in w: an async step needs a receiver"),
         (GOOD_ROW + '[[registry]]\nworkflow = "B!"\nworkstream = "w"\ntype = "sync"\nsender = "s"\n', "row 2: invalid workflow slug"),
         (GOOD_ROW + '[[registry]]\nworkflow = "c"\nworkstream = "w"\ntype = "sync"\n', "row 2: missing sender"),
         (GOOD_ROW + '[[registry]]\nworkflow = "c"\nworkstream = "w"\ntype = "sync"\nsender = "s"\ncolour = "x"\n', "unknown key(s): colour"),

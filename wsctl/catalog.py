@@ -46,17 +46,18 @@ class ClientRow:
     id: uuid.UUID
     name: str
     created_at: datetime | None = None
-    configs: int = 0
-    batches: int = 0
+    configs: int | None = None  # counted by list_clients only
+    batches: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "id": str(self.id),
             "name": self.name,
             "created_at": self.created_at.isoformat() if self.created_at else None,
-            "configs": self.configs,
-            "batches": self.batches,
         }
+        if self.configs is not None:
+            doc.update(configs=self.configs, batches=self.batches)
+        return doc
 
 
 def validate_client_name(name: str) -> str:
@@ -145,7 +146,7 @@ def validate_registry_row(
             )
     if type_ == "async" and not receiver:
         raise OperationalError(
-            f"{workflow} in {workstream}: an async step needs --receiver (the function "
+            f"{workflow} in {workstream}: an async step needs a receiver (the function "
             "the outside service's webhook reaches)"
         )
     if type_ == "sync" and receiver:

@@ -150,7 +150,7 @@ def registry_remove(
         output.emit_json(removed.to_json())
         return
     if removed.needed_by:
-        output.warn(f"{removed.needed_by} state(s) needed this row and will not dispatch")
+        output.warn(f"{removed.needed_by} state(s) needed this row; the dispatcher will block them")
     output.line(f"removed {removed.row.workflow_slug} from {removed.row.workstream_slug}")
 
 
@@ -302,7 +302,13 @@ def _row_text(row: dict | None) -> str:
     if not row:
         return "-"
     table = row.get("table", "")
-    rest = " ".join(f"{k}={'NULL' if v is None else v}" for k, v in row.items() if k != "table")
+
+    def shown(v) -> str:
+        if v is None:
+            return "NULL"
+        return ",".join(map(str, v)) or "[]" if isinstance(v, list) else str(v)
+
+    rest = " ".join(f"{k}={shown(v)}" for k, v in row.items() if k != "table")
     return f"{table}({rest})"
 
 
