@@ -1,0 +1,723 @@
+"""Business logic of the example enrichment worker, in plain functions.
+
+``enrichment_app.py`` wraps these in Modal functions; the tests, the local
+dispatch backend and ``wsctl demo`` run them directly. Nothing here imports
+``modal``.
+
+* Normalizers (pure): company names, domains, and all core values of a raw
+  item at once. Which input field holds what comes from the client's config
+  (``fields``), because each workstream scrapes a different layout.
+* The splitter: one raw scrape row becomes a company row and a person row in
+  the example's own tables (``examples/enrichment_schema.sql``, schema
+  ``enrichment_example``; never created by ``wsctl migrate``).
+* The Clay senders POST the item to the Clay table webhook URL from the
+  client's config, with a per-state callback token: HMAC-SHA256 of the state
+  id under ``CLAY_CALLBACK_SECRET``. The receiver accepts a callback only
+  with that token (401 otherwise), records Clay's payload on the item and
+  completes the step; completing twice is harmless.
+
+Every SQL statement sent from here is a named block of
+``enrichment_queries.sql`` beside this file; parameters are always bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import unicodedata
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+log = logging.getLogger("enrichment_worker")
+
+SECRET_ENV = "CLAY_CALLBACK_SECRET"
+QUERIES_FILE = "enrichment_queries.sql"
+
+# The workflow step slugs of the seed.
+STEP_NAME = "normalize_company_name"
+STEP_DOMAIN = "normalize_company_domain"
+STEP_CORE = "normalize_all_core_values"
+STEP_SPLIT = "split_raw_apollo_scrape_data_into_two_tables"
+STEP_CLAY_COMPANY = "enrich_company_via_waterfall_in_clay"
+STEP_CLAY_PERSON = "enrich_person_via_waterfall_in_clay"
+SEED_BLUEPRINT = [
+    STEP_NAME,
+    STEP_DOMAIN,
+    STEP_CORE,
+    STEP_SPLIT,
+    STEP_CLAY_COMPANY,
+    STEP_CLAY_PERSON,
+]
+
+
+# --- SQL -----------------------------------------------------------------
+
+
+@cache
+def queries() -> dict[str, str]:
+    """The named blocks of ``enrichment_queries.sql`` (same format as wsctl's sql/queries)."""
+    from wsctl.queries import parse_blocks
+
+    path = Path(__file__).resolve().parent / QUERIES_FILE
+    return parse_blocks(path.read_text(encoding="utf-8"))
+
+
+def q(name: str) -> str:
+    return queries()[name]
+
+
+@contextmanager
+def connect(conn=None) -> Iterator[Any]:
+    """``conn`` as given, or a short connection from ``WSCTL_DATABASE_URL`` (a Modal secret)."""
+    if conn is not None:
+        yield conn
+        return
+    from wsctl import db, settings
+    from wsctl.errors import EnvError
+
+    s = settings.load()
+    if not s.database_url:
+        raise EnvError("WSCTL_DATABASE_URL is not set (the Modal secret wsctl-database holds it)")
+    with db.connect(s.database_url, s, application_name="enrichment-worker") as c:
+        yield c
+
+
+# --- normalizers (pure) ----------------------------------------------------
+
+# Legal-form suffixes, stripped from the end of a name, repeatedly ("Pty Ltd",
+# "GmbH & Co. KG"). Dots and spaces inside a form are optional ("S.A.", "S A").
+_LEGAL_FORMS = [
+    "incorporated",
+    "inc",
+    "llc",
+    "l l c",
+    "llp",
+    "lp",
+    "ltd",
+    "limited",
+    "plc",
+    "pty",
+    "gmbh",
+    "mbh",
+    "ag",
+    "kg",
+    "& co",
+    "sa",
+    "sas",
+    "sarl",
+    "srl",
+    "spa",
+    "bv",
+    "nv",
+    "oy",
+    "ab",
+    "as",
+    "corp",
+    "corporation",
+]
+
+
+def _form_pattern(form: str) -> str:
+    parts = [re.escape(ch) for ch in form.replace(" ", "")]
+    if form.startswith("&"):
+        return r"&\s*co\.?"
+    return r"\.?\s?".join(parts) + r"\.?"
+
+
+_SUFFIX_RE = re.compile(
+    r"(?:^|[\s,]+)(?:" + "|".join(_form_pattern(f) for f in _LEGAL_FORMS) + r")\s*$",
+    re.IGNORECASE,
+)
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u00a0": " "})
+_EDGE_PUNCT = " \t,;:.-_/|*\"'()[]"
+CASE_MODES = ("smart", "keep", "title", "upper", "lower")
+
+
+def _clean_text(value: Any) -> str:
+    if value is None:
+        return ""
+    text = unicodedata.normalize("NFKC", str(value)).translate(_QUOTES)
+    return " ".join(text.split())
+
+
+def _title(text: str) -> str:
+    # str.title() capitalises after apostrophes ("O'Neil" ok, "Macy'S" not): do it per word.
+    def word(w: str) -> str:
+        return "-".join(p[:1].upper() + p[1:].lower() for p in w.split("-"))
+
+    return " ".join(word(w) for w in text.split(" "))
+
+
+def normalize_company_name(
+    raw: Any, *, case: str = "smart", strip_legal_suffixes: bool = True
+) -> str | None:
+    """A company's display name: whitespace, quotes, edge punctuation, legal forms, case.
+
+    ``case``: ``smart`` title-cases a name written all upper or all lower case
+    and keeps mixed case ("iRobot"); ``keep``, ``title``, ``upper``, ``lower``.
+    None when nothing is left.
+    """
+    if case not in CASE_MODES:
+        raise ValueError(f"case must be one of {', '.join(CASE_MODES)}, not {case!r}")
+    text = _clean_text(raw).strip(_EDGE_PUNCT)
+    if not text:
+        return None
+    if strip_legal_suffixes:
+        while True:
+            stripped = _SUFFIX_RE.sub("", text).strip(_EDGE_PUNCT)
+            if stripped == text or not stripped:
+                break
+            text = stripped
+    text = re.sub(r"\s+,", ",", text)
+    if case == "title" or (case == "smart" and (text.isupper() or text.islower())):
+        text = _title(text)
+    elif case == "upper":
+        text = text.upper()
+    elif case == "lower":
+        text = text.lower()
+    return text or None
+
+
+def company_match_key(name: str | None) -> str | None:
+    """A case- and punctuation-insensitive key for matching names ("Acme, Inc." == "ACME")."""
+    norm = normalize_company_name(name, case="lower")
+    if not norm:
+        return None
+    return re.sub(r"[^\w&]+", " ", norm).strip() or None
+
+
+_HOST_RE = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
+
+
+def normalize_domain(raw: Any) -> str | None:
+    """A bare registrable host: no scheme, ``www.``, credentials, port, path, query or trailing dot.
+
+    Accepts a URL, a bare host or an email address; None when no valid host is left.
+    """
+    text = _clean_text(raw).strip().strip("\"'<>")
+    if not text:
+        return None
+    if "@" in text and "://" not in text:
+        text = text.rsplit("@", 1)[1]  # an email address: its domain
+    if "://" not in text:
+        text = "//" + text.lstrip("/")
+    try:
+        host = urlsplit(text).hostname or ""
+    except ValueError:
+        return None
+    host = host.strip().rstrip(".").lower()
+    try:
+        host = host.encode("idna").decode("ascii")  # münchen.de -> xn--mnchen-3ya.de
+    except UnicodeError:
+        return None
+    while host.startswith("www.") and host.count(".") > 1:
+        host = host[4:]
+    return host if _HOST_RE.match(host) else None
+
+
+_LINKEDIN_RE = re.compile(
+    r"^(?:https?://)?(?:[a-z]{2,3}\.)?linkedin\.com/(in|company)/([^/?#\s]+)", re.I
+)
+
+
+def normalize_linkedin_url(raw: Any) -> str | None:
+    """``https://www.linkedin.com/in/<slug>`` (or ``/company/<slug>``); None if not LinkedIn."""
+    text = _clean_text(raw)
+    m = _LINKEDIN_RE.match(text)
+    if not m:
+        return None
+    return f"https://www.linkedin.com/{m.group(1).lower()}/{m.group(2).rstrip('/')}"
+
+
+def normalize_email(raw: Any) -> str | None:
+    text = _clean_text(raw).strip("<>\"' ").lower()
+    if text.startswith("mailto:"):
+        text = text[7:]
+    local, sep, domain = text.rpartition("@")
+    domain = normalize_domain(domain) if sep else None
+    if not local or not domain or " " in local:
+        return None
+    return f"{local}@{domain}"
+
+
+_MULTIPLIERS = {
+    "k": 1_000,
+    "m": 1_000_000,
+    "mm": 1_000_000,
+    "b": 1_000_000_000,
+    "bn": 1_000_000_000,
+}
+
+
+def parse_amount(raw: Any) -> int | None:
+    """``"1,200"`` -> 1200, ``"$1.2M"`` -> 1200000, ``"12000000"``; None when not a number."""
+    text = _clean_text(raw).lower().replace(",", "").replace("$", "").replace("€", "")
+    text = text.replace("usd", "").replace("eur", "").replace(" ", "").rstrip("+")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(k|mm|m|bn|b)?", text)
+    if not m:
+        return None
+    try:
+        value = Decimal(m.group(1)) * _MULTIPLIERS.get(m.group(2) or "", 1)
+    except InvalidOperation:  # pragma: no cover - the regex admits only decimals
+        return None
+    return int(value)
+
+
+def _person_name(text: Any) -> str | None:
+    clean = _clean_text(text).strip(_EDGE_PUNCT)
+    if not clean:
+        return None
+    return _title(clean) if (clean.isupper() or clean.islower()) else clean
+
+
+# Where each core value sits in a raw item: the Apollo CSV export by default;
+# a client config's ``fields`` overrides (another workstream, another layout).
+APOLLO_FIELDS: dict[str, str] = {
+    "company_name": "Company",
+    "website": "Website",
+    "email": "Email",
+    "email_status": "Email Status",
+    "first_name": "First Name",
+    "last_name": "Last Name",
+    "full_name": "Full Name",
+    "title": "Title",
+    "seniority": "Seniority",
+    "department": "Departments",
+    "person_linkedin_url": "Person Linkedin Url",
+    "company_linkedin_url": "Company Linkedin Url",
+    "employees": "# Employees",
+    "annual_revenue": "Annual Revenue",
+    "industry": "Industry",
+    "city": "City",
+    "country": "Country",
+    "external_person_id": "Apollo Contact Id",
+    "external_company_id": "Apollo Account Id",
+}
+
+
+def field_map(config: dict | None) -> dict[str, str]:
+    fields = dict(APOLLO_FIELDS)
+    fields.update((config or {}).get("fields") or {})
+    return fields
+
+
+def raw_value(data: dict, config: dict | None, key: str) -> Any:
+    return data.get(field_map(config).get(key, key))
+
+
+def normalize_core_values(data: dict, config: dict | None = None) -> dict[str, Any]:
+    """Every core value of a raw item at once, normalized (missing values are None)."""
+    config = config or {}
+    get = lambda key: raw_value(data, config, key)  # noqa: E731
+    first, last = _person_name(get("first_name")), _person_name(get("last_name"))
+    full = _person_name(get("full_name"))
+    if full and not (first or last):
+        first, _, rest = full.partition(" ")
+        last = rest or None
+    full = full or " ".join(p for p in (first, last) if p) or None
+    email = normalize_email(get("email"))
+    domain = normalize_domain(get("website"))
+    if domain is None and email and config.get("domain_from_email", False):
+        domain = email.rsplit("@", 1)[1]
+    return {
+        "company_name": normalize_company_name(
+            get("company_name"),
+            case=config.get("case", "smart"),
+            strip_legal_suffixes=config.get("strip_legal_suffixes", True),
+        ),
+        "company_domain": domain,
+        "email": email,
+        "email_status": _clean_text(get("email_status")).lower() or None,
+        "first_name": first,
+        "last_name": last,
+        "full_name": full,
+        "title": _clean_text(get("title")) or None,
+        "seniority": _clean_text(get("seniority")) or None,
+        "department": _clean_text(get("department")) or None,
+        "person_linkedin_url": normalize_linkedin_url(get("person_linkedin_url")),
+        "company_linkedin_url": normalize_linkedin_url(get("company_linkedin_url")),
+        "employees": parse_amount(get("employees")),
+        "annual_revenue": parse_amount(get("annual_revenue")),
+        "industry": _clean_text(get("industry")).lower() or None,
+        "city": _clean_text(get("city")) or None,
+        "country": _clean_text(get("country")) or None,
+        "external_person_id": _clean_text(get("external_person_id")) or None,
+        "external_company_id": _clean_text(get("external_company_id")) or None,
+    }
+
+
+def core_values(data: dict, config: dict | None = None) -> dict[str, Any]:
+    """The item's normalized values: what earlier steps stored, else normalized now."""
+    stored = data.get("normalized") or {}
+    fresh = normalize_core_values(data, config)
+    return {**fresh, **{k: v for k, v in stored.items() if v is not None}}
+
+
+# --- split (pure part) -----------------------------------------------------
+
+
+def split_row(data: dict, config: dict | None = None) -> tuple[dict | None, dict | None]:
+    """A raw scrape row as ``(company, person)``; either is None when the row lacks it."""
+    v = core_values(data, config)
+    company = None
+    key = v["company_domain"] or (
+        f"name:{company_match_key(v['company_name'])}" if v["company_name"] else None
+    )
+    if key:
+        company = {
+            "company_key": key,
+            "name": v["company_name"] or v["company_domain"],
+            "domain": v["company_domain"],
+            "linkedin_url": v["company_linkedin_url"],
+            "employees": v["employees"],
+            "annual_revenue": v["annual_revenue"],
+            "industry": v["industry"],
+            "country": v["country"],
+        }
+    person = None
+    if v["full_name"] or v["email"] or v["person_linkedin_url"]:
+        person = {
+            "first_name": v["first_name"],
+            "last_name": v["last_name"],
+            "full_name": v["full_name"],
+            "title": v["title"],
+            "seniority": v["seniority"],
+            "department": v["department"],
+            "email": v["email"],
+            "email_status": v["email_status"],
+            "linkedin_url": v["person_linkedin_url"],
+            "city": v["city"],
+            "country": v["country"],
+        }
+    return company, person
+
+
+# --- the item and its trace -----------------------------------------------
+
+
+@dataclass
+class ItemContext:
+    item_id: uuid.UUID
+    client_id: uuid.UUID
+    workstream_slug: str | None
+    data: dict
+
+
+def load_item(conn, item_id: str) -> ItemContext:
+    row = conn.execute(q("example_item_get"), (item_id,)).fetchone()
+    if row is None:
+        raise LookupError(f"no batch item {item_id}")
+    return ItemContext(item_id=row[0], client_id=row[1], workstream_slug=row[2], data=row[3] or {})
+
+
+def config_row(conn, item_id, step: str, workstream_slug: str | None) -> dict | None:
+    """Which ``client_workflow_configs`` row the composite key picks, for the trace."""
+    if workstream_slug is None:
+        return None
+    row = conn.execute(q("example_config_row"), (item_id, step, workstream_slug)).fetchone()
+    return {"config_id": str(row[0]), "config_workstream": row[1]} if row else None
+
+
+def record_step(
+    conn,
+    item_id,
+    step: str,
+    *,
+    function: str,
+    workstream_slug: str | None,
+    normalized: dict | None = None,
+    detail: str | None = None,
+) -> None:
+    """Merge normalized values into the item and note in ``data._trace[step]`` what ran.
+
+    The trace says which function ran in which workstream and which config row
+    (by id, with its workstream) it used: ``wsctl demo`` prints it.
+    """
+    from psycopg.types.json import Jsonb
+
+    trace = {"function": function, "workstream": workstream_slug, "detail": detail}
+    trace.update(config_row(conn, item_id, step, workstream_slug) or {})
+    conn.execute(
+        q("example_item_record_step"),
+        {
+            "item_id": item_id,
+            "normalized": Jsonb(normalized or {}),
+            "step": step,
+            "trace": Jsonb(trace),
+        },
+    )
+
+
+def run_normalize_step(
+    item_id: str,
+    workstream_slug: str,
+    step: str,
+    function: str,
+    config: dict | None,
+    *,
+    conn,
+) -> dict:
+    """The three normalizer steps: name, domain, or all core values; returns what was stored."""
+    from wsctl.db import tx
+
+    item = load_item(conn, item_id)
+    values = normalize_core_values(item.data, config)
+    if step == STEP_NAME:
+        out = {"company_name": values["company_name"]}
+        detail = values["company_name"]
+    elif step == STEP_DOMAIN:
+        out = {"company_domain": values["company_domain"]}
+        detail = values["company_domain"]
+    else:
+        out = values
+        detail = f"{sum(v is not None for v in values.values())} values"
+    with tx(conn):
+        record_step(
+            conn,
+            item.item_id,
+            step,
+            function=function,
+            workstream_slug=workstream_slug,
+            normalized=out,
+            detail=detail,
+        )
+    return out
+
+
+def run_split_step(
+    item_id: str, workstream_slug: str, function: str, config: dict | None, *, conn
+) -> dict:
+    """Split the raw row into ``enrichment_example.companies``/``people`` (idempotent upserts)."""
+    from psycopg.types.json import Jsonb
+
+    from wsctl.db import tx
+
+    item = load_item(conn, item_id)
+    company, person = split_row(item.data, config)
+    source = (config or {}).get("source") or workstream_slug
+    out: dict[str, Any] = {"company_id": None, "person_id": None}
+    with tx(conn):
+        if company is not None:
+            out["company_id"] = str(
+                conn.execute(
+                    q("example_company_upsert"),
+                    {**company, "client_id": item.client_id, "source": source},
+                ).fetchone()[0]
+            )
+        if person is not None:
+            out["person_id"] = str(
+                conn.execute(
+                    q("example_person_upsert"),
+                    {
+                        **person,
+                        "item_id": item.item_id,
+                        "client_id": item.client_id,
+                        "company_id": out["company_id"],
+                        "workstream_slug": workstream_slug,
+                        "source": source,
+                        "raw": Jsonb({k: v for k, v in item.data.items() if not k.startswith("_")}),
+                    },
+                ).fetchone()[0]
+            )
+        parts = [p for p in ("company", "person") if out[f"{p}_id"]]
+        record_step(
+            conn,
+            item.item_id,
+            STEP_SPLIT,
+            function=function,
+            workstream_slug=workstream_slug,
+            detail=f"{'+'.join(parts) or 'nothing'} -> enrichment_example ({source})",
+        )
+    return out
+
+
+# --- Clay: sender and receiver --------------------------------------------
+
+
+def callback_secret(secret: str | None = None) -> str | None:
+    return secret if secret is not None else (os.environ.get(SECRET_ENV) or None)
+
+
+def callback_token(state_id: str | uuid.UUID, secret: str) -> str:
+    """The token a callback for ``state_id`` must carry: HMAC-SHA256 under the shared secret."""
+    msg = f"wsctl-callback:v1:{uuid.UUID(str(state_id))}".encode()
+    return hmac.new(secret.encode("utf-8"), msg, hashlib.sha256).hexdigest()
+
+
+def post_json(url: str, doc: dict, *, headers: dict | None = None, timeout: float = 30.0) -> int:
+    """POST a JSON document; a non-2xx answer or a network error raises (the step is retried)."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    body = json.dumps(doc, default=str).encode("utf-8")
+    request = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return response.status
+    except urllib.error.HTTPError as exc:
+        raise RuntimeError(f"Clay webhook answered HTTP {exc.code}") from None
+
+
+def run_clay_sender(
+    item_id: str,
+    workstream_slug: str,
+    step: str,
+    function: str,
+    config: dict | None,
+    *,
+    conn,
+    secret: str | None = None,
+) -> str:
+    """Hand the item to the client's Clay table for ``step``; returns the webhook URL used.
+
+    The row carries ``callback_token`` (see ``callback_token``) and, when the
+    config has one, ``callback_url``: the Clay table's HTTP API column sends
+    both back with the enriched values.
+    """
+    from wsctl.db import tx
+
+    config = config or {}
+    url = config.get("clay_table_webhook_url")
+    if not url:
+        raise RuntimeError(
+            f"the client's config for {step} in workstream {workstream_slug} has no "
+            "clay_table_webhook_url"
+        )
+    key = callback_secret(secret)
+    if not key:
+        raise RuntimeError(f"{SECRET_ENV} is not set: Clay's callback could not prove itself")
+    item = load_item(conn, item_id)
+    state = conn.execute(q("example_state_for_step"), (item.item_id, step)).fetchone()
+    if state is None:
+        raise LookupError(f"item {item_id} has no workflow state for {step}")
+    values = core_values(item.data, config)
+    row = {
+        "item_id": str(item.item_id),
+        "state_id": str(state[0]),
+        "workflow": step,
+        "workstream": workstream_slug,
+        "callback_token": callback_token(state[0], key),
+        "callback_url": config.get("callback_url"),
+        "record": values,
+    }
+    headers = {}
+    if config.get("clay_webhook_auth_token"):
+        headers["x-clay-webhook-auth"] = str(config["clay_webhook_auth_token"])
+    post_json(url, row, headers=headers, timeout=float(config.get("timeout_seconds", 30)))
+    parsed = urlsplit(url)
+    with tx(conn):
+        record_step(
+            conn,
+            item.item_id,
+            step,
+            function=function,
+            workstream_slug=workstream_slug,
+            detail=f"clay table {parsed.path or '/'} on {parsed.hostname}",
+        )
+    return url
+
+
+@dataclass
+class CallbackResponse:
+    status: int
+    body: dict = field(default_factory=dict)
+
+
+def _unauthorized(why: str) -> CallbackResponse:
+    log.warning("[RECEIVER] rejected callback: %s", why)
+    return CallbackResponse(401, {"error": "unauthorized"})
+
+
+def handle_clay_callback(
+    body: Any,
+    *,
+    secret: str | None = None,
+    expected_steps: tuple[str, ...] | None = None,
+    conn=None,
+) -> CallbackResponse:
+    """Clay's callback: verify its token, record ``enriched`` on the item, complete the step.
+
+    ``body`` is the decoded JSON (or raw bytes): ``{"state_id", "callback_token",
+    "enriched": {...}}``. Anything that does not prove itself is a 401 and
+    nothing is read or written; a repeated callback for a completed state is a
+    200 that changes nothing.
+    """
+    from psycopg.types.json import Jsonb
+
+    from wsctl import worker
+    from wsctl.db import tx
+
+    key = callback_secret(secret)
+    if not key:
+        return CallbackResponse(503, {"error": f"{SECRET_ENV} is not configured"})
+    if isinstance(body, bytes | str):
+        try:
+            body = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return _unauthorized("body is not JSON")
+    if not isinstance(body, dict):
+        return _unauthorized("body is not a JSON object")
+    token = body.get("callback_token")
+    try:
+        state_id = uuid.UUID(str(body.get("state_id")))
+    except ValueError:
+        return _unauthorized("no valid state_id")
+    if not isinstance(token, str) or not hmac.compare_digest(
+        token.encode(), callback_token(state_id, key).encode()
+    ):
+        return _unauthorized(f"bad token for state {state_id}")
+    enriched = body.get("enriched")
+    if not isinstance(enriched, dict):
+        return CallbackResponse(400, {"error": "enriched must be a JSON object"})
+
+    with connect(conn) as c, tx(c):
+        state = c.execute(q("example_callback_state_lock"), (state_id,)).fetchone()
+        if state is None:
+            return CallbackResponse(404, {"error": "no such workflow state"})
+        _sid, item_id, step, status = state
+        if expected_steps and step not in expected_steps:
+            return CallbackResponse(409, {"error": f"state belongs to step {step}"})
+        if status in ("COMPLETED", "CANCELLED"):
+            return CallbackResponse(
+                200, {"state_id": str(state_id), "completed": False, "status": status}
+            )
+        c.execute(q("example_item_record_clay"), (step, Jsonb(enriched), item_id))
+        completed = worker.complete_step(str(state_id), conn=c)
+    log.info("[RECEIVER] %s completed for item=%s...", step, str(item_id)[:8])
+    return CallbackResponse(200, {"state_id": str(state_id), "completed": completed})
+
+
+# --- the scheduled dispatch pass ------------------------------------------
+
+
+def dispatch_pass(app_name: str, *, backend=None, conn=None, limit: int = 1000) -> dict:
+    """One ``wsctl`` dispatch pass (what ``wsctl dispatch --once`` does), as JSON."""
+    from wsctl.dispatch import PassOptions, run_pass
+
+    if backend is None:
+        from wsctl.dispatch.loop import make_backend
+
+        backend = make_backend("modal", app=app_name)
+    try:
+        with connect(conn) as c:
+            summary = run_pass(c, backend, PassOptions(limit=limit))
+    finally:
+        backend.close()
+    return summary.to_json()

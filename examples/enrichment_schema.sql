@@ -1,0 +1,56 @@
+-- Tables of the example enrichment worker (examples/enrichment_app.py).
+--
+-- They belong to the example, not to wsctl: `wsctl migrate` never creates
+-- them. `wsctl demo` applies this file to its own database; to use the
+-- example against yours, apply it once yourself:
+--
+--   psql "$WSCTL_DATABASE_URL" -f examples/enrichment_schema.sql
+--
+-- Idempotent (IF NOT EXISTS throughout), so applying it again is harmless.
+
+CREATE SCHEMA IF NOT EXISTS enrichment_example;
+
+-- One row per company and client; company_key is the normalized domain, or
+-- "name:<match key>" when the scrape had no usable website.
+CREATE TABLE IF NOT EXISTS enrichment_example.companies (
+    id              uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    client_id       uuid NOT NULL REFERENCES public.clients (id) ON DELETE CASCADE,
+    company_key     text NOT NULL,
+    name            text NOT NULL,
+    domain          text,
+    linkedin_url    text,
+    employees       bigint,
+    annual_revenue  bigint,
+    industry        text,
+    country         text,
+    source          text NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (client_id, company_key)
+);
+
+-- One row per raw scrape item (a re-run of the split updates it in place).
+CREATE TABLE IF NOT EXISTS enrichment_example.people (
+    id               uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    item_id          uuid NOT NULL UNIQUE REFERENCES public.batch_items (id) ON DELETE CASCADE,
+    client_id        uuid NOT NULL REFERENCES public.clients (id) ON DELETE CASCADE,
+    company_id       uuid REFERENCES enrichment_example.companies (id) ON DELETE SET NULL,
+    workstream_slug  text,
+    first_name       text,
+    last_name        text,
+    full_name        text,
+    title            text,
+    seniority        text,
+    department       text,
+    email            text,
+    email_status     text,
+    linkedin_url     text,
+    city             text,
+    country          text,
+    source           text NOT NULL,
+    raw              jsonb NOT NULL DEFAULT '{}'::jsonb,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS people_company_id_idx ON enrichment_example.people (company_id);
