@@ -65,13 +65,13 @@ def _short(item_id: Any) -> str:
 def get_workstream_slug(item_id: str, *, conn: psycopg.Connection | None = None) -> str | None:
     """The ``workstream_slug`` of the item's batch; None for a legacy batch that has none.
 
-    An unknown item raises ``ConfigResolutionError``.
+    An unknown item raises ``OperationalError`` (as ``get_client_config`` does).
     """
     item = parse_uuid(item_id, "item id")
     with _connection(conn) as c:
         row = c.execute(q("worker_item_workstream"), (item,)).fetchone()
     if row is None:
-        raise ConfigResolutionError(f"no batch item with id {item}")
+        raise OperationalError(f"no batch item with id {item}")
     if row[0] is None:
         log.warning(
             "[CONFIG] item=%s workstream=None (the batch has no workstream_slug)", _short(item)
