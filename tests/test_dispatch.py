@@ -429,3 +429,22 @@ def test_retry_requeues_blocked_and_failed(cli, conn):
     r = cli("retry", "--batch", str(batch), "--status", "COMPLETED")
     assert r.code == 2
     assert table_snapshot(conn) == before
+
+
+def test_pipelined_writer_gives_the_same_outcome(wconn, seeded, db_url):
+    """With a writer connection, multi-chunk passes over a two-step blueprint end the same."""
+    a = f.add_batch(wconn, seeded, STEPS, 230, workstream="apollo_scrape")
+    legacy = f.add_batch(wconn, seeded, STEPS[:1], 7, workstream=None)
+    calls = []
+    with db.connect(db_url, settings.Settings(database_url=db_url, url_source="t")) as writer:
+        s = run_pass(
+            wconn,
+            MemoryBackend(all_functions(calls)),
+            PassOptions(limit=1000, chunk_size=50),
+            writer_conn=writer,
+        )
+    assert s.claimed == 230 + 230 + 7
+    assert s.completed == 230 and s.blocked == 7 and s.dispatched == 460
+    assert f.states(wconn, a) == [(STEPS[1], "DISPATCHED", 230), (STEPS[0], "COMPLETED", 230)]
+    assert f.states(wconn, legacy) == [(STEPS[0], "BLOCKED", 7)]
+    assert len(calls) == 460 and len({c[1:] for c in calls}) == 460

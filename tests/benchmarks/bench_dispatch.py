@@ -96,8 +96,8 @@ def bench_noop(admin: str, app: str, n: int) -> dict:
     url = fresh_db(admin, "wsctl_bench_noop")
     seed(url, n)
     backend = LocalBackend(app)
-    with connect(url) as c:
-        s = run_pass(c, backend, PassOptions(limit=n, reconcile=False))
+    with connect(url) as c, connect(url) as w:
+        s = run_pass(c, backend, PassOptions(limit=n, reconcile=False), writer_conn=w)
         done = c.execute(
             "SELECT count(*) FROM workflow_states WHERE status='COMPLETED'"
         ).fetchone()[0]
@@ -108,9 +108,12 @@ def bench_noop(admin: str, app: str, n: int) -> dict:
 def bench_sleepy(admin: str, app: str, n: int, concurrency: int) -> dict:
     url = fresh_db(admin, "wsctl_bench_sleepy")
     seed(url, n, sender="sleepy")
-    with connect(url) as c:
+    with connect(url) as c, connect(url) as w:
         s = run_pass(
-            c, LocalBackend(app), PassOptions(limit=n, concurrency=concurrency, reconcile=False)
+            c,
+            LocalBackend(app),
+            PassOptions(limit=n, concurrency=concurrency, reconcile=False),
+            writer_conn=w,
         )
     ideal = n * 0.02 / concurrency
     return {
@@ -240,8 +243,13 @@ def bench_modal(admin: str, n: int, concurrency: int) -> dict:
     from wsctl.dispatch.modal_backend import ModalBackend
 
     backend = ModalBackend("enrichment-worker", spawn_timeout=30)
-    with connect(url) as c:
-        s = run_pass(c, backend, PassOptions(limit=n, concurrency=concurrency, reconcile=False))
+    with connect(url) as c, connect(url) as w:
+        s = run_pass(
+            c,
+            backend,
+            PassOptions(limit=n, concurrency=concurrency, reconcile=False),
+            writer_conn=w,
+        )
     backend.close()
     parent.send("done")
     total_spawns = parent.recv()

@@ -112,8 +112,10 @@ def dispatch(
         return
 
     try:
-        with st.connect() as conn:
-            summary = run_pass(conn, chosen, opts)
+        # Two connections: claims on one, each chunk's outcomes recorded on the
+        # other while the next chunk is claimed and dispatched.
+        with st.connect() as conn, st.connect(require_schema=False) as writer:
+            summary = run_pass(conn, chosen, opts, writer_conn=writer)
     finally:
         chosen.close()
     render_summary(summary, as_json=as_json)

@@ -14,6 +14,7 @@ import random
 import socket
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -127,40 +128,47 @@ def _claim(conn: psycopg.Connection, opts: PassOptions, n: int, token: uuid.UUID
         ).fetchall()
 
 
-def _process_chunk(
-    conn: psycopg.Connection,
-    backend: Backend,
-    opts: PassOptions,
-    rows: list[tuple],
-    token: uuid.UUID,
-    summary: PassSummary,
-) -> Failure | None:
-    """Dispatch one claimed chunk and record every outcome; returns a pass-level failure."""
-    jobs: list[Job] = []
+@dataclass
+class _Outcomes:
+    """What one claimed chunk came to, ready to be recorded set-based."""
+
+    token: uuid.UUID
+    complete_ids: list = field(default_factory=list)
+    sent_ids: list = field(default_factory=list)
+    sent_calls: list = field(default_factory=list)
+    retry_ids: list = field(default_factory=list)
+    retry_errors: list = field(default_factory=list)
+    retry_delays: list = field(default_factory=list)
+    block_ids: list = field(default_factory=list)
+    block_reasons: list = field(default_factory=list)
+    release_ids: list = field(default_factory=list)
+    items: dict = field(default_factory=dict)
+    pass_failure: Failure | None = None
+
+
+def _run_chunk(
+    conn: psycopg.Connection, backend: Backend, opts: PassOptions, rows: list[tuple], token
+) -> _Outcomes:
+    """Resolve and dispatch one claimed chunk; classify every result (no writes)."""
+    out = _Outcomes(token=token, items={r[0]: r[1] for r in rows})
     unresolved = [r for r in rows if r[5] is None or r[6] is None]
     reasons = _blocked_reasons(conn, unresolved) if unresolved else {}
-    for r in rows:
-        if r[0] in reasons:
-            continue
-        jobs.append(Job(r[0], str(r[1]), r[3], r[5], r[7], r[6]))
+    jobs = [Job(r[0], str(r[1]), r[3], r[5], r[7], r[6]) for r in rows if r[0] not in reasons]
+    out.block_ids = list(reasons)
+    out.block_reasons = [reasons[i] for i in out.block_ids]
 
     results = backend.dispatch(jobs, opts.concurrency) if jobs else []
 
-    complete_ids, sent_ids, sent_calls = [], [], []
-    retry_ids, retry_errors, retry_delays = [], [], []
-    block_ids = list(reasons)
-    block_reasons = [reasons[i] for i in block_ids]
-    release_ids: list = []
-    pass_failure: Failure | None = None
     attempts = {r[0]: r[4] for r in rows}
     verbose = log.isEnabledFor(logging.INFO)
+    inline = backend.runs_inline
     for job, res in zip(jobs, results, strict=True):
         if res is None or isinstance(res, str):
-            if backend.runs_inline and job.type == "sync":
-                complete_ids.append(job.state_id)
+            if inline and job.type == "sync":
+                out.complete_ids.append(job.state_id)
             else:
-                sent_ids.append(job.state_id)
-                sent_calls.append(res)
+                out.sent_ids.append(job.state_id)
+                out.sent_calls.append(res)
             if verbose:
                 log.info(
                     "Dispatched item %s... to %s (type=%s, workstream=%s)",
@@ -170,51 +178,64 @@ def _process_chunk(
                     job.workstream_slug,
                 )
         elif res.kind == "transient":
-            retry_ids.append(job.state_id)
-            retry_errors.append(res.message)
-            retry_delays.append(backoff_seconds(attempts[job.state_id]))
+            out.retry_ids.append(job.state_id)
+            out.retry_errors.append(res.message)
+            out.retry_delays.append(backoff_seconds(attempts[job.state_id]))
         elif res.kind == "item":
-            block_ids.append(job.state_id)
-            block_reasons.append(res.message)
+            out.block_ids.append(job.state_id)
+            out.block_reasons.append(res.message)
         else:
-            pass_failure = pass_failure or res
-            release_ids.append(job.state_id)
+            out.pass_failure = out.pass_failure or res
+            out.release_ids.append(job.state_id)
+    return out
 
+
+def _record(conn: psycopg.Connection, out: _Outcomes, opts: PassOptions) -> PassSummary:
+    """Write one chunk's outcomes in one transaction; returns the counts it adds."""
+    delta = PassSummary()
+    token = out.token
     with tx(conn):
-        if complete_ids:
-            conn.execute(q("dispatch_complete_claimed"), (complete_ids, token))
-            summary.completed += len(complete_ids)
-        if sent_ids:
-            conn.execute(q("dispatch_mark_dispatched"), (sent_ids, sent_calls, token))
-        if retry_ids:
-            out = conn.execute(
+        if out.complete_ids:
+            conn.execute(q("dispatch_complete_claimed"), (out.complete_ids, token))
+            delta.completed += len(out.complete_ids)
+        if out.sent_ids:
+            conn.execute(q("dispatch_mark_dispatched"), (out.sent_ids, out.sent_calls, token))
+        if out.retry_ids:
+            rows = conn.execute(
                 q("dispatch_retry_or_fail"),
                 {
-                    "ids": retry_ids,
-                    "errors": retry_errors,
-                    "delays": retry_delays,
+                    "ids": out.retry_ids,
+                    "errors": out.retry_errors,
+                    "delays": out.retry_delays,
                     "token": token,
                     "max_attempts": opts.max_attempts,
                 },
             ).fetchall()
-            err = dict(zip(retry_ids, retry_errors, strict=True))
-            for state_id, status in out:
+            err = dict(zip(out.retry_ids, out.retry_errors, strict=True))
+            for state_id, status in rows:
                 if status == "FAILED":
-                    summary.failed += 1
-                    _note(summary, state_id, "", "FAILED", err[state_id])
+                    delta.failed += 1
+                    _note(delta, state_id, out.items[state_id], "FAILED", err[state_id])
                 else:
-                    summary.retried += 1
-        if block_ids:
-            conn.execute(q("dispatch_block"), (block_ids, block_reasons, token))
-            summary.blocked += len(block_ids)
-            items = {r[0]: r[1] for r in rows}
-            for state_id, reason in zip(block_ids, block_reasons, strict=True):
-                _note(summary, state_id, items[state_id], "BLOCKED", reason)
-        if release_ids:
-            conn.execute(q("dispatch_release"), (release_ids, token))
-            summary.released += len(release_ids)
-    summary.dispatched += len(complete_ids) + len(sent_ids)
-    return pass_failure
+                    delta.retried += 1
+        if out.block_ids:
+            conn.execute(q("dispatch_block"), (out.block_ids, out.block_reasons, token))
+            delta.blocked += len(out.block_ids)
+            for state_id, reason in zip(out.block_ids, out.block_reasons, strict=True):
+                _note(delta, state_id, out.items[state_id], "BLOCKED", reason)
+        if out.release_ids:
+            conn.execute(q("dispatch_release"), (out.release_ids, token))
+            delta.released += len(out.release_ids)
+    delta.dispatched += len(out.complete_ids) + len(out.sent_ids)
+    return delta
+
+
+def _merge(summary: PassSummary, delta: PassSummary) -> None:
+    for name in ("dispatched", "completed", "blocked", "retried", "failed", "released"):
+        setattr(summary, name, getattr(summary, name) + getattr(delta, name))
+    room = _ERROR_SAMPLE - len(summary.errors)
+    if room > 0:
+        summary.errors.extend(delta.errors[:room])
 
 
 def reconcile(
@@ -278,12 +299,21 @@ def reconcile(
         _note(summary, state_id, "", "FAILED", "callback timeout")
 
 
-def run_pass(conn: psycopg.Connection, backend: Backend, opts: PassOptions) -> PassSummary:
+def run_pass(
+    conn: psycopg.Connection,
+    backend: Backend,
+    opts: PassOptions,
+    *,
+    writer_conn: psycopg.Connection | None = None,
+) -> PassSummary:
     """One dispatch pass. ``conn`` is autocommit; the backend is set up before any claim.
 
-    ``seconds`` runs from the first statement of the pass (reconcile, then the
-    first claim) to the last commit: set-up, connecting and importing the app
-    are excluded.
+    With ``writer_conn`` (a second connection), each chunk's outcomes are
+    recorded on it in a background thread while the next chunk is claimed
+    and dispatched: claims still commit before any spawn, and at most one
+    chunk's write is outstanding. ``seconds`` runs from the first statement
+    of the pass (reconcile, then the first claim) to the last commit: set-up,
+    connecting and importing the app are excluded.
     """
     opts.validate()
     summary = PassSummary(backend=backend.name)
@@ -291,26 +321,56 @@ def run_pass(conn: psycopg.Connection, backend: Backend, opts: PassOptions) -> P
     started = time.perf_counter()
     remaining = opts.limit
     failure: Failure | None = None
+    writer = (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsctl-record")
+        if writer_conn
+        else None
+    )
+    pending: Future | None = None
+
+    def settle() -> None:
+        nonlocal pending
+        if pending is not None:
+            done, pending = pending, None
+            _merge(summary, done.result())
+
     try:
         if opts.reconcile:
             # First, so that steps completed by reconciliation have their next
             # step enqueued and dispatched in this same pass.
             reconcile(conn, backend, opts, summary)
+        tail = False
         while remaining > 0:
+            if tail:
+                settle()  # the last write may have enqueued next steps: let them be seen
             n = min(opts.chunk_size, remaining)
             token = uuid.uuid4()
             rows = _claim(conn, opts, n, token)
+            if not rows and pending is not None:
+                settle()
+                rows = _claim(conn, opts, n, token)
             if not rows:
                 break
             summary.claimed += len(rows)
             remaining -= len(rows)
-            completed_before = summary.completed
-            failure = _process_chunk(conn, backend, opts, rows, token, summary)
+            out = _run_chunk(conn, backend, opts, rows, token)
+            settle()
+            if writer is not None and out.pass_failure is None:
+                pending = writer.submit(_record, writer_conn, out, opts)
+            else:
+                _merge(summary, _record(conn, out, opts))
+            if out.pass_failure is not None:
+                failure = out.pass_failure
+                break
             # A short chunk means nothing more is due, unless completions just
             # enqueued next steps: those are due now, in this same pass.
-            if failure is not None or (len(rows) < n and summary.completed == completed_before):
+            tail = len(rows) < n
+            if tail and not out.complete_ids:
                 break
+        settle()
     finally:
+        if writer is not None:
+            writer.shutdown(wait=True)
         summary.seconds = round(time.perf_counter() - started, 6)
     if failure is not None:
         raise EnvError(
