@@ -448,3 +448,16 @@ def test_pipelined_writer_gives_the_same_outcome(wconn, seeded, db_url):
     assert f.states(wconn, a) == [(STEPS[1], "DISPATCHED", 230), (STEPS[0], "COMPLETED", 230)]
     assert f.states(wconn, legacy) == [(STEPS[0], "BLOCKED", 7)]
     assert len(calls) == 460 and len(set(calls)) == 460
+
+
+def test_callback_timeout_covers_rows_dispatched_before_wsctl(wconn, seeded):
+    """Legacy DISPATCHED rows have no dispatched_at: their updated_at stands in."""
+    batch = f.add_batch(wconn, seeded, ["enrich_company_via_waterfall_in_clay"], 2)
+    wconn.execute(
+        "UPDATE workflow_states SET status = 'DISPATCHED', dispatched_at = NULL,"
+        " updated_at = now() - interval '3 hours' WHERE batch_id = %s",
+        (batch,),
+    )
+    s = run_pass(wconn, MemoryBackend({}), PassOptions(callback_timeout=3600))
+    assert s.failed == 2
+    assert f.states(wconn, batch) == [("enrich_company_via_waterfall_in_clay", "FAILED", 2)]

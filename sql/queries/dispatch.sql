@@ -147,7 +147,8 @@ WITH due AS MATERIALIZED (
     FROM public.workflow_states s
     JOIN public.batches b ON b.id = s.batch_id
     WHERE s.status = 'DISPATCHED'
-      AND s.dispatched_at < now() - make_interval(secs => %(timeout)s)
+      -- rows DISPATCHED before wsctl have no dispatched_at: their last update stands in
+      AND coalesce(s.dispatched_at, s.updated_at) < now() - make_interval(secs => %(timeout)s)
       AND (%(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text)
     LIMIT %(limit)s
     FOR UPDATE OF s SKIP LOCKED
@@ -155,7 +156,7 @@ WITH due AS MATERIALIZED (
 UPDATE public.workflow_states ws
 SET status = 'FAILED',
     last_error = format('no completion within the callback timeout of %%s s (dispatched %%s)',
-                        %(timeout)s, ws.dispatched_at),
+                        %(timeout)s, coalesce(ws.dispatched_at, ws.updated_at)),
     updated_at = now()
 WHERE ws.id IN (SELECT id FROM due) AND ws.status = 'DISPATCHED'
 RETURNING ws.id;
