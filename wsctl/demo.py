@@ -205,7 +205,9 @@ class _Server:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def close(self) -> None:
@@ -362,15 +364,13 @@ def setup_catalog(conn: psycopg.Connection, configs: dict[tuple[str, str], dict]
 
 
 def cancel_earlier_runs(conn: psycopg.Connection) -> int:
-    """Cancel the demo client's unfinished batches (an interrupted earlier run)."""
+    """Cancel the demo client's batches that still have states to finish (an interrupted run)."""
     from wsctl import batches
 
-    n = 0
-    for info in batches.list_batches(conn, client=DEMO_CLIENT):
-        if info.status not in ("COMPLETED", "CANCELLED"):
-            batches.cancel_batch(conn, info.batch_id)
-            n += 1
-    return n
+    ids = [r[0] for r in conn.execute(q("demo_unfinished_batches"), (DEMO_CLIENT,)).fetchall()]
+    for batch_id in ids:
+        batches.cancel_batch(conn, batch_id)
+    return len(ids)
 
 
 def create_batches(conn: psycopg.Connection, items: dict[str, list[dict]]) -> list[dict]:

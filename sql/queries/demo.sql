@@ -55,3 +55,13 @@ LEFT JOIN public.client_workflow_configs cwc
        ON cwc.id::text = bi.data -> '_trace' -> s.step ->> 'config_id'
 WHERE b.id = ANY (%s::uuid[])
 ORDER BY array_position(%s::uuid[], b.id), bi.id, s.ord;
+
+-- demo_unfinished_batches --
+-- The demo client's batches with states still to finish (an interrupted earlier run).
+SELECT DISTINCT b.id
+FROM public.batches b
+JOIN public.clients c ON c.id = b.client_id
+JOIN public.workflow_states s ON s.batch_id = b.id
+WHERE c.name = %s
+  AND b.status NOT IN ('COMPLETED', 'CANCELLED')
+  AND s.status NOT IN ('COMPLETED', 'CANCELLED');

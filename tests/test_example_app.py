@@ -1,0 +1,250 @@
+"""The example Modal app (examples/enrichment_app.py): each function finds its config by
+(workflow slug, workstream slug), in the seed's situation: one client, two workstreams with
+the same workflow slugs and different configs (different Clay webhook URLs on a local
+stand-in). Run through `wsctl dispatch --backend local` and through ``.local()``."""
+
+from __future__ import annotations
+
+import csv
+import time
+
+import psycopg
+import pytest
+
+from tests.conftest import table_snapshot
+from tests.support import factories as f
+from wsctl.demo import REGISTRY, ClayStandIn, ReceiverServer
+from wsctl.dispatch.local import LocalBackend, load_app
+from wsctl.queries import example_path
+from wsctl.worker import ConfigResolutionError
+
+APP_PATH = str(example_path("enrichment_app.py"))
+APP = load_app(APP_PATH)
+logic = APP.logic
+APOLLO, LINKEDIN = "apollo_scrape", "linkedin_scrape"
+SECRET = "app-test-secret"
+
+with example_path("apollo_export_sample.csv").open(encoding="utf-8", newline="") as _fh:
+    SAMPLE = list(csv.DictReader(_fh))
+
+
+@pytest.fixture
+def servers():
+    clay = ClayStandIn(delay=0.01)
+    receivers = {r: step for (step, _ws), (_t, _s, r) in REGISTRY.items() if r}
+    receiver = ReceiverServer(logic, receivers)
+    yield clay, receiver
+    clay.close()
+    receiver.close()
+
+
+@pytest.fixture
+def worker_env(db_url, monkeypatch):
+    """What the Modal secrets give the functions in production."""
+    monkeypatch.setenv("WSCTL_DATABASE_URL", db_url)
+    monkeypatch.setenv(logic.SECRET_ENV, SECRET)
+
+
+def _configs(clay_url: str, receiver_url: str) -> dict:
+    """Same slugs in both workstreams, different settings (layout, case, Clay tables)."""
+    out = {}
+    for ws in (APOLLO, LINKEDIN):
+        out[(logic.STEP_NAME, ws)] = {"case": "lower" if ws == APOLLO else "upper"}
+        out[(logic.STEP_DOMAIN, ws)] = {"domain_from_email": ws == LINKEDIN}
+        out[(logic.STEP_CORE, ws)] = {}
+        out[(logic.STEP_SPLIT, ws)] = {"source": f"{ws}-source"}
+        for step in (logic.STEP_CLAY_COMPANY, logic.STEP_CLAY_PERSON):
+            out[(step, ws)] = {
+                "clay_table_webhook_url": f"{clay_url}/{ws}/{step}",
+                "clay_webhook_auth_token": f"token-{ws}",
+                "callback_url": f"{receiver_url}/{REGISTRY[(step, ws)][2]}",
+            }
+    return out
+
+
+def _scenario(conn, servers, blueprint: list[str], n_items: int = 2) -> dict:
+    clay, receiver = servers
+    conn.execute(example_path("enrichment_schema.sql").read_text())
+    client = f.add_client(conn)
+    for (step, ws), (typ, sender, receiver_fn) in REGISTRY.items():
+        f.register(conn, step, ws, typ, sender, receiver_fn)
+    config_ids = {}
+    for (step, ws), config in _configs(clay.url, receiver.url).items():
+        f.add_config(conn, client, step, ws, config)
+        config_ids[(step, ws)] = str(
+            conn.execute(
+                "SELECT id FROM client_workflow_configs WHERE workflow_slug = %s"
+                " AND workstream_slug = %s",
+                (step, ws),
+            ).fetchone()[0]
+        )
+    batches, items = {}, {}
+    rows = iter(r for r in SAMPLE if r["Email"] and r["Website"])
+    for ws in (APOLLO, LINKEDIN):
+        batches[ws] = f.add_batch(conn, client, blueprint, 0, workstream=ws)
+        for _ in range(n_items):
+            item = conn.execute(
+                "INSERT INTO batch_items (batch_id, data) VALUES (%s, %s) RETURNING id",
+                (batches[ws], psycopg.types.json.Jsonb(next(rows))),
+            ).fetchone()[0]
+            conn.execute(
+                "INSERT INTO workflow_states (item_id, batch_id, step_name) VALUES (%s, %s, %s)",
+                (item, batches[ws], blueprint[0]),
+            )
+            items[str(item)] = ws
+    return {"client": client, "config_ids": config_ids, "batches": batches, "items": items}
+
+
+def _trace(conn, item_id: str, step: str) -> dict:
+    row = conn.execute("SELECT data->'_trace'->%s FROM batch_items WHERE id = %s", (step, item_id))
+    return row.fetchone()[0]
+
+
+def _wait_completed(conn, step: str, n: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = conn.execute(
+            "SELECT count(*) FROM workflow_states WHERE step_name = %s AND status = 'COMPLETED'",
+            (step,),
+        ).fetchone()[0]
+        if done == n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{step}: {done} of {n} states completed")
+
+
+@pytest.mark.parametrize("step", [logic.STEP_CLAY_COMPANY, logic.STEP_CLAY_PERSON])
+def test_dispatch_sends_each_item_to_its_workstreams_clay_table(
+    cli, conn, servers, worker_env, step
+):
+    sc = _scenario(conn, servers, [step])
+    clay, _receiver = servers
+    res = cli("dispatch", "--once", "--backend", "local", "--app", APP_PATH, "--json")
+    assert res.code == 0, res.err
+    assert res.json()["dispatched"] == 4
+    _wait_completed(conn, step, 4)
+
+    got = {r["item_id"]: r for r in clay.requests}
+    assert set(got) == set(sc["items"])
+    for item_id, ws in sc["items"].items():
+        assert got[item_id]["path"] == f"/{ws}/{step}"
+        assert got[item_id]["auth"] == f"token-{ws}"
+        assert got[item_id]["workstream"] == ws
+        trace = _trace(conn, item_id, step)
+        assert trace["config_id"] == sc["config_ids"][(step, ws)]
+        assert trace["config_workstream"] == ws
+        assert trace["function"] == REGISTRY[(step, ws)][1]
+        clay_data = conn.execute(
+            "SELECT data->'clay'->%s FROM batch_items WHERE id = %s", (step, item_id)
+        ).fetchone()[0]
+        assert clay_data["clay_table"] == f"/{ws}/{step}"
+    assert clay.callback_errors == []
+
+
+SYNC_FUNCTIONS = [
+    ("start_normalize_company_name", logic.STEP_NAME),
+    ("start_normalize_company_domain", logic.STEP_DOMAIN),
+    ("start_normalize_all_core_values", logic.STEP_CORE),
+    ("run_split_raw_apollo_scrape_data", logic.STEP_SPLIT),
+    ("run_split_raw_linkedin_scrape_data", logic.STEP_SPLIT),
+]
+ASYNC_FUNCTIONS = [
+    ("start_enrich_company_via_waterfall_in_clay", logic.STEP_CLAY_COMPANY),
+    ("start_enrich_person_via_waterfall_in_clay", logic.STEP_CLAY_PERSON),
+    ("start_linkedin_enrich_company_via_waterfall_in_clay", logic.STEP_CLAY_COMPANY),
+    ("start_linkedin_enrich_person_via_waterfall_in_clay", logic.STEP_CLAY_PERSON),
+]
+
+
+@pytest.mark.parametrize("pass_workstream", [False, True], ids=["looked-up", "passed"])
+@pytest.mark.parametrize(("fn", "step"), SYNC_FUNCTIONS + ASYNC_FUNCTIONS)
+def test_each_function_uses_its_items_workstream_config(
+    conn, servers, worker_env, fn, step, pass_workstream
+):
+    sc = _scenario(conn, servers, [step], n_items=1)
+    clay, _receiver = servers
+    modal_fn = getattr(APP, fn)
+    for item_id, ws in sc["items"].items():
+        modal_fn.local(item_id, ws if pass_workstream else None)
+        trace = _trace(conn, item_id, step)
+        assert trace["workstream"] == ws
+        assert trace["config_workstream"] == ws
+        assert trace["config_id"] == sc["config_ids"][(step, ws)]
+        assert trace["function"] == fn
+    if (fn, step) in ASYNC_FUNCTIONS:
+        assert {r["item_id"]: r["path"] for r in clay.requests} == {
+            item_id: f"/{ws}/{step}" for item_id, ws in sc["items"].items()
+        }
+
+
+def test_the_configs_settings_take_effect_per_workstream(conn, servers, worker_env):
+    sc = _scenario(conn, servers, [logic.STEP_NAME], n_items=1)
+    names = {}
+    for item_id, ws in sc["items"].items():
+        APP.start_normalize_company_name.local(item_id)
+        names[ws] = conn.execute(
+            "SELECT data->'normalized'->>'company_name' FROM batch_items WHERE id = %s",
+            (item_id,),
+        ).fetchone()[0]
+    assert names[APOLLO] == names[APOLLO].lower()  # {"case": "lower"}
+    assert names[LINKEDIN] == names[LINKEDIN].upper()  # {"case": "upper"}
+
+
+def test_split_writes_with_its_workstreams_source(conn, servers, worker_env):
+    sc = _scenario(conn, servers, [logic.STEP_SPLIT], n_items=1)
+    for item_id, ws in sc["items"].items():
+        getattr(APP, REGISTRY[(logic.STEP_SPLIT, ws)][1]).local(item_id, ws)
+    rows = conn.execute(
+        "SELECT workstream_slug, source FROM enrichment_example.people ORDER BY 1"
+    ).fetchall()
+    assert rows == [(APOLLO, f"{APOLLO}-source"), (LINKEDIN, f"{LINKEDIN}-source")]
+
+
+def test_a_passed_workstream_that_disagrees_with_the_batch_is_refused(conn, servers, worker_env):
+    sc = _scenario(conn, servers, [logic.STEP_CLAY_COMPANY], n_items=1)
+    clay, _receiver = servers
+    item_id = next(i for i, ws in sc["items"].items() if ws == APOLLO)
+    before = table_snapshot(conn)
+    with pytest.raises(ConfigResolutionError, match="refusing to choose"):
+        APP.start_enrich_company_via_waterfall_in_clay.local(item_id, LINKEDIN)
+    assert table_snapshot(conn) == before
+    assert clay.requests == []
+
+
+def test_a_legacy_batch_without_workstream_is_refused(conn, servers, worker_env):
+    sc = _scenario(conn, servers, [logic.STEP_NAME], n_items=1)
+    conn.execute("UPDATE batches SET workstream_slug = NULL")
+    before = table_snapshot(conn)
+    for item_id in sc["items"]:
+        with pytest.raises(ConfigResolutionError, match="no workstream_slug"):
+            APP.start_normalize_company_name.local(item_id)
+    assert table_snapshot(conn) == before
+
+
+def test_a_config_without_webhook_url_is_retried_and_sends_nothing(cli, conn, servers, worker_env):
+    _scenario(conn, servers, [logic.STEP_CLAY_COMPANY], n_items=1)
+    clay, _receiver = servers
+    conn.execute(
+        "UPDATE client_workflow_configs SET config = config - 'clay_table_webhook_url'"
+        " WHERE workstream_slug = %s",
+        (LINKEDIN,),
+    )
+    res = cli("dispatch", "--once", "--backend", "local", "--app", APP_PATH, "--json")
+    assert res.json()["retried"] == 1
+    err = conn.execute(
+        "SELECT s.last_error FROM workflow_states s JOIN batches b ON b.id = s.batch_id"
+        " WHERE b.workstream_slug = %s",
+        (LINKEDIN,),
+    ).fetchone()[0]
+    assert "has no clay_table_webhook_url" in err
+    assert [r["workstream"] for r in clay.requests] == [APOLLO]
+
+
+def test_the_scheduled_functions_pass(conn, servers, worker_env):
+    """``dispatch_every_minute``'s body: one dispatch pass through the library."""
+    _scenario(conn, servers, [logic.STEP_NAME, logic.STEP_DOMAIN], n_items=2)
+    summary = logic.dispatch_pass("enrichment-worker", backend=LocalBackend(APP_PATH), conn=conn)
+    assert summary["completed"] == 8  # both sync steps of 4 items, in one pass
+    assert summary["failed"] == summary["blocked"] == 0
+    statuses = conn.execute("SELECT DISTINCT status FROM workflow_states").fetchall()
+    assert statuses == [("COMPLETED",)]
