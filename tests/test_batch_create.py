@@ -13,9 +13,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import table_snapshot
-from wsctl import batches, db, settings
+from wsctl import batches, db
+from wsctl import settings as wsctl_settings
 from wsctl.errors import OperationalError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -370,7 +373,7 @@ def test_two_concurrent_creates_with_one_key_make_one_batch(db_url, conn, catalo
     barrier = threading.Barrier(2)
 
     def run():
-        s = settings.Settings(database_url=db_url, url_source="test")
+        s = wsctl_settings.Settings(database_url=db_url, url_source="test")
         try:
             with db.connect(db_url, s) as c:
                 barrier.wait()
@@ -407,3 +410,69 @@ def test_dedupe_key_must_not_be_blank(cli, conn, catalog):
     r = cli(*create_args(APOLLO, "--dedupe-key", "  "))
     assert r.code == 1 and "dedupe key is empty" in r.err
     assert table_snapshot(conn) == before
+
+
+# --- round trips ------------------------------------------------------------------
+
+_TEXT = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    max_size=12,
+)
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _TEXT,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TEXT, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    header=st.lists(_TEXT, min_size=1, max_size=4, unique=True),
+    cells=st.lists(st.lists(_TEXT, min_size=4, max_size=4), min_size=1, max_size=5),
+)
+def test_any_csv_text_comes_back_unchanged(conn, catalog, tmp_path, header, cells):
+    """Quotes, commas, newlines, tabs and backslashes survive CSV -> COPY -> jsonb."""
+    rows = [row[: len(header)] for row in cells]
+    path = tmp_path / "round.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    expected = [dict(zip(header, r, strict=True)) for r in rows]
+    result = batches.create_batch(
+        conn, client="acme", workstream="apollo_scrape", blueprint=BLUEPRINT, items=path
+    )
+    got = [
+        r[0]
+        for r in conn.execute(
+            "SELECT data FROM public.batch_items WHERE batch_id = %s ORDER BY id",
+            (result.batch_id,),
+        )
+    ]
+    assert got == expected
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(objects=st.lists(st.dictionaries(_TEXT, _JSON, max_size=4), min_size=1, max_size=5))
+def test_any_json_object_comes_back_unchanged(conn, catalog, tmp_path, objects):
+    path = tmp_path / "round.jsonl"
+    path.write_text("".join(json.dumps(o) + "\n" for o in objects), encoding="utf-8")
+    result = batches.create_batch(
+        conn, client="acme", workstream="apollo_scrape", blueprint=BLUEPRINT, items=path
+    )
+    got = [
+        r[0]
+        for r in conn.execute(
+            "SELECT data FROM public.batch_items WHERE batch_id = %s ORDER BY id",
+            (result.batch_id,),
+        )
+    ]
+    assert got == objects
