@@ -156,7 +156,7 @@ def _clean_text(value: Any) -> str:
 def _title(text: str) -> str:
     # str.title() capitalises after apostrophes ("O'Neil" ok, "Macy'S" not): do it per word.
     def word(w: str) -> str:
-        return "-".join(p[:1].upper() + p[1:].lower() for p in w.split("-"))
+        return "-".join(p[:1].title() + p[1:].lower() for p in w.split("-"))
 
     return " ".join(word(w) for w in text.split(" "))
 

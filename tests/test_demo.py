@@ -169,7 +169,7 @@ def test_demo_without_database_url_uses_its_own_embedded_database(
     assert res.code == 0, res.err
     doc = res.json()
     _check_run(doc)
-    assert doc["database"].endswith(f"database {demo.DEMO_DBNAME}")
+    assert f"/{demo.DEMO_DBNAME}?" in doc["database"]
     assert str(data_home) in doc["database"]
     assert table_snapshot(conn) == before
     assert os.environ["WSCTL_DATABASE_URL"] == db_url  # restored after the run

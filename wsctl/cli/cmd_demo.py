@@ -45,7 +45,7 @@ def demo(
 
         output.notice(f"using the embedded PostgreSQL (database {demo.DEMO_DBNAME})")
         server = embedded.ensure(user_data_dir(), demo.DEMO_DBNAME)
-        url, label = server.url, f"embedded {server.pgdata} database {demo.DEMO_DBNAME}"
+        url, label = server.url, db.mask_url(server.url)
     handler = None
     if verbose:
         handler = logging.StreamHandler(sys.stderr)
@@ -73,7 +73,7 @@ def demo(
             ["item", "workstream", "step", "status", "function", "config used", "detail"],
             [
                 (
-                    f"{r.item_id[:8]}…{r.item_id[-4:]}",
+                    r.item_id,  # whole: what `wsctl item show ID` takes
                     r.workstream,
                     r.step,
                     r.status,
@@ -93,6 +93,7 @@ def demo(
             f"{len(result.rows)} steps in {len(result.batches)} batches, {result.passes} "
             f"dispatch passes, {result.seconds:g} s: {verdict}"
         )
+        output.notice(f"one item's story: wsctl --database-url '{label}' item show ITEM_ID")
     if not result.ok:
         raise typer.Exit(1)
 
