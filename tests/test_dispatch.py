@@ -461,3 +461,14 @@ def test_callback_timeout_covers_rows_dispatched_before_wsctl(wconn, seeded):
     s = run_pass(wconn, MemoryBackend({}), PassOptions(callback_timeout=3600))
     assert s.failed == 2
     assert f.states(wconn, batch) == [("enrich_company_via_waterfall_in_clay", "FAILED", 2)]
+
+
+def test_completion_in_a_cancelled_batch_enqueues_nothing(wconn, seeded):
+    batch = f.add_batch(wconn, seeded, STEPS, 2)
+    backend = MemoryBackend(all_functions([]), spawn=True)
+    run_pass(wconn, backend, PassOptions())
+    wconn.execute("UPDATE batches SET status = 'CANCELLED' WHERE id = %s", (batch,))
+    ids = [r[0] for r in wconn.execute("SELECT id FROM workflow_states WHERE batch_id = %s", (batch,))]
+    assert wconn.execute("SELECT wsctl.complete_steps(%s)", (ids,)).fetchone()[0] == 2
+    assert f.states(wconn, batch) == [(STEPS[0], "COMPLETED", 2)]
+    assert run_pass(wconn, backend, PassOptions()).claimed == 0

@@ -61,7 +61,8 @@ BEGIN
     ), nxt AS (
         SELECT d.item_id, d.batch_id,
                b.blueprint[array_position(b.blueprint, d.step_name) + 1] AS next_step,
-               array_position(b.blueprint, d.step_name) = cardinality(b.blueprint) AS was_last
+               array_position(b.blueprint, d.step_name) = cardinality(b.blueprint) AS was_last,
+               b.status = 'CANCELLED' AS cancelled
         FROM done d
         JOIN public.batches b ON b.id = d.batch_id
     ), ins AS (
@@ -69,6 +70,7 @@ BEGIN
         SELECT item_id, batch_id, next_step, 'PENDING'
         FROM nxt
         WHERE next_step IS NOT NULL
+          AND NOT cancelled  -- an item in flight when its batch was cancelled goes no further
         ON CONFLICT (item_id, step_name) DO NOTHING
         RETURNING 1
     )
