@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import table_snapshot
 from tests.support import factories as f
 from wsctl.demo import REGISTRY, ClayStandIn, ReceiverServer
-from wsctl.dispatch.local import LocalBackend, load_app
+from wsctl.dispatch.local import LocalBackend, find_callable, load_app
 from wsctl.queries import example_path
 from wsctl.worker import ConfigResolutionError
 
@@ -248,3 +248,14 @@ def test_the_scheduled_functions_pass(conn, servers, worker_env):
     assert summary["failed"] == summary["blocked"] == 0
     statuses = conn.execute("SELECT DISTINCT status FROM workflow_states").fetchall()
     assert statuses == [("COMPLETED",)]
+
+
+def test_every_function_of_the_example_registry_is_in_the_app():
+    """examples/registry.toml and examples/enrichment_app.py ship together: they must agree."""
+    named = {fn for typ_sender_receiver in REGISTRY.values() for fn in typ_sender_receiver[1:]}
+    named.discard(None)
+    assert named
+    assert sorted(fn for fn in named if find_callable(APP, fn) is None) == []
+    for (step, ws), (typ, _sender, receiver) in REGISTRY.items():
+        assert ws in (APOLLO, LINKEDIN)
+        assert (typ == "async") == (receiver is not None), (step, ws)

@@ -47,20 +47,17 @@ STEP_CLAY_COMPANY = "enrich_company_via_waterfall_in_clay"
 STEP_CLAY_PERSON = "enrich_person_via_waterfall_in_clay"
 BLUEPRINT = [STEP_NAME, STEP_DOMAIN, STEP_CORE, STEP_SPLIT, STEP_CLAY_COMPANY, STEP_CLAY_PERSON]
 
-# (step, workstream) -> (type, sender, receiver): as in examples/registry.toml.
-REGISTRY: dict[tuple[str, str], tuple[str, str, str | None]] = {}
-for _ws in WORKSTREAMS:
-    for _step, _fn in (
-        (STEP_NAME, "start_normalize_company_name"),
-        (STEP_DOMAIN, "start_normalize_company_domain"),
-        (STEP_CORE, "start_normalize_all_core_values"),
-    ):
-        REGISTRY[(_step, _ws)] = ("sync", _fn, None)
-REGISTRY[(STEP_SPLIT, APOLLO)] = ("sync", "run_split_raw_apollo_scrape_data", None)
-REGISTRY[(STEP_SPLIT, LINKEDIN)] = ("sync", "run_split_raw_linkedin_scrape_data", None)
-for _step in (STEP_CLAY_COMPANY, STEP_CLAY_PERSON):
-    REGISTRY[(_step, APOLLO)] = ("async", f"start_{_step}", f"receive_{_step}")
-    REGISTRY[(_step, LINKEDIN)] = ("async", f"start_linkedin_{_step}", f"receive_linkedin_{_step}")
+
+def _example_registry() -> dict[tuple[str, str], tuple[str, str, str | None]]:
+    """(step, workstream) -> (type, sender, receiver), from examples/registry.toml."""
+    from wsctl.catalog import parse_registry_toml
+
+    path = example_path("registry.toml")
+    rows = parse_registry_toml(path.read_text(encoding="utf-8"), str(path))
+    return {(r.workflow_slug, r.workstream_slug): (r.type, r.sender, r.receiver) for r in rows}
+
+
+REGISTRY = _example_registry()
 
 # Where the LinkedIn scrape layout keeps each core value (the Apollo layout is the default).
 LINKEDIN_FIELDS = {
@@ -351,14 +348,11 @@ def apply_example_schema(conn: psycopg.Connection) -> None:
 
 
 def setup_catalog(conn: psycopg.Connection, configs: dict[tuple[str, str], dict]) -> None:
-    """The demo client, the registry of both workstreams, and the client's configs (upserts)."""
+    """The demo client, examples/registry.toml, and the client's configs (all upserts)."""
     from wsctl import catalog
 
     catalog.add_client(conn, DEMO_CLIENT)
-    for (step, ws), (typ, sender, receiver) in REGISTRY.items():
-        catalog.add_registry(
-            conn, workflow=step, workstream=ws, type=typ, sender=sender, receiver=receiver
-        )
+    catalog.import_registry(conn, example_path("registry.toml"))
     for (step, ws), config in configs.items():
         catalog.set_config(conn, client=DEMO_CLIENT, workflow=step, workstream=ws, config=config)
 
