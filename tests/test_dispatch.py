@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 
 import psycopg
@@ -468,7 +469,50 @@ def test_completion_in_a_cancelled_batch_enqueues_nothing(wconn, seeded):
     backend = MemoryBackend(all_functions([]), spawn=True)
     run_pass(wconn, backend, PassOptions())
     wconn.execute("UPDATE batches SET status = 'CANCELLED' WHERE id = %s", (batch,))
-    ids = [r[0] for r in wconn.execute("SELECT id FROM workflow_states WHERE batch_id = %s", (batch,))]
+    ids = [
+        r[0] for r in wconn.execute("SELECT id FROM workflow_states WHERE batch_id = %s", (batch,))
+    ]
     assert wconn.execute("SELECT wsctl.complete_steps(%s)", (ids,)).fetchone()[0] == 2
     assert f.states(wconn, batch) == [(STEPS[0], "COMPLETED", 2)]
     assert run_pass(wconn, backend, PassOptions()).claimed == 0
+
+
+def test_last_items_completing_in_parallel_transactions_complete_the_batch(wconn, seeded, db_url):
+    """Two sessions complete the last two items at once: the batch must still end COMPLETED."""
+    batch = f.add_batch(wconn, seeded, STEPS[:1], 2)
+    ids = [
+        r[0] for r in wconn.execute("SELECT id FROM workflow_states WHERE batch_id=%s", (batch,))
+    ]
+    a = psycopg.connect(db_url)
+    b = psycopg.connect(db_url)
+    try:
+        a.execute("SELECT wsctl.complete_step(%s)", (ids[0],))
+        done = threading.Event()
+
+        def second():
+            b.execute("SELECT wsctl.complete_step(%s)", (ids[1],))  # waits for a's batch lock
+            b.commit()
+            done.set()
+
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        a.commit()
+        t.join(10)
+        assert done.is_set()
+    finally:
+        a.close()
+        b.close()
+    assert (
+        wconn.execute("SELECT status FROM batches WHERE id=%s", (batch,)).fetchone()[0]
+        == "COMPLETED"
+    )
+
+
+def test_credentials_inside_a_modal_container(monkeypatch):
+    from wsctl.dispatch.modal_backend import credentials_present
+
+    monkeypatch.delenv("MODAL_TOKEN_ID", raising=False)
+    monkeypatch.delenv("MODAL_TOKEN_SECRET", raising=False)
+    monkeypatch.setenv("MODAL_IS_REMOTE", "1")
+    assert credentials_present()

@@ -80,6 +80,14 @@ BEGIN
     FROM nxt;
 
     IF finished_batches IS NOT NULL THEN
+        -- Serialize the "all done?" check per batch: without the lock, the
+        -- last two items completing in parallel transactions each see the
+        -- other as unfinished and the batch stays PENDING forever. In READ
+        -- COMMITTED the UPDATE below takes a fresh snapshot after the wait.
+        PERFORM 1 FROM public.batches
+        WHERE id = ANY (finished_batches)
+        ORDER BY id
+        FOR UPDATE;
         -- Cheap probes first (two index range scans on (batch_id, status) that
         -- stop at the first row): any state not COMPLETED/CANCELLED means the
         -- batch is not done. Only then the full check that every item

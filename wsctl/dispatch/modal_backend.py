@@ -39,6 +39,8 @@ def classify(exc: BaseException) -> Failure:
 
 def credentials_present() -> bool:
     """Whether Modal credentials are configured (env vars or ~/.modal.toml), without network."""
+    if os.environ.get("MODAL_IS_REMOTE") == "1":
+        return True  # inside a Modal container (e.g. the Cron function): its own identity
     if os.environ.get("MODAL_TOKEN_ID") and os.environ.get("MODAL_TOKEN_SECRET"):
         return True
     from modal.config import config
