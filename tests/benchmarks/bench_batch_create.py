@@ -92,18 +92,21 @@ def drop_db(admin: str, name: str) -> None:
         c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def make_csv(path: Path, n: int) -> Path:
-    """n rows of the Apollo export sample's 26 columns, each with its own contact id."""
+def make_csv(path: Path, n: int, columns: int = 26) -> Path:
+    """n rows of the Apollo export sample (its first ``columns`` columns, 26 = all),
+    each with its own contact id."""
     with APOLLO.open(newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     header, body = rows[0], rows[1:]
     with path.open("w", newline="", encoding="utf-8") as out:
         w = csv.writer(out)
-        w.writerow(header)
+        w.writerow(header[:columns])
         for i in range(n):
             row = list(body[i % len(body)])
             row[-2] = f"{i:024x}"
-            w.writerow(row)
+            if columns < len(row):
+                row = row[: columns - 1] + [f"{i:024x}"]
+            w.writerow(row[:columns])
     return path
 
 
@@ -183,6 +186,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--big", type=int, default=400_000, help="second size for peak RSS")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--columns", type=int, default=26, help="columns of the Apollo layout to keep (26 = all)"
+    )
     opts = parser.parse_args()
 
     admin, server = admin_url()
@@ -192,11 +198,11 @@ def main() -> None:
         url = fresh_db(admin, name)
         with psycopg.connect(url) as c:
             version = c.execute("SHOW server_version").fetchone()[0]
-        small = make_csv(tmp / f"items_{opts.items}.csv", opts.items)
-        big = make_csv(tmp / f"items_{opts.big}.csv", opts.big)
+        small = make_csv(tmp / f"items_{opts.items}.csv", opts.items, opts.columns)
+        big = make_csv(tmp / f"items_{opts.big}.csv", opts.big, opts.columns)
         mb = small.stat().st_size / 1e6
         print(f"PostgreSQL {version}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
-        print(f"file: {opts.items:,} rows x 26 columns, {mb:.1f} MB")
+        print(f"file: {opts.items:,} rows x {opts.columns} columns, {mb:.1f} MB")
 
         cmd, ref, ref_states, rss_small = [], [], [], []
         run_command(url, make_csv(tmp / "warm.csv", 1000))  # warm the page cache and imports

@@ -172,7 +172,24 @@ def bench_pgqueuer(admin: str, n: int) -> dict | None:
 
     async def main() -> dict:
         conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
-        queries = Queries.from_psycopg_connection(conn)
+        try:  # PgQueuer's fastest driver when installed (`pip install asyncpg`)
+            import asyncpg
+            from psycopg.conninfo import conninfo_to_dict
+
+            p = conninfo_to_dict(url)
+            apg = await asyncpg.connect(
+                user=p.get("user"),
+                host=p.get("host"),
+                port=p.get("port"),
+                database=p.get("dbname"),
+                password=p.get("password"),
+            )
+            queries = Queries.from_asyncpg_connection(apg)
+            driver = "asyncpg"
+        except ImportError:
+            apg = None
+            queries = Queries.from_psycopg_connection(conn)
+            driver = "psycopg"
         await queries.install()
         for start in range(0, n, 5000):
             k = min(5000, n - start)
@@ -193,11 +210,15 @@ def bench_pgqueuer(admin: str, n: int) -> dict | None:
         left = await conn.execute("SELECT count(*) FROM pgqueuer")
         remaining = (await left.fetchone())[0]
         await conn.close()
+        if apg is not None:
+            await apg.close()
         return {
             "jobs": n,
             "seconds": round(secs, 3),
             "jobs_per_s": round(n / secs),
             "remaining": remaining,
+            "driver": driver,
+            "batch_size": 100,
         }
 
     return asyncio.run(main())

@@ -40,7 +40,7 @@ class PassOptions:
     callback_timeout: int = 3600
     reconcile: bool = True
     reconcile_limit: int = 1000
-    chunk_size: int = 5000
+    chunk_size: int = 2500
     claimed_by: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     def validate(self) -> None:
