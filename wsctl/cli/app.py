@@ -13,6 +13,7 @@ app = typer.Typer(
     "workstream-aware config resolution and dispatch to Modal.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
