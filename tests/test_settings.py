@@ -103,7 +103,10 @@ def test_init_writes_commented_toml_and_refuses_overwrite(run_cli, tmp_path):
     [
         ("postgresql://app:s3cret@db:5432/x", "postgresql://app:***@db:5432/x"),
         ("postgresql://app@db/x", "postgresql://app@db/x"),
-        ("postgresql://db/x?password=s3cret&sslmode=require", "postgresql://db/x?password=***&sslmode=require"),
+        (
+            "postgresql://db/x?password=s3cret&sslmode=require",
+            "postgresql://db/x?password=***&sslmode=require",
+        ),
         ("host=db user=app password=s3cret dbname=x", "host=db user=app password=*** dbname=x"),
         (None, "<none>"),
     ],
@@ -114,7 +117,9 @@ def test_mask_url(url, masked):
 
 @given(
     user=st.from_regex(r"[a-z][a-z0-9_]{0,10}", fullmatch=True),
-    password=st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJ0123456789!$-_.", min_size=4, max_size=30),
+    password=st.text(
+        alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJ0123456789!$-_.", min_size=4, max_size=30
+    ),
 )
 def test_mask_url_never_shows_the_password(user, password):
     masked = mask_url(f"postgresql://{user}:{password}@db.example.com:5432/postgres")
