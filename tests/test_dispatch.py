@@ -516,3 +516,20 @@ def test_credentials_inside_a_modal_container(monkeypatch):
     monkeypatch.delenv("MODAL_TOKEN_SECRET", raising=False)
     monkeypatch.setenv("MODAL_IS_REMOTE", "1")
     assert credentials_present()
+
+
+def test_cli_dispatch_defaults_come_from_wsctl_toml(cli, conn, tmp_path, monkeypatch):
+    f.register_seed(conn)
+    client = f.add_client(conn)
+    f.add_batch(conn, client, STEPS[:1], 5)
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("WSCTL_TEST_CALLS", str(calls))
+    (tmp_path / "wsctl.toml").write_text(
+        f'[dispatch]\nbackend = "local"\napp = "{FIXTURES / "local_app.py"}"\nlimit = 3\n'
+    )
+    r = cli("dispatch", "--once", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["backend"] == "local" and r.json()["claimed"] == 3
+    r = cli("dispatch", "--once", "--json", "--limit", "10")  # the option beats the file
+    assert r.json()["claimed"] == 2
+    assert len(calls.read_text().splitlines()) == 5
