@@ -533,3 +533,161 @@ def test_cli_dispatch_defaults_come_from_wsctl_toml(cli, conn, tmp_path, monkeyp
     r = cli("dispatch", "--once", "--json", "--limit", "10")  # the option beats the file
     assert r.json()["claimed"] == 2
     assert len(calls.read_text().splitlines()) == 5
+
+
+def test_completers_of_one_batch_do_not_deadlock(wconn, seeded, db_url):
+    """Two sessions each enqueue next steps and finish last steps of the same batch."""
+    rounds = 40
+    for _ in range(rounds):
+        batch = f.add_batch(wconn, seeded, STEPS, 40)
+        first = [
+            r[0]
+            for r in wconn.execute(
+                "SELECT id FROM workflow_states WHERE batch_id=%s ORDER BY id", (batch,)
+            )
+        ]
+        # Half the items already at their last step (DISPATCHED), half at their first.
+        wconn.execute(
+            "UPDATE workflow_states SET status='COMPLETED' WHERE id = ANY(%s)", (first[:20],)
+        )
+        wconn.execute(
+            "INSERT INTO workflow_states (item_id, batch_id, step_name, status)"
+            " SELECT item_id, batch_id, %s, 'DISPATCHED' FROM workflow_states WHERE id = ANY(%s)",
+            (STEPS[1], first[:20]),
+        )
+        last = [
+            r[0]
+            for r in wconn.execute(
+                "SELECT id FROM workflow_states WHERE batch_id=%s AND step_name=%s",
+                (batch, STEPS[1]),
+            )
+        ]
+        work = [first[20:30] + last[:10], first[30:] + last[10:]]
+        errors = []
+        barrier = threading.Barrier(2)
+
+        def complete(ids, barrier=barrier, errors=errors):
+            try:
+                with psycopg.connect(db_url) as c:
+                    barrier.wait(5)
+                    c.execute("SELECT wsctl.complete_steps(%s)", (ids,))
+                    c.commit()
+            except Exception as exc:  # pragma: no cover - what this test guards against
+                errors.append(exc)
+
+        threads = [threading.Thread(target=complete, args=(w,)) for w in work]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert errors == []
+
+
+def test_states_of_a_cancelled_batch_are_cancelled_not_dispatched(wconn, seeded):
+    batch = f.add_batch(wconn, seeded, STEPS[:1], 3)
+    # e.g. a step enqueued while the batch was being cancelled
+    wconn.execute("UPDATE batches SET status = 'CANCELLED' WHERE id = %s", (batch,))
+    calls = []
+    s = run_pass(wconn, MemoryBackend(all_functions(calls)), PassOptions())
+    assert calls == [] and s.cancelled == 3 and s.dispatched == 0
+    assert f.states(wconn, batch) == [(STEPS[0], "CANCELLED", 3)]
+
+
+def test_retry_refuses_a_cancelled_batch(cli, conn):
+    f.register_seed(conn)
+    client = f.add_client(conn)
+    batch = f.add_batch(conn, client, STEPS[:1], 2, first_status="FAILED")
+    conn.execute("UPDATE batches SET status = 'CANCELLED' WHERE id = %s", (batch,))
+    before = table_snapshot(conn)
+    r = cli("retry", "--batch", str(batch), "--status", "FAILED")
+    assert r.code == 1 and "CANCELLED" in r.err
+    assert table_snapshot(conn) == before
+
+
+def test_retry_with_step_filter(cli, conn):
+    f.register_seed(conn)
+    client = f.add_client(conn)
+    batch = f.add_batch(conn, client, STEPS, 2, first_status="FAILED")
+    conn.execute(
+        "INSERT INTO workflow_states (item_id, batch_id, step_name, status)"
+        " SELECT item_id, batch_id, %s, 'FAILED' FROM workflow_states WHERE batch_id = %s",
+        (STEPS[1], batch),
+    )
+    r = cli("retry", "--batch", str(batch), "--step", STEPS[1], "--json")
+    assert r.code == 0 and r.json()["requeued"] == 2
+    assert f.states(conn, batch) == [(STEPS[1], "PENDING", 2), (STEPS[0], "FAILED", 2)]
+
+
+def test_stale_reconcile_never_overwrites_a_newer_call(wconn, seeded):
+    f.add_batch(wconn, seeded, STEPS[:1], 1)
+    backend = MemoryBackend(all_functions([]), spawn=True)
+    run_pass(wconn, backend, PassOptions())
+    (call,) = [r[0] for r in wconn.execute("SELECT modal_call_id FROM workflow_states")]
+    backend.outcomes[call] = Poll("raised", "ValueError: boom")
+
+    def another_dispatcher_moves_on(call_ids):
+        wconn.execute("UPDATE workflow_states SET modal_call_id = 'fc-newer'")
+
+    backend.on_poll = another_dispatcher_moves_on
+    s = run_pass(wconn, backend, PassOptions())
+    assert s.retried == 0
+    row = wconn.execute("SELECT status, modal_call_id, attempts FROM workflow_states").fetchone()
+    assert row == ("DISPATCHED", "fc-newer", 0)
+
+
+def test_returned_async_senders_are_not_polled_again(wconn, seeded):
+    f.add_batch(wconn, seeded, ["enrich_company_via_waterfall_in_clay"], 2)
+    backend = MemoryBackend(all_functions([]), spawn=True)
+    run_pass(wconn, backend, PassOptions())
+    calls = [r[0] for r in wconn.execute("SELECT modal_call_id FROM workflow_states")]
+    for c in calls:
+        backend.outcomes[c] = Poll("returned")
+    run_pass(wconn, backend, PassOptions())
+    assert sorted(backend.polled) == sorted(calls)
+    backend.polled.clear()
+    run_pass(wconn, backend, PassOptions())
+    assert backend.polled == []  # their receivers complete them; nothing left to poll
+    rows = wconn.execute("SELECT status, sender_returned_at IS NOT NULL FROM workflow_states")
+    assert rows.fetchall() == [("DISPATCHED", True)] * 2
+
+
+def test_leases_are_renewed_while_a_long_chunk_runs(wconn, seeded, db_url):
+    f.add_batch(wconn, seeded, STEPS[:1], 6)
+    calls = []
+
+    def slow(item_id, ws):
+        calls.append(item_id)
+        time.sleep(0.4)
+
+    runner = threading.Thread(
+        target=run_pass,
+        args=(
+            wconn,
+            MemoryBackend({"start_normalize_all_core_values": slow}),
+            PassOptions(lease_seconds=1, concurrency=1),
+        ),
+    )
+    runner.start()
+    time.sleep(1.6)  # past the original lease, while the chunk still runs
+    with db.connect(db_url, settings.Settings(database_url=db_url, url_source="t")) as other:
+        s2 = run_pass(
+            other, MemoryBackend({"start_normalize_all_core_values": slow}), PassOptions()
+        )
+    runner.join(20)
+    assert s2.claimed == 0
+    assert len(calls) == 6 == len(set(calls))
+
+
+def test_an_item_that_keeps_killing_its_dispatcher_ends_failed(wconn, seeded):
+    f.add_batch(wconn, seeded, STEPS[:1], 1)
+    wconn.execute(
+        "UPDATE workflow_states SET status = 'DISPATCHING', attempts = 2,"
+        " lease_expires_at = now() - interval '1 s', claim_token = gen_random_uuid()"
+    )
+    calls = []
+    s = run_pass(wconn, MemoryBackend(all_functions(calls)), PassOptions(max_attempts=3))
+    assert calls == [] and s.failed == 1
+    status, attempts, err = wconn.execute(
+        "SELECT status, attempts, last_error FROM workflow_states"
+    ).fetchone()
+    assert (status, attempts) == ("FAILED", 3) and "lease expired" in err

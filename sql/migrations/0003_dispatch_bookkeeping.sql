@@ -13,7 +13,9 @@ ALTER TABLE public.workflow_states
     ADD COLUMN IF NOT EXISTS modal_call_id     text,
     ADD COLUMN IF NOT EXISTS last_error        text,
     ADD COLUMN IF NOT EXISTS dispatched_at     timestamptz,
-    ADD COLUMN IF NOT EXISTS completed_at      timestamptz;
+    ADD COLUMN IF NOT EXISTS completed_at      timestamptz,
+    -- an async step's sender call was seen to return: nothing left to poll, the receiver completes it
+    ADD COLUMN IF NOT EXISTS sender_returned_at timestamptz;
 
 -- `wsctl batch create --dedupe-key`: a retried create returns the first batch.
 CREATE TABLE IF NOT EXISTS wsctl.batch_dedupe_keys (
@@ -84,24 +86,25 @@ BEGIN
         -- last two items completing in parallel transactions each see the
         -- other as unfinished and the batch stays PENDING forever. In READ
         -- COMMITTED the UPDATE below takes a fresh snapshot after the wait.
+        -- NO KEY UPDATE, not UPDATE: it must not conflict with the KEY SHARE
+        -- locks that inserting next steps takes on the batch (foreign key),
+        -- or two completers of one batch deadlock.
         PERFORM 1 FROM public.batches
         WHERE id = ANY (finished_batches)
         ORDER BY id
-        FOR UPDATE;
-        -- Cheap probes first (two index range scans on (batch_id, status) that
-        -- stop at the first row): any state not COMPLETED/CANCELLED means the
-        -- batch is not done. Only then the full check that every item
-        -- completed its last step, once per finishing batch.
+        FOR NO KEY UPDATE;
+        -- A cheap probe first (index scans on (batch_id, status) that stop at
+        -- the first row): a state still waiting or failed means the batch is
+        -- not done. Only then the full check that every item completed its
+        -- last step (which also catches statuses the dashboard invented).
         UPDATE public.batches b
         SET status = 'COMPLETED'
         WHERE b.id = ANY (finished_batches)
           AND b.status NOT IN ('COMPLETED', 'CANCELLED')
           AND NOT EXISTS (
               SELECT 1 FROM public.workflow_states s
-              WHERE s.batch_id = b.id AND s.status < 'CANCELLED')
-          AND NOT EXISTS (
-              SELECT 1 FROM public.workflow_states s
-              WHERE s.batch_id = b.id AND s.status > 'COMPLETED')
+              WHERE s.batch_id = b.id
+                AND s.status IN ('PENDING', 'DISPATCHING', 'DISPATCHED', 'BLOCKED', 'FAILED'))
           AND NOT EXISTS (
               SELECT 1
               FROM public.batch_items i

@@ -32,12 +32,17 @@ WITH expired AS MATERIALIZED (
         claim_token = %(token)s,
         lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
         claimed_by = %(claimed_by)s,
+        -- a lease that expired means its dispatcher died mid-run: that counts
+        -- as an attempt, so an item that kills its dispatcher ends FAILED
+        attempts = ws.attempts + (ws.status = 'DISPATCHING')::int,
         updated_at = now()
     WHERE ws.id IN (SELECT id FROM expired UNION ALL SELECT id FROM pending)
-    RETURNING ws.id, ws.item_id, ws.batch_id, ws.step_name, ws.attempts
+    RETURNING ws.id, ws.item_id, ws.batch_id, ws.step_name, ws.attempts,
+              ws.id IN (SELECT id FROM expired) AS reclaimed
 )
 SELECT c.id, c.item_id, c.batch_id, c.step_name, c.attempts,
-       b.workstream_slug, er.type, er.modal_sender_fn, er.modal_receiver_fn
+       b.workstream_slug, er.type, er.modal_sender_fn, er.modal_receiver_fn,
+       b.status = 'CANCELLED' AS batch_cancelled, c.reclaimed
 FROM claimed c
 JOIN public.batches b ON b.id = c.batch_id
 LEFT JOIN public.enrichment_registry er
@@ -46,7 +51,8 @@ LEFT JOIN public.enrichment_registry er
 -- dispatch_plan --
 -- --dry-run: what a pass would claim, resolved the same way, without locking or writing.
 SELECT ws.id, ws.item_id, ws.batch_id, ws.step_name, ws.attempts,
-       b.workstream_slug, er.type, er.modal_sender_fn, er.modal_receiver_fn
+       b.workstream_slug, er.type, er.modal_sender_fn, er.modal_receiver_fn,
+       b.status = 'CANCELLED' AS batch_cancelled, ws.status = 'DISPATCHING' AS reclaimed
 FROM public.workflow_states ws
 JOIN public.batches b ON b.id = ws.batch_id
 LEFT JOIN public.enrichment_registry er
@@ -67,11 +73,13 @@ UPDATE public.workflow_states ws
 SET status = 'DISPATCHED',
     modal_call_id = u.call_id,
     dispatched_at = now(),
+    sender_returned_at = NULL,
     lease_expires_at = NULL,
     last_error = NULL,
     updated_at = now()
 FROM unnest(%s::uuid[], %s::text[]) AS u(id, call_id)
-WHERE ws.id = u.id AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING';
+WHERE ws.id = u.id AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING'
+RETURNING ws.id;
 
 -- dispatch_retry_or_fail --
 -- Transient failures: back to PENDING after a backoff, or FAILED once attempts reach the maximum.
@@ -96,7 +104,36 @@ SET status = 'BLOCKED',
     lease_expires_at = NULL,
     updated_at = now()
 FROM unnest(%s::uuid[], %s::text[]) AS u(id, reason)
-WHERE ws.id = u.id AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING';
+WHERE ws.id = u.id AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING'
+RETURNING ws.id;
+
+-- dispatch_cancel_claimed --
+-- Claimed states of a batch cancelled meanwhile are never dispatched: CANCELLED.
+UPDATE public.workflow_states ws
+SET status = 'CANCELLED',
+    claim_token = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+WHERE ws.id = ANY (%s::uuid[]) AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING'
+RETURNING ws.id;
+
+-- dispatch_fail_claimed --
+-- A reclaimed state whose expired leases used up its attempts: FAILED with the reason.
+UPDATE public.workflow_states ws
+SET status = 'FAILED',
+    last_error = u.reason,
+    claim_token = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+FROM unnest(%s::uuid[], %s::text[]) AS u(id, reason)
+WHERE ws.id = u.id AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING'
+RETURNING ws.id;
+
+-- dispatch_renew_lease --
+-- While a chunk runs longer than a third of its lease, its claims are renewed.
+UPDATE public.workflow_states
+SET lease_expires_at = now() + make_interval(secs => %s)
+WHERE claim_token = %s::uuid AND status = 'DISPATCHING';
 
 -- dispatch_release --
 -- A pass stopped for an environment error: unspawned claims go back to PENDING untouched.
@@ -117,15 +154,26 @@ JOIN public.batches b ON b.id = ws.batch_id
 LEFT JOIN public.enrichment_registry er
        ON er.slug = ws.step_name AND er.workstream_slug = b.workstream_slug
 WHERE ws.status = 'DISPATCHED' AND ws.modal_call_id IS NOT NULL
+  AND ws.sender_returned_at IS NULL
   AND (%(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text)
 ORDER BY ws.dispatched_at
 LIMIT %(limit)s;
 
+-- dispatch_sender_returned --
+-- An async step's sender call returned: stop polling it; its receiver completes the step.
+UPDATE public.workflow_states ws
+SET sender_returned_at = now()
+FROM unnest(%s::uuid[], %s::text[]) AS u(id, call_id)
+WHERE ws.id = u.id AND ws.modal_call_id = u.call_id AND ws.status = 'DISPATCHED';
+
 -- dispatch_reconcile_complete --
 -- A polled sync call returned: complete the DISPATCHED state (idempotent if the function did).
 SELECT wsctl.complete_steps(ARRAY(
-    SELECT ws.id FROM public.workflow_states ws
-    WHERE ws.id = ANY (%s::uuid[]) AND ws.status = 'DISPATCHED'));
+    SELECT ws.id
+    FROM public.workflow_states ws
+    JOIN unnest(%s::uuid[], %s::text[]) AS u(id, call_id)
+      ON ws.id = u.id AND ws.modal_call_id = u.call_id
+    WHERE ws.status = 'DISPATCHED'));
 
 -- dispatch_reconcile_retry --
 -- A polled call raised: back to PENDING with backoff, or FAILED at the maximum attempts.
@@ -136,8 +184,10 @@ SET status = CASE WHEN ws.attempts + 1 >= %(max_attempts)s THEN 'FAILED' ELSE 'P
     last_error = u.error,
     modal_call_id = NULL,
     updated_at = now()
-FROM unnest(%(ids)s::uuid[], %(errors)s::text[], %(delays)s::float8[]) AS u(id, error, delay)
-WHERE ws.id = u.id AND ws.status = 'DISPATCHED'
+FROM unnest(%(ids)s::uuid[], %(calls)s::text[], %(errors)s::text[], %(delays)s::float8[])
+     AS u(id, call_id, error, delay)
+-- the polled call must still be the row's: another dispatcher may have moved on since
+WHERE ws.id = u.id AND ws.modal_call_id = u.call_id AND ws.status = 'DISPATCHED'
 RETURNING ws.id, ws.status;
 
 -- dispatch_callback_timeouts --
@@ -175,6 +225,6 @@ WHERE ws.batch_id = %(batch_id)s
   AND (%(step)s::text IS NULL OR ws.step_name = %(step)s::text)
 RETURNING ws.id;
 
--- dispatch_batch_exists --
--- `wsctl retry` refuses an unknown batch.
-SELECT 1 FROM public.batches WHERE id = %s;
+-- dispatch_batch_status --
+-- `wsctl retry` refuses an unknown or cancelled batch.
+SELECT status FROM public.batches WHERE id = %s;

@@ -15,6 +15,8 @@ def render_summary(summary, *, as_json: bool, compact: bool = False) -> None:
         parts = [f"{k}={getattr(summary, k)}" for k in _FIELDS]
         if summary.released:
             parts.append(f"released={summary.released}")
+        if summary.cancelled:
+            parts.append(f"cancelled={summary.cancelled}")
         output.line("dispatch: " + " ".join(parts) + f" seconds={summary.seconds:.3f}")
         for e in summary.errors:
             output.line(f"  {e['status']} state={e['state_id']} {e['reason']}")

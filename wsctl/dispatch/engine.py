@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,6 +63,7 @@ class PassSummary:
     retried: int = 0
     failed: int = 0
     released: int = 0
+    cancelled: int = 0
     reconciled: int = 0
     seconds: float = 0.0
     backend: str = ""
@@ -142,8 +144,40 @@ class _Outcomes:
     block_ids: list = field(default_factory=list)
     block_reasons: list = field(default_factory=list)
     release_ids: list = field(default_factory=list)
+    cancel_ids: list = field(default_factory=list)
+    fail_ids: list = field(default_factory=list)
+    fail_reasons: list = field(default_factory=list)
     items: dict = field(default_factory=dict)
     pass_failure: Failure | None = None
+
+
+class _LeaseKeeper:
+    """Renews a chunk's leases while its functions run (on the claim connection,
+    idle meanwhile), so a chunk that outlives its lease is not reclaimed and run
+    twice by another dispatcher. A dispatcher that dies stops renewing."""
+
+    def __init__(self, conn: psycopg.Connection, token: uuid.UUID, lease_seconds: int):
+        self.conn, self.token, self.lease = conn, token, lease_seconds
+        self.every = max(0.5, lease_seconds / 3)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="wsctl-lease", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                with tx(self.conn):
+                    self.conn.execute(q("dispatch_renew_lease"), (self.lease, self.token))
+            except Exception as exc:  # the pass itself reports database trouble
+                log.warning("could not renew the lease of claim %s: %s", self.token, exc)
+                return
+
+    def __enter__(self) -> _LeaseKeeper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
 
 
 def _run_chunk(
@@ -151,13 +185,29 @@ def _run_chunk(
 ) -> _Outcomes:
     """Resolve and dispatch one claimed chunk; classify every result (no writes)."""
     out = _Outcomes(token=token, items={r[0]: r[1] for r in rows})
-    unresolved = [r for r in rows if r[5] is None or r[6] is None]
+    runnable = []
+    for r in rows:
+        if r[9]:  # the batch was cancelled: never dispatched
+            out.cancel_ids.append(r[0])
+        elif r[10] and r[4] >= opts.max_attempts:
+            out.fail_ids.append(r[0])
+            out.fail_reasons.append(
+                f"its dispatcher's lease expired while it ran, {r[4]} attempt(s) of "
+                f"{opts.max_attempts}: FAILED (does it crash or outlive the lease?)"
+            )
+        else:
+            runnable.append(r)
+    unresolved = [r for r in runnable if r[5] is None or r[6] is None]
     reasons = _blocked_reasons(conn, unresolved) if unresolved else {}
-    jobs = [Job(r[0], str(r[1]), r[3], r[5], r[7], r[6]) for r in rows if r[0] not in reasons]
+    jobs = [Job(r[0], str(r[1]), r[3], r[5], r[7], r[6]) for r in runnable if r[0] not in reasons]
     out.block_ids = list(reasons)
     out.block_reasons = [reasons[i] for i in out.block_ids]
 
-    results = backend.dispatch(jobs, opts.concurrency) if jobs else []
+    if jobs:
+        with _LeaseKeeper(conn, token, opts.lease_seconds):
+            results = backend.dispatch(jobs, opts.concurrency)
+    else:
+        results = []
 
     attempts = {r[0]: r[4] for r in rows}
     verbose = log.isEnabledFor(logging.INFO)
@@ -195,11 +245,16 @@ def _record(conn: psycopg.Connection, out: _Outcomes, opts: PassOptions) -> Pass
     delta = PassSummary()
     token = out.token
     with tx(conn):
+        # Counts are the rows each token-guarded statement changed, not the ids sent.
         if out.complete_ids:
-            conn.execute(q("dispatch_complete_claimed"), (out.complete_ids, token))
-            delta.completed += len(out.complete_ids)
+            done = conn.execute(q("dispatch_complete_claimed"), (out.complete_ids, token))
+            delta.completed += done.fetchone()[0]
+            delta.dispatched += delta.completed
         if out.sent_ids:
-            conn.execute(q("dispatch_mark_dispatched"), (out.sent_ids, out.sent_calls, token))
+            sent = conn.execute(
+                q("dispatch_mark_dispatched"), (out.sent_ids, out.sent_calls, token)
+            )
+            delta.dispatched += len(sent.fetchall())
         if out.retry_ids:
             rows = conn.execute(
                 q("dispatch_retry_or_fail"),
@@ -218,20 +273,41 @@ def _record(conn: psycopg.Connection, out: _Outcomes, opts: PassOptions) -> Pass
                     _note(delta, state_id, out.items[state_id], "FAILED", err[state_id])
                 else:
                     delta.retried += 1
+                    _note(delta, state_id, out.items[state_id], "RETRY", err[state_id])
         if out.block_ids:
-            conn.execute(q("dispatch_block"), (out.block_ids, out.block_reasons, token))
-            delta.blocked += len(out.block_ids)
+            blocked = conn.execute(
+                q("dispatch_block"), (out.block_ids, out.block_reasons, token)
+            ).fetchall()
+            delta.blocked += len(blocked)
             for state_id, reason in zip(out.block_ids, out.block_reasons, strict=True):
                 _note(delta, state_id, out.items[state_id], "BLOCKED", reason)
+        if out.fail_ids:
+            failed = conn.execute(
+                q("dispatch_fail_claimed"), (out.fail_ids, out.fail_reasons, token)
+            ).fetchall()
+            delta.failed += len(failed)
+            for state_id, reason in zip(out.fail_ids, out.fail_reasons, strict=True):
+                _note(delta, state_id, out.items[state_id], "FAILED", reason)
+        if out.cancel_ids:
+            delta.cancelled += len(
+                conn.execute(q("dispatch_cancel_claimed"), (out.cancel_ids, token)).fetchall()
+            )
         if out.release_ids:
-            conn.execute(q("dispatch_release"), (out.release_ids, token))
-            delta.released += len(out.release_ids)
-    delta.dispatched += len(out.complete_ids) + len(out.sent_ids)
+            released = conn.execute(q("dispatch_release"), (out.release_ids, token))
+            delta.released += released.rowcount
     return delta
 
 
 def _merge(summary: PassSummary, delta: PassSummary) -> None:
-    for name in ("dispatched", "completed", "blocked", "retried", "failed", "released"):
+    for name in (
+        "dispatched",
+        "completed",
+        "blocked",
+        "retried",
+        "failed",
+        "released",
+        "cancelled",
+    ):
         setattr(summary, name, getattr(summary, name) + getattr(delta, name))
     room = _ERROR_SAMPLE - len(summary.errors)
     if room > 0:
@@ -250,27 +326,40 @@ def reconcile(
             ).fetchall()
         if rows:
             polls = backend.poll([r[3] for r in rows])
-            done, retry_ids, retry_errors, retry_delays = [], [], [], []
+            done, done_calls, sent, sent_calls = [], [], [], []
+            retry_ids, retry_calls, retry_errors, retry_delays = [], [], [], []
             for state_id, _item, _step, call_id, attempts, typ, _ws, _fn in rows:
                 p = polls.get(call_id)
                 if p is None:
                     continue
                 if p.state == "returned" and typ == "sync":
                     done.append(state_id)
+                    done_calls.append(call_id)
+                elif p.state == "returned":
+                    sent.append(state_id)  # an async sender: its receiver completes the step
+                    sent_calls.append(call_id)
                 elif p.state == "raised":
                     retry_ids.append(state_id)
+                    retry_calls.append(call_id)
                     retry_errors.append(p.error or "the Modal call raised")
                     retry_delays.append(backoff_seconds(attempts))
             with tx(conn):
+                # Each statement checks the row still holds the polled call id:
+                # another dispatcher may have reconciled and re-spawned it since.
                 if done:
-                    n = conn.execute(q("dispatch_reconcile_complete"), (done,)).fetchone()[0]
+                    n = conn.execute(
+                        q("dispatch_reconcile_complete"), (done, done_calls)
+                    ).fetchone()[0]
                     summary.completed += n
-                    summary.reconciled += len(done)
+                    summary.reconciled += n
+                if sent:
+                    conn.execute(q("dispatch_sender_returned"), (sent, sent_calls))
                 if retry_ids:
                     out = conn.execute(
                         q("dispatch_reconcile_retry"),
                         {
                             "ids": retry_ids,
+                            "calls": retry_calls,
                             "errors": retry_errors,
                             "delays": retry_delays,
                             "max_attempts": opts.max_attempts,
@@ -284,6 +373,7 @@ def reconcile(
                             _note(summary, state_id, "", "FAILED", err[state_id])
                         else:
                             summary.retried += 1
+                            _note(summary, state_id, "", "RETRY", err[state_id])
     with tx(conn):
         timed_out = conn.execute(
             q("dispatch_callback_timeouts"),
@@ -403,7 +493,7 @@ def plan(
         reasons = _blocked_reasons(conn, unresolved) if unresolved else {}
     out = []
     for r in rows:
-        reason = reasons.get(r[0])
+        reason = "its batch was cancelled: it would be CANCELLED" if r[9] else reasons.get(r[0])
         if reason is None and backend is not None and backend.has_function(r[7]) is False:
             reason = f"function {r[7]} not found in the app"
         out.append(PlanRow(str(r[0]), str(r[1]), r[3], r[5], r[7], r[6], reason))
@@ -415,8 +505,13 @@ def retry_states(
 ) -> int:
     """Put a batch's BLOCKED/FAILED states back to PENDING after the cause was fixed."""
     with tx(conn):
-        if conn.execute(q("dispatch_batch_exists"), (batch_id,)).fetchone() is None:
+        row = conn.execute(q("dispatch_batch_status"), (batch_id,)).fetchone()
+        if row is None:
             raise OperationalError(f"no batch with id {batch_id}")
+        if row[0] == "CANCELLED":
+            raise OperationalError(
+                f"batch {batch_id} is CANCELLED: its states are never dispatched again"
+            )
         return len(
             conn.execute(
                 q("dispatch_retry_states"),

@@ -31,6 +31,8 @@ class MemoryBackend:
         self.fail_setup = fail_setup
         self.spawned: list[tuple[str, str, str]] = []  # (function, item_id, workstream)
         self.outcomes: dict[str, Poll] = {}
+        self.polled: list[str] = []
+        self.on_poll: Callable[[list[str]], None] | None = None  # tests: act while "polling"
         self.setups = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -63,6 +65,9 @@ class MemoryBackend:
         return run_threaded(call, jobs, concurrency)
 
     def poll(self, call_ids: list[str]) -> dict[str, Poll]:
+        self.polled.extend(call_ids)
+        if self.on_poll is not None:
+            self.on_poll(call_ids)
         return {c: self.outcomes.get(c, Poll("running")) for c in call_ids}
 
     def close(self) -> None:
