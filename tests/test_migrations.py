@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import table_snapshot, url_for
 from wsctl import db, migrations, settings
+from wsctl.errors import OperationalError
 
 
 def _settings(url: str) -> settings.Settings:
@@ -354,3 +355,27 @@ def test_supabase_roles_cannot_reach_wsctl_objects(fresh_db, run_cli):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             c.execute("SELECT * FROM wsctl.schema_migrations")
         c.execute("RESET ROLE")
+
+
+def test_ddl_waiting_behind_a_long_transaction_gives_up_and_applies_nothing(fresh_db):
+    url, _ = fresh_db
+    migs = migrations.load_migrations()
+    with db.connect(url, _settings(url)) as c:
+        migrations.migrate(c, migrations=migs[:2])
+    with psycopg.connect(url) as report:  # a long report holding a lock on workflow_states
+        report.execute("SELECT count(*) FROM workflow_states")
+        with db.connect(url, _settings(url)) as c:
+            with pytest.raises(OperationalError, match="0003_dispatch_bookkeeping.sql waited"):
+                migrations.migrate(c, migrations=migs, ddl_lock_timeout="300ms")
+            assert [r[0] for r in c.execute("SELECT version FROM wsctl.schema_migrations")] == [
+                1,
+                2,
+            ]
+            cols = c.execute(
+                "SELECT count(*) FROM information_schema.columns"
+                " WHERE table_name = 'workflow_states' AND column_name = 'claim_token'"
+            ).fetchone()[0]
+            assert cols == 0
+        report.rollback()
+    with db.connect(url, _settings(url)) as c:
+        assert [a["version"] for a in migrations.migrate(c, migrations=migs).applied] == [3, 4, 5]

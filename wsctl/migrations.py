@@ -209,14 +209,22 @@ def migrate(
     conn: psycopg.Connection,
     *,
     lock_timeout: float = 60.0,
+    ddl_lock_timeout: str = "10s",
     migrations: list[Migration] | None = None,
     on_apply: Callable[[Migration], None] | None = None,
 ) -> MigrateResult:
-    """Apply pending migrations. ``conn`` must be autocommit on a direct/session connection."""
+    """Apply pending migrations. ``conn`` must be autocommit on a direct/session connection.
+
+    ``lock_timeout`` (seconds) bounds the wait for another ``wsctl migrate``;
+    ``ddl_lock_timeout`` bounds each statement's wait for a table lock, so an
+    ALTER TABLE queued behind a long transaction fails (nothing of that file is
+    applied) instead of blocking every reader of the table.
+    """
     migrations = load_migrations() if migrations is None else migrations
     result = MigrateResult()
     result.waited_seconds = _acquire_lock(conn, lock_timeout)
     try:
+        conn.execute(q("migrations_set_lock_timeout"), (ddl_lock_timeout,))
         with conn.transaction():
             conn.execute(q("migrations_bootstrap"))
         st = status(conn, migrations)
@@ -250,6 +258,12 @@ def migrate(
             except Exception as exc:
                 import psycopg
 
+                if isinstance(exc, psycopg.errors.LockNotAvailable):
+                    raise OperationalError(
+                        f"migration {m.filename} waited over {ddl_lock_timeout} for a table lock "
+                        "held by another transaction; nothing of it was applied",
+                        hint="retry when the long transaction ends, or raise --ddl-lock-timeout",
+                    ) from exc
                 if isinstance(exc, psycopg.Error):
                     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                     raise OperationalError(f"migration {m.filename} failed: {msg}") from exc

@@ -45,3 +45,8 @@ WHERE c.relname = %s AND n.nspname = ANY(current_schemas(false));
 -- drop_index_concurrently --
 -- The index name is composed as an identifier.
 DROP INDEX CONCURRENTLY IF EXISTS {};
+
+-- migrations_set_lock_timeout --
+-- Session-wide (migrate needs a direct or session connection anyway): a DDL statement
+-- queued behind a long transaction would otherwise block every reader of its table.
+SELECT set_config('lock_timeout', %s, false);

@@ -37,6 +37,11 @@ def migrate(
     lock_timeout: float = typer.Option(
         60.0, "--lock-timeout", help="Seconds to wait for another migrate's lock."
     ),
+    ddl_lock_timeout: str = typer.Option(
+        "10s",
+        "--ddl-lock-timeout",
+        help="Longest wait of a schema change for a table lock (PostgreSQL interval).",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Bring the database schema up to date (needs a direct or session-mode connection)."""
@@ -89,6 +94,7 @@ def migrate(
         result = migrations.migrate(
             conn,
             lock_timeout=lock_timeout,
+            ddl_lock_timeout=ddl_lock_timeout,
             on_apply=None if as_json else (lambda m: output.notice(f"applying {m.filename}")),
         )
     if as_json:
