@@ -160,6 +160,34 @@ def test_dry_run_prints_sql_and_changes_nothing(fresh_db, run_cli):
         )
 
 
+def history(url: str) -> list:
+    with psycopg.connect(url) as c:
+        return c.execute("SELECT * FROM wsctl.schema_migrations ORDER BY version").fetchall()
+
+
+@pytest.mark.parametrize("also_pending", [False, True])
+def test_dry_run_refuses_a_changed_file_as_migrate_does(db_url, run_cli, also_pending):
+    """--dry-run must not say "nothing pending" (exit 0) where `migrate` stops with exit 1."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute("UPDATE wsctl.schema_migrations SET checksum = 'deadbeef' WHERE version = 2")
+        if also_pending:  # and one file still to apply: its SQL is not printed either
+            last = max(m.version for m in migrations.load_migrations())
+            c.execute("DELETE FROM wsctl.schema_migrations WHERE version = %s", (last,))
+    before = history(db_url)
+    real = run_cli("migrate", url=db_url)
+    assert real.code == 1
+    for args in (("--dry-run",), ("--dry-run", "--json")):
+        dry = run_cli("migrate", *args, url=db_url)
+        assert dry.code == real.code == 1, dry.out
+        assert dry.err == real.err
+        assert "0002_add_workstream_slug_to_batches.sql changed after it was applied" in dry.err
+        assert len(dry.err.strip().splitlines()) == 1
+        assert dry.out == ""
+    assert history(db_url) == before
+    with psycopg.connect(db_url) as c, pytest.raises(OperationalError, match="0002_add_work"):
+        migrations.pending_sql(c)
+
+
 def test_unmigrated_database_is_an_environment_error(fresh_db):
     from wsctl.errors import EnvError
 

@@ -178,6 +178,17 @@ def require_up_to_date(conn: psycopg.Connection) -> None:
         )
 
 
+def _refuse_changed(st: MigrationStatus) -> None:
+    """``migrate`` and its ``--dry-run`` refuse a history that disagrees with the files."""
+    if st.changed:
+        c = st.changed[0]
+        raise OperationalError(
+            f"migration {c['file']} changed after it was applied "
+            f"(checksum {c['applied_checksum'][:12]} applied, {c['file_checksum'][:12]} now)",
+            hint="migrations are never edited after release; add a new file instead",
+        )
+
+
 def _acquire_lock(conn: psycopg.Connection, lock_timeout: float) -> float:
     start = time.monotonic()
     delay = 0.05
@@ -228,13 +239,7 @@ def migrate(
         with conn.transaction():
             conn.execute(q("migrations_bootstrap"))
         st = status(conn, migrations)
-        if st.changed:
-            c = st.changed[0]
-            raise OperationalError(
-                f"migration {c['file']} changed after it was applied "
-                f"(checksum {c['applied_checksum'][:12]} applied, {c['file_checksum'][:12]} now)",
-                hint="migrations are never edited after release; add a new file instead",
-            )
+        _refuse_changed(st)
         pending = {p["version"] for p in st.pending}
         for m in migrations:
             if m.version not in pending:
@@ -278,8 +283,13 @@ def migrate(
 
 
 def pending_sql(conn: psycopg.Connection) -> list[Migration]:
-    """The migrations ``--dry-run`` would print (read only)."""
+    """The migrations ``--dry-run`` would print (read only).
+
+    Refuses, as ``migrate`` does, when an applied migration's file changed:
+    a dry run must not report "nothing pending" where the real run stops.
+    """
     migrations = load_migrations()
     st = status(conn, migrations)
+    _refuse_changed(st)
     pending = {p["version"] for p in st.pending}
     return [m for m in migrations if m.version in pending]
