@@ -62,6 +62,8 @@ def test_usage_errors_exit_2(run_cli, argv):
     r = run_cli(*argv)
     assert r.code == 2
     assert "Traceback" not in r.err
+    assert len(r.err.strip().splitlines()) == 1 and r.err.startswith("wsctl: error: ")
+    assert "--help" in r.err
 
 
 def test_version(run_cli):

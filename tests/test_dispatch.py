@@ -691,3 +691,69 @@ def test_an_item_that_keeps_killing_its_dispatcher_ends_failed(wconn, seeded):
         "SELECT status, attempts, last_error FROM workflow_states"
     ).fetchone()
     assert (status, attempts) == ("FAILED", 3) and "lease expired" in err
+
+
+def test_local_app_prints_go_to_stderr_and_json_stays_parseable(cli, conn, tmp_path):
+    f.register_seed(conn)
+    client = f.add_client(conn)
+    f.add_batch(conn, client, STEPS[:1], 2)
+    app = tmp_path / "noisy_app.py"
+    app.write_text(
+        "def start_normalize_all_core_values(item_id, workstream_slug=None):\n"
+        "    print(f'[SYNC] {item_id[:8]}... workstream={workstream_slug}')\n"
+    )
+    r = cli("dispatch", "--once", "--backend", "local", "--app", str(app), "--json")
+    assert r.code == 0, r.err
+    assert r.json()["completed"] == 2
+    assert r.err.count("[SYNC]") == 2
+
+
+def test_local_app_gets_the_cli_database_url(cli, conn, db_url, monkeypatch, tmp_path):
+    """--database-url reaches the app's worker helpers (they read WSCTL_DATABASE_URL)."""
+    monkeypatch.delenv("WSCTL_DATABASE_URL", raising=False)
+    f.register_seed(conn)
+    client = f.add_client(conn)
+    f.add_batch(conn, client, STEPS[:1], 1)
+    app = tmp_path / "helper_app.py"
+    app.write_text(
+        "from wsctl.worker import get_workstream_slug\n"
+        "def start_normalize_all_core_values(item_id, workstream_slug=None):\n"
+        "    assert get_workstream_slug(item_id) == workstream_slug == 'apollo_scrape'\n"
+    )
+    r = cli("dispatch", "--once", "--backend", "local", "--app", str(app), "--json")
+    assert r.code == 0, r.err
+    assert r.json()["completed"] == 1
+
+
+def test_app_without_database_url_stops_the_pass_with_exit_3(run_cli, conn, db_url, tmp_path):
+    from wsctl.errors import EnvError
+
+    f.register_seed(conn)
+    client = f.add_client(conn)
+    f.add_batch(conn, client, STEPS[:1], 3)
+    app = tmp_path / "env_app.py"
+    app.write_text(
+        "from wsctl.errors import EnvError\n"
+        "def start_normalize_all_core_values(item_id, workstream_slug=None):\n"
+        "    raise EnvError('WSCTL_DATABASE_URL is not set')\n"
+    )
+    with db.connect(db_url, settings.Settings(database_url=db_url, url_source="t")) as c:
+        from wsctl.dispatch.local import LocalBackend
+
+        with pytest.raises(EnvError, match="released"):
+            run_pass(c, LocalBackend(str(app)), PassOptions())
+    assert {r[0] for r in conn.execute("SELECT status FROM workflow_states")} == {"PENDING"}
+
+
+def test_dry_run_needs_no_modal_credentials(cli, conn, monkeypatch, tmp_path):
+    for var in ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"):
+        monkeypatch.delenv(var, raising=False)
+    import modal.config
+
+    monkeypatch.setattr(modal.config, "_user_config", {}, raising=False)
+    f.register_seed(conn)
+    client = f.add_client(conn)
+    f.add_batch(conn, client, STEPS[:1], 2)
+    r = cli("dispatch", "--dry-run", "--backend", "modal", "--app", "enrichment-worker", "--json")
+    assert r.code == 0, r.err
+    assert len(r.json()["plan"]) == 2

@@ -206,3 +206,43 @@ def test_loop_survives_a_database_restart(own_server):
     assert "retrying" in err  # the lost connection was reported, not fatal
     assert "received SIGTERM" in err
     assert out.count("dispatch: claimed=") >= 2
+
+
+def test_loop_json_lines_and_sigint_finish_cleanly(db_url, conn):
+    f.register_seed(conn)
+    client = f.add_client(conn)
+    f.add_batch(conn, client, [STEP], 4)
+    env = {**os.environ, "WSCTL_TEST_SLEEP": "0"}
+    p = _wsctl(
+        "--database-url",
+        db_url,
+        "dispatch",
+        "--loop",
+        "--interval",
+        "0.1",
+        "--json",
+        "--backend",
+        "local",
+        "--app",
+        str(FIXTURES / "slow_app.py"),
+        env=env,
+    )
+    try:
+        _wait_for(
+            lambda: conn.execute(
+                "SELECT count(*) = 4 FROM workflow_states WHERE status = 'COMPLETED'"
+            ).fetchone()[0],
+            30,
+            "the items",
+        )
+        time.sleep(0.3)
+    finally:
+        p.send_signal(signal.SIGINT)
+        code = p.wait(30)
+    out, err = p.stdout.read(), p.stderr.read()
+    assert code == 0, err
+    assert "received SIGINT" in err
+    import json
+
+    docs = [json.loads(line) for line in out.splitlines()]  # JSON Lines: one doc per pass
+    assert len(docs) >= 2 and sum(d["completed"] for d in docs) == 4

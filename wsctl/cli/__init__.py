@@ -24,6 +24,13 @@ def _psycopg_exit(exc: BaseException) -> tuple[int, str] | None:
 
     from wsctl.db import first_line
 
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return 1, (
+            f"{first_line(exc)} (hint: raise [database] statement_timeout in wsctl.toml "
+            "for work this large)"
+        )
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        return 1, f"{first_line(exc)}: another transaction holds the rows; try again"
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return 3, f"database connection failed: {first_line(exc)}"
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
@@ -54,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = _debug_requested(argv)
     try:
         rv = app(args=argv, prog_name="wsctl", standalone_mode=False)
-        return rv if isinstance(rv, int) else 0
+        code = rv if isinstance(rv, int) else 0
+        if code == 130:  # Typer turns Ctrl-C into Exit(130) before it reaches us
+            print("wsctl: interrupted", file=sys.stderr)
+        return code
     except WsctlError as exc:
         if debug:
             traceback.print_exc()
@@ -62,9 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except (typer.Exit, getattr(ce, "Exit", typer.Exit)) as exc:
         return exc.exit_code
+    except ce.UsageError as exc:
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "wsctl"
+        msg = " ".join(exc.format_message().split())
+        print(f"wsctl: error: {msg} (see `{where} --help`)", file=sys.stderr)
+        return 2
     except ce.ClickException as exc:
         exc.show()
-        return 2 if isinstance(exc, ce.UsageError) else exc.exit_code
+        return exc.exit_code
     except (typer.Abort, getattr(ce, "Abort", typer.Abort), KeyboardInterrupt):
         print("wsctl: interrupted", file=sys.stderr)
         return 130

@@ -98,14 +98,25 @@ def dispatch(
         logger.setLevel(logging.INFO)
 
     if dry_run:
-        chosen.setup()
+        # The plan spawns nothing: Modal credentials are not needed for it; a
+        # local app is imported so that functions it lacks show in the plan.
+        inspect_app = chosen if chosen.name == "local" else None
+        if inspect_app is not None:
+            inspect_app.setup()
         try:
             with st.connect() as conn:
-                rows = plan(conn, opts, chosen)
+                rows = plan(conn, opts, inspect_app)
         finally:
             chosen.close()
         render_plan(rows, as_json=as_json)
         return
+
+    if chosen.name == "local":
+        # The app's functions run in this process and reach the database through
+        # the worker helpers, which read WSCTL_DATABASE_URL: give them this URL.
+        import os
+
+        os.environ["WSCTL_DATABASE_URL"] = st.resolved_url()
 
     if loop:
         _run_loop(st, chosen, opts, float(pick(interval, "interval")), as_json)
@@ -149,7 +160,8 @@ def _run_loop(st, backend, opts, interval: float, as_json: bool) -> None:
             opts,
             interval=interval,
             stop=stop,
-            on_pass=lambda s: render_summary(s, as_json=as_json, compact=True),
+            # --json in a loop: one compact document per pass (JSON Lines)
+            on_pass=lambda s: render_summary(s, as_json=as_json, compact=True, lines=True),
             on_error=output.warn,
         )
     finally:

@@ -18,6 +18,7 @@ class CliState:
     database_url: str | None = None
     debug: bool = False
     _settings: Settings | None = field(default=None, repr=False)
+    _embedded_url: str | None = field(default=None, repr=False)
 
     def settings(self) -> Settings:
         if self._settings is None:
@@ -31,6 +32,8 @@ class CliState:
         s = self.settings()
         if s.database_url:
             return s.database_url
+        if self._embedded_url is not None and embedded_dbname is None:
+            return self._embedded_url
         from wsctl import embedded
         from wsctl.cli.output import notice
         from wsctl.settings import user_data_dir
@@ -40,6 +43,8 @@ class CliState:
             f"no database URL configured: using the embedded PostgreSQL in {server.pgdata} "
             "(set WSCTL_DATABASE_URL or run `wsctl init` to use another)"
         )
+        if embedded_dbname is None:
+            self._embedded_url = server.url
         return server.url
 
     def connect(

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import sys
+
 from wsctl.cli import output
 
 _FIELDS = ("claimed", "dispatched", "completed", "blocked", "retried", "failed", "reconciled")
 
 
-def render_summary(summary, *, as_json: bool, compact: bool = False) -> None:
+def render_summary(summary, *, as_json: bool, compact: bool = False, lines: bool = False) -> None:
     if as_json:
-        output.emit_json(summary.to_json())
+        if lines:
+            import json
+
+            output.line(json.dumps(summary.to_json(), separators=(",", ":")))
+            sys.stdout.flush()
+        else:
+            output.emit_json(summary.to_json())
         return
     if compact or not output.is_tty():
         parts = [f"{k}={getattr(summary, k)}" for k in _FIELDS]

@@ -71,7 +71,7 @@ def table(
 
         t = Table(title=title, show_lines=False)
         for c in columns:
-            t.add_column(c)
+            t.add_column(c, overflow="fold")  # ids must stay whole to be copied
         for r in rows:
             t.add_row(*r)
         Console().print(t)

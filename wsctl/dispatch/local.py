@@ -9,12 +9,12 @@ and the pass waits for all of them.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -153,13 +153,16 @@ class LocalBackend:
                 return Failure("item", f"function {job.function} not found in app {self.app}")
             try:
                 fn(job.item_id, job.workstream_slug)
+            except EnvError as exc:  # e.g. the worker helpers have no database URL
+                return Failure("pass", f"{job.function}: {exc.one_line()}")
             except Exception as exc:
-                if getattr(exc, "__wsctl_debug__", False):  # pragma: no cover
-                    traceback.print_exc()
                 return Failure("transient", _describe(exc))
             return None
 
-        return run_threaded(call, jobs, concurrency)
+        # What the app prints (the seed's functions log with print) goes to
+        # stderr: stdout belongs to wsctl's own output (--json).
+        with contextlib.redirect_stdout(sys.stderr):
+            return run_threaded(call, jobs, concurrency)
 
     def poll(self, call_ids: list[str]) -> dict[str, Poll]:
         return {}
