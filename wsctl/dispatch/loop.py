@@ -33,6 +33,13 @@ def make_backend(
     raise UsageError(f"--backend must be 'modal' or 'local', not {kind!r}")
 
 
+def _wait(interval: float, failures: int) -> float:
+    """The pause before the next pass: the interval, doubled per consecutive failure (max 60 s)."""
+    if failures == 0:
+        return interval
+    return min(60.0, max(interval, 0.5) * 2 ** min(failures - 1, 7))
+
+
 def run_loop(
     connect: Callable[[], psycopg.Connection],
     backend: Backend,
@@ -48,6 +55,7 @@ def run_loop(
 
     conn: psycopg.Connection | None = None
     passes = 0
+    failures = 0  # consecutive: the wait doubles (to a minute) while the database is away
     try:
         while not stop.is_set():
             try:
@@ -55,18 +63,24 @@ def run_loop(
                     conn = connect()
                 summary = run_pass(conn, backend, opts)
                 passes += 1
+                failures = 0
                 on_pass(summary)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                on_error(f"database connection lost: {str(exc).strip().splitlines()[0]}; retrying")
+                failures += 1
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                on_error(
+                    f"database connection lost: {first}; retrying in {_wait(interval, failures):g}s"
+                )
                 if conn is not None:
                     conn.close()
                 conn = None
             except DatabaseUnavailable as exc:
                 # Unreachable at reconnect: retried. Other environment errors
                 # (credentials, a missing app) would fail every pass: they stop.
-                on_error(f"{exc.one_line()}; retrying")
+                failures += 1
+                on_error(f"{exc.one_line()}; retrying in {_wait(interval, failures):g}s")
                 conn = None
-            stop.wait(interval)
+            stop.wait(_wait(interval, failures))
     finally:
         if conn is not None:
             conn.close()
