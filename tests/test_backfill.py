@@ -164,19 +164,45 @@ def test_default_fills_in_with_a_warning_then_enforce_binds_the_dashboard(legacy
     assert "already enforced" in again.out
 
 
+def check_count(conn) -> int:
+    return conn.execute(
+        "SELECT count(*) FROM pg_constraint WHERE conname = %s", (backfill.CHECK_NAME,)
+    ).fetchone()[0]
+
+
 def test_enforce_is_refused_while_nulls_remain_and_then_changes_nothing(legacy, run_cli):
+    """--enforce decides first: with batches that would stay NULL it writes nothing at all,
+    not even the workstreams it could infer, nor the checkpoint."""
     url, conn, ids = legacy
+    before = table_snapshot(conn)
     first = run_cli("backfill", "workstream-slug", "--enforce", url=url)
     assert first.code == 1
-    assert "not enforcing: 2 batch(es) still have no workstream_slug" in first.err
-    before = table_snapshot(conn)
+    assert (
+        "not enforcing: 2 batch(es) would still have no workstream_slug after the backfill"
+        in first.err
+    )
+    assert "nothing was written" in first.err
+    assert first.err.count("wsctl: error:") == 1
+    # What the backfill would have done, and which batches block the check.
+    assert "inferred 2, defaulted 0, would set 2, unresolved 2" in first.out
+    assert str(ids["not_narrowed"]) in first.out and str(ids["no_workstream"]) in first.out
+    assert table_snapshot(conn) == before
+    assert all(v is None for v in workstreams(conn).values())
+    assert progress_rows(conn) == []
+    assert check_count(conn) == 0
+
     again = run_cli("backfill", "workstream-slug", "--enforce", "--json", url=url)
     assert again.code == 1
-    assert again.json()["enforce"]["state"] == "refused"
+    doc = again.json()
+    assert doc["enforce"] == {"state": "refused", "remaining_null": 2, "ok": False}
+    assert doc["refused_before_writing"] is True
+    assert (doc["inferred"], doc["defaulted"], doc["updated"], doc["dry_run"]) == (2, 0, 0, False)
+    assert {u["batch_id"] for u in doc["unresolved"]} == {
+        str(ids["not_narrowed"]),
+        str(ids["no_workstream"]),
+    }
     assert table_snapshot(conn) == before
-    assert conn.execute(
-        "SELECT count(*) FROM pg_constraint WHERE conname = %s", (backfill.CHECK_NAME,)
-    ).fetchone() == (0,)
+    assert check_count(conn) == 0
     # The dashboard may still insert without a workstream.
     conn.execute(
         "INSERT INTO public.batches (client_id, blueprint) VALUES (%s, %s)",
@@ -188,6 +214,57 @@ def test_enforce_is_refused_while_nulls_remain_and_then_changes_nothing(legacy, 
     )
     assert dry.code == 0, dry.err
     assert "would add and validate" in dry.out
+
+
+def test_enforce_refusal_keeps_an_interrupted_runs_checkpoint(conn, run_cli, db_url):
+    ids = make_batches(conn, 6)
+    conn.execute("UPDATE public.batches SET blueprint = '{ghost_step}' WHERE id = %s", (ids[4],))
+    conn.execute(
+        "INSERT INTO wsctl.backfill_progress (job, last_id) VALUES (%s, %s)", (backfill.JOB, ids[1])
+    )
+    checkpoint = conn.execute("SELECT * FROM wsctl.backfill_progress").fetchall()
+    before = table_snapshot(conn)
+    r = run_cli("backfill", "workstream-slug", "--enforce", "--chunk-size", "2", url=db_url)
+    assert r.code == 1
+    assert "not enforcing: 1 batch(es) would still" in r.err
+    assert table_snapshot(conn) == before
+    assert conn.execute("SELECT * FROM wsctl.backfill_progress").fetchall() == checkpoint
+    assert check_count(conn) == 0
+
+
+def test_enforce_with_batch_refuses_while_batches_outside_it_lack_a_workstream(legacy, run_cli):
+    """Every batch in --batch resolves, but the check needs the whole table: nothing is set."""
+    url, conn, ids = legacy
+    before = table_snapshot(conn)
+    r = run_cli(
+        "backfill",
+        "workstream-slug",
+        "--enforce",
+        "--batch",
+        str(ids["one_candidate"]),
+        "--json",
+        url=url,
+    )
+    assert r.code == 1
+    doc = r.json()
+    assert (doc["inferred"], doc["updated"], doc["unresolved"]) == (1, 0, [])
+    assert doc["enforce"]["remaining_null"] == 3
+    assert "not enforcing: 3 batch(es) would still" in r.err
+    assert table_snapshot(conn) == before
+    assert check_count(conn) == 0
+
+
+def test_enforce_that_can_succeed_runs_the_backfill_and_adds_the_check(conn, run_cli, db_url):
+    ids = make_batches(conn, 5)
+    r = run_cli(
+        "backfill", "workstream-slug", "--enforce", "--chunk-size", "2", "--json", url=db_url
+    )
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert (doc["updated"], doc["refused_before_writing"]) == (5, False)
+    assert doc["enforce"]["state"] == "added"
+    assert all(workstreams(conn)[i] == "alpha" for i in ids)
+    assert check_count(conn) == 1 and progress_rows(conn) == []
 
 
 @pytest.mark.parametrize(

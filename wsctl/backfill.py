@@ -14,6 +14,13 @@ batches still without a workstream (those left unresolved, those inserted
 meanwhile, and, after a resume, those the interrupted run left): the report
 and the exit code describe the table as it stands when the run ends.
 
+``--enforce`` decides first: a read-only pass (the dry-run inference) over
+the batches in scope counts what would remain without a workstream; if any
+would, the run is refused before anything is written (not even the
+checkpoint). Otherwise the backfill runs and the NOT NULL check is added and
+validated; a batch without a workstream inserted meanwhile still makes the
+validation refuse, after the backfill's chunks are committed.
+
 The UPDATE says ``WHERE workstream_slug IS NULL``: a value set meanwhile (by
 the dashboard) is never overwritten, and no other column is touched.
 """
@@ -58,7 +65,7 @@ class Unresolved:
 class ChunkReport:
     """What one committed chunk did (passed to ``on_chunk``)."""
 
-    phase: str  # "walk" or "sweep"
+    phase: str  # "check" (--enforce's read-only pass), "walk" or "sweep"
     batch_ids: list[uuid.UUID]
     inferred: int
     defaulted: int
@@ -95,6 +102,8 @@ class BackfillReport:
     # Defaulted batches whose blueprint the default workstream does not fully register.
     default_unregistered: list[uuid.UUID] = field(default_factory=list)
     enforce: EnforceResult | None = None
+    # --enforce refused before writing: the counts say what the backfill would have set.
+    refused_before_writing: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -109,6 +118,7 @@ class BackfillReport:
             "default_unregistered": [str(b) for b in self.default_unregistered],
             "resumed_after": str(self.resumed_after) if self.resumed_after else None,
             "enforce": self.enforce.to_json() if self.enforce else None,
+            "refused_before_writing": self.refused_before_writing,
         }
 
 
@@ -208,11 +218,12 @@ def backfill_workstream_slug(
     ``batch_ids`` restricts the run to those batches (no checkpoint is used).
     ``dry_run`` reads only: it starts from the beginning and writes nothing,
     not even the checkpoint. ``enforce`` adds the NOT NULL check once no batch
-    without a workstream remains (``report.enforce`` says what happened).
-    ``on_chunk`` is called after each committed chunk.
+    without a workstream remains (``report.enforce`` says what happened); it
+    decides first, read only, and refuses before writing anything when a batch
+    would remain without one (``report.refused_before_writing``).
+    ``on_chunk`` is called after each chunk (for ``--enforce``'s read-only
+    pass too, with phase "check").
     """
-    import psycopg
-
     if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise OperationalError(f"the chunk size must be between 1 and {MAX_CHUNK_SIZE}")
     report = BackfillReport(dry_run=dry_run)
@@ -220,15 +231,76 @@ def backfill_workstream_slug(
     scope = _check_scope(conn, batch_ids, report)
     resumable = scope is None and not dry_run
 
+    if (
+        enforce
+        and not dry_run
+        and _refuse_before_writing(conn, scope, chunk_size, lock_timeout, report, on_chunk)
+    ):
+        return report
+
     cursor: uuid.UUID | None = None
     if resumable:
         row = conn.execute(q("backfill_checkpoint_get"), (JOB,)).fetchone()
         if row is not None and row[0] is not None:
             cursor, report.resumed_after, report.resumed_checkpoint_at = row[0], row[0], row[1]
-    total = conn.execute(q("backfill_count_null"), {"after": cursor, "scope": scope}).fetchone()[0]
-
     unresolved: dict[uuid.UUID, Inference] = {}
     # The walk: from the checkpoint to the end, checkpointing each chunk.
+    total = _walk(
+        conn,
+        "walk",
+        scope=scope,
+        cursor=cursor,
+        chunk_size=chunk_size,
+        lock_timeout=lock_timeout,
+        dry_run=dry_run,
+        checkpoint=resumable,
+        report=report,
+        unresolved=unresolved,
+        on_chunk=on_chunk,
+    )
+    if resumable:
+        with tx(conn, lock_timeout=lock_timeout):
+            conn.execute(q("backfill_checkpoint_clear"), (JOB,))
+
+    if not dry_run:
+        _sweep(conn, scope, chunk_size, lock_timeout, report, unresolved, on_chunk, total)
+    report.unresolved = _unresolved_list(unresolved)
+    if enforce:
+        report.enforce = _enforce(conn, report, lock_timeout)
+    return report
+
+
+def _unresolved_list(unresolved: dict[uuid.UUID, Inference]) -> list[Unresolved]:
+    return [
+        Unresolved(batch_id=b, reason=i.reason, candidates=list(i.candidates))
+        for b, i in sorted(unresolved.items(), key=lambda kv: kv[0])
+    ]
+
+
+def _walk(
+    conn: psycopg.Connection,
+    phase: str,
+    *,
+    scope: list[uuid.UUID] | None,
+    cursor: uuid.UUID | None,
+    chunk_size: int,
+    lock_timeout: str,
+    dry_run: bool,
+    checkpoint: bool,
+    report: BackfillReport,
+    unresolved: dict[uuid.UUID, Inference],
+    on_chunk: Callable[[ChunkReport], None] | None,
+) -> int:
+    """The batches without a workstream after ``cursor``, chunk by chunk, one transaction each.
+
+    Unless ``dry_run``, each chunk's inferred (or defaulted) workstreams are
+    set; with ``checkpoint`` the chunk's last id is recorded in the same
+    transaction. Returns how many batches lacked a workstream ahead of the
+    walk when it started.
+    """
+    import psycopg
+
+    total = conn.execute(q("backfill_count_null"), {"after": cursor, "scope": scope}).fetchone()[0]
     while True:
         try:
             with tx(conn, lock_timeout=lock_timeout):
@@ -250,26 +322,69 @@ def backfill_workstream_slug(
                     report=report,
                     unresolved=unresolved,
                 )
-                if resumable:
+                if checkpoint:
                     conn.execute(q("backfill_checkpoint_set"), (JOB, ids[-1]))
         except psycopg.errors.LockNotAvailable as exc:
             raise _lock_error(exc, cursor) from None
         cursor = ids[-1]
         if on_chunk:
-            on_chunk(ChunkReport("walk", ids, *counts, total=total))
-    if resumable:
-        with tx(conn, lock_timeout=lock_timeout):
-            conn.execute(q("backfill_checkpoint_clear"), (JOB,))
+            on_chunk(ChunkReport(phase, ids, *counts, total=total))
+    return total
 
-    if not dry_run:
-        _sweep(conn, scope, chunk_size, lock_timeout, report, unresolved, on_chunk, total)
-    report.unresolved = [
-        Unresolved(batch_id=b, reason=i.reason, candidates=list(i.candidates))
-        for b, i in sorted(unresolved.items(), key=lambda kv: kv[0])
-    ]
-    if enforce:
-        report.enforce = _enforce(conn, report, lock_timeout)
-    return report
+
+def _refuse_before_writing(
+    conn: psycopg.Connection,
+    scope: list[uuid.UUID] | None,
+    chunk_size: int,
+    lock_timeout: str,
+    report: BackfillReport,
+    on_chunk: Callable[[ChunkReport], None] | None,
+) -> bool:
+    """--enforce's decision, read only: would any batch still lack a workstream afterwards?
+
+    Runs the dry-run inference over the batches in scope (from the start, the
+    checkpoint neither read nor written). If some batch would remain without a
+    workstream (in scope and unresolved, or outside the scope), fills
+    ``report`` with what the backfill would have done plus the refusal and
+    returns True: the caller writes nothing.
+    """
+    row = conn.execute(q("backfill_check_state")).fetchone()
+    if row is not None and row[0]:
+        return False  # validated: no batch can lack a workstream
+    probe = BackfillReport(dry_run=True, default=report.default)
+    unresolved: dict[uuid.UUID, Inference] = {}
+    _walk(
+        conn,
+        "check",
+        scope=scope,
+        cursor=None,
+        chunk_size=chunk_size,
+        lock_timeout=lock_timeout,
+        dry_run=True,
+        checkpoint=False,
+        report=probe,
+        unresolved=unresolved,
+        on_chunk=on_chunk,
+    )
+    remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
+    remaining = max(remaining - probe.inferred - probe.defaulted, len(unresolved))
+    if not remaining:
+        return False
+    report.inferred, report.defaulted, report.scanned = (
+        probe.inferred,
+        probe.defaulted,
+        probe.scanned,
+    )
+    report.default_unregistered = probe.default_unregistered
+    report.unresolved = _unresolved_list(unresolved)
+    report.refused_before_writing = True
+    report.enforce = EnforceResult(
+        "refused",
+        remaining,
+        f"not enforcing: {remaining} batch(es) would still have no workstream_slug after the "
+        "backfill (resolve them, or pass --default); nothing was written",
+    )
+    return True
 
 
 def _sweep(

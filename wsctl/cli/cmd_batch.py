@@ -188,7 +188,8 @@ def backfill_workstream_slug(
     enforce: bool = typer.Option(
         False,
         "--enforce",
-        help="Then require a workstream on every batch (CHECK ... NOT NULL); refused while any lacks one.",
+        help="Then require a workstream on every batch (CHECK ... NOT NULL); refused, writing "
+        "nothing, if any batch would still lack one.",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -199,14 +200,18 @@ def backfill_workstream_slug(
 
     ids = [part.strip() for value in (batch or []) for part in value.split(",") if part.strip()]
     with state(ctx).connect() as conn, output.progress("backfilling", None) as bar:
-        total_set = [False]
+        # --enforce's read-only check pass, then the walk: one bar over both.
+        phases: list[str] = []
+        done = [0]
 
         def on_chunk(chunk: backfill.ChunkReport) -> None:
-            if not total_set[0]:
-                bar.update_total(chunk.total)
-                total_set[0] = True
-            if chunk.phase == "walk":
-                bar.advance(len(chunk.batch_ids))
+            if chunk.phase == "sweep":
+                return
+            if chunk.phase not in phases:
+                phases.append(chunk.phase)
+                bar.update_total(done[0] + chunk.total)
+            bar.advance(len(chunk.batch_ids))
+            done[0] += len(chunk.batch_ids)
 
         report = backfill.backfill_workstream_slug(
             conn,
@@ -233,11 +238,12 @@ def backfill_workstream_slug(
     if as_json:
         output.emit_json(report.to_json())
     else:
-        would = "would set" if report.dry_run else "set"
+        hypothetical = report.dry_run or report.refused_before_writing
+        would = "would set" if hypothetical else "set"
+        n_set = report.inferred + report.defaulted if hypothetical else report.updated
         output.line(
             f"inferred {report.inferred}, defaulted {report.defaulted}, "
-            f"{would} {report.inferred + report.defaulted if report.dry_run else report.updated}, "
-            f"unresolved {len(report.unresolved)}"
+            f"{would} {n_set}, unresolved {len(report.unresolved)}"
         )
         if report.unresolved:
             output.table(
