@@ -97,6 +97,40 @@ def test_demo_table_output(run_cli, db_url):
     assert "every step ran with its own workstream's config" in res.err
 
 
+BOGUS_URL = "postgresql://nobody@127.0.0.1:1/nowhere"
+
+
+@pytest.mark.parametrize("spelling", ["after the command", "before the command"])
+def test_demo_takes_database_url_before_or_after_the_command(
+    run_cli, db_url, monkeypatch, spelling
+):
+    """`wsctl demo --database-url URL` and `wsctl --database-url URL demo` are the same run;
+    WSCTL_DATABASE_URL, DATABASE_URL and wsctl.toml are still ignored."""
+    from wsctl.db import mask_url
+
+    monkeypatch.setenv("WSCTL_DATABASE_URL", BOGUS_URL)
+    monkeypatch.setenv("DATABASE_URL", BOGUS_URL)
+    Path("wsctl.toml").write_text(f'[database]\nurl = "{BOGUS_URL}"\n')
+    if spelling == "after the command":
+        res = run_cli("demo", "--database-url", db_url, "--json")
+    else:
+        res = run_cli("--database-url", db_url, "demo", "--json")
+    assert res.code == 0, res.err
+    doc = res.json()
+    _check_run(doc)
+    assert doc["database"] == mask_url(db_url)
+    assert "embedded" not in res.err
+
+
+def test_demo_database_url_of_the_command_beats_the_global_one(run_cli, db_url, conn):
+    before = table_snapshot(conn)
+    res = run_cli("--database-url", db_url, "demo", "--database-url", BOGUS_URL)
+    assert res.code == 3  # it tried the command's URL (which refuses connections)
+    assert "127.0.0.1:1" in res.err and len(res.err.strip().splitlines()) == 1
+    assert res.out == ""
+    assert table_snapshot(conn) == before
+
+
 def test_demo_finishes_an_interrupted_earlier_run_cleanly(run_cli, db_url):
     assert run_cli("demo", "--json", url=db_url).code == 0
     with psycopg.connect(db_url, autocommit=True) as conn:

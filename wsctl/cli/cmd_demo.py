@@ -9,6 +9,12 @@ from wsctl.cli.common import JSON_OPTION, state
 
 def demo(
     ctx: typer.Context,
+    database_url: str | None = typer.Option(
+        None,
+        "--database-url",
+        help="Run in this database instead of the embedded one (beats the global option).",
+        show_default=False,
+    ),
     timeout: float = typer.Option(
         50.0, "--timeout", help="Seconds before the demo gives up waiting for its batches."
     ),
@@ -36,7 +42,9 @@ def demo(
 
     if timeout <= 0:
         raise UsageError("--timeout must be a positive number of seconds")
-    url = state(ctx).database_url  # the option only: WSCTL_DATABASE_URL etc. are ignored here
+    # The options only (this command's, then the global one): WSCTL_DATABASE_URL,
+    # DATABASE_URL and wsctl.toml are ignored here.
+    url = database_url or state(ctx).database_url
     if url:
         label = db.mask_url(url)
     else:
