@@ -76,6 +76,20 @@ def test_demo_twice_against_a_given_database(run_cli, db_url):
         )
 
 
+def test_demo_pass_lines_count_the_callbacks_of_their_pass(run_cli, db_url):
+    """Each pass's state summary is printed after its Clay callbacks landed: no line shows
+    states still DISPATCHED, and the last one agrees with the closing line."""
+    res = run_cli("demo", url=db_url)
+    assert res.code == 0, res.err
+    passes = [ln for ln in res.err.splitlines() if ln.startswith("wsctl: pass ")]
+    assert passes
+    for ln in passes:
+        assert "DISPATCHED" not in ln and "DISPATCHING" not in ln, ln
+    n_steps = N_ITEMS * len(demo.BLUEPRINT)
+    assert passes[-1].endswith(f"states now COMPLETED {n_steps}"), passes[-1]
+    assert f"{n_steps} steps in 2 batches" in res.err
+
+
 def test_demo_table_output(run_cli, db_url):
     res = run_cli("demo", url=db_url)
     assert res.code == 0, res.err

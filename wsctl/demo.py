@@ -399,6 +399,21 @@ def _all_done(conn: psycopg.Connection, batch_ids: list[uuid.UUID]) -> bool:
     return total > 0 and done == total
 
 
+IN_FLIGHT = ("DISPATCHING", "DISPATCHED")
+
+
+def _wait_for_callbacks(
+    conn: psycopg.Connection, batch_ids: list[uuid.UUID], deadline: float
+) -> dict[str, int]:
+    """Wait until no state of the batches is in flight (every Clay callback has landed and
+    completed its state) or the deadline passes; returns the states per status then."""
+    while True:
+        counts = _progress(conn, batch_ids)
+        if not any(counts.get(s) for s in IN_FLIGHT) or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
 def _problems(conn: psycopg.Connection, batch_ids: list[uuid.UUID]) -> str | None:
     rows = conn.execute(q("demo_problems"), (batch_ids,)).fetchall()
     if not rows:
@@ -484,7 +499,9 @@ def run_demo(
             while True:
                 summary = run_pass(conn, backend, opts)
                 result.passes += 1
-                counts = _progress(conn, batch_ids)
+                # Wait for the pass's outstanding Clay callbacks before saying where the
+                # batches stand: the summary then counts what the callbacks completed.
+                counts = _wait_for_callbacks(conn, batch_ids, deadline)
                 if summary.claimed:
                     say(
                         f"pass {result.passes}: dispatched {summary.dispatched}, completed "
@@ -496,12 +513,6 @@ def run_demo(
                 problem = _problems(conn, batch_ids)
                 if problem:
                     raise OperationalError(f"the demo stopped: {problem}")
-                # Wait for Clay's callbacks (or the next due state) before the next pass.
-                while not _all_done(conn, batch_ids):
-                    counts = _progress(conn, batch_ids)
-                    if counts.get("PENDING") or time.monotonic() > deadline:
-                        break
-                    time.sleep(0.05)
                 if _all_done(conn, batch_ids):
                     break
                 if time.monotonic() > deadline:
