@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -87,7 +90,7 @@ def test_init_writes_commented_toml_and_refuses_overwrite(run_cli, tmp_path):
 
     before = (tmp_path / "wsctl.toml").read_text()
     r = run_cli("init", "--database-url", "postgresql://other@db/x")
-    assert r.code == 2
+    assert r.code == 1  # refused (README: refused = 1), not a usage error
     assert "--force" in r.err and len(r.err.strip().splitlines()) == 1
     assert (tmp_path / "wsctl.toml").read_text() == before
 
@@ -125,3 +128,151 @@ def test_mask_url_never_shows_the_password(user, password):
     masked = mask_url(f"postgresql://{user}:{password}@db.example.com:5432/postgres")
     assert "***" in masked
     assert f":{password}@" not in masked
+
+
+# --- every key of wsctl.toml is checked at load time ----------------------
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[dispatch]\nlimit = "lots"\n', "dispatch.limit must be a whole number >= 1, not 'lots'"),
+        ("[dispatch]\nlimit = 0\n", "dispatch.limit must be a whole number >= 1, not 0"),
+        ("[dispatch]\nlimit = 2.5\n", "dispatch.limit must be a whole number >= 1, not 2.5"),
+        ("[dispatch]\nconcurrency = true\n", "dispatch.concurrency must be a whole number >= 1, not true"),
+        ("[dispatch]\nlease_seconds = -5\n", "dispatch.lease_seconds must be a whole number >= 1"),
+        ("[dispatch]\nmax_attempts = [3]\n", "dispatch.max_attempts must be a whole number >= 1, not [3]"),
+        ('[dispatch]\ncallback_timeout = "1h"\n', "dispatch.callback_timeout must be a whole number >= 1, not '1h'"),
+        ('[dispatch]\nspawn_timeout = "fast"\n', "dispatch.spawn_timeout must be a number of seconds > 0, not 'fast'"),
+        ("[dispatch]\nspawn_timeout = 0\n", "dispatch.spawn_timeout must be a number of seconds > 0, not 0"),
+        ("[dispatch]\ninterval = nan\n", "dispatch.interval must be a number of seconds > 0, not nan"),
+        ("[dispatch]\ninterval = inf\n", "dispatch.interval must be a number of seconds > 0, not inf"),
+        ('[dispatch]\nbackend = "cloud"\n', "dispatch.backend must be 'modal' or 'local', not 'cloud'"),
+        ("[dispatch]\napp = 3\n", "dispatch.app must be a non-empty string, not 3"),
+        ('[dispatch]\napp = ""\n', "dispatch.app must be a non-empty string, not ''"),
+        ("[dispatch]\nmodal_environment = 1\n", "dispatch.modal_environment must be a string, not 1"),
+        ('[database]\nconnect_timeout = "soon"\n', "database.connect_timeout must be a whole number >= 1, not 'soon'"),
+        ("[database]\nconnect_timeout = 0\n", "database.connect_timeout must be a whole number >= 1, not 0"),
+        ('[database]\nstatement_timeout = "banana"\n', "database.statement_timeout must be a PostgreSQL duration"),
+        ('[database]\nstatement_timeout = "5 minutes"\n', "database.statement_timeout must be a PostgreSQL duration"),
+        ('[database]\nstatement_timeout = "-1s"\n', "database.statement_timeout must be a PostgreSQL duration"),
+        ("[database]\nstatement_timeout = -1\n", "from 0 to 2147483647 ms, not -1"),
+        ('[database]\nstatement_timeout = "30d"\n', "from 0 to 2147483647 ms, not '30d'"),
+        ("[database]\nstatement_timeout = 1.5\n", "database.statement_timeout must be a PostgreSQL duration"),
+        ("[database]\nurl = 5432\n", "database.url must be a string, not 5432"),
+        ("[database]\npooler = 1\n", "database.pooler must be 'session' or 'transaction', not 1"),
+    ],
+)  # fmt: skip
+def test_wrong_value_types_are_a_usage_error_naming_file_and_key(
+    cli, conn, tmp_path, body, message
+):
+    from tests.conftest import table_snapshot
+
+    (tmp_path / "wsctl.toml").write_text(body)
+    with pytest.raises(UsageError) as info:
+        settings.load()
+    error = info.value.one_line()
+    assert error.startswith(f"{tmp_path / 'wsctl.toml'}: ") and message in error
+    # Through the CLI: one line, exit 2, no traceback, and nothing written.
+    before = table_snapshot(conn)
+    for args in (["dispatch", "--dry-run"], ["client", "add", "acme"]):
+        r = cli(*args)
+        assert r.code == 2, (args, r.out, r.err)
+        assert r.err.strip().splitlines() == [f"wsctl: error: {error}"]
+        assert "Traceback" not in r.err and "internal error" not in r.err
+    assert table_snapshot(conn) == before
+
+
+def test_the_error_names_the_file_that_holds_the_bad_value(tmp_path):
+    user_file = settings.user_config_path()
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text('[dispatch]\nlimit = "lots"\n')
+    (tmp_path / "wsctl.toml").write_text("[dispatch]\nlimit = 5\n")
+    with pytest.raises(UsageError, match=f"^{user_file}: dispatch.limit"):
+        settings.load()
+
+
+def test_long_bad_values_are_shortened_in_the_error(tmp_path):
+    (tmp_path / "wsctl.toml").write_text(f'[dispatch]\nlimit = "{"x" * 10_000}"\n')
+    with pytest.raises(UsageError) as info:
+        settings.load()
+    assert len(info.value.one_line()) < len(str(tmp_path)) + 150
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [('"5min"', "5min"), ('"30s"', "30s"), ('"500ms"', "500ms"), ('"0"', "0"), ("0", "0"),
+     ("30000", "30000"), ('"2h"', "2h"), ('"1d"', "1d"), ('"1.5s"', "1.5s"), ('" 5 min "', "5 min")],
+)  # fmt: skip
+def test_statement_timeout_accepts_postgres_durations(tmp_path, value, expected):
+    (tmp_path / "wsctl.toml").write_text(f"[database]\nstatement_timeout = {value}\n")
+    assert settings.load().statement_timeout == expected
+
+
+def test_statement_timeout_values_are_accepted_by_postgres(conn, tmp_path):
+    from wsctl.db import tx
+
+    for value in ("5min", "30s", "500ms", "0", 30000, "1.5s", "5 min", "24d", 2147483647):
+        literal = f'"{value}"' if isinstance(value, str) else str(value)
+        (tmp_path / "wsctl.toml").write_text(f"[database]\nstatement_timeout = {literal}\n")
+        timeout = settings.load().statement_timeout
+        with tx(conn, statement_timeout=timeout):
+            assert conn.execute("SHOW statement_timeout").fetchone()[0]
+
+
+def test_good_values_are_kept_with_their_types(tmp_path):
+    (tmp_path / "wsctl.toml").write_text(
+        "[dispatch]\nlimit = 7\nspawn_timeout = 2\ninterval = 0.5\n"
+        'backend = "local"\napp = "w"\nmodal_environment = ""\n'
+        "[database]\nconnect_timeout = 3\n"
+    )
+    s = settings.load()
+    assert s.dispatch["limit"] == 7
+    assert s.dispatch["spawn_timeout"] == 2.0 and isinstance(s.dispatch["spawn_timeout"], float)
+    assert s.dispatch["interval"] == 0.5 and s.dispatch["backend"] == "local"
+    assert s.dispatch["modal_environment"] is None  # empty: Modal's default environment
+    assert s.connect_timeout == 3
+
+
+# --- wsctl init: private file, refusal is exit 1 ---------------------------
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_init_writes_the_file_readable_by_its_owner_only(run_cli, tmp_path):
+    old_umask = os.umask(0o022)  # the usual umask, which made the file 0644 before
+    try:
+        r = run_cli("init", "--database-url", "postgresql://app:pw@db:5432/postgres")
+        assert r.code == 0, r.err
+        assert _mode(tmp_path / "wsctl.toml") == 0o600
+
+        # --force over a world-readable file leaves a private one.
+        (tmp_path / "wsctl.toml").chmod(0o644)
+        r = run_cli("init", "--force", "--database-url", "postgresql://app:pw2@db:5432/postgres")
+    finally:
+        os.umask(old_umask)
+    assert r.code == 0, r.err
+    assert _mode(tmp_path / "wsctl.toml") == 0o600
+    assert "pw2" in (tmp_path / "wsctl.toml").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if "wsctl" in p.name) == ["wsctl.toml"]
+
+
+def test_init_refuses_an_existing_file_with_exit_1_and_leaves_it_alone(run_cli, tmp_path):
+    target = tmp_path / "wsctl.toml"
+    target.write_text("# mine\n")
+    target.chmod(0o644)
+    r = run_cli("init", "--database-url", "postgresql://app:pw@db:5432/postgres")
+    assert r.code == 1, (r.out, r.err)
+    assert r.err.strip().splitlines() == [
+        f"wsctl: error: {Path('wsctl.toml')} already exists; pass --force to overwrite it"
+    ]
+    assert target.read_text() == "# mine\n" and _mode(target) == 0o644
+
+
+def test_init_into_a_missing_directory_is_an_environment_error(run_cli, tmp_path):
+    r = run_cli("init", "--path", str(tmp_path / "no" / "such" / "wsctl.toml"))
+    assert r.code == 3, (r.out, r.err)
+    assert len(r.err.strip().splitlines()) == 1 and "cannot write" in r.err
+    assert not (tmp_path / "no").exists()

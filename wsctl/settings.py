@@ -9,13 +9,16 @@ Other keys (``[database]`` and ``[dispatch]`` tables) come from
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from wsctl.errors import EnvError, UsageError
+from wsctl.errors import EnvError, OperationalError, UsageError
 
 DISPATCH_DEFAULTS: dict[str, Any] = {
     "backend": "modal",
@@ -99,8 +102,124 @@ def url_port(url: str) -> int | None:
         return None
 
 
+# --- value checks ----------------------------------------------------------
+# Each check returns the value to use, or the phrase the error puts after
+# "must be" through _Invalid. Values are checked as each file is read, so the
+# error names the file that holds the bad value.
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        return repr(value if len(value) <= 60 else f"{value[:57]}...")
+    else:
+        text = str(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _whole_number(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise _Invalid("a whole number >= 1")
+
+
+def _positive_seconds(value: Any) -> float:
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    ):
+        return float(value)
+    raise _Invalid("a number of seconds > 0")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str) and value.strip():
+        return value
+    raise _Invalid("a non-empty string")
+
+
+def _optional_text(value: Any) -> str | None:
+    """A string; empty means unset (Modal's default environment)."""
+    if isinstance(value, str):
+        return value.strip() or None
+    raise _Invalid("a string")
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value in choices:
+            return value
+        raise _Invalid(" or ".join(repr(c) for c in choices))
+
+    return check
+
+
+# PostgreSQL's units for a time setting in milliseconds (statement_timeout).
+_DURATION_UNITS_MS = {"ms": 1, "s": 1000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|min|h|d)?$")
+_PG_INT_MAX = 2**31 - 1  # statement_timeout's upper bound, in ms
+
+
+def _duration(value: Any) -> str:
+    """A statement_timeout: ``"5min"``, ``"30s"``, ``"500ms"``, ``"0"`` or an integer of ms."""
+    why = "a PostgreSQL duration such as '5min', '30s', '500ms' or '0' (units ms, s, min, h, d)"
+    if isinstance(value, int) and not isinstance(value, bool):
+        ms, text = value, str(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())):
+        ms = float(m.group(1)) * _DURATION_UNITS_MS[m.group(2) or "ms"]
+        text = value.strip()
+    else:
+        raise _Invalid(why)
+    if not 0 <= ms <= _PG_INT_MAX:
+        raise _Invalid(f"{why}, from 0 to {_PG_INT_MAX} ms")
+    return text
+
+
+DATABASE_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "pooler": _one_of("session", "transaction"),
+    "connect_timeout": _whole_number,
+    "statement_timeout": _duration,
+}
+
+DISPATCH_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "backend": _one_of("modal", "local"),
+    "app": _text,
+    "modal_environment": _optional_text,
+    "limit": _whole_number,
+    "concurrency": _whole_number,
+    "lease_seconds": _whole_number,
+    "spawn_timeout": _positive_seconds,
+    "max_attempts": _whole_number,
+    "callback_timeout": _whole_number,
+    "interval": _positive_seconds,
+}
+
+
+def check_value(path: str, table: str, key: str, value: Any) -> Any:
+    """``value`` of ``[table] key`` as wsctl uses it; ``UsageError`` naming file and key if not."""
+    checks = DATABASE_CHECKS if table == "database" else DISPATCH_CHECKS
+    if key not in checks:
+        raise UsageError(f"{path}: unknown key {table}.{key}")
+    try:
+        return checks[key](value)
+    except _Invalid as exc:
+        raise UsageError(f"{path}: {table}.{key} must be {exc}, not {_shown(value)}") from None
+
+
 def load(database_url: str | None = None, *, env: dict[str, str] | None = None) -> Settings:
-    """Read settings; ``database_url`` is the command-line option (highest precedence)."""
+    """Read settings; ``database_url`` is the command-line option (highest precedence).
+
+    Every key of every file is checked for its type and range here, so a bad
+    value is a usage error (exit 2) naming the file and key, never a traceback
+    in the command that uses it.
+    """
     env = os.environ if env is None else env
     layers: list[tuple[str, dict[str, Any]]] = []
     for path in (user_config_path(), local_config_path()):
@@ -117,24 +236,17 @@ def load(database_url: str | None = None, *, env: dict[str, str] | None = None) 
             raise UsageError(f"{path}: [database] must be a table")
         for key, value in section.items():
             if key == "url":
+                if not isinstance(value, str):
+                    raise UsageError(f"{path}: database.url must be a string, not {_shown(value)}")
                 if value:
-                    file_url = (str(value), f"file:{path}")
-            elif key in DATABASE_DEFAULTS:
-                db[key] = value
+                    file_url = (value, f"file:{path}")
             else:
-                raise UsageError(f"{path}: unknown key database.{key}")
+                db[key] = check_value(path, "database", key, value)
         section = data.get("dispatch", {})
         if not isinstance(section, dict):
             raise UsageError(f"{path}: [dispatch] must be a table")
         for key, value in section.items():
-            if key not in DISPATCH_DEFAULTS:
-                raise UsageError(f"{path}: unknown key dispatch.{key}")
-            dispatch[key] = value
-
-    if db["pooler"] not in ("session", "transaction"):
-        raise UsageError(
-            f"database.pooler must be 'session' or 'transaction', not {db['pooler']!r}"
-        )
+            dispatch[key] = check_value(path, "dispatch", key, value)
 
     url, source = None, "embedded"
     if database_url:
@@ -150,8 +262,8 @@ def load(database_url: str | None = None, *, env: dict[str, str] | None = None) 
         database_url=url,
         url_source=source,
         pooler=db["pooler"],
-        connect_timeout=int(db["connect_timeout"]),
-        statement_timeout=str(db["statement_timeout"]),
+        connect_timeout=db["connect_timeout"],
+        statement_timeout=db["statement_timeout"],
         dispatch=dispatch,
         files=tuple(p for p, _ in layers),
     )
@@ -170,19 +282,50 @@ INIT_TEMPLATE_HEADER = """\
 
 
 def write_init_file(path: Path, database_url: str | None, *, force: bool) -> Path:
-    """Write a commented wsctl.toml; refuse to overwrite without ``force``."""
+    """Write a commented wsctl.toml, readable by its owner only (mode 0600: it may hold a
+    password); refuse to overwrite an existing file without ``force`` (exit 1)."""
     import tomli_w
 
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists; pass --force to overwrite it")
+    path = Path(path)
     database: dict[str, Any] = {}
     if database_url:
         database["url"] = database_url
     database.update(DATABASE_DEFAULTS)
     dispatch = {k: v for k, v in DISPATCH_DEFAULTS.items() if v is not None}
-    body = tomli_w.dumps({"database": database, "dispatch": dispatch})
+    text = INIT_TEMPLATE_HEADER + "\n" + tomli_w.dumps({"database": database, "dispatch": dispatch})
     try:
-        path.write_text(INIT_TEMPLATE_HEADER + "\n" + body, encoding="utf-8")
+        if force:
+            _replace_private(path, text)
+        else:
+            _create_private(path, text)
+    except FileExistsError:
+        raise OperationalError(f"{path} already exists; pass --force to overwrite it") from None
     except OSError as exc:
         raise EnvError(f"cannot write {path}: {exc.strerror}") from None
     return path
+
+
+def _create_private(path: Path, text: str) -> None:
+    # O_EXCL: an existing file (or one created meanwhile) is never touched.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError:
+        path.unlink(missing_ok=True)
+        raise
+
+
+def _replace_private(path: Path, text: str) -> None:
+    # A private temporary file renamed over the old one: never half-written, never 0644.
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
+        raise
