@@ -493,3 +493,32 @@ def test_apollo_config_is_untouched_by_linkedin_writes(cli, conn, world):
     res = cli("config", "show", "--workflow", ENRICH, "--client", "acme", "--workstream", APOLLO,
               "--reveal", "--json")  # fmt: skip
     assert res.json()["config"] == APOLLO_CFG
+
+
+# --- overlong input: the right reason, one short line ------------------------
+
+LONG = "a" * 10_000
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["registry", "add", "--workflow", LONG, "--workstream", APOLLO, "--type", "sync", "--sender", "f"],
+         "invalid workflow slug 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...': too long (10000 characters; at most 200)"),
+        (["registry", "add", "--workflow", ENRICH, "--workstream", LONG, "--type", "sync", "--sender", "f"],
+         "invalid workstream slug"),
+        (["registry", "add", "--workflow", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", LONG],
+         "invalid sender function name"),
+        (["config", "set", "--client", "acme", "--workflow", LONG, "--workstream", APOLLO, "--set", "a=1"],
+         "invalid workflow slug"),
+        (["client", "add", LONG], "invalid client name"),
+    ],
+)  # fmt: skip
+def test_overlong_input_is_refused_as_too_long(cli, conn, world, args, text):
+    before = table_snapshot(conn)
+    r = cli(*args)
+    assert_refused(r, 1, text)
+    assert "too long (10000 characters; at most 200)" in r.err
+    assert "use lower-case letters" not in r.err and "expected a Python identifier" not in r.err
+    assert len(r.err) < 200  # the 10,000 characters are not echoed
+    assert table_snapshot(conn) == before

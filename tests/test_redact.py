@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wsctl.domain import SLUG_RE, validate_slug
+from wsctl.domain import MAX_SLUG, SLUG_RE, validate_slug
 from wsctl.errors import OperationalError
 from wsctl.redact import MASK, is_secret_key, redact, redact_text, redact_url
 
@@ -124,3 +124,16 @@ def test_invalid_slugs_are_refused_with_one_line(value):
 def test_hostile_and_odd_slugs(value):
     with pytest.raises(OperationalError, match="invalid slug"):
         validate_slug(value)
+
+
+@given(st.integers(min_value=MAX_SLUG + 1, max_value=20_000))
+def test_overlong_slugs_say_too_long_in_one_short_line(length):
+    with pytest.raises(OperationalError) as info:
+        validate_slug("a" * length, "workflow slug")
+    message = info.value.one_line()
+    assert f"too long ({length} characters; at most {MAX_SLUG})" in message
+    assert "lower-case" not in message and len(message) < 150
+
+
+def test_slug_of_exactly_max_length_passes():
+    assert validate_slug("a" * MAX_SLUG) == "a" * MAX_SLUG

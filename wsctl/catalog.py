@@ -38,6 +38,13 @@ def _shown(value: Any) -> str:
     return repr(text if len(text) <= 80 else f"{text[:77]}...")
 
 
+def _too_long(what: str, value: str) -> str:
+    return (
+        f"invalid {what} {value[:40] + '...'!r}: too long ({len(value)} characters; "
+        f"at most {MAX_NAME})"
+    )
+
+
 # --- clients ---------------------------------------------------------------
 
 
@@ -63,7 +70,9 @@ class ClientRow:
 def validate_client_name(name: str) -> str:
     """A new client's name: letters, digits, spaces and . & ' , ( ) + / _ - (no ';', quotes only ')."""
     value = name.strip() if isinstance(name, str) else ""
-    if not value or len(value) > MAX_NAME or not _CLIENT_NAME_RE.fullmatch(value):
+    if len(value) > MAX_NAME:
+        raise OperationalError(_too_long("client name", value))
+    if not value or not _CLIENT_NAME_RE.fullmatch(value):
         raise OperationalError(
             f"invalid client name {_shown(name)}: use letters, digits, spaces and . & ' , ( ) + / _ -, "
             "starting with a letter or digit"
@@ -139,7 +148,9 @@ def validate_registry_row(
     for what, fn in (("sender", sender), ("receiver", receiver)):
         if fn is None and what == "receiver":
             continue
-        if not isinstance(fn, str) or len(fn) > MAX_NAME or not _FN_RE.fullmatch(fn):
+        if isinstance(fn, str) and len(fn) > MAX_NAME:
+            raise OperationalError(_too_long(f"{what} function name", fn))
+        if not isinstance(fn, str) or not _FN_RE.fullmatch(fn):
             raise OperationalError(
                 f"invalid {what} function name {_shown(fn)}: expected a Python identifier "
                 "(or Class.method)"

@@ -24,7 +24,12 @@ MAX_SLUG = 200
 
 def validate_slug(value: str, what: str = "slug") -> str:
     """Return ``value`` if it is a slug (``^[a-z0-9][a-z0-9_-]*$``), else exit 1 with a clear error."""
-    if not isinstance(value, str) or not SLUG_RE.fullmatch(value) or len(value) > MAX_SLUG:
+    if isinstance(value, str) and len(value) > MAX_SLUG:
+        raise OperationalError(
+            f"invalid {what} {value[:40] + '...'!r}: too long ({len(value)} characters; "
+            f"at most {MAX_SLUG})"
+        )
+    if not isinstance(value, str) or not SLUG_RE.fullmatch(value):
         shown = value if isinstance(value, str) and len(value) <= 80 else f"{str(value)[:77]}..."
         raise OperationalError(
             f"invalid {what} {shown!r}: use lower-case letters, digits, '_' and '-', "
