@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -10,6 +13,7 @@ import psycopg
 import pytest
 
 from tests.conftest import table_snapshot
+from tests.test_batch_create import run_with_stderr_on_a_pty
 from wsctl import backfill
 from wsctl.errors import OperationalError
 
@@ -442,3 +446,34 @@ def test_dry_run_neither_reads_nor_writes_the_checkpoint(conn, run_cli, db_url):
     assert r.json()["inferred"] == 5 and r.json()["updated"] == 0
     assert table_snapshot(conn) == before
     assert progress_rows(conn) == [(backfill.JOB, ids[2])]
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_and_not_otherwise(conn, db_url):
+    make_batches(conn, 5)
+    env = {**os.environ, "WSCTL_DATABASE_URL": db_url}
+    args = ["backfill", "workstream-slug", "--chunk-size", "2"]
+
+    def reset() -> None:
+        conn.execute("UPDATE public.batches SET workstream_slug = NULL")
+
+    code, out, term = run_with_stderr_on_a_pty(args, env)
+    assert code == 0, term
+    assert out == "inferred 5, defaulted 0, set 5, unresolved 0\n"  # stdout is a pipe: plain
+    # Rich's bar, advanced chunk by chunk to the 5 batches the walk found without a workstream.
+    assert "\x1b[" in term and "backfilling" in term and "5/5" in term, term
+    assert set(workstreams(conn).values()) == {"alpha"}
+
+    reset()
+    plain = subprocess.run(
+        [sys.executable, "-m", "wsctl", *args], capture_output=True, env=env, text=True
+    )
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stderr == ""  # no bar, no escape codes
+    assert plain.stdout == "inferred 5, defaulted 0, set 5, unresolved 0\n"
+
+    # With --enforce the one bar covers the read-only check pass and then the walk.
+    reset()
+    code, out, term = run_with_stderr_on_a_pty([*args, "--enforce"], env)
+    assert code == 0, term
+    assert "10/10" in term, term
+    assert check_count(conn) == 1

@@ -476,3 +476,71 @@ def test_any_json_object_comes_back_unchanged(conn, catalog, tmp_path, objects):
         )
     ]
     assert got == objects
+
+
+# --- the progress bar ------------------------------------------------------------
+
+
+def run_with_stderr_on_a_pty(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
+    """Run ``python -m wsctl ARGS`` with stderr on a pseudo-terminal (stdout a pipe);
+    returns (exit code, stdout, everything written to the terminal)."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**env, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+    for var in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        env.pop(var, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wsctl", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # keep the terminal's buffer from filling while the command runs
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every copy of the slave side is closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    out = proc.stdout.read().decode()
+    code = proc.wait(timeout=120)
+    reader.join(timeout=10)
+    os.close(master)
+    return code, out, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_and_not_otherwise(db_url, conn, catalog, tmp_path):
+    items = write_csv(tmp_path / "items.csv", 7)
+    env = {**os.environ, "WSCTL_DATABASE_URL": db_url}
+    args = list(create_args(items))
+
+    code, out, term = run_with_stderr_on_a_pty(args, env)
+    assert code == 0, term
+    assert out.startswith("created batch ") and "\x1b" not in out  # stdout is a pipe: plain
+    # Rich's bar, advanced to the file's 7 items (its total is unknown while reading).
+    assert "\x1b[" in term, term
+    assert "loading items" in term and "7/?" in term, term
+
+    plain = subprocess.run(
+        [sys.executable, "-m", "wsctl", *args], capture_output=True, env=env, text=True
+    )
+    assert plain.returncode == 0, plain.stderr
+    # No bar, no escape codes: nothing but the normal lines (acme lacks the clay step's config).
+    warning = (
+        "wsctl: warning: client acme has no config for step "
+        "enrich_company_via_waterfall_in_clay in workstream apollo_scrape"
+    )
+    assert plain.stderr.splitlines() == [warning]
+    assert warning in term
+    assert plain.stdout.startswith("created batch ") and len(plain.stdout.splitlines()) == 1
+    assert conn.execute("SELECT count(*) FROM public.batch_items").fetchone()[0] == 14
