@@ -522,3 +522,95 @@ def test_overlong_input_is_refused_as_too_long(cli, conn, world, args, text):
     assert "use lower-case letters" not in r.err and "expected a Python identifier" not in r.err
     assert len(r.err) < 200  # the 10,000 characters are not echoed
     assert table_snapshot(conn) == before
+
+
+# --- values a jsonb column cannot hold: refused before any write -------------
+
+SET_BASE = ("config", "set", "--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("x.toml", "b = 2020-01-01T00:00:00Z\n",
+         "key b: a TOML datetime cannot be stored in a JSON config; quote it as a string"),
+        ("x.toml", "a = 1\n[x]\nwhen = 1979-05-27T07:32:00\n",
+         "key x.when: a TOML datetime cannot be stored in a JSON config; quote it as a string"),
+        ("x.toml", "[x]\nday = 1979-05-27\n",
+         "key x.day: a TOML date cannot be stored in a JSON config; quote it as a string"),
+        ("x.toml", "times = [1, 07:32:00]\n",
+         "key times[1]: a TOML time cannot be stored in a JSON config; quote it as a string"),
+        ("x.toml", "ratio = nan\n", "key ratio: NaN is not a JSON number"),
+        ("x.toml", "[[rows]]\nlimit = -inf\n", "key rows[0].limit: -Infinity is not a JSON number"),
+        ("x.toml", 'name = "a\\u0000b"\n',
+         "key name: the string contains a NUL character (\\u0000), which PostgreSQL cannot store"),
+        ("x.toml", f"big = {'9' * 5000}\n", "not valid TOML: Exceeds the limit (4300 digits)"),
+        ("x.json", '{"a": {"b": [NaN]}}', "key a.b[0]: NaN is not a JSON number"),
+        ("x.json", '{"a": Infinity}', "key a: Infinity is not a JSON number"),
+        ("x.json", '{"a": 1e999}', "key a: Infinity is not a JSON number"),
+        ("x.json", '{"a": "x\\u0000y"}', "key a: the string contains a NUL character (\\u0000)"),
+        ("x.json", '{"a\\u0000b": 1}', "key a\\u0000b: the key name contains a NUL character"),
+        ("x.json", '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "not valid JSON: nested too deeply"),
+        ("x.json", '{"a": ' + "9" * 5000 + "}", "not valid JSON: Exceeds the limit (4300 digits)"),
+    ],
+)  # fmt: skip
+def test_config_set_refuses_file_values_jsonb_cannot_hold(
+    cli, conn, world, tmp_path, name, content, message
+):
+    path = tmp_path / name
+    path.write_text(content)
+    before = table_snapshot(conn)
+    r = cli(*SET_BASE, "--file", str(path))
+    assert_refused(r, 1, f"{path}: {message}")
+    assert "internal error" not in r.err and len(r.err) < 400
+    assert table_snapshot(conn) == before
+
+
+@pytest.mark.parametrize(
+    "assignment, message",
+    [
+        ("k=NaN", "--set: key k: NaN is not a JSON number"),
+        ("k=Infinity", "--set: key k: Infinity is not a JSON number"),
+        ("k=-Infinity", "--set: key k: -Infinity is not a JSON number"),
+        ("k=1e999", "--set: key k: Infinity is not a JSON number (numbers must be finite; 1e999"),
+        ('k={"a": [1, NaN]}', "--set: key k.a[1]: NaN is not a JSON number"),
+        ('k="a\\u0000b"', "--set: key k: the string contains a NUL character (\\u0000)"),
+        ('k={"x\\u0000": 1}', "--set: key k.x\\u0000: the key name contains a NUL character"),
+        ("k=" + "9" * 5000, "--set: key k: cannot read the value: Exceeds the limit (4300 digits)"),
+        ("k=" + "[" * 100_000, "--set: key k: cannot read the value: nested too deeply"),
+    ],
+)  # fmt: skip
+def test_config_set_refuses_assignments_jsonb_cannot_hold(cli, conn, world, assignment, message):
+    before = table_snapshot(conn)
+    # A good --set before the bad one: nothing of it is written either.
+    r = cli(*SET_BASE, "--set", "fine=1", "--set", assignment)
+    assert_refused(r, 1, message)
+    assert "internal error" not in r.err and len(r.err) < 400
+    assert table_snapshot(conn) == before
+
+
+def test_quoted_dates_and_big_finite_numbers_are_stored(cli, conn, world, tmp_path):
+    path = tmp_path / "x.toml"
+    path.write_text('b = "2020-01-01T00:00:00Z"\nbig = 1e300\nn = 12345678901234567890\n')
+    r = cli(*SET_BASE, "--file", str(path), "--json", "--reveal")
+    assert r.code == 0, r.err
+    config = r.json()["config"]
+    assert config["b"] == "2020-01-01T00:00:00Z" and config["n"] == 12345678901234567890
+    assert config["big"] == 10**300  # jsonb numerics are exact: it comes back as an integer
+
+
+def test_the_library_refuses_non_json_values_too(conn, world):
+    import datetime as dt
+
+    from wsctl import catalog
+    from wsctl.errors import OperationalError
+
+    before = table_snapshot(conn)
+    for bad, text in [
+        ({"when": dt.date(2020, 1, 1)}, "config: key when: a TOML date"),
+        ({"x": {"y": float("nan")}}, "config: key x.y: NaN"),
+        ({"s": {1, 2}}, "config: key s: a set cannot be stored"),
+    ]:
+        with pytest.raises(OperationalError, match=text):
+            catalog.set_config(conn, client="acme", workflow=ENRICH, workstream=APOLLO, config=bad)
+    assert table_snapshot(conn) == before

@@ -382,25 +382,96 @@ def _read_text(path: Path) -> str:
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """A config document from a .json or .toml file; it must be an object/table."""
+    """A config document from a .json or .toml file; it must be an object/table that
+    PostgreSQL's jsonb can store (see ``check_config_values``)."""
     path = Path(path)
     text = _read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
             doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise OperationalError(f"{path}: not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge ints, deep nesting
+            raise OperationalError(f"{path}: not valid JSON: {_reason(exc)}") from None
     elif suffix == ".toml":
         try:
             doc = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise OperationalError(f"{path}: not valid TOML: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
+            raise OperationalError(f"{path}: not valid TOML: {_reason(exc)}") from None
     else:
         raise OperationalError(f"{path}: expected a .json or .toml file")
     if not isinstance(doc, dict):
         raise OperationalError(f"{path}: the config must be a JSON object")
+    check_config_values(doc, str(path))
     return doc
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(exc).split(";")[0].split())
+
+
+def _key_path(parent: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else key
+
+
+def _shown_path(path: str) -> str:
+    path = path.replace("\x00", "\\u0000")
+    return path if len(path) <= 80 else f"{path[:77]}..."
+
+
+_NUL = "a NUL character (\\u0000), which PostgreSQL cannot store"
+
+
+def _non_finite_name(value: float) -> str:
+    return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+
+
+def check_config_values(doc: Any, source: str) -> None:
+    """Refuse, before any write, what a jsonb column cannot hold, naming the key path.
+
+    TOML dates, times and datetimes have no JSON type (quoting them is explicit;
+    a silent ISO string would come back as a string, not a date); NaN and
+    +-Infinity are not JSON numbers (``1e999`` parses to Infinity); PostgreSQL
+    refuses NUL characters (``\\u0000``) in jsonb strings and key names.
+    """
+    import datetime as dt
+    import math
+
+    stack: list[tuple[str, Any]] = [("", doc)]
+    while stack:  # iterative: a deeply nested document cannot exhaust the stack
+        path, value = stack.pop()
+        where = f"{source}: key {_shown_path(path)}" if path else source
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise OperationalError(f"{where}: key {k!r} is not a string")
+                if "\x00" in k:
+                    shown = _shown_path(_key_path(path, k))
+                    raise OperationalError(f"{source}: key {shown}: the key name contains {_NUL}")
+                stack.append((_key_path(path, k), v))
+        elif isinstance(value, list | tuple):
+            stack.extend((_key_path(path, i), v) for i, v in enumerate(value))
+        elif isinstance(value, str):
+            if "\x00" in value:
+                raise OperationalError(f"{where}: the string contains {_NUL}")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise OperationalError(
+                    f"{where}: {_non_finite_name(value)} is not a JSON number (numbers must be "
+                    "finite; 1e999 and beyond overflow to Infinity); quote it to store a string"
+                )
+        elif isinstance(value, dt.datetime | dt.date | dt.time):
+            kind = "datetime" if isinstance(value, dt.datetime) else type(value).__name__
+            raise OperationalError(
+                f"{where}: a TOML {kind} cannot be stored in a JSON config; quote it as a string"
+            )
+        elif value is not None and not isinstance(value, bool | int):
+            raise OperationalError(
+                f"{where}: a {type(value).__name__} cannot be stored in a JSON config"
+            )
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, Any]:
@@ -415,6 +486,11 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        except (ValueError, RecursionError) as exc:  # valid JSON that Python cannot hold
+            raise OperationalError(
+                f"--set: key {_shown_path(key)}: cannot read the value: {_reason(exc)}"
+            ) from None
+        check_config_values({key: value}, "--set")
         out[key] = value
     return out
 
@@ -452,6 +528,7 @@ def set_config(
     doc = config if config is not None else merge
     if not isinstance(doc, dict):
         raise OperationalError("the config must be a JSON object")
+    check_config_values(doc, "config")
     found = find_client(conn, client)
     warnings = []
     registered = conn.execute(q("resolve_registry"), (workflow, workstream)).fetchone()
