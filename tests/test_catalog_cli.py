@@ -614,3 +614,30 @@ def test_the_library_refuses_non_json_values_too(conn, world):
         with pytest.raises(OperationalError, match=text):
             catalog.set_config(conn, client="acme", workflow=ENRICH, workstream=APOLLO, config=bad)
     assert table_snapshot(conn) == before
+
+
+def test_bearer_keys_and_authorization_values_are_redacted_everywhere(cli, conn, world):
+    config = {
+        "bearer": "BEARERSECRET1",
+        "headers": {"X-Custom": "Bearer HEADERSECRET2", "Accept": "text/plain"},
+        "fallback": ["basic BASICSECRET3", "Token TOKENSECRET4"],
+    }
+    secrets = ["BEARERSECRET1", "HEADERSECRET2", "BASICSECRET3", "TOKENSECRET4"]
+    add_config(conn, world["beta"], NORMALIZE, APOLLO, config)
+    runs = {
+        "list": ("config", "list", "--client", "beta"),
+        "show": ("config", "show", "--workflow", NORMALIZE, "--client", "beta",
+                 "--workstream", APOLLO),
+        "set": ("config", "set", "--client", "beta", "--workflow", NORMALIZE,
+                "--workstream", APOLLO, "--set", "other=1"),
+    }  # fmt: skip
+    for name, args in runs.items():
+        for extra in ([], ["--json"]):
+            r = cli(*args, *extra)
+            assert r.code == 0, (name, r.err)
+            assert not any(s in r.out + r.err for s in secrets), (name, extra, r.out)
+            assert "Bearer ***" in r.out and "basic ***" in r.out, (name, r.out)
+        r = cli(*args, "--json", "--reveal")
+        assert all(s in r.out for s in secrets), (name, r.out)
+    doc = cli(*runs["list"], "--json").json()[0]["config"]
+    assert doc["bearer"] == "***" and doc["headers"]["Accept"] == "text/plain"

@@ -137,3 +137,93 @@ def test_overlong_slugs_say_too_long_in_one_short_line(length):
 
 def test_slug_of_exactly_max_length_passes():
     assert validate_slug("a" * MAX_SLUG) == "a" * MAX_SLUG
+
+
+# --- bearer keys and Authorization header values ---------------------------
+
+auth_schemes = st.builds(
+    lambda word, case: getattr(word, case)(),
+    st.sampled_from(["bearer", "basic", "token"]),
+    st.sampled_from(["lower", "upper", "title"]),
+)
+bearer_keys = st.builds(
+    lambda pre, post, upper: (pre + "bearer" + post).upper() if upper else pre + "bearer" + post,
+    st.sampled_from(["", "api_", "x-", "my"]),
+    st.sampled_from(["", "_token", "s", "Value"]),
+    st.booleans(),
+)
+
+
+def test_bearer_examples():
+    config = {
+        "bearer": "xyz-SECRET",
+        "headers": {"X-Api": "Bearer abc123", "Accept": "application/json"},
+        "plan": "Basic",  # a scheme word alone carries nothing
+        "curl": 'curl -H "Authorization: Bearer t0ken" https://api.example.com/v1',
+        "list": ["basic dXNlcjpwYXNz", "TOKEN  abc", "Digest d1"],
+    }
+    out = redact(config)
+    assert out["bearer"] == MASK
+    assert out["headers"] == {"X-Api": "Bearer ***", "Accept": "application/json"}
+    assert out["plan"] == "Basic"
+    assert out["curl"] == 'curl -H "Authorization: Bearer ***" https://api.example.com/v1'
+    assert out["list"] == ["basic ***", "TOKEN  ***", "Digest ***"]
+    assert redact(config, reveal=True) == config
+
+
+@given(key=bearer_keys, value=secrets)
+def test_values_under_bearer_keys_never_show(key, value):
+    assert is_secret_key(key)
+    doc = {"outer": [{key: value}, {"deeper": {key: [value, {"x": value}]}}]}
+    assert value not in json.dumps(redact(doc))
+    assert value in json.dumps(redact(doc, reveal=True))
+
+
+@given(
+    key=plain_keys,
+    scheme=auth_schemes,
+    space=st.sampled_from([" ", "  ", "\t"]),
+    lead=st.sampled_from(["", " "]),
+    credential=secrets,
+    tail=st.sampled_from(["", " trailing words", "==", "\nsecond line"]),
+)
+def test_authorization_values_never_show_their_credential(
+    key, scheme, space, lead, credential, tail
+):
+    value = f"{lead}{scheme}{space}{credential}{tail}"
+    doc = {key: value, "list": [value], "nested": {key: [{"v": value}]}}
+    out = redact(doc)
+    text = json.dumps(out)
+    assert credential not in text
+    assert out[key] == f"{lead}{scheme}{space}{MASK}"  # the scheme is kept
+    assert redact(out) == out
+    assert redact(doc, reveal=True) == doc
+
+
+@given(
+    prefix=st.sampled_from(["", "curl -H '", "headers: ", '-H "']),
+    scheme=st.sampled_from(["Bearer ", "bearer ", "Basic ", "Token ", ""]),
+    credential=secrets,
+    sep=st.sampled_from([": ", ":", "=", " = "]),
+)
+def test_authorization_headers_inside_text_never_show_their_credential(
+    prefix, scheme, credential, sep
+):
+    text = f"{prefix}Authorization{sep}{scheme}{credential}' and more"
+    out = redact_text(text)
+    assert credential not in out and "and more" in out
+    assert redact_text(out) == out
+
+
+@given(before=st.sampled_from(["", "use ", "-H '"]), credential=secrets)
+def test_bearer_tokens_anywhere_never_show(before, credential):
+    out = redact_text(f"{before}Bearer {credential}' please")
+    assert credential not in out and "Bearer ***" in out
+
+
+@pytest.mark.parametrize(
+    "text", ["password=''Bearer x", "password='a'b", "Authorization: Bearer ***", "bearer  ***"]
+)
+def test_masking_twice_changes_nothing_more(text):
+    once = redact_text(text)
+    assert redact_text(once) == once

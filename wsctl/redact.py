@@ -1,10 +1,15 @@
 """Secret redaction for everything wsctl prints (human and JSON), unless ``--reveal``.
 
-Client configs hold Clay webhook URLs, API keys and tokens. Two rules:
+Client configs hold Clay webhook URLs, API keys and tokens. Three rules:
 
 * a value under a key that looks secret (its name contains key, token,
-  secret, passw, pwd, auth, credential, hook (webhook), signature, cookie,
-  session or private) is replaced by ``***``, recursively for nested values;
+  secret, passw, pwd, auth, bearer, credential, hook (webhook), signature,
+  cookie, session or private) is replaced by ``***``, recursively for nested
+  values;
+* a string that is an Authorization header value (``Bearer ...``,
+  ``Basic ...``, ``Token ...``, ``Digest ...``, any case), or contains
+  ``Authorization: <scheme> <credential>`` or ``Bearer <token>`` anywhere,
+  keeps the scheme and loses the credential: ``Bearer ***``;
 * any URL inside any string has its user info and its token-like query
   parameters replaced by ``***``, and a webhook URL (``hook`` in its host
   or path) its whole path, since the path is the credential.
@@ -28,6 +33,7 @@ _SECRET_WORDS = (
     "passw",
     "pwd",
     "auth",
+    "bearer",
     "credential",
     "hook",  # webhook URLs are credentials: whoever has one can post to it
     "signature",
@@ -40,7 +46,17 @@ _SECRET_KEY_RE = re.compile("|".join(_SECRET_WORDS), re.IGNORECASE)
 _SECRET_PARAMS = {"sig", "code", "pass", "jwt", "hmac", "x-amz-security-token"}
 _URL_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s\"'<>]+")
 # libpq key=value connection strings: password=... anywhere in a string.
-_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# A quoted value counts only when it ends there (else the whole token is masked,
+# so masking twice gives the same text).
+_KV_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'(?=\s|$)|\S+)", re.IGNORECASE)
+# An Authorization header value: the scheme stays, the credential goes.
+_AUTH_SCHEMES = r"(?:bearer|basic|token|digest)"
+_AUTH_VALUE = re.compile(rf"^(\s*{_AUTH_SCHEMES}\s+)\S.*$", re.IGNORECASE | re.DOTALL)
+_AUTH_HEADER = re.compile(
+    rf"(\bauthorization\s*[:=]\s*(?:{_AUTH_SCHEMES}\s+)?)[^\s\"'<>]+", re.IGNORECASE
+)
+# "Bearer <token>" anywhere ("basic" and "token" are everyday words; "bearer" is not).
+_BEARER_ANYWHERE = re.compile(r"(\bbearer\s+)[^\s\"'<>]+", re.IGNORECASE)
 
 
 def is_secret_key(key: Any) -> bool:
@@ -88,7 +104,10 @@ def redact_url(url: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Mask credentials inside URLs and ``password=`` pairs in a free-text string."""
+    """Mask credentials inside URLs, ``password=`` pairs and Authorization values in a string."""
+    text = _AUTH_VALUE.sub(rf"\g<1>{MASK}", text)
+    text = _AUTH_HEADER.sub(rf"\g<1>{MASK}", text)
+    text = _BEARER_ANYWHERE.sub(rf"\g<1>{MASK}", text)
     if "://" in text:
         text = _URL_RE.sub(lambda m: redact_url(m.group(0)), text)
     if "=" in text:
