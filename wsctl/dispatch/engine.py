@@ -245,16 +245,16 @@ def _record(conn: psycopg.Connection, out: _Outcomes, opts: PassOptions) -> Pass
     delta = PassSummary()
     token = out.token
     with tx(conn):
-        # Counts are the rows each token-guarded statement changed, not the ids sent.
+        # `dispatched` counts the calls made (they happened, whatever is recorded);
+        # `completed` and the others count the rows the token-guarded statements
+        # changed (a stale claim changes none). A sent state may already be
+        # COMPLETED by its receiver (a fast callback): recording skips it.
+        delta.dispatched += len(out.complete_ids) + len(out.sent_ids)
         if out.complete_ids:
             done = conn.execute(q("dispatch_complete_claimed"), (out.complete_ids, token))
             delta.completed += done.fetchone()[0]
-            delta.dispatched += delta.completed
         if out.sent_ids:
-            sent = conn.execute(
-                q("dispatch_mark_dispatched"), (out.sent_ids, out.sent_calls, token)
-            )
-            delta.dispatched += len(sent.fetchall())
+            conn.execute(q("dispatch_mark_dispatched"), (out.sent_ids, out.sent_calls, token))
         if out.retry_ids:
             rows = conn.execute(
                 q("dispatch_retry_or_fail"),
