@@ -17,7 +17,7 @@ def init(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing wsctl.toml."),
     path: Path = typer.Option(Path("wsctl.toml"), "--path", help="Where to write the file."),
 ) -> None:
-    """Write a commented wsctl.toml in the current directory."""
+    """Write a commented wsctl.toml in the current directory (mode 0600: it may hold a password)."""
     from wsctl.cli.output import line
     from wsctl.settings import write_init_file
 
