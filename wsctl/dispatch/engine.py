@@ -266,14 +266,9 @@ def _record(conn: psycopg.Connection, out: _Outcomes, opts: PassOptions) -> Pass
                     "max_attempts": opts.max_attempts,
                 },
             ).fetchall()
-            err = dict(zip(out.retry_ids, out.retry_errors, strict=True))
-            for state_id, status in rows:
-                if status == "FAILED":
-                    delta.failed += 1
-                    _note(delta, state_id, out.items[state_id], "FAILED", err[state_id])
-                else:
-                    delta.retried += 1
-                    _note(delta, state_id, out.items[state_id], "RETRY", err[state_id])
+            _tally_retries(
+                delta, rows, dict(zip(out.retry_ids, out.retry_errors, strict=True)), out.items
+            )
         if out.block_ids:
             blocked = conn.execute(
                 q("dispatch_block"), (out.block_ids, out.block_reasons, token)
@@ -296,6 +291,18 @@ def _record(conn: psycopg.Connection, out: _Outcomes, opts: PassOptions) -> Pass
             released = conn.execute(q("dispatch_release"), (out.release_ids, token))
             delta.released += released.rowcount
     return delta
+
+
+def _tally_retries(summary: PassSummary, rows: list[tuple], errors: dict, items: dict) -> int:
+    """Count what a retry statement returned: (state_id, PENDING|FAILED) rows."""
+    for state_id, status in rows:
+        if status == "FAILED":
+            summary.failed += 1
+            _note(summary, state_id, items.get(state_id, ""), "FAILED", errors[state_id])
+        else:
+            summary.retried += 1
+            _note(summary, state_id, items.get(state_id, ""), "RETRY", errors[state_id])
+    return len(rows)
 
 
 def _merge(summary: PassSummary, delta: PassSummary) -> None:
@@ -328,6 +335,7 @@ def reconcile(
             polls = backend.poll([r[3] for r in rows])
             done, done_calls, sent, sent_calls = [], [], [], []
             retry_ids, retry_calls, retry_errors, retry_delays = [], [], [], []
+            items = {r[0]: r[1] for r in rows}
             for state_id, _item, _step, call_id, attempts, typ, _ws, _fn in rows:
                 p = polls.get(call_id)
                 if p is None:
@@ -365,15 +373,9 @@ def reconcile(
                             "max_attempts": opts.max_attempts,
                         },
                     ).fetchall()
-                    err = dict(zip(retry_ids, retry_errors, strict=True))
-                    for state_id, status in out:
-                        summary.reconciled += 1
-                        if status == "FAILED":
-                            summary.failed += 1
-                            _note(summary, state_id, "", "FAILED", err[state_id])
-                        else:
-                            summary.retried += 1
-                            _note(summary, state_id, "", "RETRY", err[state_id])
+                    summary.reconciled += _tally_retries(
+                        summary, out, dict(zip(retry_ids, retry_errors, strict=True)), items
+                    )
     with tx(conn):
         timed_out = conn.execute(
             q("dispatch_callback_timeouts"),
