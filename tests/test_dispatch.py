@@ -757,3 +757,39 @@ def test_dry_run_needs_no_modal_credentials(cli, conn, monkeypatch, tmp_path):
     r = cli("dispatch", "--dry-run", "--backend", "modal", "--app", "enrichment-worker", "--json")
     assert r.code == 0, r.err
     assert len(r.json()["plan"]) == 2
+
+
+def test_workstream_option_claims_only_that_workstream(wconn, seeded, cli):
+    a = f.add_batch(wconn, seeded, STEPS[:1], 3, workstream="apollo_scrape")
+    li = f.add_batch(wconn, seeded, STEPS[:1], 2, workstream="linkedin_scrape")
+    legacy = f.add_batch(wconn, seeded, STEPS[:1], 1, workstream=None)
+    # An expired lease in each workstream: only linkedin's may be reclaimed.
+    wconn.execute(
+        "UPDATE workflow_states SET status = 'DISPATCHING', claim_token = gen_random_uuid(),"
+        " lease_expires_at = now() - interval '1 s'"
+        " WHERE id IN (SELECT DISTINCT ON (batch_id) id FROM workflow_states"
+        "              WHERE batch_id IN (%s, %s) ORDER BY batch_id, id)",
+        (a, li),
+    )
+    calls = []
+    s = run_pass(
+        wconn, MemoryBackend(all_functions(calls)), PassOptions(workstream="linkedin_scrape")
+    )
+    assert s.claimed == 2 and {c[0] for c in calls} == {"li_normalize_all_core_values"}
+    assert f.states(wconn, li) == [(STEPS[0], "COMPLETED", 2)]
+    assert f.states(wconn, a) == [(STEPS[0], "DISPATCHING", 1), (STEPS[0], "PENDING", 2)]
+    assert f.states(wconn, legacy) == [(STEPS[0], "PENDING", 1)]
+    r = cli(
+        "dispatch",
+        "--dry-run",
+        "--workstream",
+        "apollo_scrape",
+        "--backend",
+        "local",
+        "--app",
+        str(FIXTURES / "local_app.py"),
+        "--json",
+    )
+    assert r.code == 0, r.err
+    assert {p["workstream"] for p in r.json()["plan"]} == {"apollo_scrape"}
+    assert len(r.json()["plan"]) == 3

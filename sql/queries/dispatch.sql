@@ -4,14 +4,14 @@
 -- MATERIALIZED CTE (so never more rows than the limit), flipped to DISPATCHING with this
 -- claim's token and lease; the batch's workstream and the registry row for
 -- (step_name, workstream_slug) come back with each row (NULL when there is none).
+-- {scope} is empty, or dispatch_claim_scope_workstream for --workstream (composed with
+-- psycopg.sql, so each variant plans on its own and the filter is a plain semi-join).
 WITH expired AS MATERIALIZED (
     SELECT ws.id
     FROM public.workflow_states ws
     WHERE ws.status = 'DISPATCHING'
       AND ws.lease_expires_at < now()
-      AND (%(workstream)s::text IS NULL OR EXISTS (
-            SELECT 1 FROM public.batches b
-            WHERE b.id = ws.batch_id AND b.workstream_slug = %(workstream)s::text))
+      {scope}
     ORDER BY ws.lease_expires_at
     LIMIT %(limit)s
     FOR UPDATE OF ws SKIP LOCKED
@@ -20,9 +20,7 @@ WITH expired AS MATERIALIZED (
     FROM public.workflow_states ws
     WHERE ws.status = 'PENDING'
       AND ws.available_at <= now()
-      AND (%(workstream)s::text IS NULL OR EXISTS (
-            SELECT 1 FROM public.batches b
-            WHERE b.id = ws.batch_id AND b.workstream_slug = %(workstream)s::text))
+      {scope}
     ORDER BY ws.available_at
     LIMIT greatest(%(limit)s - (SELECT count(*) FROM expired), 0)
     FOR UPDATE OF ws SKIP LOCKED
@@ -47,6 +45,10 @@ FROM claimed c
 JOIN public.batches b ON b.id = c.batch_id
 LEFT JOIN public.enrichment_registry er
        ON er.slug = c.step_name AND er.workstream_slug = b.workstream_slug;
+
+-- dispatch_claim_scope_workstream --
+-- The --workstream filter of dispatch_claim: only states of batches in that workstream.
+AND ws.batch_id IN (SELECT b.id FROM public.batches b WHERE b.workstream_slug = %(workstream)s::text)
 
 -- dispatch_plan --
 -- --dry-run: what a pass would claim, resolved the same way, without locking or writing.

@@ -116,10 +116,17 @@ def _blocked_reasons(conn: psycopg.Connection, rows: list[tuple]) -> dict:
     return reasons
 
 
+def _claim_statement(workstream: str | None):
+    from psycopg import sql
+
+    scope = sql.SQL(q("dispatch_claim_scope_workstream") if workstream else "")
+    return sql.SQL(q("dispatch_claim")).format(scope=scope)
+
+
 def _claim(conn: psycopg.Connection, opts: PassOptions, n: int, token: uuid.UUID) -> list[tuple]:
     with tx(conn):
         return conn.execute(
-            q("dispatch_claim"),
+            _claim_statement(opts.workstream),
             {
                 "limit": n,
                 "token": token,
