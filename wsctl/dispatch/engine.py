@@ -442,7 +442,9 @@ def run_pass(
         while remaining > 0:
             if tail:
                 settle()  # the last write may have enqueued next steps: let them be seen
-            n = min(opts.chunk_size, remaining)
+            # A short tail chunk would cost a partial round of the thread pool
+            # for its whole duration: up to twice the chunk size goes in one.
+            n = remaining if remaining <= 2 * opts.chunk_size else opts.chunk_size
             token = uuid.uuid4()
             rows = _claim(conn, opts, n, token)
             if not rows and pending is not None:
