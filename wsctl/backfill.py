@@ -300,7 +300,10 @@ def _walk(
     """
     import psycopg
 
-    total = conn.execute(q("backfill_count_null"), {"after": cursor, "scope": scope}).fetchone()[0]
+    with tx(conn):  # the count scans the batches table: give it the statement timeout
+        total = conn.execute(
+            q("backfill_count_null"), {"after": cursor, "scope": scope}
+        ).fetchone()[0]
     while True:
         try:
             with tx(conn, lock_timeout=lock_timeout):

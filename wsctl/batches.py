@@ -384,10 +384,12 @@ def batch_status(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchSt
 
     Steps with states but outside the blueprint (written by other tools) come last.
     """
-    info = get_batch(conn, batch_id)
-    items = conn.execute(q("batch_item_count"), (info.batch_id,)).fetchone()[0]
+    with tx(conn):  # read only; the transaction carries the statement timeout
+        info = get_batch(conn, batch_id)
+        items = conn.execute(q("batch_item_count"), (info.batch_id,)).fetchone()[0]
+        states = conn.execute(q("batch_state_counts"), (info.batch_id,)).fetchall()
     counts: dict[str, dict[str, int]] = {}
-    for step, status, n in conn.execute(q("batch_state_counts"), (info.batch_id,)).fetchall():
+    for step, status, n in states:
         counts.setdefault(step, {})[status] = n
     steps = [
         StepCounts(step=s, position=i, counts=counts.pop(s, {}))
@@ -412,16 +414,17 @@ def list_batches(
         validate_slug(workstream, "workstream")
     if limit is not None and limit < 1:
         raise OperationalError("the limit must be at least 1")
-    client_id = find_client(conn, client).id if client is not None else None
-    rows = conn.execute(
-        q("batch_list"),
-        {
-            "client_id": client_id,
-            "workstream": workstream,
-            "missing": missing_workstream,
-            "limit": limit,
-        },
-    ).fetchall()
+    with tx(conn):  # read only; the transaction carries the statement timeout
+        client_id = find_client(conn, client).id if client is not None else None
+        rows = conn.execute(
+            q("batch_list"),
+            {
+                "client_id": client_id,
+                "workstream": workstream,
+                "missing": missing_workstream,
+                "limit": limit,
+            },
+        ).fetchall()
     return [_info(r) for r in rows]
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from wsctl.db import tx
 from wsctl.domain import parse_uuid
 from wsctl.errors import OperationalError
 from wsctl.queries import q
@@ -146,6 +147,11 @@ def item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepor
 
     A malformed or unknown id raises ``OperationalError`` (exit 1).
     """
+    with tx(conn):  # read only; the transaction carries the statement timeout
+        return _item_report(conn, item_id)
+
+
+def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemReport:
     iid = item_id if isinstance(item_id, uuid.UUID) else parse_uuid(item_id, "item id")
     row = conn.execute(q("inspect_item"), (iid,)).fetchone()
     if row is None:
