@@ -32,6 +32,25 @@ def _wsctl(*args: str, **kw) -> subprocess.Popen:
     )
 
 
+def _local_loop(url: str, interval: str, *extra: str) -> subprocess.Popen:
+    """`wsctl dispatch --loop` on the local backend with the instant slow_app functions."""
+    env = {**os.environ, "WSCTL_TEST_SLEEP": "0"}
+    return _wsctl(
+        "--database-url",
+        url,
+        "dispatch",
+        "--loop",
+        "--interval",
+        interval,
+        *extra,
+        "--backend",
+        "local",
+        "--app",
+        str(FIXTURES / "slow_app.py"),
+        env=env,
+    )
+
+
 def _wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -162,20 +181,7 @@ def test_loop_survives_a_database_restart(own_server):
         f.register_seed(c)
         client = f.add_client(c)
         f.add_batch(c, client, [STEP], 5)
-    env = {**os.environ, "WSCTL_TEST_SLEEP": "0"}
-    p = _wsctl(
-        "--database-url",
-        url,
-        "dispatch",
-        "--loop",
-        "--interval",
-        "0.2",
-        "--backend",
-        "local",
-        "--app",
-        str(FIXTURES / "slow_app.py"),
-        env=env,
-    )
+    p = _local_loop(url, "0.2")
     try:
 
         def completed() -> int:
@@ -212,21 +218,7 @@ def test_loop_json_lines_and_sigint_finish_cleanly(db_url, conn):
     f.register_seed(conn)
     client = f.add_client(conn)
     f.add_batch(conn, client, [STEP], 4)
-    env = {**os.environ, "WSCTL_TEST_SLEEP": "0"}
-    p = _wsctl(
-        "--database-url",
-        db_url,
-        "dispatch",
-        "--loop",
-        "--interval",
-        "0.1",
-        "--json",
-        "--backend",
-        "local",
-        "--app",
-        str(FIXTURES / "slow_app.py"),
-        env=env,
-    )
+    p = _local_loop(db_url, "0.1", "--json")
     try:
         _wait_for(
             lambda: conn.execute(
