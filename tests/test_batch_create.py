@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import table_snapshot
-from wsctl import batches, db
+from wsctl import batches, db, itemfiles
 from wsctl import settings as wsctl_settings
 from wsctl.errors import OperationalError
 
@@ -245,6 +245,7 @@ BAD_FILES = [
     ("nan.jsonl", b'{"a": NaN}\n', "line 1", "NaN is not valid JSON"),
     ("nulesc.jsonl", b'{"a": "x\\u0000y"}\n', "line 1", "\\u0000"),
     ("surrogate.jsonl", b'{"a": "\\ud800"}\n', "line 1", "surrogate"),
+    ("surrogate_key.jsonl", b'{"a": 1}\n{"\\udc00": 1}\n', "line 2", "surrogate"),
     ("blank.jsonl", b"\n  \n", "empty file", "no items"),
 ]
 
@@ -476,6 +477,37 @@ def test_any_json_object_comes_back_unchanged(conn, catalog, tmp_path, objects):
         )
     ]
     assert got == objects
+
+
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(keys=st.lists(_TEXT, min_size=1, max_size=8, unique=True))
+def test_keys_are_written_in_jsonb_order(conn, keys):
+    """The client sends each object's keys already in the order jsonb keeps them
+    (so the server's sort finds them sorted): the same order PostgreSQL gives back."""
+    obj = json.dumps(dict.fromkeys(keys, ""))
+    server = [r[0] for r in conn.execute("SELECT jsonb_object_keys(%s::jsonb)", (obj,))]
+    assert [keys[i] for i in itemfiles.jsonb_key_order(keys)] == server
+
+
+def test_csv_and_jsonl_rows_go_out_in_jsonb_key_order(tmp_path):
+    csv_path = tmp_path / "k.csv"
+    csv_path.write_text("zz,a,\u00e9,b\n1,2,3,4\n", encoding="utf-8")
+    jsonl_path = tmp_path / "k.jsonl"
+    jsonl_path.write_text(
+        '{"zz": 1, "a": {"y": 1, "x": 2}, "b": null}\n{"b": 1, "a": 2}\n{"q": 0}\n{}\n',
+        encoding="utf-8",
+    )
+    with itemfiles.open_items(csv_path) as stream:
+        assert list(stream.json_rows()) == ['{"a":"2","b":"4","zz":"1","\u00e9":"3"}']
+    with itemfiles.open_items(jsonl_path) as stream:
+        assert list(stream.json_rows()) == [  # nested objects keep their order: only the top level
+            '{"a":{"y":1,"x":2},"b":null,"zz":1}',
+            '{"a":2,"b":1}',
+            '{"q":0}',
+            "{}",
+        ]
 
 
 # --- the progress bar ------------------------------------------------------------

@@ -5,18 +5,21 @@ A batch carries its workstream from birth (``batches.workstream_slug``), and
 for the first blueprint step in ONE transaction: a bad row anywhere in the
 file rolls it all back.
 
-The items are streamed into ``COPY batch_items`` (memory stays flat in the
-file's size). Their ids are UUIDv7 (RFC 9562) made client-side: a per-batch
-prefix (48-bit millisecond time, version 7, 42 random bits) and a 32-bit
-counter. A batch's items therefore occupy one contiguous primary-key range:
-index inserts append instead of landing on random pages, and the states are
-written by one INSERT ... SELECT over that range (no scan of batch_items, no
-staging table).
+The items are streamed into ``COPY batch_items`` in COPY's binary format
+(memory stays flat in the file's size; the server parses no COPY text and no
+uuid text, only each item's JSON). Their ids are UUIDv7 (RFC 9562) made
+client-side: a per-batch prefix (48-bit millisecond time, version 7, 42
+random bits) and a 32-bit counter. A batch's items therefore occupy one
+contiguous primary-key range, so index inserts append instead of landing on
+random pages, and the states are written by one INSERT ... SELECT over the
+counter (``generate_series``: no read of batch_items, no staging table; the
+foreign key on ``item_id`` still checks every state against its item).
 """
 
 from __future__ import annotations
 
 import secrets
+import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -36,7 +39,12 @@ if TYPE_CHECKING:
 
 MAX_ITEMS = 0xFFFF_FFFF  # the id counter is 32 bits
 MAX_DEDUPE_KEY = 500
-_COPY_CHUNK = 256 * 1024  # characters per COPY write
+_COPY_CHUNK = 256 * 1024  # bytes per COPY write
+# COPY binary format: signature, flags (none), header extension length (0); the trailer.
+_COPY_BINARY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_BINARY_TRAILER = b"\xff\xff"
+_COUNTER = struct.Struct("!I").pack
+_JSONB_FIELD = struct.Struct("!iB").pack  # field length, then jsonb's binary version byte (1)
 
 
 # --- validation ---------------------------------------------------------------
@@ -250,9 +258,9 @@ def create_batch(
                     q("batch_states_first_step"),
                     {
                         "state_prefix": _uuid7_prefix(),
+                        "item_prefix": prefix,
+                        "items": n,
                         "step": plan.blueprint[0],
-                        "first_id": f"{prefix}00000001",
-                        "last_id": f"{prefix}{n:08x}",
                         "batch_id": batch_id,
                     },
                 )
@@ -273,28 +281,33 @@ def _copy_items(
     prefix: str,
     on_progress: Callable[[int, int], None] | None,
 ) -> int:
-    """COPY every item of ``stream`` into batch_items with ids ``prefix`` + counter; returns how many."""
-    middle = f"\t{batch_id}\t"
+    """COPY every item of ``stream`` into batch_items with ids ``prefix`` + counter; returns how many.
+
+    Binary format, one tuple per item: 3 fields; the id (16 bytes: the prefix's
+    12 and the 32-bit counter); the batch id; the data as jsonb (version byte 1,
+    then the JSON text in UTF-8).
+    """
+    row_head = struct.pack("!hi", 3, 16) + bytes.fromhex(prefix.replace("-", ""))
+    middle = struct.pack("!i", 16) + batch_id.bytes
     n = 0
-    parts: list[str] = []
+    parts: list[bytes] = [_COPY_BINARY_HEADER]
     size = 0
     with conn.cursor() as cur, cur.copy(q("batch_items_copy")) as copy:
         for text in stream.json_rows():
             n += 1
             if n > MAX_ITEMS:
                 raise OperationalError(f"more than {MAX_ITEMS} items in one batch")
-            # COPY text format: the JSON has no raw tab or newline; double its backslashes.
-            line = f"{prefix}{n:08x}{middle}{text.replace(chr(92), chr(92) * 2)}\n"
-            parts.append(line)
-            size += len(line)
+            data = text.encode("utf-8")
+            parts += (row_head, _COUNTER(n), middle, _JSONB_FIELD(len(data) + 1, 1), data)
+            size += len(data)
             if size >= _COPY_CHUNK:
-                copy.write("".join(parts))
+                copy.write(b"".join(parts))
                 parts.clear()
                 size = 0
                 if on_progress:
                     on_progress(n, stream.bytes_read)
-        if parts:
-            copy.write("".join(parts))
+        parts.append(_COPY_BINARY_TRAILER)
+        copy.write(b"".join(parts))
     if on_progress:
         on_progress(n, stream.bytes_read)
     return n

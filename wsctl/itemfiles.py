@@ -7,6 +7,11 @@ back, so a bad row anywhere writes nothing.
 
 CSV values stay strings (``""`` for an empty cell). A UTF-8 byte order mark is
 accepted. Blank lines are skipped in both formats.
+
+The top-level keys of each object are written in jsonb's own order (shorter
+keys first, then bytewise): jsonb keeps no key order, so the stored value is
+the same, and PostgreSQL's sort of each object's keys finds them already in
+order (measured: about a fifth less server time for a 26-column item COPY).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
+from operator import itemgetter
 from pathlib import Path
 from typing import IO
 
@@ -98,11 +104,13 @@ class ItemStream:
                 continue  # a blank line
             if header is None:
                 header = self._check_header(row, start)
-                keys = [encode_basestring(h) + ":" for h in header]
+                order = jsonb_key_order(header)
+                keys = [encode_basestring(header[i]) + ":" for i in order]
+                pick = _picker(order)
                 continue
             if len(row) != len(header):
                 raise self.error(start, f"{len(row)} fields where the header has {len(header)}")
-            text = "{" + ",".join(map(str.__add__, keys, map(encode_basestring, row))) + "}"
+            text = "{" + ",".join(map(str.__add__, keys, map(encode_basestring, pick(row)))) + "}"
             if "\\u0000" in text and any("\x00" in v for v in row):
                 raise self.error(start, "a NUL character (PostgreSQL text cannot hold it)")
             self.items += 1
@@ -125,6 +133,9 @@ class ItemStream:
 
     def _jsonl_rows(self) -> Iterator[str]:
         dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        last_keys: tuple[str, ...] = ()
+        sorted_keys: list[str] = []
+        pick = _picker([])
         for text in self._lines:
             n = self.line
             if not text.strip():
@@ -137,7 +148,13 @@ class ItemStream:
                 raise self.error(n, f"invalid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise self.error(n, f"expected a JSON object, got {_kind(obj)}")
-            out = dumps(obj)
+            keys = tuple(obj)
+            if keys != last_keys:  # a file's objects usually share their keys' order
+                last_keys = keys
+                order = jsonb_key_order(keys)
+                sorted_keys = [keys[i] for i in order]
+                pick = _picker(sorted_keys)
+            out = dumps(dict(zip(sorted_keys, pick(obj), strict=True)))
             if "\\u" in text:  # escapes PostgreSQL's jsonb refuses: \u0000, lone surrogates
                 if _has_nul(obj):
                     raise self.error(n, "a \\u0000 character (PostgreSQL jsonb cannot hold it)")
@@ -149,6 +166,29 @@ class ItemStream:
                     ) from None
             self.items += 1
             yield out
+
+
+def jsonb_key_order(keys) -> list[int]:
+    """Indexes of ``keys`` in the order jsonb stores an object's keys: by UTF-8 length, then bytes.
+
+    (UTF-8 byte order is code point order, so Python's string order serves for ties.)
+    """
+    return sorted(
+        range(len(keys)), key=lambda i: (len(keys[i].encode("utf-8", "surrogatepass")), keys[i])
+    )
+
+
+def _picker(order: list):
+    """The values of a row (a list or a dict) at ``order``'s indexes or keys, as a tuple.
+
+    ``itemgetter`` with several items, else a function that still returns a tuple.
+    """
+    if len(order) > 1:
+        return itemgetter(*order)
+    if not order:
+        return lambda _: ()
+    (only,) = order
+    return lambda row: (row[only],)
 
 
 def _reject_constant(name: str):

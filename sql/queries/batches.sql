@@ -31,19 +31,21 @@ RETURNING batch_id;
 SELECT batch_id FROM wsctl.batch_dedupe_keys WHERE dedupe_key = %s;
 
 -- batch_items_copy --
--- Bulk load of the items, streamed from the item file (ids made client-side, see batches.py).
-COPY public.batch_items (id, batch_id, data) FROM STDIN;
+-- Bulk load of the items, streamed from the item file in COPY's binary format
+-- (ids made client-side, see batches.py).
+COPY public.batch_items (id, batch_id, data) FROM STDIN (FORMAT binary);
 
 -- batch_states_first_step --
--- One PENDING state per item for the first blueprint step. The new items occupy one
--- contiguous primary-key range, so this reads them by an index range scan, never a scan
--- of batch_items; each state id shares its item's counter under the batch's state prefix.
+-- One PENDING state per item for the first blueprint step. The items just copied have
+-- the ids item_prefix || counter for counters 1..items (8 hex digits), so the states are
+-- made from the counter alone, without reading batch_items back (the foreign key on
+-- item_id still checks each one); each state id shares its item's counter under the
+-- batch's state prefix, so the primary key grows at its end.
 INSERT INTO public.workflow_states (id, item_id, batch_id, step_name, status)
-SELECT (%(state_prefix)s || right(i.id::text, 8))::uuid, i.id, i.batch_id, %(step)s, 'PENDING'
-FROM public.batch_items i
-WHERE i.id BETWEEN %(first_id)s::uuid AND %(last_id)s::uuid
-  AND i.batch_id = %(batch_id)s
-ORDER BY i.id;
+SELECT (%(state_prefix)s || lpad(to_hex(g), 8, '0'))::uuid,
+       (%(item_prefix)s || lpad(to_hex(g), 8, '0'))::uuid,
+       %(batch_id)s, %(step)s, 'PENDING'
+FROM generate_series(1::bigint, %(items)s::bigint) AS g;
 
 -- batch_get --
 -- One batch with its client's name.
