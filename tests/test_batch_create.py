@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import table_snapshot
+from tests.conftest import table_snapshot, url_for
 from wsctl import batches, db, itemfiles
 from wsctl import settings as wsctl_settings
 from wsctl.errors import OperationalError
@@ -411,6 +411,172 @@ def test_dedupe_key_must_not_be_blank(cli, conn, catalog):
     r = cli(*create_args(APOLLO, "--dedupe-key", "  "))
     assert r.code == 1 and "dedupe key is empty" in r.err
     assert table_snapshot(conn) == before
+
+
+# --- foreign-key checks by construction ---------------------------------------------
+
+
+def create_lib(conn, items=None, **kwargs):
+    return batches.create_batch(
+        conn,
+        client="acme",
+        workstream="apollo_scrape",
+        blueprint=BLUEPRINT,
+        items=items or EXAMPLES / "items.csv",
+        **kwargs,
+    )
+
+
+def assert_consistent(conn, batch_id, n):
+    """What the skipped foreign-key checks would have checked, checked here by query."""
+    assert conn.execute(
+        "SELECT count(*) FROM public.batch_items i JOIN public.batches b ON b.id = i.batch_id"
+        " WHERE i.batch_id = %s",
+        (batch_id,),
+    ).fetchone() == (n,)
+    assert conn.execute(
+        "SELECT count(*) FROM public.workflow_states s"
+        " JOIN public.batch_items i ON i.id = s.item_id AND i.batch_id = s.batch_id"
+        " JOIN public.batches b ON b.id = s.batch_id"
+        " WHERE s.batch_id = %s AND s.status = 'PENDING'",
+        (batch_id,),
+    ).fetchone() == (n,)
+
+
+def test_a_superuser_create_skips_the_per_row_fk_triggers_and_stays_consistent(conn, catalog):
+    result = create_lib(conn)
+    assert result.fk_checks == "by_construction"
+    assert_consistent(conn, result.batch_id, 5)
+    # SET LOCAL: the session's role setting is untouched after the transaction.
+    assert conn.execute("SHOW session_replication_role").fetchone()[0] == "origin"
+    checked = create_lib(conn, fk_checks="server")
+    assert checked.fk_checks == "server"
+    assert_consistent(conn, checked.batch_id, 5)
+    same = (
+        "SELECT array_agg(data ORDER BY id) FROM public.batch_items WHERE batch_id = %s",
+        "SELECT array_agg((step_name, status) ORDER BY id) FROM public.workflow_states"
+        " WHERE batch_id = %s",
+    )
+    for query in same:
+        assert (
+            conn.execute(query, (result.batch_id,)).fetchone()
+            == conn.execute(query, (checked.batch_id,)).fetchone()
+        )
+
+
+def test_the_json_says_which_checks_ran(cli, catalog):
+    r = cli(*create_args(EXAMPLES / "items.csv", "--json"))
+    assert r.code == 0, r.err
+    assert r.json()["fk_checks"] == "by_construction"
+    r = cli(*create_args(EXAMPLES / "items.csv", "--check-every-row", "--json"))
+    assert r.code == 0, r.err
+    assert r.json()["fk_checks"] == "server"
+    r = cli(*create_args(EXAMPLES / "items.csv", "--dry-run", "--json"))
+    assert r.json()["fk_checks"] is None
+
+
+def test_a_user_trigger_keeps_every_check_and_fires_for_every_row(conn, catalog):
+    conn.execute("""
+        CREATE TABLE public.state_log (item_id uuid);
+        CREATE FUNCTION public.log_state() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO public.state_log VALUES (NEW.item_id); RETURN NEW; END $$;
+        CREATE TRIGGER dashboard_log AFTER INSERT ON public.workflow_states
+            FOR EACH ROW EXECUTE FUNCTION public.log_state();
+    """)
+    result = create_lib(conn)
+    assert result.fk_checks == "server"
+    assert conn.execute("SELECT count(*) FROM public.state_log").fetchone()[0] == 5
+    assert_consistent(conn, result.batch_id, 5)
+    # A trigger set to fire ALWAYS fires under either role: the checks can be skipped again.
+    conn.execute("ALTER TABLE public.workflow_states ENABLE ALWAYS TRIGGER dashboard_log")
+    result = create_lib(conn)
+    assert result.fk_checks == "by_construction"
+    assert conn.execute("SELECT count(*) FROM public.state_log").fetchone()[0] == 10
+    # A REPLICA trigger would fire only under the skip: not taken.
+    conn.execute("ALTER TABLE public.workflow_states ENABLE REPLICA TRIGGER dashboard_log")
+    result = create_lib(conn)
+    assert result.fk_checks == "server"
+    assert conn.execute("SELECT count(*) FROM public.state_log").fetchone()[0] == 10
+    # A disabled one fires under neither.
+    conn.execute("ALTER TABLE public.workflow_states DISABLE TRIGGER dashboard_log")
+    assert create_lib(conn).fk_checks == "by_construction"
+
+
+def test_a_user_rule_keeps_every_check(conn, catalog):
+    conn.execute("""
+        CREATE TABLE public.item_log (id uuid);
+        CREATE RULE log_items AS ON INSERT TO public.batch_items
+            DO ALSO INSERT INTO public.item_log VALUES (NEW.id);
+    """)
+    result = create_lib(conn, items=EXAMPLES / "items.jsonl")
+    assert result.fk_checks == "server"
+    assert_consistent(conn, result.batch_id, 4)
+
+
+def test_an_unknown_foreign_key_keeps_every_check(conn, catalog):
+    """A dashboard column with a foreign key and a default: the create did not make that
+    value, so it cannot vouch for it; the server checks (and here refuses) the rows."""
+    conn.execute(
+        "ALTER TABLE public.batch_items ADD COLUMN owner_id uuid REFERENCES public.clients"
+    )
+    conn.execute(
+        "ALTER TABLE public.batch_items ALTER COLUMN owner_id"
+        " SET DEFAULT '00000000-0000-0000-0000-000000000001'"
+    )
+    before = table_snapshot(conn)
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        create_lib(conn)
+    assert table_snapshot(conn) == before
+    conn.execute("ALTER TABLE public.batch_items ALTER COLUMN owner_id DROP DEFAULT")
+    result = create_lib(conn)
+    assert result.fk_checks == "server"
+    assert_consistent(conn, result.batch_id, 5)
+
+
+@pytest.fixture
+def plain_role(db_url, pg_admin_url):
+    """A login role that may write the pipeline's tables and nothing more; yields its URL."""
+    role = "wsctl_plain_" + os.urandom(4).hex()
+    dbname = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER PASSWORD 'pw'")
+        c.execute(f"GRANT USAGE ON SCHEMA public, wsctl TO {role}")
+        c.execute(f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public, wsctl TO {role}")
+    try:
+        yield role, url_for(db_url, dbname, user=role, password="pw")
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as c:
+            c.execute(f"DROP OWNED BY {role}")  # its grants, the parameter's included
+        with psycopg.connect(pg_admin_url, autocommit=True) as c:
+            c.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+            c.execute(f"DROP ROLE {role}")
+
+
+def test_a_role_that_may_not_set_the_parameter_gets_every_check(conn, catalog, plain_role):
+    role, url = plain_role
+    with psycopg.connect(url, autocommit=True) as rc:
+        result = create_lib(rc)
+    assert result.fk_checks == "server"
+    assert_consistent(conn, result.batch_id, 5)
+    # Granted SET on the parameter (PostgreSQL 15+, as a platform may grant it), it skips them.
+    conn.execute(f"GRANT SET ON PARAMETER session_replication_role TO {role}")
+    with psycopg.connect(url, autocommit=True) as rc:
+        result = create_lib(rc)
+        assert rc.execute("SHOW session_replication_role").fetchone()[0] == "origin"
+    assert result.fk_checks == "by_construction"
+    assert_consistent(conn, result.batch_id, 5)
+
+
+def test_a_bad_row_under_the_skip_still_writes_nothing(conn, catalog, tmp_path):
+    path = write_csv(tmp_path / "bad.csv", 3000, bad_at_row=2500)
+    before = table_snapshot(conn)
+    with pytest.raises(OperationalError, match="line 2501"):
+        create_lib(conn, items=path)
+    assert table_snapshot(conn) == before
+    assert conn.execute("SHOW session_replication_role").fetchone()[0] == "origin"
 
 
 # --- round trips ------------------------------------------------------------------

@@ -35,6 +35,52 @@ SELECT batch_id FROM wsctl.batch_dedupe_keys WHERE dedupe_key = %s;
 -- (ids made client-side, see batches.py).
 COPY public.batch_items (id, batch_id, data) FROM STDIN (FORMAT binary);
 
+-- batch_lock_item_tables --
+-- The lock the item and state inserts take anyway (it lets other writers in), taken before
+-- the trigger check below so that no trigger can be created on these tables meanwhile.
+LOCK TABLE public.batch_items, public.workflow_states IN ROW EXCLUSIVE MODE;
+
+-- batch_may_set_replication_role --
+-- PostgreSQL 15 and later: superusers, or roles granted SET ON PARAMETER session_replication_role.
+SELECT has_parameter_privilege('session_replication_role', 'SET');
+
+-- batch_is_superuser --
+-- Before PostgreSQL 15 only superusers may set session_replication_role.
+SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user;
+
+-- batch_fk_skip_is_safe --
+-- Whether session_replication_role = replica would change nothing on batch_items and
+-- workflow_states but skip the foreign-key checks a create satisfies by construction:
+-- no user trigger or rule that fires differently under it ('O': origin only, 'R': replica
+-- only; 'A' always fires, 'D' never), and no foreign key but batch_id -> batches(id) and
+-- item_id -> batch_items(id). Also the current role setting, to restore.
+SELECT NOT EXISTS (
+           SELECT 1 FROM pg_catalog.pg_trigger t
+           WHERE t.tgrelid IN ('public.batch_items'::regclass, 'public.workflow_states'::regclass)
+             AND NOT t.tgisinternal
+             AND t.tgenabled IN ('O', 'R'))
+   AND NOT EXISTS (
+           SELECT 1 FROM pg_catalog.pg_rewrite r
+           WHERE r.ev_class IN ('public.batch_items'::regclass, 'public.workflow_states'::regclass)
+             AND r.ev_enabled IN ('O', 'R'))
+   AND NOT EXISTS (
+           SELECT 1
+           FROM pg_catalog.pg_constraint c
+           JOIN pg_catalog.pg_attribute fk ON fk.attrelid = c.conrelid AND fk.attnum = c.conkey[1]
+           JOIN pg_catalog.pg_attribute pk ON pk.attrelid = c.confrelid AND pk.attnum = c.confkey[1]
+           WHERE c.contype = 'f'
+             AND c.conrelid IN ('public.batch_items'::regclass, 'public.workflow_states'::regclass)
+             AND NOT (cardinality(c.conkey) = 1
+                      AND pk.attname = 'id'
+                      AND ((fk.attname = 'batch_id' AND c.confrelid = 'public.batches'::regclass)
+                        OR (fk.attname = 'item_id' AND c.confrelid = 'public.batch_items'::regclass)))),
+       current_setting('session_replication_role');
+
+-- batch_set_replication_role --
+-- For this transaction only (SET LOCAL): 'replica' around the COPY and the states INSERT
+-- when batch_fk_skip_is_safe said so, then back to what it was.
+SELECT set_config('session_replication_role', %s, true);
+
 -- batch_states_first_step --
 -- One PENDING state per item for the first blueprint step. The items just copied have
 -- the ids item_prefix || counter for counters 1..items (8 hex digits), so the states are

@@ -6,7 +6,10 @@ embedded server), on one freshly migrated database:
 
 1. `wsctl batch create` of a 100,000-row CSV (the 26 columns of the Apollo
    export sample), run as a subprocess: wall time from spawn to exit, process
-   start-up, connection and migration check included;
+   start-up, connection and migration check included. Twice: as the admin
+   role (a superuser: the per-row foreign-key triggers are skipped, their
+   checks hold by construction, see wsctl/batches.py) and as a plain role
+   that may only read and write the tables (PostgreSQL checks every row);
 2. the reference: in this process (no start-up), a plain
    `COPY staging FROM STDIN (FORMAT csv, HEADER)` of the same file into a
    temporary table, then ONE `INSERT INTO batch_items ... SELECT` building each
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import statistics
 import subprocess
@@ -37,6 +41,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -86,8 +91,32 @@ def make_csv(path: Path, n: int, columns: int = 26) -> Path:
     return path
 
 
-def run_command(url: str, path: Path) -> tuple[float, int]:
-    """`wsctl batch create` as a subprocess: (wall seconds, peak RSS in KiB)."""
+PLAIN_ROLE = "wsctl_bench_plain"
+
+
+def plain_role_url(url: str) -> str:
+    """A login role that may only read and write the tables (not set session_replication_role)."""
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(f"DROP ROLE IF EXISTS {PLAIN_ROLE}")
+        c.execute(f"CREATE ROLE {PLAIN_ROLE} LOGIN NOSUPERUSER PASSWORD 'bench'")
+        c.execute(f"GRANT USAGE ON SCHEMA public, wsctl TO {PLAIN_ROLE}")
+        c.execute(f"GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA public, wsctl TO {PLAIN_ROLE}")
+    params = conninfo_to_dict(url)
+    params.update(user=PLAIN_ROLE, password="bench")
+    return make_conninfo(**params)
+
+
+def drop_plain_role(admin: str, url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(f"DROP OWNED BY {PLAIN_ROLE}")
+    with psycopg.connect(admin, autocommit=True) as c:
+        c.execute(f"DROP ROLE IF EXISTS {PLAIN_ROLE}")
+
+
+def run_command(url: str, path: Path, expect: str) -> tuple[float, int]:
+    """`wsctl batch create` as a subprocess: (wall seconds, peak RSS in KiB).
+
+    ``expect``: the ``fk_checks`` its JSON must report (which path ran)."""
     env = {**os.environ, "WSCTL_DATABASE_URL": url}
     args = [
         sys.executable,
@@ -105,9 +134,9 @@ def run_command(url: str, path: Path) -> tuple[float, int]:
         str(path),
         "--json",
     ]
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)  # wait4: this child's own peak RSS
         elapsed = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -116,6 +145,10 @@ def run_command(url: str, path: Path) -> tuple[float, int]:
             raise SystemExit(
                 f"wsctl batch create failed ({proc.returncode}): {err.read().decode()}"
             )
+        out.seek(0)
+        got = json.loads(out.read())["fk_checks"]
+        if got != expect:
+            raise SystemExit(f"wsctl batch create ran with fk_checks {got}, not {expect}")
     return elapsed, usage.ru_maxrss
 
 
@@ -180,26 +213,30 @@ def main() -> None:
         print(f"PostgreSQL {version}; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
         print(f"file: {opts.items:,} rows x {opts.columns} columns, {mb:.1f} MB")
 
-        cmd, ref, ref_states, rss_small = [], [], [], []
-        run_command(url, make_csv(tmp / "warm.csv", 1000))  # warm the page cache and imports
+        plain = plain_role_url(url)
+        cmd, cmd_plain, ref, ref_states, rss_small = [], [], [], [], []
+        run_command(url, make_csv(tmp / "warm.csv", 1000), "by_construction")  # warm caches
         for i in range(opts.repeat):
-            t, rss = run_command(url, small)
+            t, rss = run_command(url, small, "by_construction")
             cmd.append(t)
             rss_small.append(rss)
+            cmd_plain.append(run_command(plain, small, "server")[0])
             ref.append(run_reference(url, small, with_states=False))
             ref_states.append(run_reference(url, small, with_states=True))
             print(
-                f"  round {i + 1}: wsctl batch create {cmd[-1]:.2f} s, reference {ref[-1]:.2f} s,"
+                f"  round {i + 1}: wsctl batch create {cmd[-1]:.2f} s,"
+                f" as a plain role {cmd_plain[-1]:.2f} s, reference {ref[-1]:.2f} s,"
                 f" reference + states {ref_states[-1]:.2f} s",
                 flush=True,
             )
-        t_big, rss_big = run_command(url, big)
+        t_big, rss_big = run_command(url, big, "by_construction")
 
         def fmt(xs: list[float]) -> str:
             return f"best {min(xs):.2f} s, median {statistics.median(xs):.2f} s"
 
         print()
         print(f"wsctl batch create (subprocess, {opts.items:,} items): {fmt(cmd)}")
+        print(f"  the same as a plain role (every row checked):    {fmt(cmd_plain)}")
         print(f"reference COPY + one INSERT ... SELECT (in-process): {fmt(ref)}")
         print(f"reference + workflow_states (in-process):           {fmt(ref_states)}")
         print(
@@ -208,12 +245,20 @@ def main() -> None:
             f"(target <= 2.5x); vs reference + states: "
             f"{statistics.median(cmd) / statistics.median(ref_states):.2f}x"
         )
+        print(
+            f"ratio plain role / reference: median "
+            f"{statistics.median(cmd_plain) / statistics.median(ref):.2f}x"
+        )
         print(f"items/s (command, median): {opts.items / statistics.median(cmd):,.0f}")
         print(
             f"peak RSS: {max(rss_small) / 1024:.0f} MiB for {opts.items:,} items, "
             f"{rss_big / 1024:.0f} MiB for {opts.big:,} items ({t_big:.2f} s)"
         )
     finally:
+        try:
+            drop_plain_role(admin, url)
+        except (psycopg.Error, NameError):  # NameError: failed before the database existed
+            pass
         drop_db(admin, name)
         for p in tmp.iterdir():
             p.unlink()

@@ -35,6 +35,12 @@ def batch_create(
         "--dedupe-key",
         help="A retried create with the same key returns the first batch instead of a copy.",
     ),
+    check_every_row: bool = typer.Option(
+        False,
+        "--check-every-row",
+        help="Let PostgreSQL check each row's foreign keys even where they hold by "
+        "construction (slower; see README).",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a batch with its workstream, its items and their first PENDING states."""
@@ -61,6 +67,7 @@ def batch_create(
             dedupe_key=dedupe_key,
             stdin=sys.stdin,
             on_progress=on_progress,
+            fk_checks="server" if check_every_row else "auto",
         )
     for w in result.warnings:
         output.warn(w)
