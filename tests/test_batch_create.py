@@ -475,14 +475,19 @@ def test_the_json_says_which_checks_ran(cli, catalog):
     assert r.json()["fk_checks"] is None
 
 
-def test_a_user_trigger_keeps_every_check_and_fires_for_every_row(conn, catalog):
-    conn.execute("""
+def add_state_log_trigger(conn, table: str = "public.workflow_states") -> None:
+    """A dashboard-style trigger: every inserted state is logged in public.state_log."""
+    conn.execute(f"""
         CREATE TABLE public.state_log (item_id uuid);
         CREATE FUNCTION public.log_state() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN INSERT INTO public.state_log VALUES (NEW.item_id); RETURN NEW; END $$;
-        CREATE TRIGGER dashboard_log AFTER INSERT ON public.workflow_states
+        CREATE TRIGGER dashboard_log AFTER INSERT ON {table}
             FOR EACH ROW EXECUTE FUNCTION public.log_state();
     """)
+
+
+def test_a_user_trigger_keeps_every_check_and_fires_for_every_row(conn, catalog):
+    add_state_log_trigger(conn)
     result = create_lib(conn)
     assert result.fk_checks == "server"
     assert conn.execute("SELECT count(*) FROM public.state_log").fetchone()[0] == 5
@@ -500,6 +505,28 @@ def test_a_user_trigger_keeps_every_check_and_fires_for_every_row(conn, catalog)
     # A disabled one fires under neither.
     conn.execute("ALTER TABLE public.workflow_states DISABLE TRIGGER dashboard_log")
     assert create_lib(conn).fk_checks == "by_construction"
+
+
+def test_a_trigger_on_a_partition_keeps_every_check(conn, catalog):
+    """Should the dashboard partition workflow_states, its partitions' triggers count too."""
+    conn.execute("""
+        ALTER TABLE public.workflow_states RENAME TO workflow_states_before;
+        CREATE TABLE public.workflow_states (LIKE public.workflow_states_before INCLUDING DEFAULTS)
+            PARTITION BY LIST (status);
+        CREATE TABLE public.workflow_states_pending PARTITION OF public.workflow_states
+            FOR VALUES IN ('PENDING');
+        CREATE TABLE public.workflow_states_rest PARTITION OF public.workflow_states DEFAULT;
+        ALTER TABLE public.workflow_states
+            ADD FOREIGN KEY (item_id) REFERENCES public.batch_items,
+            ADD FOREIGN KEY (batch_id) REFERENCES public.batches;
+    """)
+    result = create_lib(conn)
+    assert result.fk_checks == "by_construction"
+    assert_consistent(conn, result.batch_id, 5)
+    add_state_log_trigger(conn, "public.workflow_states_pending")
+    result = create_lib(conn)
+    assert result.fk_checks == "server"
+    assert conn.execute("SELECT count(*) FROM public.state_log").fetchone()[0] == 5
 
 
 def test_a_user_rule_keeps_every_check(conn, catalog):

@@ -50,18 +50,26 @@ SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user;
 
 -- batch_fk_skip_is_safe --
 -- Whether session_replication_role = replica would change nothing on batch_items and
--- workflow_states but skip the foreign-key checks a create satisfies by construction:
--- no user trigger or rule that fires differently under it ('O': origin only, 'R': replica
--- only; 'A' always fires, 'D' never), and no foreign key but batch_id -> batches(id) and
--- item_id -> batch_items(id). Also the current role setting, to restore.
+-- workflow_states (their partitions included, should the dashboard partition them) but
+-- skip the foreign-key checks a create satisfies by construction: no user trigger or rule
+-- that fires differently under it ('O': origin only, 'R': replica only; 'A' always fires,
+-- 'D' never), and no foreign key but batch_id -> batches(id) and item_id -> batch_items(id).
+-- Also the current role setting, to restore.
+WITH rels (relid) AS (  -- pg_partition_tree gives no row for a table that is not partitioned
+    SELECT unnest(ARRAY['public.batch_items'::regclass, 'public.workflow_states'::regclass])
+    UNION
+    SELECT relid FROM pg_catalog.pg_partition_tree('public.batch_items'::regclass)
+    UNION
+    SELECT relid FROM pg_catalog.pg_partition_tree('public.workflow_states'::regclass)
+)
 SELECT NOT EXISTS (
            SELECT 1 FROM pg_catalog.pg_trigger t
-           WHERE t.tgrelid IN ('public.batch_items'::regclass, 'public.workflow_states'::regclass)
+           WHERE t.tgrelid IN (SELECT relid FROM rels)
              AND NOT t.tgisinternal
              AND t.tgenabled IN ('O', 'R'))
    AND NOT EXISTS (
            SELECT 1 FROM pg_catalog.pg_rewrite r
-           WHERE r.ev_class IN ('public.batch_items'::regclass, 'public.workflow_states'::regclass)
+           WHERE r.ev_class IN (SELECT relid FROM rels)
              AND r.ev_enabled IN ('O', 'R'))
    AND NOT EXISTS (
            SELECT 1
@@ -69,7 +77,7 @@ SELECT NOT EXISTS (
            JOIN pg_catalog.pg_attribute fk ON fk.attrelid = c.conrelid AND fk.attnum = c.conkey[1]
            JOIN pg_catalog.pg_attribute pk ON pk.attrelid = c.confrelid AND pk.attnum = c.confkey[1]
            WHERE c.contype = 'f'
-             AND c.conrelid IN ('public.batch_items'::regclass, 'public.workflow_states'::regclass)
+             AND c.conrelid IN (SELECT relid FROM rels)
              AND NOT (cardinality(c.conkey) = 1
                       AND pk.attname = 'id'
                       AND ((fk.attname = 'batch_id' AND c.confrelid = 'public.batches'::regclass)
