@@ -63,6 +63,8 @@ def test_dispatch_defaults_layered(tmp_path):
         ("[database]\nfoo = 1\n", "unknown key database.foo"),
         ("[dispatch]\nbogus = 1\n", "unknown key dispatch.bogus"),
         ('[database]\npooler = "sometimes"\n', "pooler"),
+        ('[databse]\nurl = "postgresql://x"\n', "unknown entry 'databse'"),
+        ('url = "postgresql://x"\n', "unknown entry 'url'"),
     ],
 )
 def test_bad_config_file_is_a_usage_error(tmp_path, body, message):

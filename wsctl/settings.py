@@ -231,6 +231,12 @@ def load(database_url: str | None = None, *, env: dict[str, str] | None = None) 
     dispatch: dict[str, Any] = dict(DISPATCH_DEFAULTS)
     file_url: tuple[str, str] | None = None
     for path, data in layers:  # lowest first, so later layers win
+        for name in data:
+            if name not in ("database", "dispatch"):  # a typo must not be ignored silently
+                raise UsageError(
+                    f"{path}: unknown entry {name!r} (wsctl reads the [database] and "
+                    "[dispatch] tables)"
+                )
         section = data.get("database", {})
         if not isinstance(section, dict):
             raise UsageError(f"{path}: [database] must be a table")
