@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 
@@ -641,3 +642,38 @@ def test_bearer_keys_and_authorization_values_are_redacted_everywhere(cli, conn,
         assert all(s in r.out for s in secrets), (name, r.out)
     doc = cli(*runs["list"], "--json").json()[0]["config"]
     assert doc["bearer"] == "***" and doc["headers"]["Accept"] == "text/plain"
+
+
+# --- reads carry the statement timeout ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "args"),
+    [
+        ("clients", ("client", "list")),
+        ("enrichment_registry", ("registry", "list")),
+        ("client_workflow_configs", ("config", "list")),
+        (
+            "client_workflow_configs",
+            ("config", "show", "--client", "acme", "--workflow", ENRICH, "--workstream", LINKEDIN),
+        ),
+    ],
+    ids=["client-list", "registry-list", "config-list", "config-show"],
+)
+def test_a_read_blocked_behind_a_lock_gives_up_at_the_statement_timeout(
+    cli, db_url, world, tmp_path, table, args
+):
+    """A read waiting on a table another session locked (a dashboard migration, say)
+    stops at [database] statement_timeout with exit 1, instead of hanging a cron job."""
+    import psycopg
+
+    (tmp_path / "wsctl.toml").write_text('[database]\nstatement_timeout = "300ms"\n')
+    # Should the read ever wait without a timeout again, the server ends the holder's
+    # session after 10 s: the test then fails instead of hanging.
+    with psycopg.connect(db_url, options="-c idle_in_transaction_session_timeout=10s") as holder:
+        holder.execute(f"LOCK TABLE public.{table} IN ACCESS EXCLUSIVE MODE")
+        r = cli(*args)
+        with contextlib.suppress(psycopg.Error):
+            holder.rollback()
+    assert_refused(r, 1, "statement timeout")
+    assert cli(*args).code == 0

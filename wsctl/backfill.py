@@ -240,7 +240,8 @@ def backfill_workstream_slug(
 
     cursor: uuid.UUID | None = None
     if resumable:
-        row = conn.execute(q("backfill_checkpoint_get"), (JOB,)).fetchone()
+        with tx(conn):
+            row = conn.execute(q("backfill_checkpoint_get"), (JOB,)).fetchone()
         if row is not None and row[0] is not None:
             cursor, report.resumed_after, report.resumed_checkpoint_at = row[0], row[0], row[1]
     unresolved: dict[uuid.UUID, Inference] = {}

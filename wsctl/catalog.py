@@ -92,7 +92,8 @@ def add_client(conn: psycopg.Connection, name: str) -> tuple[ClientRow, bool]:
 
 
 def list_clients(conn: psycopg.Connection) -> list[ClientRow]:
-    rows = conn.execute(q("catalog_client_list")).fetchall()
+    with tx(conn):  # read only; the transaction carries the statement timeout
+        rows = conn.execute(q("catalog_client_list")).fetchall()
     return [
         ClientRow(id=r[0], name=r[1], created_at=r[2], configs=r[3], batches=r[4]) for r in rows
     ]
@@ -213,9 +214,10 @@ def list_registry(
         validate_slug(workstream, "workstream slug")
     if workflow is not None:
         validate_slug(workflow, "workflow slug")
-    rows = conn.execute(
-        q("catalog_registry_list"), {"workstream": workstream, "workflow": workflow}
-    ).fetchall()
+    with tx(conn):  # read only; the transaction carries the statement timeout
+        rows = conn.execute(
+            q("catalog_registry_list"), {"workstream": workstream, "workflow": workflow}
+        ).fetchall()
     return [RegistryRow.from_db(r) for r in rows]
 
 
@@ -529,16 +531,16 @@ def set_config(
     if not isinstance(doc, dict):
         raise OperationalError("the config must be a JSON object")
     check_config_values(doc, "config")
-    found = find_client(conn, client)
     warnings = []
-    registered = conn.execute(q("resolve_registry"), (workflow, workstream)).fetchone()
-    if registered is None:
-        warnings.append(
-            f"{workflow} is not registered in workstream {workstream} "
-            "(see `wsctl registry list`); the config is stored anyway"
-        )
-    key = (found.id, workflow, workstream)
     with tx(conn):
+        found = find_client(conn, client)
+        registered = conn.execute(q("resolve_registry"), (workflow, workstream)).fetchone()
+        if registered is None:
+            warnings.append(
+                f"{workflow} is not registered in workstream {workstream} "
+                "(see `wsctl registry list`); the config is stored anyway"
+            )
+        key = (found.id, workflow, workstream)
         before = conn.execute(q("catalog_config_get_for_update"), key).fetchone()
         name = "catalog_config_replace" if config is not None else "catalog_config_merge"
         row = conn.execute(q(name), (*key, Jsonb(doc))).fetchone()
@@ -606,11 +608,12 @@ def list_configs(
         validate_slug(workstream, "workstream slug")
     if workflow is not None:
         validate_slug(workflow, "workflow slug")
-    client_id = find_client(conn, client).id if client is not None else None
-    rows = conn.execute(
-        q("catalog_config_list"),
-        {"client_id": client_id, "workstream": workstream, "workflow": workflow},
-    ).fetchall()
+    with tx(conn):  # read only; the transaction carries the statement timeout
+        client_id = find_client(conn, client).id if client is not None else None
+        rows = conn.execute(
+            q("catalog_config_list"),
+            {"client_id": client_id, "workstream": workstream, "workflow": workflow},
+        ).fetchall()
     return [
         ConfigRow(
             id=r[0],

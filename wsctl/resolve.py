@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from wsctl.catalog import RegistryRow
+from wsctl.db import tx
 from wsctl.domain import Client, find_client, infer_workstream, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.queries import q
@@ -268,6 +269,17 @@ def resolve_config(
         validate_slug(workstream_slug, "workstream slug")
     if (item_id is None) == (client is None):
         raise UsageError("give either an item id or a client, not both")
+    with tx(conn):  # read only; the transaction carries the statement timeout
+        return _resolve(conn, workflow_slug, item_id, client, workstream_slug)
+
+
+def _resolve(
+    conn: psycopg.Connection,
+    workflow_slug: str,
+    item_id: str | uuid.UUID | None,
+    client: str | None,
+    workstream_slug: str | None,
+) -> Resolution:
     res = Resolution(
         status=NOT_FOUND,
         source=None,
@@ -323,5 +335,6 @@ def resolve_registry(
     """The ``enrichment_registry`` row of a step in a workstream, or None: not registered there."""
     validate_slug(step_slug, "workflow slug")
     validate_slug(workstream_slug, "workstream slug")
-    row = conn.execute(q("resolve_registry"), (step_slug, workstream_slug)).fetchone()
+    with tx(conn):
+        row = conn.execute(q("resolve_registry"), (step_slug, workstream_slug)).fetchone()
     return RegistryRow.from_db(row) if row else None
