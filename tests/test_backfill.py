@@ -389,7 +389,9 @@ def test_the_update_never_overwrites_a_value_set_while_it_waits(conn, db_url):
     assert locked.wait(10)
     report = backfill.backfill_workstream_slug(conn, chunk_size=10)
     t.join()
-    assert (report.inferred, report.updated) == (6, 5)
+    # The batch the dashboard set counts as neither inferred nor updated.
+    assert (report.inferred, report.updated, report.set_meanwhile) == (5, 5, 1)
+    assert report.to_json()["set_meanwhile"] == 1
     assert workstreams(conn)[ids[2]] == "beta"
 
 

@@ -95,6 +95,7 @@ class BackfillReport:
     unresolved: list[Unresolved] = field(default_factory=list)
     scanned: int = 0  # batches examined (walk + new ones in the sweep)
     already_set: int = 0  # --batch ids that already had a workstream
+    set_meanwhile: int = 0  # batches the dashboard set between the chunk's read and its UPDATE
     dry_run: bool = False
     default: str | None = None
     resumed_after: uuid.UUID | None = None
@@ -113,6 +114,7 @@ class BackfillReport:
             "unresolved": [u.to_json() for u in self.unresolved],
             "scanned": self.scanned,
             "already_set": self.already_set,
+            "set_meanwhile": self.set_meanwhile,
             "dry_run": self.dry_run,
             "default": self.default,
             "default_unregistered": [str(b) for b in self.default_unregistered],
@@ -169,24 +171,31 @@ def _process_chunk(
     """Decide and (unless dry run) set the chunk's workstreams; returns (inferred, defaulted, updated)."""
     set_ids: list[uuid.UUID] = []
     set_values: list[str] = []
-    inferred = defaulted = 0
+    defaulted_ids: set[uuid.UUID] = set()
     for bid in ids:
         inf = inferences[bid]
         if inf.workstream:
             set_ids.append(bid)
             set_values.append(inf.workstream)
-            inferred += 1
         elif default:
             set_ids.append(bid)
             set_values.append(default)
-            defaulted += 1
-            if default not in inf.registered:
-                report.default_unregistered.append(bid)
+            defaulted_ids.add(bid)
         else:
             unresolved[bid] = inf
-    updated = 0
+    done = set(set_ids)  # a dry run counts what it would set
     if set_ids and not dry_run:
-        updated = len(conn.execute(q("backfill_set"), (set_ids, set_values)).fetchall())
+        done = {r[0] for r in conn.execute(q("backfill_set"), (set_ids, set_values)).fetchall()}
+        # The UPDATE skips a batch the dashboard set meanwhile: it counts as neither.
+        report.set_meanwhile += len(set_ids) - len(done)
+    updated = 0 if dry_run else len(done)
+    defaulted = len(done & defaulted_ids)
+    inferred = len(done) - defaulted
+    report.default_unregistered += [
+        b
+        for b in set_ids
+        if b in done and b in defaulted_ids and default not in inferences[b].registered
+    ]
     report.inferred += inferred
     report.defaulted += defaulted
     report.updated += updated

@@ -251,6 +251,11 @@ def backfill_workstream_slug(
         output.line(
             f"inferred {report.inferred}, defaulted {report.defaulted}, "
             f"{would} {n_set}, unresolved {len(report.unresolved)}"
+            + (
+                f", left alone {report.set_meanwhile} (set by another writer meanwhile)"
+                if report.set_meanwhile
+                else ""
+            )
         )
         if report.unresolved:
             output.table(
