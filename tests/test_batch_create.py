@@ -684,6 +684,14 @@ def test_keys_are_written_in_jsonb_order(conn, keys):
     assert [keys[i] for i in itemfiles.jsonb_key_order(keys)] == server
 
 
+def test_percent_signs_in_csv_keys_and_values_are_plain_text(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('"100%","%s","%(x)s"\n"%d","50%","%%"\n', encoding="utf-8")
+    with itemfiles.open_items(path) as stream:
+        (text,) = stream.json_rows()
+    assert json.loads(text) == {"100%": "%d", "%s": "50%", "%(x)s": "%%"}
+
+
 def test_csv_and_jsonl_rows_go_out_in_jsonb_key_order(tmp_path):
     csv_path = tmp_path / "k.csv"
     csv_path.write_text("zz,a,\u00e9,b\n1,2,3,4\n", encoding="utf-8")

@@ -90,7 +90,7 @@ class ItemStream:
     def _csv_rows(self) -> Iterator[str]:
         reader = csv.reader(self._lines, strict=True)
         header: list[str] | None = None
-        keys: list[str] = []
+        template = ""
         start = 1
         while True:
             start = reader.line_num + 1
@@ -105,12 +105,19 @@ class ItemStream:
             if header is None:
                 header = self._check_header(row, start)
                 order = jsonb_key_order(header)
-                keys = [encode_basestring(header[i]) + ":" for i in order]
+                # One %-template per file: '{"a":%s,"b":%s}' (a key's own % doubled).
+                template = (
+                    "{"
+                    + ",".join(
+                        encode_basestring(header[i]).replace("%", "%%") + ":%s" for i in order
+                    )
+                    + "}"
+                )
                 pick = _picker(order)
                 continue
             if len(row) != len(header):
                 raise self.error(start, f"{len(row)} fields where the header has {len(header)}")
-            text = "{" + ",".join(map(str.__add__, keys, map(encode_basestring, pick(row)))) + "}"
+            text = template % tuple(map(encode_basestring, pick(row)))
             if "\\u0000" in text and any("\x00" in v for v in row):
                 raise self.error(start, "a NUL character (PostgreSQL text cannot hold it)")
             self.items += 1
