@@ -333,13 +333,17 @@ def test_config_set_refuses_bad_files(cli, conn, world, tmp_path, name, content,
 
 def test_config_list_redacts_unless_reveal(cli, conn, world):
     add_config(
-        conn, world["beta"], NORMALIZE, APOLLO, {"api_key": SECRET, "hook": HOOK + "?token=T1"}
+        conn,
+        world["beta"],
+        NORMALIZE,
+        APOLLO,
+        {"api_key": SECRET, "hook": HOOK + "?token=QUERYTOKEN7"},
     )
     r = cli("config", "list", "--json")
     assert r.code == 0
     rows = r.json()
     assert len(rows) == 4 and SECRET not in r.out and "HOOKSECRET456" not in r.out
-    assert "T1" not in r.out
+    assert "QUERYTOKEN7" not in r.out  # (not "T1": a timestamp at 10:00 holds it)
     mine = next(x for x in rows if x["workflow"] == NORMALIZE)
     assert mine["config"] == {"api_key": "***", "hook": "***"}
     assert set(mine) >= {
