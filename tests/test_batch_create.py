@@ -692,23 +692,63 @@ def test_percent_signs_in_csv_keys_and_values_are_plain_text(tmp_path):
     assert json.loads(text) == {"100%": "%d", "%s": "50%", "%(x)s": "%%"}
 
 
-def test_csv_and_jsonl_rows_go_out_in_jsonb_key_order(tmp_path):
+def test_csv_rows_go_out_in_jsonb_key_order_and_jsonl_as_written(tmp_path):
     csv_path = tmp_path / "k.csv"
     csv_path.write_text("zz,a,\u00e9,b\n1,2,3,4\n", encoding="utf-8")
     jsonl_path = tmp_path / "k.jsonl"
-    jsonl_path.write_text(
-        '{"zz": 1, "a": {"y": 1, "x": 2}, "b": null}\n{"b": 1, "a": 2}\n{"q": 0}\n{}\n',
-        encoding="utf-8",
-    )
+    jsonl_path.write_text('{"zz": 1, "a": {"y": 1}}\r\n\n{}\n', encoding="utf-8")
     with itemfiles.open_items(csv_path) as stream:
         assert list(stream.json_rows()) == ['{"a":"2","b":"4","zz":"1","\u00e9":"3"}']
     with itemfiles.open_items(jsonl_path) as stream:
-        assert list(stream.json_rows()) == [  # nested objects keep their order: only the top level
-            '{"a":{"y":1,"x":2},"b":null,"zz":1}',
-            '{"a":2,"b":1}',
-            '{"q":0}',
-            "{}",
-        ]
+        assert list(stream.json_rows()) == ['{"zz": 1, "a": {"y": 1}}', "{}"]
+
+
+def test_jsonl_numbers_are_stored_exactly(conn, catalog, tmp_path):
+    """PostgreSQL parses each object's own text: numeric keeps what the file says."""
+    big = "1" * 4400  # longer than Python's default int-from-string limit
+    path = tmp_path / "n.jsonl"
+    path.write_text(
+        '{"price": 1.10, "ratio": 0.1000000000000000055511151231257827, "e": 1e400,'
+        f' "tiny": -2.5E-300, "big": {big}, "n": [0, -0, 7]}}\n',
+        encoding="utf-8",
+    )
+    result = create_lib(conn, items=path)
+    row = conn.execute(
+        "SELECT data->>'price', data->>'ratio', data->'e' = '1e400'::jsonb,"
+        " data->>'tiny', data->>'big', data->'n' FROM public.batch_items WHERE batch_id = %s",
+        (result.batch_id,),
+    ).fetchone()
+    assert row == (
+        "1.10",
+        "0.1000000000000000055511151231257827",
+        True,
+        "-0." + "0" * 299 + "25",
+        big,
+        [0, 0, 7],
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"a": 1e131072}', "out of PostgreSQL's numeric range"),
+        ('{"a": 1e-16384}', "out of PostgreSQL's numeric range"),
+        ("42", "got a number"),
+        ("-1.5e3", "got a number"),
+        ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
+    ],
+    ids=["huge", "tiny", "int", "float", "deep"],
+)
+def test_jsonl_lines_postgresql_cannot_take_are_refused_with_their_line(
+    conn, catalog, tmp_path, line, reason
+):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"ok": 1}\n' + line + "\n", encoding="utf-8")
+    before = table_snapshot(conn)
+    with pytest.raises(OperationalError) as err:
+        create_lib(conn, items=path)
+    assert "bad.jsonl line 2" in str(err.value) and reason in str(err.value)
+    assert table_snapshot(conn) == before
 
 
 # --- the progress bar ------------------------------------------------------------

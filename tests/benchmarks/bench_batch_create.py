@@ -18,7 +18,8 @@ embedded server), on one freshly migrated database:
 3. the reference plus the workflow_states INSERT ... SELECT, i.e. the same
    rows the command writes, for comparison;
 4. peak RSS of the subprocess for 100,000 and 400,000 rows (memory must stay
-   flat in the file's size: the file is streamed).
+   flat in the file's size: the file is streamed);
+5. the command on the same rows as JSON Lines (one `json.dumps` object a line).
 
 The runs alternate (command, reference, reference+states) so that load from
 other processes hits all of them alike; the best and the median are shown.
@@ -111,6 +112,14 @@ def drop_plain_role(admin: str, url: str) -> None:
         c.execute(f"DROP OWNED BY {PLAIN_ROLE}")
     with psycopg.connect(admin, autocommit=True) as c:
         c.execute(f"DROP ROLE IF EXISTS {PLAIN_ROLE}")
+
+
+def csv_to_jsonl(path: Path) -> Path:
+    out = path.with_suffix(".jsonl")
+    with path.open(newline="", encoding="utf-8") as f, out.open("w", encoding="utf-8") as w:
+        for row in csv.DictReader(f):
+            w.write(json.dumps(row) + "\n")
+    return out
 
 
 def run_command(url: str, path: Path, expect: str) -> tuple[float, int]:
@@ -230,6 +239,8 @@ def main() -> None:
                 flush=True,
             )
         t_big, rss_big = run_command(url, big, "by_construction")
+        jsonl = csv_to_jsonl(small)
+        cmd_jsonl = [run_command(url, jsonl, "by_construction")[0] for _ in range(opts.repeat)]
 
         def fmt(xs: list[float]) -> str:
             return f"best {min(xs):.2f} s, median {statistics.median(xs):.2f} s"
@@ -250,6 +261,10 @@ def main() -> None:
             f"{statistics.median(cmd_plain) / statistics.median(ref):.2f}x"
         )
         print(f"items/s (command, median): {opts.items / statistics.median(cmd):,.0f}")
+        print(
+            f"wsctl batch create, the same rows as JSON Lines "
+            f"({jsonl.stat().st_size / 1e6:.1f} MB): {fmt(cmd_jsonl)}"
+        )
         print(
             f"peak RSS: {max(rss_small) / 1024:.0f} MiB for {opts.items:,} items, "
             f"{rss_big / 1024:.0f} MiB for {opts.big:,} items ({t_big:.2f} s)"
