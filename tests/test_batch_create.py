@@ -492,10 +492,11 @@ def test_a_user_trigger_keeps_every_check_and_fires_for_every_row(conn, catalog)
     assert result.fk_checks == "server"
     assert conn.execute("SELECT count(*) FROM public.state_log").fetchone()[0] == 5
     assert_consistent(conn, result.batch_id, 5)
-    # A trigger set to fire ALWAYS fires under either role: the checks can be skipped again.
+    # A trigger set to fire ALWAYS would fire, but its own writes would run under the
+    # replica role (their foreign keys unchecked): not taken either.
     conn.execute("ALTER TABLE public.workflow_states ENABLE ALWAYS TRIGGER dashboard_log")
     result = create_lib(conn)
-    assert result.fk_checks == "by_construction"
+    assert result.fk_checks == "server"
     assert conn.execute("SELECT count(*) FROM public.state_log").fetchone()[0] == 10
     # A REPLICA trigger would fire only under the skip: not taken.
     conn.execute("ALTER TABLE public.workflow_states ENABLE REPLICA TRIGGER dashboard_log")
@@ -505,6 +506,92 @@ def test_a_user_trigger_keeps_every_check_and_fires_for_every_row(conn, catalog)
     # A disabled one fires under neither.
     conn.execute("ALTER TABLE public.workflow_states DISABLE TRIGGER dashboard_log")
     assert create_lib(conn).fk_checks == "by_construction"
+
+
+def test_an_update_only_trigger_does_not_keep_the_checks(conn, catalog):
+    """The dashboard's usual updated_at trigger fires on UPDATE, never on a create's INSERT."""
+    conn.execute("""
+        CREATE FUNCTION public.touch() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN NEW.updated_at = now(); RETURN NEW; END $$;
+        CREATE TRIGGER touch BEFORE UPDATE ON public.workflow_states
+            FOR EACH ROW EXECUTE FUNCTION public.touch();
+    """)
+    assert create_lib(conn).fk_checks == "by_construction"
+
+
+def test_a_deferrable_constraint_keeps_every_check(conn, catalog):
+    """Its re-check is an internal INSERT trigger, which the replica role would skip too."""
+    conn.execute(
+        "ALTER TABLE public.workflow_states"
+        " ADD CONSTRAINT states_once UNIQUE (item_id, step_name, status) DEFERRABLE"
+    )
+    result = create_lib(conn)
+    assert result.fk_checks == "server"
+    assert_consistent(conn, result.batch_id, 5)
+
+
+def test_a_known_column_name_on_the_wrong_table_keeps_every_check(conn, catalog):
+    """item_id -> batch_items is one of the three keys only on workflow_states."""
+    conn.execute(
+        "ALTER TABLE public.batch_items ADD COLUMN item_id uuid REFERENCES public.batch_items"
+    )
+    result = create_lib(conn)
+    assert result.fk_checks == "server"
+    assert_consistent(conn, result.batch_id, 5)
+
+
+def test_a_partition_attached_during_the_create_stops_it(conn, catalog, db_url, tmp_path):
+    """ATTACH PARTITION takes only SHARE UPDATE EXCLUSIVE on the parent, so the create's
+    lock does not hold it off (it does when the table has the foreign keys: attaching then
+    needs a lock on batch_items the create holds against it). Without them, the check after
+    the inserts sees the new partition's trigger, and nothing is written."""
+    conn.execute("""
+        ALTER TABLE public.workflow_states RENAME TO workflow_states_before;
+        CREATE TABLE public.workflow_states (LIKE public.workflow_states_before INCLUDING DEFAULTS)
+            PARTITION BY LIST (status);
+        CREATE TABLE public.workflow_states_pending PARTITION OF public.workflow_states
+            FOR VALUES IN ('PENDING');
+        CREATE TABLE public.workflow_states_failed
+            (LIKE public.workflow_states_before INCLUDING DEFAULTS);
+    """)
+    add_state_log_trigger(conn, "public.workflow_states_failed")
+    before = table_snapshot(conn)
+    attached = []
+
+    def attach_once(items: int, bytes_read: int) -> None:
+        if not attached:
+            # lock_timeout: should the ATTACH ever wait on the create, fail instead of hanging.
+            with psycopg.connect(db_url, autocommit=True, options="-c lock_timeout=5s") as other:
+                other.execute(
+                    "ALTER TABLE public.workflow_states ATTACH PARTITION"
+                    " public.workflow_states_failed FOR VALUES IN ('FAILED')"
+                )
+            attached.append(items)
+
+    path = write_csv(tmp_path / "many.csv", 20_000)
+    with pytest.raises(OperationalError, match="changed during the create"):
+        create_lib(conn, items=path, on_progress=attach_once)
+    assert attached
+    assert table_snapshot(conn) == before
+    assert conn.execute("SHOW session_replication_role").fetchone()[0] == "origin"
+
+
+def test_a_latin1_session_still_stores_utf8_text(db_url, conn, catalog, tmp_path):
+    """The binary COPY's JSON is UTF-8 whatever the session's client encoding."""
+    path = tmp_path / "names.csv"
+    path.write_text("name,city\nJosé,Zürich\n", encoding="utf-8")
+    jsonl = tmp_path / "names.jsonl"
+    jsonl.write_text('{"name": "Søren", "note": "ÆØÅ"}\n', encoding="utf-8")
+    with psycopg.connect(db_url, autocommit=True, client_encoding="latin1") as latin:
+        assert latin.info.encoding == "iso8859-1"
+        first = create_lib(latin, items=path)
+        second = create_lib(latin, items=jsonl)
+        assert latin.execute("SHOW client_encoding").fetchone()[0] == "LATIN1"  # SET LOCAL
+    got = [
+        conn.execute("SELECT data FROM public.batch_items WHERE batch_id = %s", (b,)).fetchone()[0]
+        for b in (first.batch_id, second.batch_id)
+    ]
+    assert got == [{"name": "José", "city": "Zürich"}, {"name": "Søren", "note": "ÆØÅ"}]
 
 
 def test_a_trigger_on_a_partition_keeps_every_check(conn, catalog):
@@ -728,16 +815,72 @@ def test_jsonl_numbers_are_stored_exactly(conn, catalog, tmp_path):
     )
 
 
+NUMBERS = [
+    "1e400",
+    "1e131071",
+    "9e131071",
+    "99e131070",
+    "10e131071",
+    "1e131072",
+    "0e131073",
+    "1e-16383",
+    "1.5e-16382",
+    "1.55e-16382",
+    "0e-16383",
+    "0e-16384",
+    "0.0e-16383",
+    "0.00e-16382",
+    "0e1073741822",
+    "0e1073741823",
+    "1e1073741823",
+    "1e-1073741823",
+    "0e99999999999999999999",
+    "1e00000000000000000000000000000000005",
+    "-0.001e+5",
+    "0.00000000000000000000000000000000001",
+    "1" * 40,
+    "-" + "9" * 131072,
+    "9" * 131073,
+]
+
+
+# Zeros with an exponent of 1073741823 or more: PostgreSQL 15 refuses them, 18 takes them;
+# the check refuses them everywhere.
+VERSION_DEPENDENT = {"0e1073741823", "0e99999999999999999999"}
+
+
+def test_the_number_check_agrees_with_postgresql(conn):
+    """Every literal the check lets through PostgreSQL's numeric takes (so the COPY never
+    fails on one without a line number), and it refuses only what numeric refuses."""
+    for literal in NUMBERS:
+        try:
+            itemfiles._json_number(literal)
+            ours = True
+        except ValueError:
+            ours = False
+        try:
+            with conn.transaction():
+                conn.execute("SELECT %s::jsonb", ('{"a": ' + literal + "}",))
+            theirs = True
+        except psycopg.errors.DataError:
+            theirs = False
+        if ours:
+            assert theirs, literal[:40]
+        elif literal not in VERSION_DEPENDENT:
+            assert not theirs, literal[:40]
+
+
 @pytest.mark.parametrize(
     ("line", "reason"),
     [
         ('{"a": 1e131072}', "out of PostgreSQL's numeric range"),
         ('{"a": 1e-16384}', "out of PostgreSQL's numeric range"),
+        ('{"a": 0e99999999999999999999}', "out of PostgreSQL's numeric range"),
         ("42", "got a number"),
         ("-1.5e3", "got a number"),
         ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", "nested too deeply"),
     ],
-    ids=["huge", "tiny", "int", "float", "deep"],
+    ids=["huge", "tiny", "exponent", "int", "float", "deep"],
 )
 def test_jsonl_lines_postgresql_cannot_take_are_refused_with_their_line(
     conn, catalog, tmp_path, line, reason

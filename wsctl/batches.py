@@ -24,11 +24,14 @@ would change, the create sets ``session_replication_role = replica`` for the
 COPY and the states INSERT only (SET LOCAL, reset right after), which skips
 exactly those trigger calls. "Nothing else" is checked inside the transaction,
 after the tables are locked in the mode the inserts take anyway (so no
-trigger can appear meanwhile): the role may set the parameter; batch_items
-and workflow_states have no user trigger or rule whose firing depends on it;
-their foreign keys are only the three known ones. Otherwise, or with
-``fk_checks="server"``, the server checks every row as usual. The COPY's and
-the INSERT's row counts are checked against the items counted either way.
+trigger can appear meanwhile), and again after the inserts (a partition can
+be attached under that lock): the role may set the parameter; no enabled
+trigger fires on INSERT into batch_items or workflow_states (or their
+partitions) but the three foreign keys' own checks, ALWAYS triggers included
+(their writes would run under the replica role too); no enabled rule; their
+only foreign keys are those three. Otherwise, or with ``fk_checks="server"``,
+the server checks every row as usual. The COPY's and the INSERT's row counts
+are checked against the items counted either way.
 """
 
 from __future__ import annotations
@@ -276,6 +279,7 @@ def create_batch(
                 if key is not None:
                     if conn.execute(q("batch_dedupe_claim"), (key, batch_id)).fetchone() is None:
                         raise _DedupeTaken
+                conn.execute(q("batch_utf8"))
                 restore = _skip_fk_triggers(conn) if fk_checks == "auto" else None
                 prefix = _uuid7_prefix()
                 n = _copy_items(conn, stream, batch_id, prefix, on_progress)
@@ -290,6 +294,13 @@ def create_batch(
                     },
                 ).rowcount
                 if restore is not None:
+                    # A partition attached while the rows went in is not covered by the
+                    # lock: check again before anything is committed.
+                    if not conn.execute(q("batch_fk_skip_is_safe")).fetchone()[0]:
+                        raise OperationalError(
+                            "batch_items or workflow_states changed during the create (a "
+                            "trigger, rule or partition appeared); nothing written: run it again"
+                        )
                     conn.execute(q("batch_set_replication_role"), (restore,))
                 if states != n:  # pragma: no cover - would mean a bug in the id scheme
                     raise OperationalError(
@@ -311,7 +322,6 @@ def _skip_fk_triggers(conn: psycopg.Connection) -> str | None:
     skips foreign-key checks the create satisfies by construction; returns the role to
     restore afterwards, or None (nothing changed: the server checks every row).
     """
-    conn.execute(q("batch_lock_item_tables"))  # the inserts' own lock mode, taken first
     privilege = (
         "batch_may_set_replication_role"
         if conn.info.server_version >= 150000
@@ -319,6 +329,7 @@ def _skip_fk_triggers(conn: psycopg.Connection) -> str | None:
     )
     if not conn.execute(q(privilege)).fetchone()[0]:
         return None
+    conn.execute(q("batch_lock_item_tables"))  # the inserts' own lock mode, before the check
     safe, current = conn.execute(q("batch_fk_skip_is_safe")).fetchone()
     if not safe:
         return None

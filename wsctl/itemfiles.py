@@ -22,11 +22,11 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from decimal import Decimal
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
@@ -179,21 +179,38 @@ class ItemStream:
             yield text.rstrip("\r\n")
 
 
-# PostgreSQL's numeric: at most 131072 digits before the decimal point, 16383 after.
+# PostgreSQL's numeric: at most 131072 digits before the decimal point, 16383 after, and
+# an exponent below 1073741823 either way (a zero included).
 _NUMERIC_MAX_WHOLE_DIGITS = 131072
 _NUMERIC_MAX_SCALE = 16383
+_NUMERIC_MAX_EXPONENT = 1073741822
+_NUMBER = re.compile(r"-?(\d+)(?:\.(\d+))?(?:[eE]([+-]?\d+))?")
 
 
 def _json_number(literal: str) -> str:
     """A JSON number's literal, kept as written; refused when PostgreSQL's numeric cannot hold it."""
     if len(literal) <= 30 and "e" not in literal and "E" not in literal:
         return literal  # the common case: plainly within range
-    value = Decimal(literal)
-    _sign, digits, exponent = value.as_tuple()
-    whole_digits = len(digits) + exponent if digits != (0,) else 1
-    if whole_digits > _NUMERIC_MAX_WHOLE_DIGITS or -exponent > _NUMERIC_MAX_SCALE:
-        raise ValueError(f"the number {_clip(literal)} is out of PostgreSQL's numeric range")
+    m = _NUMBER.fullmatch(literal)
+    if m is None:  # pragma: no cover - json.loads only passes JSON number literals
+        raise ValueError(f"the number {_clip(literal)} is not a JSON number")
+    whole, frac, exp = m.group(1), m.group(2) or "", m.group(3) or "0"
+    magnitude = exp.lstrip("+-").lstrip("0") or "0"
+    if len(magnitude) > 10:
+        raise _out_of_range(literal)
+    exponent = -int(magnitude) if exp.startswith("-") else int(magnitude)
+    if abs(exponent) > _NUMERIC_MAX_EXPONENT or len(frac) - exponent > _NUMERIC_MAX_SCALE:
+        raise _out_of_range(literal)
+    digits = (whole + frac).lstrip("0")
+    if digits:  # not a zero: where its first significant digit lands
+        leading_zeros = len(whole) + len(frac) - len(digits)
+        if len(whole) + exponent - leading_zeros > _NUMERIC_MAX_WHOLE_DIGITS:
+            raise _out_of_range(literal)
     return literal
+
+
+def _out_of_range(literal: str) -> ValueError:
+    return ValueError(f"the number {_clip(literal)} is out of PostgreSQL's numeric range")
 
 
 def _clip(text: str, limit: int = 40) -> str:

@@ -30,6 +30,10 @@ RETURNING batch_id;
 -- The batch a dedupe key names.
 SELECT batch_id FROM wsctl.batch_dedupe_keys WHERE dedupe_key = %s;
 
+-- batch_utf8 --
+-- The binary COPY sends the items' JSON as UTF-8 whatever the session's client encoding.
+SELECT set_config('client_encoding', 'UTF8', true);
+
 -- batch_items_copy --
 -- Bulk load of the items, streamed from the item file in COPY's binary format
 -- (ids made client-side, see batches.py).
@@ -37,7 +41,8 @@ COPY public.batch_items (id, batch_id, data) FROM STDIN (FORMAT binary);
 
 -- batch_lock_item_tables --
 -- The lock the item and state inserts take anyway (it lets other writers in), taken before
--- the trigger check below so that no trigger can be created on these tables meanwhile.
+-- the trigger check below so that no trigger can be created on these tables meanwhile
+-- (a partition attached meanwhile is caught by checking again after the inserts).
 LOCK TABLE public.batch_items, public.workflow_states IN ROW EXCLUSIVE MODE;
 
 -- batch_may_set_replication_role --
@@ -49,39 +54,44 @@ SELECT has_parameter_privilege('session_replication_role', 'SET');
 SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user;
 
 -- batch_fk_skip_is_safe --
--- Whether session_replication_role = replica would change nothing on batch_items and
--- workflow_states (their partitions included, should the dashboard partition them) but
--- skip the foreign-key checks a create satisfies by construction: no user trigger or rule
--- that fires differently under it ('O': origin only, 'R': replica only; 'A' always fires,
--- 'D' never), and no foreign key but batch_id -> batches(id) and item_id -> batch_items(id).
--- Also the current role setting, to restore.
+-- Whether session_replication_role = replica would skip nothing on an INSERT into
+-- batch_items or workflow_states (their partitions included) but the checks of the three
+-- foreign keys a create satisfies by construction: batch_items.batch_id -> batches(id),
+-- workflow_states.item_id -> batch_items(id), workflow_states.batch_id -> batches(id).
+-- So: no other foreign key on them; no enabled trigger firing on INSERT (a user trigger of
+-- any kind, ALWAYS ones included, whose own writes would run under the replica role; a
+-- deferrable constraint's internal trigger) but those three keys' own check triggers; no
+-- enabled rule. Also the current role setting, to restore.
 WITH rels (relid) AS (  -- pg_partition_tree gives no row for a table that is not partitioned
     SELECT unnest(ARRAY['public.batch_items'::regclass, 'public.workflow_states'::regclass])
     UNION
     SELECT relid FROM pg_catalog.pg_partition_tree('public.batch_items'::regclass)
     UNION
     SELECT relid FROM pg_catalog.pg_partition_tree('public.workflow_states'::regclass)
+),
+fks AS (
+    SELECT c.oid,
+           (coalesce(pg_catalog.pg_partition_root(c.conrelid), c.conrelid), fk.attname,
+            c.confrelid, pk.attname)
+           IN (('public.batch_items'::regclass, 'batch_id', 'public.batches'::regclass, 'id'),
+               ('public.workflow_states'::regclass, 'item_id', 'public.batch_items'::regclass, 'id'),
+               ('public.workflow_states'::regclass, 'batch_id', 'public.batches'::regclass, 'id'))
+           AND cardinality(c.conkey) = 1 AS known
+    FROM pg_catalog.pg_constraint c
+    JOIN pg_catalog.pg_attribute fk ON fk.attrelid = c.conrelid AND fk.attnum = c.conkey[1]
+    JOIN pg_catalog.pg_attribute pk ON pk.attrelid = c.confrelid AND pk.attnum = c.confkey[1]
+    WHERE c.contype = 'f' AND c.conrelid IN (SELECT relid FROM rels)
 )
-SELECT NOT EXISTS (
+SELECT NOT EXISTS (SELECT 1 FROM fks WHERE NOT fks.known)
+   AND NOT EXISTS (
            SELECT 1 FROM pg_catalog.pg_trigger t
            WHERE t.tgrelid IN (SELECT relid FROM rels)
-             AND NOT t.tgisinternal
-             AND t.tgenabled IN ('O', 'R'))
+             AND t.tgenabled <> 'D'
+             AND t.tgtype & 4 <> 0  -- fires on INSERT
+             AND t.tgconstraint NOT IN (SELECT oid FROM fks WHERE fks.known))
    AND NOT EXISTS (
            SELECT 1 FROM pg_catalog.pg_rewrite r
-           WHERE r.ev_class IN (SELECT relid FROM rels)
-             AND r.ev_enabled IN ('O', 'R'))
-   AND NOT EXISTS (
-           SELECT 1
-           FROM pg_catalog.pg_constraint c
-           JOIN pg_catalog.pg_attribute fk ON fk.attrelid = c.conrelid AND fk.attnum = c.conkey[1]
-           JOIN pg_catalog.pg_attribute pk ON pk.attrelid = c.confrelid AND pk.attnum = c.confkey[1]
-           WHERE c.contype = 'f'
-             AND c.conrelid IN (SELECT relid FROM rels)
-             AND NOT (cardinality(c.conkey) = 1
-                      AND pk.attname = 'id'
-                      AND ((fk.attname = 'batch_id' AND c.confrelid = 'public.batches'::regclass)
-                        OR (fk.attname = 'item_id' AND c.confrelid = 'public.batch_items'::regclass)))),
+           WHERE r.ev_class IN (SELECT relid FROM rels) AND r.ev_enabled <> 'D'),
        current_setting('session_replication_role');
 
 -- batch_set_replication_role --
