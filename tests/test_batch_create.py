@@ -540,20 +540,34 @@ def test_a_known_column_name_on_the_wrong_table_keeps_every_check(conn, catalog)
     assert_consistent(conn, result.batch_id, 5)
 
 
-def test_a_partition_attached_during_the_create_stops_it(conn, catalog, db_url, tmp_path):
-    """ATTACH PARTITION takes only SHARE UPDATE EXCLUSIVE on the parent, so the create's
-    lock does not hold it off (it does when the table has the foreign keys: attaching then
-    needs a lock on batch_items the create holds against it). Without them, the check after
-    the inserts sees the new partition's trigger, and nothing is written."""
+def partition_workflow_states(conn, *, foreign_keys: bool) -> None:
+    """Replace workflow_states by a table partitioned by status, with a PENDING partition
+    (the old table stays as workflow_states_before)."""
     conn.execute("""
         ALTER TABLE public.workflow_states RENAME TO workflow_states_before;
         CREATE TABLE public.workflow_states (LIKE public.workflow_states_before INCLUDING DEFAULTS)
             PARTITION BY LIST (status);
         CREATE TABLE public.workflow_states_pending PARTITION OF public.workflow_states
             FOR VALUES IN ('PENDING');
-        CREATE TABLE public.workflow_states_failed
-            (LIKE public.workflow_states_before INCLUDING DEFAULTS);
     """)
+    if foreign_keys:
+        conn.execute(
+            "ALTER TABLE public.workflow_states"
+            " ADD FOREIGN KEY (item_id) REFERENCES public.batch_items,"
+            " ADD FOREIGN KEY (batch_id) REFERENCES public.batches"
+        )
+
+
+def test_a_partition_attached_during_the_create_stops_it(conn, catalog, db_url, tmp_path):
+    """ATTACH PARTITION takes only SHARE UPDATE EXCLUSIVE on the parent, so the create's
+    lock does not hold it off (it does when the table has the foreign keys: attaching then
+    needs a lock on batch_items the create holds against it). Without them, the check after
+    the inserts sees the new partition's trigger, and nothing is written."""
+    partition_workflow_states(conn, foreign_keys=False)
+    conn.execute(
+        "CREATE TABLE public.workflow_states_failed"
+        " (LIKE public.workflow_states_before INCLUDING DEFAULTS)"
+    )
     add_state_log_trigger(conn, "public.workflow_states_failed")
     before = table_snapshot(conn)
     attached = []
@@ -596,17 +610,10 @@ def test_a_latin1_session_still_stores_utf8_text(db_url, conn, catalog, tmp_path
 
 def test_a_trigger_on_a_partition_keeps_every_check(conn, catalog):
     """Should the dashboard partition workflow_states, its partitions' triggers count too."""
-    conn.execute("""
-        ALTER TABLE public.workflow_states RENAME TO workflow_states_before;
-        CREATE TABLE public.workflow_states (LIKE public.workflow_states_before INCLUDING DEFAULTS)
-            PARTITION BY LIST (status);
-        CREATE TABLE public.workflow_states_pending PARTITION OF public.workflow_states
-            FOR VALUES IN ('PENDING');
-        CREATE TABLE public.workflow_states_rest PARTITION OF public.workflow_states DEFAULT;
-        ALTER TABLE public.workflow_states
-            ADD FOREIGN KEY (item_id) REFERENCES public.batch_items,
-            ADD FOREIGN KEY (batch_id) REFERENCES public.batches;
-    """)
+    partition_workflow_states(conn, foreign_keys=True)
+    conn.execute(
+        "CREATE TABLE public.workflow_states_rest PARTITION OF public.workflow_states DEFAULT"
+    )
     result = create_lib(conn)
     assert result.fk_checks == "by_construction"
     assert_consistent(conn, result.batch_id, 5)
