@@ -79,6 +79,16 @@ def create_args(items: str | Path, *extra: str, client="acme", workstream="apoll
     )
 
 
+def stored_items(conn: psycopg.Connection, batch_id) -> list:
+    """A batch's items' data, in id (= file) order."""
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT data FROM public.batch_items WHERE batch_id = %s ORDER BY id", (batch_id,)
+        )
+    ]
+
+
 def write_csv(path: Path, n: int, *, bad_at_row: int | None = None) -> Path:
     with path.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -115,12 +125,7 @@ def test_create_from_the_apollo_export_writes_batch_items_and_first_states(cli, 
 
     with APOLLO.open(newline="", encoding="utf-8-sig") as f:
         expected = list(csv.DictReader(f))
-    got = [
-        r[0]
-        for r in conn.execute(
-            "SELECT data FROM public.batch_items WHERE batch_id = %s ORDER BY id", (bid,)
-        )
-    ]
+    got = stored_items(conn, bid)
     # Every value stays a string, "" included, in file order (ids follow the file).
     assert got == expected
     assert got[0]["# Employees"] == "1,200" and got[0]["Email"] == ""
@@ -158,13 +163,7 @@ def test_create_from_jsonl_keeps_json_types_and_skips_blank_lines(cli, conn, cat
     r = cli(*create_args(EXAMPLES / "items.jsonl", "--json"))
     assert r.code == 0, r.err
     assert r.json()["items"] == 4
-    rows = [
-        r[0]
-        for r in conn.execute(
-            "SELECT data FROM public.batch_items WHERE batch_id = %s ORDER BY id",
-            (r.json()["batch_id"],),
-        )
-    ]
+    rows = stored_items(conn, r.json()["batch_id"])
     assert rows[0]["tags"] == ["saas", "b2b"] and rows[0]["employees"] == 5000
     assert rows[1]["hq"] == {"city": "Gotham", "country": "US"}
     assert rows[2]["employees"] is None and rows[2]["public"] is False
@@ -731,16 +730,7 @@ def test_any_csv_text_comes_back_unchanged(conn, catalog, tmp_path, header, cell
         w.writerow(header)
         w.writerows(rows)
     expected = [dict(zip(header, r, strict=True)) for r in rows]
-    result = batches.create_batch(
-        conn, client="acme", workstream="apollo_scrape", blueprint=BLUEPRINT, items=path
-    )
-    got = [
-        r[0]
-        for r in conn.execute(
-            "SELECT data FROM public.batch_items WHERE batch_id = %s ORDER BY id",
-            (result.batch_id,),
-        )
-    ]
+    got = stored_items(conn, create_lib(conn, items=path).batch_id)
     assert got == expected
 
 
@@ -753,16 +743,7 @@ def test_any_csv_text_comes_back_unchanged(conn, catalog, tmp_path, header, cell
 def test_any_json_object_comes_back_unchanged(conn, catalog, tmp_path, objects):
     path = tmp_path / "round.jsonl"
     path.write_text("".join(json.dumps(o) + "\n" for o in objects), encoding="utf-8")
-    result = batches.create_batch(
-        conn, client="acme", workstream="apollo_scrape", blueprint=BLUEPRINT, items=path
-    )
-    got = [
-        r[0]
-        for r in conn.execute(
-            "SELECT data FROM public.batch_items WHERE batch_id = %s ORDER BY id",
-            (result.batch_id,),
-        )
-    ]
+    got = stored_items(conn, create_lib(conn, items=path).batch_id)
     assert got == objects
 
 
