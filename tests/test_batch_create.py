@@ -345,6 +345,37 @@ def test_a_row_postgresql_rejects_rolls_everything_back(conn, catalog, tmp_path)
     assert table_snapshot(conn) == before
 
 
+@pytest.mark.parametrize(
+    ("name", "text", "where"),
+    [
+        ("items.csv", 'company,n\nA,1\n"multi\nline",2\n"",3\n', "items.csv line 5"),
+        ("items.jsonl", '{"company": "A"}\n\n{"company": ""}\n', "items.jsonl line 3"),
+    ],
+)
+def test_an_item_a_dashboard_check_refuses_is_named_by_its_line(
+    cli, conn, catalog, tmp_path, name, text, where
+):
+    """A CHECK the dashboard added on batch_items refuses an item during the COPY: the
+    error names the item's line in the file (a quoted CSV value can span lines)."""
+    conn.execute(
+        "ALTER TABLE public.batch_items ADD CONSTRAINT company_given"
+        " CHECK (coalesce(data->>'company', 'x') <> '')"
+    )
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    before = table_snapshot(conn)
+    r = cli(*create_args(path))
+    assert r.code == 1
+    assert r.err.strip().splitlines() == [
+        f"wsctl: error: {where}: PostgreSQL refused the item: new row for relation"
+        ' "batch_items" violates check constraint "company_given"'
+    ]
+    assert table_snapshot(conn) == before
+    r = cli(*create_args("-", "--format", name.rsplit(".", 1)[1]), stdin=text)
+    assert r.code == 1 and "stdin item" in r.err  # stdin cannot be read twice: its item number
+    assert table_snapshot(conn) == before
+
+
 # --- dedupe ----------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ are checked against the items counted either way.
 
 from __future__ import annotations
 
+import re
 import secrets
 import struct
 import time
@@ -46,10 +47,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from wsctl.db import tx
+from wsctl.db import first_line, tx
 from wsctl.domain import Client, find_client, parse_uuid, validate_slug
 from wsctl.errors import OperationalError
-from wsctl.itemfiles import open_items
+from wsctl.itemfiles import item_line, open_items
 from wsctl.queries import q
 
 if TYPE_CHECKING:
@@ -311,10 +312,33 @@ def create_batch(
             if found is None:  # pragma: no cover - the holder was deleted meanwhile
                 raise OperationalError(f"dedupe key {key!r} is taken; try again") from None
             return found
+        except Exception as exc:
+            located = _refused_item(exc, stream.name, items, fmt)
+            if located is None:
+                raise
+            raise located from exc
         result.batch_id = batch_id
         result.items = n
         result.fk_checks = "server" if restore is None else "by_construction"
         return result
+
+
+_COPY_ITEM = re.compile(r"COPY batch_items, line (\d+)")
+
+
+def _refused_item(
+    exc: Exception, name: str, source: str | Path, fmt: str | None
+) -> OperationalError | None:
+    """An error PostgreSQL raised on one item of the COPY (a dashboard CHECK, say), as a
+    one-line refusal naming the item's line in the file; None for any other error."""
+    diag = getattr(exc, "diag", None)
+    found = _COPY_ITEM.search(getattr(diag, "context", None) or "")
+    if found is None:
+        return None
+    number = int(found.group(1))
+    line = item_line(source, fmt, number)
+    where = f"line {line}" if line is not None else f"item {number}"
+    return OperationalError(f"{name} {where}: PostgreSQL refused the item: {first_line(exc)}")
 
 
 def _skip_fk_triggers(conn: psycopg.Connection) -> str | None:

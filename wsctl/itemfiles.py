@@ -74,6 +74,7 @@ class ItemStream:
     columns: list[str] = field(default_factory=list)  # the CSV header
     line: int = 0  # physical lines read so far
     items: int = 0
+    item_line: int = 0  # the line the last item yielded starts on
     bytes_read: int = 0
 
     def error(self, line: int, reason: str) -> ItemFileError:
@@ -125,6 +126,7 @@ class ItemStream:
             if "\\u0000" in text and any("\x00" in v for v in row):
                 raise self.error(start, "a NUL character (PostgreSQL text cannot hold it)")
             self.items += 1
+            self.item_line = start
             yield text
         if header is None:
             raise ItemFileError(f"{self.name}: empty file (no header row)")
@@ -176,6 +178,7 @@ class ItemStream:
                         n, "a lone UTF-16 surrogate escape (\\ud800-\\udfff)"
                     ) from None
             self.items += 1
+            self.item_line = n
             yield text.rstrip("\r\n")
 
 
@@ -295,6 +298,21 @@ def _text_lines(stream: ItemStream, text_io: IO[str]) -> Iterator[str]:
         if stream.line == 1 and text.startswith(_BOM):
             text = text[1:]
         yield text
+
+
+def item_line(source: str | Path, fmt: str | None, number: int) -> int | None:
+    """The line item ``number`` (1-based) of a file starts on, read again; None for stdin
+    or anything but a regular file (a pipe cannot be read twice)."""
+    if str(source) == "-" or not Path(source).is_file():
+        return None
+    try:
+        with open_items(source, fmt) as stream:
+            for _ in stream.json_rows():
+                if stream.items == number:
+                    return stream.item_line
+    except (OSError, OperationalError):  # changed since: the item number will do
+        return None
+    return None
 
 
 @contextmanager
