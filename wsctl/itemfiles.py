@@ -226,27 +226,21 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def jsonb_key_order(keys) -> list[int]:
+def jsonb_key_order(keys: list[str]) -> list[int]:
     """Indexes of ``keys`` in the order jsonb stores an object's keys: by UTF-8 length, then bytes.
 
     (UTF-8 byte order is code point order, so Python's string order serves for ties.)
     """
-    return sorted(
-        range(len(keys)), key=lambda i: (len(keys[i].encode("utf-8", "surrogatepass")), keys[i])
-    )
+    return sorted(range(len(keys)), key=lambda i: (len(keys[i].encode("utf-8")), keys[i]))
 
 
-def _picker(order: list):
-    """The values of a row (a list or a dict) at ``order``'s indexes or keys, as a tuple.
-
-    ``itemgetter`` with several items, else a function that still returns a tuple.
-    """
-    if len(order) > 1:
-        return itemgetter(*order)
-    if not order:
-        return lambda _: ()
-    (only,) = order
-    return lambda row: (row[only],)
+def _picker(order: list[int]):
+    """A CSV row's values at ``order``'s indexes, always as a tuple (``itemgetter`` of a
+    single index returns the bare value)."""
+    if len(order) == 1:
+        (only,) = order
+        return lambda row: (row[only],)
+    return itemgetter(*order)
 
 
 def _reject_constant(name: str):
