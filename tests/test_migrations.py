@@ -406,4 +406,6 @@ def test_ddl_waiting_behind_a_long_transaction_gives_up_and_applies_nothing(fres
             assert cols == 0
         report.rollback()
     with db.connect(url, _settings(url)) as c:
-        assert [a["version"] for a in migrations.migrate(c, migrations=migs).applied] == [3, 4, 5]
+        assert [a["version"] for a in migrations.migrate(c, migrations=migs).applied] == [
+            m.version for m in migs[2:]
+        ]
