@@ -134,14 +134,44 @@ def test_list_filters(cli, conn, catalog):
     ("args", "message"),
     [
         (("--client", "nobody"), "no client named"),
-        (("--workstream", "apollo_scrape", "--missing-workstream"), "exclude each other"),
         (("--workstream", "NOT A SLUG"), "invalid workstream"),
-        (("--limit", "0"), "at least 1"),
     ],
 )
 def test_list_refusals(cli, conn, catalog, args, message):
     r = cli("batch", "list", *args)
     assert r.code == 1 and message in r.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--workstream", "apollo_scrape", "--missing-workstream"), "exclude each other"),
+        (("--limit", "0"), "--limit"),
+    ],
+)
+def test_list_usage_errors_are_exit_2_like_every_usage_error(cli, conn, catalog, args, message):
+    r = cli("batch", "list", *args)
+    assert r.code == 2 and message in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_list_shows_a_page_by_default_and_says_there_is_more(cli, conn, catalog):
+    from wsctl.cli.cmd_batch import LIST_PAGE
+
+    client = catalog["acme"]
+    conn.execute(
+        "INSERT INTO public.batches (client_id, blueprint, workstream_slug, created_at)"
+        " SELECT %s, ARRAY['normalize_company_name'], 'apollo_scrape', now() - g * interval '1s'"
+        " FROM generate_series(1, %s) g",
+        (client, LIST_PAGE + 5),
+    )
+    total = conn.execute("SELECT count(*) FROM public.batches").fetchone()[0]
+    page = cli("batch", "list", "--json")
+    assert page.code == 0 and len(page.json()) == LIST_PAGE
+    assert "--all" in page.err
+    assert len(cli("batch", "list", "--all", "--json").json()) == total
+    assert len(cli("batch", "list", "--limit", "3", "--json").json()) == 3
+    plain = cli("batch", "list")
+    assert len(plain.out.strip().splitlines()) == LIST_PAGE + 1  # the header and a page
 
 
 def test_cancel_stops_waiting_states_and_leaves_in_flight_ones(cli, conn, batch_id):
@@ -212,7 +242,8 @@ def test_in_flight_state_completing_after_cancel_enqueues_nothing(cli, conn, bat
     # Cancelling again is allowed and finds nothing left waiting.
     r = cli("batch", "cancel", batch_id)
     assert r.code == 0, r.err
-    assert "0 waiting state(s) cancelled, 2 in flight" in r.out
+    assert r.out.startswith(f"batch {batch_id} was already cancelled")
+    assert "0 state(s) enqueued since cancelled, 2 in flight" in r.out
 
 
 def test_cancel_refuses_a_completed_batch(cli, conn, batch_id):

@@ -49,7 +49,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from wsctl.db import first_line, tx
 from wsctl.domain import Client, find_client, parse_uuid, validate_slug
-from wsctl.errors import OperationalError
+from wsctl.errors import OperationalError, UsageError
 from wsctl.itemfiles import item_line, open_items
 from wsctl.queries import q
 
@@ -514,11 +514,11 @@ def list_batches(
 ) -> list[BatchInfo]:
     """Batches, newest first, filtered by client, workstream, or a missing workstream."""
     if workstream is not None and missing_workstream:
-        raise OperationalError("--workstream and --missing-workstream exclude each other")
+        raise UsageError("--workstream and --missing-workstream exclude each other")
     if workstream is not None:
         validate_slug(workstream, "workstream")
     if limit is not None and limit < 1:
-        raise OperationalError("the limit must be at least 1")
+        raise UsageError("--limit must be at least 1")
     with tx(conn):  # read only; the transaction carries the statement timeout
         client_id = find_client(conn, client).id if client is not None else None
         rows = conn.execute(

@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except ce.UsageError as exc:
         ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            # `wsctl`, `wsctl batch` ...: the help, as `--help` prints it (exit 0).
+            print(ctx.get_help())
+            return 0
         where = ctx.command_path if ctx is not None else "wsctl"
         msg = " ".join(exc.format_message().split())
         print(f"wsctl: error: {msg} (see `{where} --help`)", file=sys.stderr)

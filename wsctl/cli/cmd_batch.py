@@ -90,6 +90,9 @@ def batch_create(
     )
 
 
+LIST_PAGE = 50  # `batch list` without --all: a page a terminal can show
+
+
 @batch_app.command("status")
 def batch_status(
     ctx: typer.Context,
@@ -131,10 +134,11 @@ def batch_list(
     missing_workstream: bool = typer.Option(
         False, "--missing-workstream", help="Only batches without a workstream (legacy)."
     ),
-    limit: int | None = typer.Option(None, "--limit", help="At most this many, newest first."),
+    limit: int = typer.Option(LIST_PAGE, "--limit", min=1, help="At most this many, newest first."),
+    all_: bool = typer.Option(False, "--all", help="Every batch (no --limit)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """List batches, newest first."""
+    """List batches, newest first (a page of them unless --all)."""
     from wsctl import batches
     from wsctl.cli import output
 
@@ -144,10 +148,14 @@ def batch_list(
             client=client,
             workstream=workstream,
             missing_workstream=missing_workstream,
-            limit=limit,
+            limit=None if all_ else limit + 1,
         )
+    more = not all_ and len(rows) > limit
+    rows = rows[:limit] if more else rows
     if as_json:
         output.emit_json([r.to_json() for r in rows])
+        if more:
+            output.notice(f"showing the newest {limit}; --all or --limit N for more")
         return
     output.table(
         ["id", "client", "workstream", "status", "blueprint", "created_at"],
@@ -156,6 +164,8 @@ def batch_list(
             for r in rows
         ],
     )
+    if more:
+        output.notice(f"showing the newest {limit}; --all or --limit N for more")
 
 
 @batch_app.command("cancel")
@@ -172,6 +182,12 @@ def batch_cancel(
         result = batches.cancel_batch(conn, batch_id)
     if as_json:
         output.emit_json(result.to_json())
+        return
+    if result.previous_status == "CANCELLED":
+        output.line(
+            f"batch {result.batch_id} was already cancelled: {result.cancelled_states} "
+            f"state(s) enqueued since cancelled, {result.in_flight} in flight left to finish"
+        )
         return
     output.line(
         f"cancelled batch {result.batch_id}: {result.cancelled_states} waiting state(s) "
