@@ -198,8 +198,17 @@ def test_registry_import_example_file(cli, conn):
     r = cli("registry", "import", path, "--json")
     assert r.code == 0, r.err
     assert (r.json()["created"], r.json()["updated"]) == (12, 0)
+    # Re-importing an unchanged file writes nothing and says so (it said "12 updated").
+    before = table_snapshot(conn)
     r = cli("registry", "import", path)
-    assert r.code == 0 and "0 new, 12 updated" in r.err
+    assert r.code == 0 and "0 new, 0 updated, 12 unchanged" in r.err
+    assert table_snapshot(conn) == before
+    conn.execute(
+        "UPDATE enrichment_registry SET modal_sender_fn = 'old_fn' WHERE id = "
+        "(SELECT id FROM enrichment_registry ORDER BY id LIMIT 1)"
+    )
+    r = cli("registry", "import", path, "--json")
+    assert (r.json()["created"], r.json()["updated"], r.json()["unchanged"]) == (0, 1, 11)
     rows = conn.execute(
         "SELECT workstream_slug, count(*), count(*) FILTER (WHERE type = 'async'), "
         "count(modal_receiver_fn) FROM enrichment_registry GROUP BY 1 ORDER BY 1"

@@ -172,9 +172,10 @@ def validate_registry_row(
 class RegistryWrite:
     row: RegistryRow
     created: bool
+    changed: bool = True  # False: the row already said exactly this (nothing written)
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.row.to_json(), "created": self.created}
+        return {**self.row.to_json(), "created": self.created, "changed": self.changed}
 
 
 def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrite:
@@ -188,6 +189,10 @@ def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrit
         "sender": row.sender,
         "receiver": row.receiver,
     }
+    if before is not None:
+        same = RegistryRow.from_db(before)
+        if (same.type, same.sender, same.receiver) == (row.type, row.sender, row.receiver):
+            return RegistryWrite(same, created=False, changed=False)
     after = conn.execute(q("catalog_registry_upsert"), params).fetchone()
     return RegistryWrite(RegistryRow.from_db(after), created=before is None)
 
@@ -315,11 +320,20 @@ class RegistryImport:
     def created(self) -> int:
         return sum(1 for w in self.rows if w.created)
 
+    @property
+    def unchanged(self) -> int:
+        return sum(1 for w in self.rows if not w.changed)
+
+    @property
+    def updated(self) -> int:
+        return len(self.rows) - self.created - self.unchanged
+
     def to_json(self) -> dict[str, Any]:
         return {
             "dry_run": self.dry_run,
             "created": self.created,
-            "updated": len(self.rows) - self.created,
+            "updated": self.updated,
+            "unchanged": self.unchanged,
             "rows": [w.to_json() for w in self.rows],
         }
 

@@ -105,7 +105,7 @@ def registry_add(
         return
     r = w.row
     fns = r.sender + (f" -> {r.receiver}" if r.receiver else "")
-    verb = "registered" if w.created else "updated"
+    verb = "registered" if w.created else "updated" if w.changed else "unchanged:"
     output.line(f"{verb} {r.workflow_slug} in {r.workstream_slug}: {r.type} {fns}")
 
 
@@ -174,9 +174,9 @@ def registry_import(
     if dry_run:
         output.notice(f"{len(result.rows)} row(s) valid; nothing written (--dry-run)")
     else:
-        updated = len(result.rows) - result.created
         output.notice(
-            f"imported {len(result.rows)} row(s): {result.created} new, {updated} updated"
+            f"imported {len(result.rows)} row(s): {result.created} new, {result.updated} "
+            f"updated, {result.unchanged} unchanged"
         )
 
 
