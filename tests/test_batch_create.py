@@ -962,9 +962,11 @@ def test_the_progress_bar_is_drawn_on_a_terminal_and_not_otherwise(db_url, conn,
     code, out, term = run_with_stderr_on_a_pty(args, env)
     assert code == 0, term
     assert out.startswith("created batch ") and "\x1b" not in out  # stdout is a pipe: plain
-    # Rich's bar, advanced to the file's 7 items (its total is unknown while reading).
+    # Rich's bar: a percentage of the file's size, the items counted, and the final
+    # phase (writing states, committing) named rather than silent.
     assert "\x1b[" in term, term
-    assert "loading items" in term and "7/?" in term, term
+    assert "100%" in term and "(7 items)" in term, term
+    assert "writing states, committing" in term, term
 
     plain = subprocess.run(
         [sys.executable, "-m", "wsctl", *args], capture_output=True, env=env, text=True

@@ -13,3 +13,70 @@ def test_a_group_without_a_command_prints_its_help_like_help_does(run_cli, argv)
     assert bare.out == helped.out
     assert bare.out.startswith("Usage: wsctl")
     assert len(bare.out.splitlines()) > 5  # the help as printed, not squashed into one line
+
+
+# --- item files -------------------------------------------------------------------
+
+
+@pytest.fixture
+def catalog(conn):
+    from tests.test_batch_create import seed_catalog
+
+    return seed_catalog(conn)
+
+
+def _create(cli, path, *extra):
+    from tests.test_batch_create import create_args
+
+    return cli(*create_args(path, "--json", *extra))
+
+
+def test_a_semicolon_separated_csv_is_refused_with_a_hint_and_loads_with_delimiter(
+    cli, conn, catalog, tmp_path
+):
+    from tests.conftest import table_snapshot
+
+    path = tmp_path / "leads.csv"
+    path.write_text("company;domain\nAcme;acme.com\nGlobex;globex.com\n")
+    before = table_snapshot(conn)
+    r = _create(cli, path)
+    assert r.code == 1 and "semicolon-separated" in r.err and "--delimiter ';'" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert table_snapshot(conn) == before
+    r = _create(cli, path, "--delimiter", ";")
+    assert r.code == 0, r.err
+    rows = conn.execute(
+        "SELECT data FROM public.batch_items WHERE batch_id = %s ORDER BY data->>'company'",
+        (r.json()["batch_id"],),
+    ).fetchall()
+    assert [d for (d,) in rows] == [
+        {"company": "Acme", "domain": "acme.com"},
+        {"company": "Globex", "domain": "globex.com"},
+    ]
+
+
+def test_a_bad_delimiter_is_a_usage_error(cli, catalog, tmp_path):
+    path = tmp_path / "leads.csv"
+    path.write_text("a,b\n1,2\n")
+    r = _create(cli, path, "--delimiter", ";;")
+    assert r.code == 2 and "--delimiter" in r.err
+
+
+def test_a_csv_cell_as_large_as_a_json_lines_value_is_accepted(cli, conn, catalog, tmp_path):
+    big = "x" * (10 * 1024 * 1024)  # 10 MB: csv's default limit refused anything over 128 KiB
+    csv_path = tmp_path / "big.csv"
+    csv_path.write_text(f"name,notes\nacme,{big}\n")
+    r = _create(cli, csv_path)
+    assert r.code == 0, r.err
+    (length,) = conn.execute(
+        "SELECT length(data->>'notes') FROM public.batch_items WHERE batch_id = %s",
+        (r.json()["batch_id"],),
+    ).fetchone()
+    assert length == len(big)
+
+
+def test_one_field_is_singular(cli, catalog, tmp_path):
+    path = tmp_path / "short.csv"
+    path.write_text("a,b,c\n1\n")
+    r = _create(cli, path)
+    assert r.code == 1 and "line 2: 1 field where the header has 3" in r.err

@@ -233,6 +233,7 @@ def create_batch(
     fmt: str | None = None,
     dry_run: bool = False,
     dedupe_key: str | None = None,
+    delimiter: str = ",",
     stdin: IO | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     fk_checks: str = "auto",
@@ -250,7 +251,7 @@ def create_batch(
         raise ValueError(f"fk_checks must be 'auto' or 'server', not {fk_checks!r}")
     plan = plan_batch(conn, client=client, workstream=workstream, blueprint=blueprint)
     key = _check_dedupe_key(dedupe_key)
-    with open_items(items, fmt, stdin=stdin) as stream:
+    with open_items(items, fmt, stdin=stdin, delimiter=delimiter) as stream:
         if key is not None:
             found = _existing_for_key(conn, key, plan, dry_run=dry_run)
             if found is not None:
@@ -313,7 +314,7 @@ def create_batch(
                 raise OperationalError(f"dedupe key {key!r} is taken; try again") from None
             return found
         except Exception as exc:
-            located = _refused_item(exc, stream.name, items, fmt)
+            located = _refused_item(exc, stream.name, items, fmt, delimiter)
             if located is None:
                 raise
             raise located from exc
@@ -327,7 +328,7 @@ _COPY_ITEM = re.compile(r"COPY batch_items, line (\d+)")
 
 
 def _refused_item(
-    exc: Exception, name: str, source: str | Path, fmt: str | None
+    exc: Exception, name: str, source: str | Path, fmt: str | None, delimiter: str = ","
 ) -> OperationalError | None:
     """An error PostgreSQL raised on one item of the COPY (a dashboard CHECK, say), as a
     one-line refusal naming the item's line in the file; None for any other error."""
@@ -336,7 +337,7 @@ def _refused_item(
     if found is None:
         return None
     number = int(found.group(1))
-    line = item_line(source, fmt, number)
+    line = item_line(source, fmt, number, delimiter=delimiter)
     where = f"line {line}" if line is not None else f"item {number}"
     return OperationalError(f"{name} {where}: PostgreSQL refused the item: {first_line(exc)}")
 

@@ -71,6 +71,7 @@ class ItemStream:
     format: str
     _lines: Iterator[str] = field(repr=False)
     size: int | None = None  # bytes, when the source is a regular file
+    delimiter: str = ","  # the CSV field separator
     columns: list[str] = field(default_factory=list)  # the CSV header
     line: int = 0  # physical lines read so far
     items: int = 0
@@ -93,7 +94,7 @@ class ItemStream:
     # -- CSV ---------------------------------------------------------------
 
     def _csv_rows(self) -> Iterator[str]:
-        reader = csv.reader(self._lines, strict=True)
+        reader = csv.reader(self._lines, strict=True, delimiter=self.delimiter)
         header: list[str] | None = None
         template = ""
         start = 1
@@ -121,7 +122,10 @@ class ItemStream:
                 pick = _picker(order)
                 continue
             if len(row) != len(header):
-                raise self.error(start, f"{len(row)} fields where the header has {len(header)}")
+                raise self.error(
+                    start,
+                    f"{_count(len(row), 'field')} where the header has {len(header)}",
+                )
             text = template % tuple(map(encode_basestring, pick(row)))
             if "\\u0000" in text and any("\x00" in v for v in row):
                 raise self.error(start, "a NUL character (PostgreSQL text cannot hold it)")
@@ -139,6 +143,15 @@ class ItemStream:
             if "\x00" in name:
                 raise self.error(line, "a NUL character in the header")
             seen.add(name)
+        if len(row) == 1:
+            for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe")):
+                if sep != self.delimiter and sep in row[0]:
+                    shown = "'\\t'" if sep == "\t" else repr(sep)
+                    raise self.error(
+                        line,
+                        f"the header is one column {row[0][:60]!r}: the file looks "
+                        f"{name}-separated; pass --delimiter {shown}",
+                    )
         self.columns = list(row)
         return self.columns
 
@@ -294,13 +307,15 @@ def _text_lines(stream: ItemStream, text_io: IO[str]) -> Iterator[str]:
         yield text
 
 
-def item_line(source: str | Path, fmt: str | None, number: int) -> int | None:
+def item_line(
+    source: str | Path, fmt: str | None, number: int, *, delimiter: str = ","
+) -> int | None:
     """The line item ``number`` (1-based) of a file starts on, read again; None for stdin
     or anything but a regular file (a pipe cannot be read twice)."""
     if str(source) == "-" or not Path(source).is_file():
         return None
     try:
-        with open_items(source, fmt) as stream:
+        with open_items(source, fmt, delimiter=delimiter) as stream:
             for _ in stream.json_rows():
                 if stream.items == number:
                     return stream.item_line
@@ -309,16 +324,35 @@ def item_line(source: str | Path, fmt: str | None, number: int) -> int | None:
     return None
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+# A CSV cell may be as large as a JSON Lines value (csv's default limit is 128 KiB);
+# PostgreSQL's own limit on a jsonb value (about 255 MB) is the real bound.
+_CSV_FIELD_LIMIT = 256 * 1024 * 1024
+
+
 @contextmanager
 def open_items(
-    source: str | Path, fmt: str | None = None, *, stdin: IO | None = None
+    source: str | Path,
+    fmt: str | None = None,
+    *,
+    stdin: IO | None = None,
+    delimiter: str = ",",
 ) -> Iterator[ItemStream]:
     """Open an item file (``-`` is stdin) for streaming; the format is checked first."""
     source = str(source)
     kind = detect_format(source, fmt)
+    if len(delimiter) != 1 or delimiter in ('"', "\r", "\n"):
+        raise UsageError(f"--delimiter must be one character (not a quote), not {delimiter!r}")
+    if delimiter != "," and kind != "csv":
+        raise UsageError("--delimiter applies to CSV item files only")
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
     if source == "-":
         text_in = stdin if stdin is not None else sys.stdin
-        stream = ItemStream(name="stdin", format=kind, _lines=iter(()))
+        stream = ItemStream(name="stdin", format=kind, _lines=iter(()), delimiter=delimiter)
         raw = getattr(text_in, "buffer", None)
         stream._lines = (
             _decoded_lines(stream, raw) if raw is not None else _text_lines(stream, text_in)
@@ -339,6 +373,8 @@ def open_items(
             size = path.stat().st_size if path.is_file() else None
         except OSError:
             size = None
-        stream = ItemStream(name=path.name, format=kind, _lines=iter(()), size=size)
+        stream = ItemStream(
+            name=path.name, format=kind, _lines=iter(()), size=size, delimiter=delimiter
+        )
         stream._lines = _decoded_lines(stream, handle)
         yield stream

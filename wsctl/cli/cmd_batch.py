@@ -35,6 +35,9 @@ def batch_create(
         "--dedupe-key",
         help="A retried create with the same key returns the first batch instead of a copy.",
     ),
+    delimiter: str = typer.Option(
+        ",", "--delimiter", help="The CSV field separator (one character, e.g. ';')."
+    ),
     check_every_row: bool = typer.Option(
         False,
         "--check-every-row",
@@ -49,12 +52,16 @@ def batch_create(
     from wsctl import batches
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn, output.progress("loading items", None) as bar:
-        seen = [0]
+    size = _file_size(items)
+    with (
+        state(ctx).connect() as conn,
+        output.progress("loading items", size, unit="bytes") as bar,
+    ):
 
         def on_progress(n_items: int, bytes_read: int) -> None:
-            bar.advance(n_items - seen[0])
-            seen[0] = n_items
+            done = size is not None and bytes_read >= size
+            what = "writing states, committing" if done and not dry_run else "loading items"
+            bar.set(bytes_read, f"{what} ({n_items:,} items)")
 
         result = batches.create_batch(
             conn,
@@ -65,6 +72,7 @@ def batch_create(
             fmt=fmt,
             dry_run=dry_run,
             dedupe_key=dedupe_key,
+            delimiter=delimiter,
             stdin=sys.stdin,
             on_progress=on_progress,
             fk_checks="server" if check_every_row else "auto",
@@ -88,6 +96,18 @@ def batch_create(
         f"{verb} {result.batch_id}: {result.items} items, workstream "
         f"{result.workstream_slug}, blueprint {','.join(result.blueprint)}"
     )
+
+
+def _file_size(items: str) -> int | None:
+    """The item file's size when it is a regular file (the progress bar's total)."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(items) if items != "-" else None
+    except (OSError, ValueError):
+        return None
+    return st.st_size if st is not None and stat.S_ISREG(st.st_mode) and st.st_size else None
 
 
 LIST_PAGE = 50  # `batch list` without --all: a page a terminal can show

@@ -84,8 +84,13 @@ def table(
 
 
 @contextmanager
-def progress(description: str, total: int | None):
-    """A progress bar on a terminal (stderr); a no-op advance() otherwise."""
+def progress(description: str, total: int | None, *, unit: str = "items"):
+    """A progress bar on a terminal (stderr); a no-op otherwise.
+
+    With a total it shows a percentage; ``unit="bytes"`` counts bytes (an item file
+    whose size is known). ``set(completed, description)`` moves it and renames the
+    phase, so a long final step (writing, committing) is never silent.
+    """
     if not is_tty(sys.stderr):
 
         class _Null:
@@ -95,15 +100,27 @@ def progress(description: str, total: int | None):
             def update_total(self, total: int | None) -> None:
                 pass
 
+            def set(self, completed: int | None = None, description: str | None = None) -> None:
+                pass
+
         yield _Null()
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TimeElapsedColumn,
+    )
 
+    count = DownloadColumn() if unit == "bytes" else MofNCompleteColumn()
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
-        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        count,
         TimeElapsedColumn(),
         console=Console(stderr=True),
         transient=True,
@@ -116,5 +133,8 @@ def progress(description: str, total: int | None):
 
             def update_total(self, total: int | None) -> None:
                 bar.update(task, total=total)
+
+            def set(self, completed: int | None = None, description: str | None = None) -> None:
+                bar.update(task, completed=completed, description=description)
 
         yield _Bar()
