@@ -80,3 +80,31 @@ def test_one_field_is_singular(cli, catalog, tmp_path):
     path.write_text("a,b,c\n1\n")
     r = _create(cli, path)
     assert r.code == 1 and "line 2: 1 field where the header has 3" in r.err
+
+
+# --- the embedded server ------------------------------------------------------------
+
+
+def test_embedded_status_and_stop(run_cli):
+    from wsctl import embedded
+    from wsctl.settings import user_data_dir
+
+    data = user_data_dir()  # under this test's own XDG_DATA_HOME
+    r = run_cli("embedded", "status", "--json")
+    assert r.code == 0 and r.json()["initialized"] is False and r.json()["running"] is False
+    server = embedded.ensure(data)
+    try:
+        r = run_cli("embedded", "status", "--json")
+        doc = r.json()
+        assert doc["running"] is True and doc["initialized"] is True and doc["pid"] > 0
+        assert doc["pgdata"] == str(server.pgdata)
+        human = run_cli("embedded", "status")
+        assert human.out.startswith("running: pid") and "wsctl embedded stop" in human.out
+        r = run_cli("embedded", "stop")
+        assert r.code == 0 and r.out.startswith("stopped the embedded PostgreSQL")
+        after = run_cli("embedded", "status", "--json").json()
+        assert after["running"] is False and after["initialized"] is True
+        again = run_cli("embedded", "stop", "--json")
+        assert again.code == 0 and again.json()["stopped"] is False
+    finally:
+        embedded.stop(data)
