@@ -108,3 +108,51 @@ def test_embedded_status_and_stop(run_cli):
         assert again.code == 0 and again.json()["stopped"] is False
     finally:
         embedded.stop(data)
+
+
+# --- the command line ----------------------------------------------------------------
+
+
+def test_version_has_a_short_flag(run_cli):
+    from wsctl import __version__
+
+    assert run_cli("-V").out.strip() == f"wsctl {__version__}"
+    assert run_cli("--version").out == run_cli("-V").out
+
+
+def test_shell_completion_is_offered_and_completes_commands():
+    import os
+    import subprocess
+    import sys
+
+    script = subprocess.run(
+        [sys.executable, "-m", "wsctl", "--show-completion", "bash"],
+        capture_output=True,
+        text=True,
+    )
+    assert script.returncode == 0 and "_wsctl_completion" in script.stdout
+    env = {**os.environ, "_WSCTL_COMPLETE": "complete_bash", "COMP_WORDS": "wsctl ba"}
+    env["COMP_CWORD"] = "1"
+    done = subprocess.run([sys.executable, "-m", "wsctl"], capture_output=True, text=True, env=env)
+    assert set(done.stdout.split()) == {"batch", "backfill"}
+
+
+def test_help_names_what_to_type_not_click_type_names(run_cli):
+    import re
+
+    from tests.test_cli_basics import _commands
+    from wsctl.cli.app import app
+
+    for path, _cmd in _commands(app):
+        text = run_cli(*path, "--help").out
+        assert not re.search(r"<(str|int|float|int range|float range)>", text), (path, text)
+    listing = run_cli("batch", "list", "--help").out
+    assert "--client NAME" in listing and "--limit N" in listing
+
+
+def test_database_url_is_accepted_after_any_command(run_cli, db_url):
+    r = run_cli("migrate", "--status", "--json", "--database-url", db_url)
+    assert r.code == 0, r.err
+    assert r.json()["pending"] == []
+    r = run_cli("batch", "list", f"--database-url={db_url}", "--json")
+    assert r.code == 0 and r.json() == []
