@@ -156,3 +156,25 @@ def test_database_url_is_accepted_after_any_command(run_cli, db_url):
     assert r.json()["pending"] == []
     r = run_cli("batch", "list", f"--database-url={db_url}", "--json")
     assert r.code == 0 and r.json() == []
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def test_init_without_a_url_writes_a_commented_placeholder_that_loads(run_cli, tmp_path):
+    import tomllib
+
+    from wsctl import settings
+
+    r = run_cli("init")
+    assert r.code == 0, r.err
+    text = (tmp_path / "wsctl.toml").read_text()
+    assert '# url = "postgresql://USER:PASSWORD@HOST:5432/DBNAME"' in text
+    assert "url" not in tomllib.loads(text)["database"]  # commented out: the embedded default
+    assert settings.load().url_source == "embedded"
+
+
+def test_init_into_a_missing_directory_is_a_usage_error(run_cli, tmp_path):
+    r = run_cli("init", "--path", str(tmp_path / "nonexistent" / "dir" / "x.toml"))
+    assert r.code == 2 and "does not exist" in r.err and len(r.err.splitlines()) == 1
+    assert not (tmp_path / "nonexistent").exists()
