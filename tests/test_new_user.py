@@ -178,3 +178,17 @@ def test_init_into_a_missing_directory_is_a_usage_error(run_cli, tmp_path):
     r = run_cli("init", "--path", str(tmp_path / "nonexistent" / "dir" / "x.toml"))
     assert r.code == 2 and "does not exist" in r.err and len(r.err.splitlines()) == 1
     assert not (tmp_path / "nonexistent").exists()
+
+
+def test_config_set_refuses_a_workstream_typo_unless_it_is_said_to_be_new(cli, conn, catalog):
+    from tests.conftest import table_snapshot
+
+    before = table_snapshot(conn)
+    args = ("config", "set", "--client", "acme", "--workflow", "normalize_company_name")
+    r = cli(*args, "--workstream", "apolo_scrape", "--set", "x=1")
+    assert r.code == 1 and "unknown workstream 'apolo_scrape'" in r.err
+    assert "did you mean 'apollo_scrape'" in r.err and "--new-workstream" in r.err
+    assert table_snapshot(conn) == before
+    r = cli(*args, "--workstream", "brand_new", "--set", "x=1", "--new-workstream", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["workstream"] == "brand_new"

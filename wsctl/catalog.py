@@ -533,8 +533,13 @@ def set_config(
     workstream: str,
     config: dict[str, Any] | None = None,
     merge: dict[str, Any] | None = None,
+    new_workstream: bool = False,
 ) -> ConfigWrite:
-    """Upsert a client config: ``config`` replaces the document, ``merge`` adds/overwrites keys."""
+    """Upsert a client config: ``config`` replaces the document, ``merge`` adds/overwrites keys.
+
+    A workstream with no registry rows is refused (a typo would be stored and never
+    read) unless ``new_workstream`` says it is new.
+    """
     from psycopg.types.json import Jsonb
 
     validate_slug(workflow, "workflow slug")
@@ -548,6 +553,19 @@ def set_config(
     warnings = []
     with tx(conn):
         found = find_client(conn, client)
+        from wsctl.batches import known_workstreams
+
+        known = known_workstreams(conn)
+        if workstream not in known and not new_workstream:
+            import difflib
+
+            close = difflib.get_close_matches(workstream, known, n=1)
+            listed = ", ".join(known) if known else "none: the registry is empty"
+            raise OperationalError(
+                f"unknown workstream {workstream!r} (no registry rows)"
+                + (f"; did you mean {close[0]!r}?" if close else f"; known workstreams: {listed}"),
+                hint="pass --new-workstream to store a config for a workstream not registered yet",
+            )
         registered = conn.execute(q("resolve_registry"), (workflow, workstream)).fetchone()
         if registered is None:
             warnings.append(

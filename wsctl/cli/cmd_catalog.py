@@ -201,6 +201,11 @@ def config_set(
     assignments: list[str] | None = typer.Option(
         None, "--set", help="key=value merged into the config (repeatable; JSON values parse)."
     ),
+    new_workstream: bool = typer.Option(
+        False,
+        "--new-workstream",
+        help="The workstream has no registry rows yet: store the config anyway.",
+    ),
     reveal: bool = REVEAL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -216,7 +221,13 @@ def config_set(
     merge = catalog.parse_assignments(assignments) if assignments else None
     with state(ctx).connect() as conn:
         w = catalog.set_config(
-            conn, client=client, workflow=workflow, workstream=workstream, config=doc, merge=merge
+            conn,
+            client=client,
+            workflow=workflow,
+            workstream=workstream,
+            config=doc,
+            merge=merge,
+            new_workstream=new_workstream,
         )
     if as_json:
         output.emit_json(w.to_json(reveal=reveal))
