@@ -134,11 +134,13 @@ def registry_remove(
     workflow: str = WORKFLOW_OPTION,
     workstream: str = WORKSTREAM_OPTION,
     force: bool = typer.Option(
-        False, "--force", help="Remove even while pending or dispatched states need the row."
+        False,
+        "--force",
+        help="Remove even while states (waiting, in flight, BLOCKED) or active batches need it.",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Remove a registry row (refused while PENDING/DISPATCHED states need it)."""
+    """Remove a registry row (refused while states or active batches still need it)."""
     from wsctl import catalog
     from wsctl.cli import output
 
@@ -149,8 +151,8 @@ def registry_remove(
     if as_json:
         output.emit_json(removed.to_json())
         return
-    if removed.needed_by:
-        output.warn(f"{removed.needed_by} state(s) needed this row; the dispatcher will block them")
+    if removed.needs.any:
+        output.warn(f"{removed.needs.describe()} needed this row; the dispatcher will block them")
     output.line(f"removed {removed.row.workflow_slug} from {removed.row.workstream_slug}")
 
 
