@@ -192,3 +192,51 @@ def test_config_set_refuses_a_workstream_typo_unless_it_is_said_to_be_new(cli, c
     r = cli(*args, "--workstream", "brand_new", "--set", "x=1", "--new-workstream", "--json")
     assert r.code == 0, r.err
     assert r.json()["workstream"] == "brand_new"
+
+
+# --- the shipped examples ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["items.csv", "items.jsonl"])
+def test_the_example_items_carry_the_columns_the_example_normalizer_reads(name):
+    """Every normalized value was null: the files' columns were not the ones it reads."""
+    import csv
+    import json
+    import sys
+
+    from wsctl.shipped import examples_dir
+
+    folder = examples_dir()
+    sys.path.insert(0, str(folder))
+    try:
+        import enrichment_logic
+    finally:
+        sys.path.remove(str(folder))
+    path = folder / name
+    if name.endswith(".csv"):
+        with path.open(newline="") as fh:
+            items = list(csv.DictReader(fh))
+    else:
+        items = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    assert items
+    for item in items:
+        values = enrichment_logic.normalize_core_values(item)
+        assert values["company_name"] and values["company_domain"], (item, values)
+    if name.endswith(".csv"):
+        assert all(enrichment_logic.normalize_core_values(i)["first_name"] for i in items)
+
+
+def test_examples_says_where_the_files_are_and_copies_them(run_cli, tmp_path):
+    r = run_cli("examples", "--json")
+    assert r.code == 0
+    doc = r.json()
+    assert {"registry.toml", "items.csv", "enrichment_app.py"} <= set(doc["files"])
+    dest = tmp_path / "mine"
+    r = run_cli("examples", "--copy", str(dest))
+    assert r.code == 0 and (dest / "registry.toml").is_file()
+    (dest / "items.csv").write_text("mine\n")
+    r = run_cli("examples", "--copy", str(dest))
+    assert r.code == 1 and "--force" in r.err
+    assert (dest / "items.csv").read_text() == "mine\n"
+    assert run_cli("examples", "--copy", str(dest), "--force").code == 0
+    assert (dest / "items.csv").read_text() != "mine\n"
