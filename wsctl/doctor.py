@@ -258,7 +258,8 @@ def _check_stale_dispatched(conn: psycopg.Connection, top: int, timeout: int) ->
 # --- Modal --------------------------------------------------------------------
 
 
-def _check_modal_credentials(backend: str) -> tuple[Check, bool]:
+def _check_modal_credentials(backend: str, source: str, wanted: bool) -> tuple[Check, bool]:
+    """``wanted``: --check-modal asks for Modal lookups whatever the backend."""
     try:
         from wsctl.dispatch.modal_backend import credentials_present
 
@@ -270,11 +271,19 @@ def _check_modal_credentials(backend: str) -> tuple[Check, bool]:
         ), False
     if present:
         return Check(MODAL_CREDENTIALS, OK, "Modal token found (env or ~/.modal.toml)"), True
+    if backend != "modal" and not wanted:  # the local backend needs no token
+        return (
+            _skip(
+                MODAL_CREDENTIALS,
+                f"no Modal token, and none needed: the dispatch backend is {backend} ({source})",
+            ),
+            False,
+        )
     status = FAIL if backend == "modal" else WARN
     why = (
-        "the configured dispatch backend is modal"
+        f"the dispatch backend is modal ({source})"
         if backend == "modal"
-        else f"the configured dispatch backend is {backend}"
+        else f"--check-modal looks the functions up at Modal (dispatch backend: {backend})"
     )
     return (
         Check(
@@ -404,6 +413,7 @@ def doctor(
     connect: Callable[[], psycopg.Connection],
     *,
     backend: str = "modal",
+    backend_source: str = "the default",
     callback_timeout: int = 3600,
     check_modal: bool = False,
     modal_app: str | None = "enrichment-worker",
@@ -469,7 +479,9 @@ def doctor(
             else:
                 add(_guarded(conn, name, fn))
 
-        credentials, have_credentials = _check_modal_credentials(backend)
+        credentials, have_credentials = _check_modal_credentials(
+            backend, backend_source, check_modal
+        )
         add(credentials)
         if check_modal:
             if conn is None:
