@@ -171,3 +171,21 @@ def test_the_example_registry_binds_its_clay_steps_to_the_workspace_key(cli, con
     assert clay and all(x["limit_keys"] == [TEMPLATE] for x in clay)
     others = [x for x in r.json()["rows"] if "clay" not in x["workflow"]]
     assert all(x["limit_keys"] == [] for x in others)
+
+
+def test_doctor_warns_about_bound_keys_no_limit_defines(cli, conn):
+    _world(conn)
+    cli(
+        "registry", "add", "--workflow", CLAY, "--workstream", "apollo_scrape",
+        "--type", "async", "--sender", "start_clay", "--receiver", "receive_clay",
+        "--limit-key", TEMPLATE,
+    )  # fmt: skip
+    r = cli("doctor", "--json", "--backend", "local")
+    check = {c["name"]: c for c in r.json()["checks"]}["limit_keys"]
+    assert check["status"] == "WARN" and "clay:ws-1" in check["detail"]
+    assert "clay:CLAY_WS_GLOBEX" in check["detail"] and check["hint"].startswith("wsctl limit set")
+    cli("limit", "set", "clay:ws-1", "--rate", "10/s", "--burst", "20")
+    cli("limit", "set", "clay:CLAY_WS_GLOBEX", "--rate", "10/s", "--burst", "20")
+    r = cli("doctor", "--json", "--backend", "local")
+    check = {c["name"]: c for c in r.json()["checks"]}["limit_keys"]
+    assert check["status"] == "OK" and "2 bound limit key(s)" in check["detail"]

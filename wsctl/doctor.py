@@ -35,6 +35,7 @@ UNREGISTERED_STATES = "unregistered_states"
 MISSING_CONFIGS = "missing_configs"
 EXPIRED_LEASES = "expired_leases"
 STALE_DISPATCHED = "stale_dispatched"
+LIMIT_KEYS = "limit_keys"
 MODAL_CREDENTIALS = "modal_credentials"
 MODAL_FUNCTIONS = "modal_functions"
 
@@ -255,6 +256,26 @@ def _check_stale_dispatched(conn: psycopg.Connection, top: int, timeout: int) ->
     return Check(STALE_DISPATCHED, WARN, detail, hint, rows=out)
 
 
+def _check_limit_keys(conn: psycopg.Connection, top: int) -> Check:
+    """Bound limit keys that no limit defines: they limit nothing."""
+    from wsctl.limits import bound_keys
+
+    keys = bound_keys(conn)
+    undefined = [b for b in keys if not b.defined]
+    if not undefined:
+        n = len({b.key for b in keys})
+        return Check(LIMIT_KEYS, OK, f"{n} bound limit key(s), every one defined by a limit")
+    names = sorted({b.key for b in undefined})
+    return Check(
+        LIMIT_KEYS,
+        WARN,
+        f"{len(names)} limit key(s) bound by the registry but defined by no limit, so they "
+        f"limit nothing: {', '.join(names[:top])}" + (" ..." if len(names) > top else ""),
+        "wsctl limit set KEY --rate N/s [--burst N] [--max-in-flight N]",
+        rows=[b.to_json() for b in undefined[:top]],
+    )
+
+
 # --- Modal --------------------------------------------------------------------
 
 
@@ -470,6 +491,7 @@ def doctor(
             (MISSING_CONFIGS, lambda: _check_missing_configs(conn, top)),
             (EXPIRED_LEASES, lambda: _check_expired_leases(conn)),
             (STALE_DISPATCHED, lambda: _check_stale_dispatched(conn, top, callback_timeout)),
+            (LIMIT_KEYS, lambda: _check_limit_keys(conn, top)),
         ]
         for name, fn in data_checks:
             if conn is None:
