@@ -36,6 +36,7 @@ MISSING_CONFIGS = "missing_configs"
 EXPIRED_LEASES = "expired_leases"
 STALE_DISPATCHED = "stale_dispatched"
 LIMIT_KEYS = "limit_keys"
+CLAY_WEBHOOKS = "clay_webhooks"
 MODAL_CREDENTIALS = "modal_credentials"
 MODAL_FUNCTIONS = "modal_functions"
 
@@ -276,6 +277,30 @@ def _check_limit_keys(conn: psycopg.Connection, top: int) -> Check:
     )
 
 
+def _check_clay_webhooks(conn: psycopg.Connection, top: int) -> Check:
+    """Clay webhook sources near their lifetime submission cap (WARN at 80 %)."""
+    from wsctl import clay
+
+    usage = clay.usage(conn)
+    near = sorted((u for u in usage if u.share >= clay.WARN_AT), key=lambda u: -u.share)
+    if not near:
+        return Check(
+            CLAY_WEBHOOKS, OK, f"{len(usage)} Clay webhook source(s), none at 80 % of its cap"
+        )
+    full = sum(1 for u in near if u.submitted >= u.cap)
+    return Check(
+        CLAY_WEBHOOKS,
+        WARN,
+        f"{len(near)} Clay webhook source(s) at 80 % or more of their submission cap"
+        + (f", {full} full (their states are BLOCKED)" if full else "")
+        + ": "
+        + ", ".join(f"{u.client}/{u.step}/{u.workstream}#{u.index}" for u in near[:top]),
+        "add a webhook source to the config's clay_table_webhook_urls "
+        "(`wsctl config set ... --set clay_table_webhook_urls=[...]`)",
+        rows=[u.to_json() for u in near[:top]],
+    )
+
+
 # --- Modal --------------------------------------------------------------------
 
 
@@ -492,6 +517,7 @@ def doctor(
             (EXPIRED_LEASES, lambda: _check_expired_leases(conn)),
             (STALE_DISPATCHED, lambda: _check_stale_dispatched(conn, top, callback_timeout)),
             (LIMIT_KEYS, lambda: _check_limit_keys(conn, top)),
+            (CLAY_WEBHOOKS, lambda: _check_clay_webhooks(conn, top)),
         ]
         for name, fn in data_checks:
             if conn is None:
