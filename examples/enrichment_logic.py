@@ -667,17 +667,17 @@ def claim_clay_send(conn, item_id: uuid.UUID, step: str, webhook_url: str) -> Cl
     if row is None:
         raise LookupError(f"item {item_id} has no workflow state for {step}")
     sid, gen = row["state_id"], row["dispatch_generation"]
-    if row["status"] not in WAITING:
-        raise RuntimeError(
-            f"state {sid} ({step}) is {row['status']}, not dispatched: nothing sent to Clay"
-        )
-    if row["posted_at"] is not None:
+    if row["posted_at"] is not None:  # its callback may even have completed the state since
         log.info("[ASYNC SENDER] state %s generation %s was sent already: not again", sid, gen)
         return ClaySend(sid, gen, posted=False)
-    what = f"failed: {row['error']}" if row["error"] else "has no outcome (stopped mid-POST?)"
-    raise AlreadySent(
-        f"state {sid} generation {gen} was handed to Clay before and its POST {what}; "
-        "it is not posted again (a retry posts a new generation)"
+    if row["claimed"]:
+        what = f"failed: {row['error']}" if row["error"] else "has no outcome (stopped mid-POST?)"
+        raise AlreadySent(
+            f"state {sid} generation {gen} was handed to Clay before and its POST {what}; "
+            "it is not posted again (a retry posts a new generation)"
+        )
+    raise RuntimeError(
+        f"state {sid} ({step}) is {row['status']}, not dispatched: nothing sent to Clay"
     )
 
 
