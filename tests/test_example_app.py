@@ -496,3 +496,44 @@ def test_dispatch_records_the_generation_each_sender_posted(cli, conn, servers, 
     ).fetchall()
     assert len(rows) == 4
     assert all(state_gen == sent_gen and posted for _id, state_gen, sent_gen, posted in rows)
+
+
+# --- the receivers' web endpoints ---------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx`")  # starlette's TestClient on httpx
+def test_the_web_endpoint_hands_the_raw_body_to_the_receiver(conn, worker_env, clay_item):
+    """The Modal endpoint, served by FastAPI: 401 for a body nested 100,000 deep (FastAPI's
+    own parsing would answer 400 before the token is checked), 400 for a proven callback
+    whose payload jsonb cannot store, 200 for a good one. FastAPI is in the Modal image,
+    not in the dev extras: this test runs only where it is installed."""
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    _item_id, state_id = clay_item
+    endpoint = APP.receive_enrich_company_via_waterfall_in_clay
+    api = fastapi.FastAPI()
+
+    # The endpoints' annotation resolves in the app module, as FastAPI reads it on Modal.
+    assert APP.Request is fastapi.Request
+
+    async def receive(request):
+        return await endpoint.local(request)
+
+    receive.__annotations__ = {"request": fastapi.Request}  # not a string: resolvable here
+    api.add_api_route("/receive", receive, methods=["POST"])
+
+    client = TestClient(api)
+    token = logic.callback_token(state_id, 1, SECRET)
+    deep = b'{"state_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert client.post("/receive", content=deep).status_code == 401
+    proven = f'{{"state_id": "{state_id}", "callback_token": "{token}", "enriched": '
+    before = table_snapshot(conn)
+    for bad in ('{"v": NaN}}', '{"v": "\\u0000"}}', '{"v": "\\ud800"}}'):
+        res = client.post("/receive", content=proven + bad)
+        assert res.status_code == 400, res.text
+    assert table_snapshot(conn) == before
+    res = client.post("/receive", content=proven + '{"employees": 7}}')
+    assert (res.status_code, res.json()["completed"]) == (200, True)
+    again = client.post("/receive", content=proven + '{"employees": 7}}')
+    assert again.status_code == 409
