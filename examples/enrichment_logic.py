@@ -734,8 +734,11 @@ def run_clay_sender(
             url, row, headers=headers, timeout=float(config.get("timeout_seconds", 30))
         )
     except Exception as exc:
-        with tx(conn):
-            conn.execute(q("example_clay_send_failed"), {**fence, "error": str(exc)[:500]})
+        try:
+            with tx(conn):
+                conn.execute(q("example_clay_send_failed"), {**fence, "error": str(exc)[:500]})
+        except Exception as record_exc:  # the POST's error is the one to report
+            log.warning("[ASYNC SENDER] could not record the failed POST: %s", record_exc)
         raise
     parsed = urlsplit(url)
     with tx(conn):
@@ -789,6 +792,8 @@ def json_problem(value: Any, max_depth: int = MAX_ENRICHED_DEPTH) -> str | None:
         if isinstance(v, int):
             if v.bit_length() > _MAX_INT_BITS:
                 return "holds a number too large to store"
+        elif isinstance(v, _HugeNumber):
+            return "holds a number too large to store"
         elif isinstance(v, float):
             if not math.isfinite(v):
                 return "holds NaN or Infinity, which JSON cannot carry"
@@ -809,11 +814,21 @@ def json_problem(value: Any, max_depth: int = MAX_ENRICHED_DEPTH) -> str | None:
     return None
 
 
+class _HugeNumber:
+    """An integer literal too long to store (Python would refuse to parse it at 4300 digits)."""
+
+
+def _parse_int(text: str) -> int | _HugeNumber:
+    # A proven callback with a 5000-digit number is malformed (400), not unreadable (401).
+    return int(text) if len(text) <= _MAX_INT_BITS // 3 else _HugeNumber()
+
+
 def _decode(body: Any) -> Any:
     """The JSON document in ``body`` (bytes, str or already decoded); ``_NOT_JSON`` if none."""
     if isinstance(body, bytes | bytearray | memoryview | str):
+        text = body if isinstance(body, str) else bytes(body)
         try:
-            return json.loads(bytes(body) if not isinstance(body, str) else body)
+            return json.loads(text, parse_int=_parse_int)
         except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
             return _NOT_JSON
     return body
