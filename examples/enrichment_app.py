@@ -59,7 +59,7 @@ with image.imports():  # in the image; loading the app locally (tests, --backend
     from fastapi import Request
 # WSCTL_DATABASE_URL (a direct or pooled Supabase URL) for the worker helpers.
 db_secret = modal.Secret.from_name("wsctl-database", required_keys=["WSCTL_DATABASE_URL"])
-# CLAY_CALLBACK_SECRET: signs the per-state callback token the receivers check.
+# CLAY_CALLBACK_SECRET: signs the callback token (state id + dispatch generation) receivers check.
 callback_secret = modal.Secret.from_name("clay-callback", required_keys=[logic.SECRET_ENV])
 SECRETS = [db_secret, callback_secret]
 

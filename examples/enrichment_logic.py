@@ -845,7 +845,9 @@ class _Refused(Exception):
         self.response = response
 
 
-def _refusal(c, state_id: uuid.UUID, generation: int, steps: tuple[str, ...] | None):
+def _refusal(
+    c, state_id: uuid.UUID, generation: int, steps: tuple[str, ...] | None
+) -> CallbackResponse:
     """The answer to a verified callback that the fence let through to nothing."""
     row = c.execute(q("example_callback_state"), (state_id,)).fetchone()
     if row is None:
