@@ -127,6 +127,7 @@ def _due(counts: list[StateCount], not_due: list[_NotDue], oldest: list[_Oldest]
     """Due = PENDING (exact, from the counts) minus PENDING not due yet, per workstream."""
     pending: dict[str | None, int] = {}
     for c in counts:
+        pending.setdefault(c.workstream, 0)  # every workstream with states: 0 due is a figure
         if c.status == Status.PENDING:
             pending[c.workstream] = pending.get(c.workstream, 0) + c.states
     ahead = {n.workstream: n.states for n in not_due}
@@ -136,6 +137,51 @@ def _due(counts: list[StateCount], not_due: list[_NotDue], oldest: list[_Oldest]
         due = max(0, pending[ws] - ahead.get(ws, 0))
         out.append(DueCount(workstream=ws, due=due, oldest_due_at=first.get(ws) if due else None))
     return out
+
+
+@dataclass(frozen=True)
+class _RecentRow:
+    workstream: str | None
+    step: str
+    config_id: str | None
+    dispatched_5m: int
+    dispatched_1h: int
+    completed_5m: int
+    completed_1h: int
+    failed_5m: int
+    failed_1h: int
+    used_config: int
+    changed_since: int
+
+
+_WINDOWS = (
+    "dispatched_5m",
+    "dispatched_1h",
+    "completed_5m",
+    "completed_1h",
+    "failed_5m",
+    "failed_1h",
+)
+
+
+def _recent(rows: list[_RecentRow]) -> tuple[list[RecentCount], list[ConfigUse]]:
+    """One pass's rows as the per-workstream windows and the per-config-row use."""
+    sums: dict[str | None, dict[str, int]] = {}
+    uses = []
+    for r in rows:
+        acc = sums.setdefault(r.workstream, dict.fromkeys(_WINDOWS, 0))
+        for k in _WINDOWS:
+            acc[k] += getattr(r, k)
+        if r.config_id is not None:
+            uses.append(
+                ConfigUse(r.workstream, r.step, r.config_id, r.used_config, r.changed_since)
+            )
+    recent = [
+        RecentCount(workstream=ws, **acc)
+        for ws, acc in sorted(sums.items(), key=lambda kv: (kv[0] is not None, kv[0] or ""))
+    ]
+    uses.sort(key=lambda u: (u.workstream or "", u.step, u.config_id))
+    return recent, uses
 
 
 def _iso(v: datetime | None) -> str | None:
@@ -253,10 +299,9 @@ def collect(
         out.due = _due(
             out.states, fetch("stats_not_due", _NotDue), fetch("stats_oldest_due", _Oldest)
         )
-        out.recent = fetch("stats_recent", RecentCount)
+        out.recent, out.config_use = _recent(fetch("stats_recent", _RecentRow))
         out.overdue = fetch("stats_overdue", OverdueCount)
         out.reasons = fetch("stats_reasons", ReasonCount)
-        out.config_use = fetch("stats_config_use", ConfigUse)
         with conn.cursor(row_factory=dict_row) as cur:
             est = cur.execute(q("stats_total_estimate")).fetchone()["estimate"]
         out.states_total_estimate = int(est) if est is not None and est >= 0 else None
@@ -310,8 +355,6 @@ def render_prometheus(st: Stats) -> str:
                 _age(st.generated_at, d.oldest_due_at) or 0.0,
             )
         )
-    if not st.due:
-        lines.append(_sample("wsctl_oldest_due_age_seconds", {"workstream": st.workstream}, 0.0))
     windows = (("5m", "the last 5 minutes"), ("1h", "the last hour"))
     for what in ("dispatched", "completed", "failed"):
         for w, span in windows:

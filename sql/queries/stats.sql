@@ -52,10 +52,13 @@ CROSS JOIN LATERAL (
 ) o;
 
 -- stats_recent --
--- States dispatched, completed and failed in the last 5 minutes and the last hour, per
--- workstream. Every write of a state sets updated_at, so they are all among the states updated in
--- the last hour (idx_workflow_states_updated_at). A FAILED state's time is its updated_at.
-SELECT b.workstream_slug AS workstream,
+-- The states updated in the last hour (idx_workflow_states_updated_at), in one pass: per
+-- (workstream, step, config row used) how many were dispatched, completed and failed in the last
+-- 5 minutes and the last hour, and how many ran with a config row that has changed since (or is
+-- gone). Every write of a state sets updated_at, so every state dispatched, completed or failed in
+-- the hour is among them; a FAILED state's time is its updated_at.
+SELECT b.workstream_slug AS workstream, ws.step_name AS step,
+       ws.used_resolution ->> 'config_id' AS config_id,
        count(*) FILTER (WHERE ws.dispatched_at >= now() - interval '5 minutes')::bigint
            AS dispatched_5m,
        count(*) FILTER (WHERE ws.dispatched_at >= now() - interval '1 hour')::bigint
@@ -69,13 +72,21 @@ SELECT b.workstream_slug AS workstream,
        count(*) FILTER (WHERE ws.status = 'FAILED'
                           AND ws.updated_at >= now() - interval '5 minutes')::bigint
            AS failed_5m,
-       count(*) FILTER (WHERE ws.status = 'FAILED')::bigint AS failed_1h
+       count(*) FILTER (WHERE ws.status = 'FAILED')::bigint AS failed_1h,
+       count(*) FILTER (WHERE ws.used_resolution ->> 'config_id' IS NOT NULL)::bigint
+           AS used_config,
+       count(*) FILTER (
+           WHERE ws.used_resolution ->> 'config_id' IS NOT NULL
+             AND (cwc.id IS NULL
+                  OR cwc.updated_at > (ws.used_resolution ->> 'config_updated_at')::timestamptz)
+       )::bigint AS changed_since
 FROM public.workflow_states ws
 JOIN public.batches b ON b.id = ws.batch_id
+LEFT JOIN public.client_workflow_configs cwc
+       ON cwc.id = (ws.used_resolution ->> 'config_id')::uuid
 WHERE ws.updated_at >= now() - interval '1 hour'
   AND (%(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text)
-GROUP BY b.workstream_slug
-ORDER BY b.workstream_slug NULLS FIRST;
+GROUP BY b.workstream_slug, ws.step_name, ws.used_resolution ->> 'config_id';
 
 -- stats_overdue --
 -- DISPATCHED states waiting longer than the callback timeout, per workstream and step
@@ -106,27 +117,6 @@ JOIN public.batches b ON b.id = ws.batch_id
 WHERE %(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text
 GROUP BY b.workstream_slug, ws.step_name, ws.status, ws.reason_code, ws.error_class
 ORDER BY sum(ws.n) DESC, b.workstream_slug NULLS FIRST, ws.step_name, ws.status, ws.reason_code;
-
--- stats_config_use --
--- States updated in the last hour that ran with a recorded config row (used_resolution), per
--- (workstream, step, config row): how many, and how many of them used a version older than the
--- row's updated_at now (changed since), or a row that no longer exists.
-SELECT b.workstream_slug AS workstream, ws.step_name AS step,
-       ws.used_resolution ->> 'config_id' AS config_id,
-       count(*)::bigint AS states,
-       count(*) FILTER (
-           WHERE cwc.id IS NULL
-              OR cwc.updated_at > (ws.used_resolution ->> 'config_updated_at')::timestamptz
-       )::bigint AS changed_since
-FROM public.workflow_states ws
-JOIN public.batches b ON b.id = ws.batch_id
-LEFT JOIN public.client_workflow_configs cwc
-       ON cwc.id = (ws.used_resolution ->> 'config_id')::uuid
-WHERE ws.updated_at >= now() - interval '1 hour'
-  AND ws.used_resolution ->> 'config_id' IS NOT NULL
-  AND (%(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text)
-GROUP BY b.workstream_slug, ws.step_name, ws.used_resolution ->> 'config_id'
-ORDER BY b.workstream_slug NULLS FIRST, ws.step_name, 3;
 
 -- stats_now --
 -- The transaction's time: every age and window is measured from it.

@@ -129,7 +129,6 @@ def main() -> int:
                     "stats_recent",
                     "stats_overdue",
                     "stats_reasons",
-                    "stats_config_use",
                 )
             }
             ws = []
