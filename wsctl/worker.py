@@ -124,7 +124,10 @@ def get_client_config(
         res = resolve_config(
             c, workflow_slug=workflow_slug, item_id=item, workstream_slug=workstream_slug
         )
-        record_used_resolution(c, res)
+        # What the step goes on with (a config, or none for certain) is noted on its state;
+        # a refusal writes nothing.
+        if res.trusted or (res.status == "not_found" and res.source in ("explicit", "batch")):
+            record_used_resolution(c, res)
     head = f"[CONFIG] item={_short(item)} workflow={workflow_slug} workstream={res.workstream_slug}"
     for warning in res.warnings:
         log.warning("[CONFIG] item=%s %s", _short(item), warning)

@@ -30,9 +30,9 @@ def _render(st) -> None:
     output.line(f"DISPATCHED past the callback timeout ({st.callback_timeout} s): {overdue}")
     if st.reasons:
         output.table(
-            ["workstream", "step", "status", "reason", "states", "sample item"],
+            ["workstream", "step", "status", "reason", "error class", "states"],
             [
-                (r.workstream, r.step, r.status, r.reason_label, r.states, r.sample_item_id)
+                (r.workstream, r.step, r.status, r.reason_label, r.error_class, r.states)
                 for r in st.reasons
             ],
             title="needs an operator",
