@@ -400,7 +400,8 @@ def render_prometheus(st: Stats) -> str:
             _sample("wsctl_config_changed_since_used_states", {"workstream": ws, "step": step}, n)
         )
     family("wsctl_states_total_estimate", "Rows of workflow_states: the planner's estimate.")
-    lines.append(_sample("wsctl_states_total_estimate", {}, st.states_total_estimate))
+    if st.states_total_estimate is not None:  # none before the table's first ANALYZE
+        lines.append(_sample("wsctl_states_total_estimate", {}, st.states_total_estimate))
     family("wsctl_stats_duration_seconds", "Time the stats queries took.")
     lines.append(_sample("wsctl_stats_duration_seconds", {}, float(st.seconds)))
     return "\n".join(lines) + "\n"

@@ -512,26 +512,39 @@ def serve(
         lifespan="off",
     )
     server = uvicorn.Server(config)
-
+    sock = _bind(host, port)
+    bound = sock.getsockname()[1]
     if on_ready is not None:
         original = server.startup
 
         async def startup(sockets: Any = None) -> None:
             await original(sockets=sockets)
             if server.started:
-                bound = port
-                for s in server.servers:
-                    for sock in s.sockets:
-                        bound = sock.getsockname()[1]
                 shown = host if ":" not in host else f"[{host}]"
                 on_ready(f"http://{shown}:{bound}/")
 
         server.startup = startup  # type: ignore[method-assign]
-    server.run()
-    if not server.started:
-        from wsctl.errors import EnvError as _Env
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
 
-        raise _Env(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
+
+def _bind(host: str, port: int):
+    """The listening socket, bound here so that a taken port is one line (EnvError, exit 3)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except (OSError, UnicodeError) as exc:  # taken, not ours, or not an address
+        sock.close()
+        why = getattr(exc, "strerror", None) or exc
+        raise EnvError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 __all__ = ["UiConfig", "create_app", "fix_commands", "is_loopback", "serve"]
