@@ -110,12 +110,29 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def demo(run_cli, db_url, conn):
-    """The demo's data, plus a config and a BLOCKED state that hold secrets."""
-    r = run_cli("demo", "--json", url=db_url)
-    assert r.code == 0, r.err
-    r = run_cli(
+@pytest.fixture(scope="module")
+def demo(pg_admin_url, template_db, tmp_path_factory):
+    """One database per module with the demo's data, plus a config and a BLOCKED state that
+    hold secrets (the demo takes a few seconds: the tests share it and only add to it)."""
+    name = f"t_ui_{uuid.uuid4().hex[:12]}"
+    url = create_database(pg_admin_url, name, template=template_db)
+    tmp = tmp_path_factory.mktemp("demo")
+    env = {k: v for k, v in os.environ.items() if k not in ("WSCTL_DATABASE_URL", "DATABASE_URL")}
+    env["XDG_CONFIG_HOME"] = str(tmp / "xdg")
+
+    def wsctl(*args: str) -> None:
+        r = subprocess.run(
+            [sys.executable, "-m", "wsctl", "--database-url", url, *args],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr
+
+    wsctl("demo", "--json")
+    wsctl(
         "config",
         "set",
         "--client",
@@ -128,29 +145,35 @@ def demo(run_cli, db_url, conn):
         f"api_key={SECRETS[0]}",
         "--set",
         f"table_url=https://api.clay.com/hooks/{SECRETS[1]}",
-        url=db_url,
     )
-    assert r.code == 0, r.err
-    sid = conn.execute(
-        "SELECT ws.id FROM workflow_states ws JOIN batches b ON b.id = ws.batch_id"
-        " WHERE b.workstream_slug = 'apollo_scrape' AND ws.step_name = %s LIMIT 1",
-        ("enrich_person_via_waterfall_in_clay",),
-    ).fetchone()[0]
-    conn.execute(
-        "UPDATE workflow_states SET status = 'BLOCKED', reason_code = 'missing_config',"
-        " error_class = 'operator', last_error = %s WHERE id = %s",
-        (
-            f"POST https://user:{SECRETS[2]}@api.example.com/x?token={SECRETS[3]} failed; "
-            f"Authorization: Bearer {SECRETS[4]}",
-            sid,
-        ),
-    )
-    return db_url
+    with psycopg.connect(url, autocommit=True) as c:
+        sid = c.execute(
+            "SELECT ws.id FROM workflow_states ws JOIN batches b ON b.id = ws.batch_id"
+            " WHERE b.workstream_slug = 'apollo_scrape' AND ws.step_name = %s LIMIT 1",
+            ("enrich_person_via_waterfall_in_clay",),
+        ).fetchone()[0]
+        c.execute(
+            "UPDATE workflow_states SET status = 'BLOCKED', reason_code = 'missing_config',"
+            " error_class = 'operator', last_error = %s WHERE id = %s",
+            (
+                f"POST https://user:{SECRETS[2]}@api.example.com/x?token={SECRETS[3]} failed; "
+                f"Authorization: Bearer {SECRETS[4]}",
+                sid,
+            ),
+        )
+    yield url
+    drop_database(pg_admin_url, name)
 
 
-@pytest.fixture
-def ui(demo, tmp_path):
-    server = Ui(demo, "--host", "0.0.0.0", "--token", TOKEN, tmp=tmp_path)
+@pytest.fixture(scope="module")
+def dconn(demo):
+    with psycopg.connect(demo, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def ui(demo, tmp_path_factory):
+    server = Ui(demo, "--host", "0.0.0.0", "--token", TOKEN, tmp=tmp_path_factory.mktemp("ui"))
     yield server
     server.stop()
 
@@ -166,9 +189,9 @@ def page(browser, ui):
     ctx.close()
 
 
-def test_dashboard_shows_the_counts_the_database_holds(page, ui, conn, tmp_path):
+def test_dashboard_shows_the_counts_the_database_holds(page, ui, dconn, tmp_path):
     totals = dict(
-        conn.execute("SELECT status, count(*) FROM workflow_states GROUP BY 1").fetchall()
+        dconn.execute("SELECT status, count(*) FROM workflow_states GROUP BY 1").fetchall()
     )
     assert totals["COMPLETED"] > 0 and totals["BLOCKED"] == 1
     for status in ("PENDING", "DISPATCHING", "DISPATCHED", "COMPLETED", "FAILED", "BLOCKED"):
@@ -176,7 +199,7 @@ def test_dashboard_shows_the_counts_the_database_holds(page, ui, conn, tmp_path)
         assert int(shown) == totals.get(status, 0), status
     per_step = {
         (str(b), s, st): n
-        for b, s, st, n in conn.execute(
+        for b, s, st, n in dconn.execute(
             "SELECT batch_id, step_name, status, count(*) FROM workflow_states GROUP BY 1, 2, 3"
         ).fetchall()
     }
@@ -200,9 +223,9 @@ def test_dashboard_shows_the_counts_the_database_holds(page, ui, conn, tmp_path)
         shutil.copy(shot, ROOT / "examples" / "dashboard.png")
 
 
-def test_counts_keep_up_with_the_database(page, ui, conn):
+def test_counts_keep_up_with_the_database(page, ui, dconn):
     before = int(page.locator("[data-total-status=PENDING] .n").inner_text())
-    conn.execute(
+    dconn.execute(
         "UPDATE workflow_states SET status = 'PENDING' WHERE id IN"
         " (SELECT id FROM workflow_states WHERE status = 'COMPLETED' LIMIT 2)"
     )
@@ -229,8 +252,8 @@ def test_the_dashboard_reloads_itself_by_default(demo, tmp_path):
         proc.wait(timeout=10)
 
 
-def test_item_page_names_the_config_row_the_function_used(page, ui, conn):
-    rows = conn.execute(
+def test_item_page_names_the_config_row_the_function_used(page, ui, dconn):
+    rows = dconn.execute(
         "SELECT ws.item_id, ws.step_name, ws.used_resolution ->> 'config_id', er.modal_sender_fn"
         " FROM workflow_states ws"
         " JOIN enrichment_registry er ON er.id = (ws.used_resolution ->> 'registry_id')::uuid"
@@ -246,7 +269,7 @@ def test_item_page_names_the_config_row_the_function_used(page, ui, conn):
         assert config_id in used.inner_text()
         assert function in card.locator(".used").inner_text()
     # the config of linkedin's first step changed after the demo: its items say so
-    li_item = conn.execute(
+    li_item = dconn.execute(
         "SELECT ws.item_id FROM workflow_states ws JOIN batches b ON b.id = ws.batch_id"
         " WHERE b.workstream_slug = 'linkedin_scrape' AND ws.step_name = 'normalize_company_name'"
         " LIMIT 1"
@@ -258,8 +281,8 @@ def test_item_page_names_the_config_row_the_function_used(page, ui, conn):
     )
 
 
-def test_search_leads_to_the_item_or_the_batch(page, ui, conn):
-    item_id, batch_id = conn.execute("SELECT id, batch_id FROM batch_items LIMIT 1").fetchone()
+def test_search_leads_to_the_item_or_the_batch(page, ui, dconn):
+    item_id, batch_id = dconn.execute("SELECT id, batch_id FROM batch_items LIMIT 1").fetchone()
     page.goto(f"{ui.base}/")
     page.fill("input[name=q]", str(item_id))
     page.click("header button")
@@ -270,7 +293,7 @@ def test_search_leads_to_the_item_or_the_batch(page, ui, conn):
     assert (
         page.locator("#items tr").count()
         == 1
-        + conn.execute(
+        + dconn.execute(
             "SELECT count(*) FROM batch_items WHERE batch_id = %s", (batch_id,)
         ).fetchone()[0]
     )
@@ -279,8 +302,8 @@ def test_search_leads_to_the_item_or_the_batch(page, ui, conn):
     assert "no item or batch with id" in page.locator("#error-message").inner_text()
 
 
-def test_anything_but_get_and_head_gets_405(page, ui, conn):
-    before = table_snapshot(conn)
+def test_anything_but_get_and_head_gets_405(page, ui, dconn):
+    before = table_snapshot(dconn)
     resp = page.request.post(f"{ui.base}/", data="x=1")  # the browser's cookie rides along
     assert resp.status == 405
     assert resp.headers["allow"] == "GET, HEAD"
@@ -290,19 +313,19 @@ def test_anything_but_get_and_head_gets_405(page, ui, conn):
             assert status == 405, (method, path)
     status, headers, body = http("HEAD", ui.base + "/", BEARER)
     assert status == 200 and body == ""
-    assert table_snapshot(conn) == before
+    assert table_snapshot(dconn) == before
 
 
-def test_no_secret_in_any_page(page, ui, conn):
+def test_no_secret_in_any_page(page, ui, dconn):
     pages = ["/", "/metrics", f"/item/{uuid.uuid4()}", "/item/not-a-uuid", "/nope"]
-    pages += [f"/batch/{b}" for (b,) in conn.execute("SELECT id FROM batches").fetchall()]
-    pages += [f"/item/{i}" for (i,) in conn.execute("SELECT id FROM batch_items").fetchall()]
+    pages += [f"/batch/{b}" for (b,) in dconn.execute("SELECT id FROM batches").fetchall()]
+    pages += [f"/item/{i}" for (i,) in dconn.execute("SELECT id FROM batch_items").fetchall()]
     assert len(pages) > 10
     texts = {}
     for path in pages:
         page.goto(ui.base + path)
         texts[path] = page.content()
-    blocked_item = conn.execute(
+    blocked_item = dconn.execute(
         "SELECT item_id FROM workflow_states WHERE status = 'BLOCKED'"
     ).fetchone()[0]
     blocked_page = texts[f"/item/{blocked_item}"]
@@ -312,7 +335,7 @@ def test_no_secret_in_any_page(page, ui, conn):
             assert secret not in text, (path, secret)
     # the secrets are in the database all right
     assert SECRETS[0] in json.dumps(
-        conn.execute("SELECT json_agg(config) FROM client_workflow_configs").fetchone()[0]
+        dconn.execute("SELECT json_agg(config) FROM client_workflow_configs").fetchone()[0]
     )
 
 
@@ -492,7 +515,7 @@ def asgi_get(app, path: str, headers: dict | None = None) -> tuple[int, bytes]:
         return pool.submit(lambda: asyncio.run(run())).result()
 
 
-def test_every_query_runs_in_a_read_only_transaction(demo, conn):
+def test_every_query_runs_in_a_read_only_transaction(demo, dconn):
     from wsctl.ui.server import UiConfig, create_app
 
     app = create_app(
@@ -500,7 +523,7 @@ def test_every_query_runs_in_a_read_only_transaction(demo, conn):
             connect=lambda: psycopg.connect(demo, autocommit=True, cursor_factory=WatchedCursor)
         )
     )
-    item_id, batch_id = conn.execute("SELECT id, batch_id FROM batch_items LIMIT 1").fetchone()
+    item_id, batch_id = dconn.execute("SELECT id, batch_id FROM batch_items LIMIT 1").fetchone()
     WatchedCursor.seen = []
     for path in ("/", f"/batch/{batch_id}", f"/item/{item_id}", f"/search?q={item_id}", "/metrics"):
         status, _ = asgi_get(app, path)

@@ -288,7 +288,8 @@ def collect(
     started = time.perf_counter()
     params = {"workstream": workstream, "timeout": int(callback_timeout)}
     with read_only(conn, statement_timeout=statement_timeout):
-        now = conn.execute(q("stats_now")).fetchone()[0]
+        with conn.cursor(row_factory=dict_row) as cur:
+            now = cur.execute(q("stats_now")).fetchone()["now"]
         out = Stats(generated_at=now, workstream=workstream, callback_timeout=callback_timeout)
 
         def fetch(name: str, cls: type) -> list:

@@ -120,7 +120,7 @@ ORDER BY sum(ws.n) DESC, b.workstream_slug NULLS FIRST, ws.step_name, ws.status,
 
 -- stats_now --
 -- The transaction's time: every age and window is measured from it.
-SELECT now();
+SELECT now() AS now;
 
 -- stats_record_used_resolution --
 -- The worker helpers, each time they resolve a step's client config: what they resolved (the

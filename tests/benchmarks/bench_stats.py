@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -104,14 +105,25 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    ap.add_argument(
+        "--reuse", action="store_true", help="measure a database an earlier --keep run left"
+    )
     args = ap.parse_args()
     admin, server = admin_url()
     name = "wsctl_bench_stats"
     try:
-        url = fresh_db(admin, name)
+        if args.reuse:
+            from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+            params = conninfo_to_dict(admin)
+            params["dbname"] = name
+            url = make_conninfo(**params)
+        else:
+            url = fresh_db(admin, name)
         with connect(url) as conn:
             t0 = time.perf_counter()
-            load(conn, args.items, args.batches)
+            if not args.reuse:
+                load(conn, args.items, args.batches)
             load_s = time.perf_counter() - t0
             n = conn.execute("SELECT count(*) FROM workflow_states").fetchone()[0]
             runs = []
@@ -137,6 +149,7 @@ def main() -> int:
                 stats.collect(conn, workstream="apollo_scrape")
                 ws.append(time.perf_counter() - t)
         doc = {
+            "load_average_1m": round(os.getloadavg()[0], 2),
             "states": n,
             "load_seconds": round(load_s, 1),
             "stats_seconds_median": round(statistics.median(runs), 3),
@@ -148,7 +161,7 @@ def main() -> int:
             "needs_operator_groups": len(st.reasons),
         }
         print(json.dumps(doc, indent=2))
-        if not args.keep:
+        if not args.keep and not args.reuse:
             drop_db(admin, name)
     finally:
         if server is not None:
