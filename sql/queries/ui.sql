@@ -1,10 +1,7 @@
 -- ui_batches --
--- The dashboard's batches: unfinished ones first, then the newest, per workstream and client;
--- items = states of the blueprint's first step (batch create makes one per item).
+-- The dashboard's batches: unfinished ones first, then the newest, per workstream and client.
 SELECT b.id, b.workstream_slug AS workstream, c.name AS client, b.status, b.created_at,
-       b.blueprint,
-       (SELECT count(*) FROM public.workflow_states ws
-        WHERE ws.batch_id = b.id AND ws.step_name = b.blueprint[1])::bigint AS items
+       b.blueprint
 FROM public.batches b
 JOIN public.clients c ON c.id = b.client_id
 WHERE %(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text
@@ -12,7 +9,8 @@ ORDER BY b.status IN ('COMPLETED', 'CANCELLED'), b.created_at DESC, b.id
 LIMIT %(limit)s;
 
 -- ui_batch_step_counts --
--- States per (batch, step, status) of the shown batches (idx_workflow_states_batch_status).
+-- States per (batch, step, status) of the shown batches (idx_workflow_states_batch_status);
+-- a batch's items are its first step's states (batch create makes one per item).
 SELECT ws.batch_id, ws.step_name AS step, ws.status, count(*)::bigint AS states
 FROM public.workflow_states ws
 WHERE ws.batch_id = ANY (%(batch_ids)s::uuid[])
@@ -21,9 +19,7 @@ GROUP BY ws.batch_id, ws.step_name, ws.status;
 -- ui_batch --
 -- One batch for its page (NULL: no such batch).
 SELECT b.id, b.workstream_slug AS workstream, c.name AS client, b.status, b.created_at,
-       b.blueprint,
-       (SELECT count(*) FROM public.workflow_states ws
-        WHERE ws.batch_id = b.id AND ws.step_name = b.blueprint[1])::bigint AS items
+       b.blueprint
 FROM public.batches b
 JOIN public.clients c ON c.id = b.client_id
 WHERE b.id = %(batch_id)s;

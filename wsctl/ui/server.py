@@ -241,6 +241,7 @@ def _batches(conn: psycopg.Connection, limit: int, batch_id: uuid.UUID | None = 
     for r in rows:
         per_step = counts.get(r["id"], {})
         steps = list(r["blueprint"] or [])
+        r["items"] = sum(per_step.get(steps[0], {}).values()) if steps else 0
         steps += sorted(s for s in per_step if s not in steps)
         r["steps"] = [
             {
