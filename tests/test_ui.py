@@ -532,3 +532,18 @@ def test_every_query_runs_in_a_read_only_transaction(demo, dconn):
     assert len(seen) > 15
     assert sum(1 for _, v in seen if v == "first") >= 5
     assert [s for s in seen if s[1] not in ("on", "first")] == []
+
+
+def test_an_unmigrated_database_is_refused_before_listening(legacy_url, tmp_path):
+    port = free_port()
+    r = subprocess.run(
+        [sys.executable, "-m", "wsctl", "--database-url", legacy_url, "ui", "--port", str(port)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 3, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "migrate" in r.stderr
+    with socket.socket() as s:  # nothing listens there
+        assert s.connect_ex(("127.0.0.1", port)) != 0
