@@ -363,7 +363,7 @@ def migrate(
     lock = _MigrationLock(conn)
     try:
         result.waited_seconds = lock.acquire(lock_timeout)
-        with tx(conn, lock_timeout=ddl_lock_timeout):
+        with tx(conn):
             conn.execute(q("migrations_bootstrap"))
         st = status(conn, migrations)
         _refuse_changed(st)
