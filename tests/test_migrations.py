@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import psycopg
 import pytest
@@ -460,3 +461,31 @@ def test_concurrent_index_names_carry_their_tables_schema():
         "CREATE INDEX CONCURRENTLY c_idx ON t (v);\n"
     )
     assert found == [("public", "a_idx"), ("s2", "b_idx"), (None, "c_idx")]
+
+
+def test_a_concurrent_build_waiting_for_a_lock_is_cancelled_and_leaves_no_session_state(fresh_db):
+    """CREATE INDEX CONCURRENTLY cannot run in a transaction, so no SET LOCAL bounds it: the
+    watchdog cancels it once it has waited --ddl-lock-timeout, and migrate sets nothing on
+    its session (no lock_timeout, no advisory lock) either way."""
+    url, _ = fresh_db
+    migs = migrations.load_migrations()
+    with db.connect(url, _settings(url)) as c:
+        migrations.migrate(c, migrations=migs[:1])
+        with psycopg.connect(url) as holder:
+            holder.execute("LOCK TABLE public.batches IN SHARE UPDATE EXCLUSIVE MODE")
+            started = time.monotonic()
+            with pytest.raises(OperationalError, match="0002_add_workstream_slug_to_batches.sql w"):
+                migrations.migrate(c, migrations=migs[:2], ddl_lock_timeout="300ms")
+            assert time.monotonic() - started < 3
+            holder.rollback()
+        assert c.execute("SHOW lock_timeout").fetchone()[0] == "0"
+        assert (
+            c.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0]
+            == 0
+        )
+        assert [r[0] for r in c.execute("SELECT version FROM wsctl.schema_migrations")] == [1]
+        result = migrations.migrate(c, migrations=migs[:2])
+        assert [a["version"] for a in result.applied] == [2]
+        valid = "SELECT indisvalid FROM pg_index WHERE indexrelid ="
+        valid += " 'public.idx_batches_workstream_slug'::regclass"
+        assert c.execute(valid).fetchone()[0] is True
