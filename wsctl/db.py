@@ -171,26 +171,26 @@ def tx(
     """A transaction with its timeouts set by SET LOCAL (nothing leaks to the session).
 
     The timeouts default to the connection's ``ConnectionSettings``. Nested in a
-    transaction already open, it is a savepoint and keeps the outer timeouts
-    unless others are given. A lock timeout is re-raised as the same psycopg
-    error with a message naming what was locked, when that can be told.
+    transaction already open, it is a savepoint (its SET LOCAL lasts to the end
+    of the outer transaction). A lock timeout is re-raised, by the outermost
+    ``tx()``, as the same psycopg error with a message naming what was locked
+    when that can be told.
     """
     import psycopg
 
     from wsctl.queries import q
 
-    outer = conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+    nested = conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
     cs = settings_of(conn)
     try:
         with conn.transaction():
-            if not outer or statement_timeout is not None or lock_timeout is not None:
-                conn.execute(
-                    q("set_local_timeouts"),
-                    (statement_timeout or cs.statement_timeout, lock_timeout or cs.lock_timeout),
-                )
+            conn.execute(
+                q("set_local_timeouts"),
+                (statement_timeout or cs.statement_timeout, lock_timeout or cs.lock_timeout),
+            )
             yield conn
     except psycopg.errors.LockNotAvailable as exc:
-        if outer or exc.pgresult is None:  # a savepoint, or already named by an inner tx()
+        if nested or exc.pgresult is None:  # a savepoint, or already named by an inner tx()
             raise
         what = locked_relation(conn, exc)
         waited = lock_timeout or cs.lock_timeout
