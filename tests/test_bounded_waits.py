@@ -241,7 +241,7 @@ def test_the_lock_message_names_the_locked_table(locked_world, db_url, cli):
         r = cli("batch", "cancel", ids["batch"])
         assert r.code == 1
         assert r.err.strip() == (
-            "wsctl: error: waited lock_timeout (300ms) for a lock on public.batches held by "
+            "wsctl: error: lock timeout: waited 300ms for a lock on public.batches held by "
             "another session (hint: try again when the other transaction ends, or raise "
             "[database] lock_timeout)"
         )

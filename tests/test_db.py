@@ -58,7 +58,7 @@ def test_a_lock_timeout_names_the_locked_table(db_url):
             with db.tx(conn):
                 conn.execute("SELECT count(*) FROM batches")
         assert str(info.value) == (
-            "waited lock_timeout (200ms) for a lock on public.batches held by another session"
+            "lock timeout: waited 200ms for a lock on public.batches held by another session"
         )
         holder.rollback()
 

@@ -196,5 +196,5 @@ def tx(
         waited = lock_timeout or cs.lock_timeout
         on = f" on {what}" if what else ""
         raise psycopg.errors.LockNotAvailable(
-            f"waited lock_timeout ({waited}) for a lock{on} held by another session"
+            f"lock timeout: waited {waited} for a lock{on} held by another session"
         ) from exc
