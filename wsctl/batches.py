@@ -107,6 +107,13 @@ def plan_batch(
     """Check the options of a create before anything is written (exit 1 on any problem)."""
     steps = parse_blueprint(blueprint)
     validate_slug(workstream, "workstream")
+    with tx(conn):  # read only; the transaction carries the lock and statement timeouts
+        return _plan_batch(conn, client, workstream, steps)
+
+
+def _plan_batch(
+    conn: psycopg.Connection, client: str, workstream: str, steps: list[str]
+) -> BatchPlan:
     found = find_client(conn, client)
     known = known_workstreams(conn)
     if workstream not in known:
@@ -193,6 +200,13 @@ def _check_dedupe_key(key: str | None) -> str | None:
 
 
 def _existing_for_key(
+    conn: psycopg.Connection, key: str, plan: BatchPlan, *, dry_run: bool
+) -> CreateResult | None:
+    with tx(conn):  # read only; the transaction carries the lock and statement timeouts
+        return _existing_for_key_in_tx(conn, key, plan, dry_run=dry_run)
+
+
+def _existing_for_key_in_tx(
     conn: psycopg.Connection, key: str, plan: BatchPlan, *, dry_run: bool
 ) -> CreateResult | None:
     row = conn.execute(q("batch_dedupe_lookup"), (key,)).fetchone()
@@ -446,7 +460,8 @@ def _info(row) -> BatchInfo:
 def get_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchInfo:
     """One batch; exit 1 when the id is malformed or unknown."""
     bid = batch_id if isinstance(batch_id, uuid.UUID) else parse_uuid(batch_id, "batch id")
-    row = conn.execute(q("batch_get"), (bid,)).fetchone()
+    with tx(conn):  # a savepoint inside a caller's transaction
+        row = conn.execute(q("batch_get"), (bid,)).fetchone()
     if row is None:
         raise OperationalError(f"no batch with id {bid}", hint="see `wsctl batch list`")
     return _info(row)
@@ -559,7 +574,7 @@ def cancel_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> CancelR
     a cancelled batch again sweeps states enqueued since; a COMPLETED batch is refused.
     """
     info = get_batch(conn, batch_id)
-    with tx(conn, lock_timeout="5s"):
+    with tx(conn):
         row = conn.execute(q("batch_lock"), (info.batch_id,)).fetchone()
         if row is None:  # deleted since get_batch
             raise OperationalError(f"no batch with id {info.batch_id}")

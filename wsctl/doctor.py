@@ -438,6 +438,21 @@ def _guarded(conn: psycopg.Connection | None, name: str, fn: Callable[[], Check]
             return fn()
         with tx(conn):
             return fn()
+    except psycopg.errors.LockNotAvailable as exc:
+        return Check(
+            name,
+            FAIL,
+            f"query failed: {first_line(exc)}",
+            "another session holds the lock: try again when it ends, or raise "
+            "[database] lock_timeout",
+        )
+    except psycopg.errors.QueryCanceled as exc:
+        return Check(
+            name,
+            FAIL,
+            f"query failed: {first_line(exc)}",
+            "raise [database] statement_timeout in wsctl.toml, or look for a lock held elsewhere",
+        )
     except psycopg.Error as exc:
         return Check(
             name,
@@ -506,7 +521,9 @@ def doctor(
                 return check
 
             add(_guarded(conn, SCHEMA, schema_check))
-            schema_ok = bool(schema and schema[0])
+            # A schema check that could not run (a lock, a timeout) is its own FAIL: the
+            # data checks still run, each in its own bounded transaction.
+            schema_ok = schema[0] if schema else True
         else:
             add(_skip(SCHEMA, "no database connection"))
 
