@@ -169,3 +169,37 @@ RETURNING committed_bytes;
 SELECT count(*) AS batches, max(items_pruned_at) AS last
 FROM wsctl.pruned_batches
 WHERE items_pruned > 0;
+
+-- prune_doctor_bloat --
+-- doctor: live and dead tuples of workflow_states, its size, and when it was last vacuumed.
+SELECT coalesce(s.n_live_tup, 0) AS live, coalesce(s.n_dead_tup, 0) AS dead,
+       pg_total_relation_size('public.workflow_states') AS total_bytes,
+       pg_relation_size('public.workflow_states') AS heap_bytes,
+       greatest(s.last_vacuum, s.last_autovacuum) AS last_vacuum,
+       c.reloptions AS reloptions
+FROM pg_class c
+LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE c.oid = 'public.workflow_states'::regclass;
+
+-- prune_doctor_oldest_xmin --
+-- doctor: the backend whose snapshot (backend_xmin) is oldest, holding back vacuum everywhere
+-- (this connection excluded), and the oldest replication slot xmin and prepared transaction.
+SELECT a.pid, a.usename, a.application_name, a.state, a.xact_start,
+       age(a.backend_xmin) AS xmin_age,
+       extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::bigint AS seconds,
+       left(a.query, 120) AS query
+FROM pg_stat_activity a
+WHERE a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
+ORDER BY age(a.backend_xmin) DESC
+LIMIT 1;
+
+-- prune_doctor_held_xmin --
+-- doctor: prepared transactions and replication slots, which hold back vacuum like a session.
+SELECT 'prepared transaction ' || gid AS what, extract(epoch FROM now() - prepared)::bigint AS seconds
+FROM pg_prepared_xacts
+UNION ALL
+SELECT 'replication slot ' || slot_name, NULL::bigint
+FROM pg_replication_slots
+WHERE xmin IS NOT NULL OR catalog_xmin IS NOT NULL
+ORDER BY 2 DESC NULLS LAST
+LIMIT 5;
