@@ -568,6 +568,7 @@ def test_prune_candidates_warn_with_the_prune_command(cli, conn, healthy, modal_
     b = fac.add_batch(conn, client, ["normalize_all_core_values"], 4, first_status="COMPLETED")
     active = fac.add_batch(conn, client, ["normalize_all_core_values"], 2)
     conn.execute("UPDATE workflow_states SET updated_at = now() - interval '40 days'")
+    conn.execute("UPDATE batches SET created_at = now() - interval '41 days'")
     c = checks_of(cli("doctor", "--json"))["prune_candidates"]
     assert c["status"] == "WARN"
     assert "1 batch(es) finished more than 30d ago keep 4 state(s)" in c["detail"]

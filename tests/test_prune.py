@@ -32,6 +32,10 @@ def _age(conn, batch_id, days: float = 40) -> None:
         " WHERE batch_id = %s",
         (days, batch_id),
     )
+    conn.execute(
+        "UPDATE batches SET created_at = now() - make_interval(days => %s + 1) WHERE id = %s",
+        (days, batch_id),
+    )
 
 
 def _finished_batch(conn, client, n: int, *, days: float = 40, two_steps: bool = True):
@@ -382,3 +386,17 @@ def test_concurrent_dispatch_loop_loses_nothing(db_url, conn, client, tmp_path):
     )
     assert len(_archive(archive)) == 3 * 120
     assert _count(conn, "SELECT count(*) FROM wsctl.pruned_batches") == 3
+
+
+def test_rows_inserted_without_an_id_get_time_ordered_ids(conn, client):
+    """Migration 0014: UUIDv7 defaults, so a batch's rows sit together in the indexes."""
+    b = f.add_batch(conn, client, STEPS, 50)  # ids from the column defaults
+    for table in ("batch_items", "workflow_states"):
+        rows = conn.execute(
+            f"SELECT id FROM {table} WHERE batch_id = %s ORDER BY ctid", (b,)
+        ).fetchall()
+        ids = [r[0] for r in rows]
+        assert all(i.version == 7 for i in ids)
+        # the first 48 bits are the insert's milliseconds: within seconds of now
+        ms = [int.from_bytes(i.bytes[:6], "big") for i in ids]
+        assert abs(ms[0] / 1000 - time.time()) < 60 and ms == sorted(ms)

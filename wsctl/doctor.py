@@ -293,7 +293,8 @@ def _check_states_bloat(conn: psycopg.Connection) -> Check:
             WARN,
             detail + ": vacuum is not keeping up, every claim and update reads past dead rows",
             "VACUUM (ANALYZE) public.workflow_states; let autovacuum start sooner on it "
-            "(`wsctl db tune`), check the vacuum_horizon check, and prune old batches",
+            "(ALTER TABLE public.workflow_states SET (autovacuum_vacuum_scale_factor = 0.02, "
+            "autovacuum_vacuum_insert_scale_factor = 0.02)), check vacuum_horizon, prune old batches",
             rows=sample,
         )
     return Check(STATES_BLOAT, OK, detail)
@@ -358,12 +359,20 @@ def _age_s(seconds: int) -> str:
     return f"{max(seconds, 0)}s"
 
 
+PRUNE_SCAN_BATCHES = 20  # finished batches whose states doctor reads (oldest first)
+
+
 def _check_prune_candidates(conn: psycopg.Connection, older_than: str, top: int) -> Check:
     from wsctl.prune import parse_duration
 
     rows = conn.execute(
         q("prune_candidates"),
-        {"batch_ids": None, "older_than": parse_duration(older_than), "include_items": False},
+        {
+            "batch_ids": None,
+            "older_than": parse_duration(older_than),
+            "include_items": False,
+            "max_batches": PRUNE_SCAN_BATCHES,
+        },
     ).fetchall()
     if not rows:
         return Check(
@@ -371,9 +380,12 @@ def _check_prune_candidates(conn: psycopg.Connection, older_than: str, top: int)
         )
     states = sum(r[2] for r in rows)
     interrupted = sum(1 for r in rows if r[3])
+    # Reading every finished batch's states costs a scan of the history: doctor reads
+    # the oldest few only and says "at least" when there may be more.
+    least = "at least " if rows[0][4] >= PRUNE_SCAN_BATCHES else ""
     detail = (
-        f"{len(rows)} batch(es) finished more than {older_than} ago keep {states} state(s)"
-        f" (oldest finished {_age(rows[0][1])} ago)"
+        f"{least}{len(rows)} batch(es) finished more than {older_than} ago keep "
+        f"{least}{states} state(s) (oldest finished {_age(rows[0][1])} ago)"
     )
     if interrupted:
         detail += f"; {interrupted} of them were partly pruned by an interrupted prune"

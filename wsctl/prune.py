@@ -320,7 +320,12 @@ def prune(
         include_items=include_items,
         archive=str(archive.resolve()) if archive else None,
     )
-    params = {"batch_ids": ids, "older_than": age, "include_items": include_items}
+    params = {
+        "batch_ids": ids,
+        "older_than": age,
+        "include_items": include_items,
+        "max_batches": None,
+    }
     with tx(conn):
         rows = conn.execute(q("prune_candidates"), params).fetchall()
         if ids:

@@ -4,11 +4,15 @@
 -- the cutoff, oldest first, with batches a prune left half-done. "Not finished" is four range
 -- probes on idx_workflow_states_batch_status (status < 'CANCELLED', between the three finished
 -- statuses, > 'FAILED'): a few index descents per batch, whatever its size.
--- %(batch_ids)s NULL: every batch.
+-- %(batch_ids)s NULL: every batch. A batch created after the cutoff cannot have finished before
+-- it, so only older ones have their states read for the finish time (and a prune begun).
+-- %(max_batches)s (doctor) bounds how many finished batches are read, oldest first; NULL: all.
 WITH finished AS MATERIALIZED (
     SELECT b.id
     FROM public.batches b
+    LEFT JOIN wsctl.pruned_batches pb ON pb.batch_id = b.id
     WHERE (%(batch_ids)s::uuid[] IS NULL OR b.id = ANY (%(batch_ids)s::uuid[]))
+      AND (b.created_at < now() - %(older_than)s::interval OR pb.batch_id IS NOT NULL)
       AND NOT EXISTS (
           SELECT 1 FROM public.workflow_states s
           WHERE s.batch_id = b.id
@@ -16,11 +20,14 @@ WITH finished AS MATERIALIZED (
                  OR (s.status > 'CANCELLED' AND s.status < 'COMPLETED')
                  OR (s.status > 'COMPLETED' AND s.status < 'FAILED')
                  OR s.status > 'FAILED'))
+    ORDER BY b.created_at, b.id
+    LIMIT %(max_batches)s
 )
 SELECT f.id AS batch_id,
        coalesce(pb.finished_at, agg.finished_at) AS finished_at,
        agg.states AS states,
-       pb.batch_id IS NOT NULL AS resumed
+       pb.batch_id IS NOT NULL AS resumed,
+       (SELECT count(*) FROM finished) AS examined
 FROM finished f
 LEFT JOIN wsctl.pruned_batches pb ON pb.batch_id = f.id
 CROSS JOIN LATERAL (
