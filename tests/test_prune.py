@@ -400,3 +400,46 @@ def test_rows_inserted_without_an_id_get_time_ordered_ids(conn, client):
         # the first 48 bits are the insert's milliseconds: within seconds of now
         ms = [int.from_bytes(i.bytes[:6], "big") for i in ids]
         assert abs(ms[0] / 1000 - time.time()) < 60 and ms == sorted(ms)
+
+
+def test_archive_write_failures_remove_nothing(conn, client, cli):
+    _finished_batch(conn, client, 3)
+    before = table_snapshot(conn, ["workflow_states"])
+    r = cli("prune", "--older-than", "30d", "--archive", "/nonexistent-dir/a.jsonl")
+    assert r.code == 1 and r.err.startswith("wsctl: error: cannot open archive")
+    r = cli("prune", "--older-than", "30d", "--archive", "/dev/full")  # every write: ENOSPC
+    assert r.code == 1 and "cannot write archive /dev/full" in r.err
+    assert len(r.err.strip().splitlines()) == 1
+    assert table_snapshot(conn, ["workflow_states"]) == before
+    assert _count(conn, "SELECT count(*) FROM wsctl.pruned_batches") == 0
+
+
+def test_an_archive_loads_back_as_the_notes_say(conn, client, cli, tmp_path):
+    """The recipe of the notes: COPY the lines into a jsonb column, jsonb_populate_record."""
+    b = _finished_batch(conn, client, 4)
+    states = _rows(conn, b)
+    items = table_snapshot(conn, ["batch_items"])
+    archive = tmp_path / "a.jsonl"
+    r = cli("prune", "--older-than", "30d", "--include-items", "--archive", str(archive))
+    assert r.code == 0, r.err
+    with conn.transaction():
+        conn.execute("CREATE TEMP TABLE archive (line jsonb)")
+        with conn.cursor().copy(
+            "COPY archive FROM STDIN WITH (FORMAT csv, QUOTE e'\\x01', DELIMITER e'\\x02')"
+        ) as copy:
+            copy.write(archive.read_bytes())
+        conn.execute(
+            "INSERT INTO public.batch_items SELECT (jsonb_populate_record(NULL::public.batch_items,"
+            " line->'row')).* FROM archive WHERE line->>'table' = 'batch_items'"
+            " ON CONFLICT (id) DO NOTHING"
+        )
+        conn.execute(
+            "INSERT INTO public.workflow_states SELECT (jsonb_populate_record("
+            "NULL::public.workflow_states, line->'row')).* FROM archive"
+            " WHERE line->>'table' = 'workflow_states' ON CONFLICT (id) DO NOTHING"
+        )
+        conn.execute("DELETE FROM wsctl.pruned_batches WHERE batch_id = %s", (b,))
+    assert _rows(conn, b) == states
+    assert table_snapshot(conn, ["batch_items"]) == items
+    st = cli("batch", "status", str(b), "--json").json()
+    assert st["pruned"] is None and st["items"] == 4

@@ -23,7 +23,6 @@ Nothing here prints or exits; ``on_chunk`` reports progress.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import re
 import time
@@ -213,7 +212,10 @@ class _Archive:
     def __init__(self, conn: psycopg.Connection, path: Path):
         self.path = str(path.resolve())
         self.conn = conn
-        self.file: IO[bytes] = open(path, "ab+")  # noqa: SIM115 - held for the whole run
+        try:
+            self.file: IO[bytes] = open(path, "ab+")  # noqa: SIM115 - held for the whole run
+        except OSError as exc:
+            raise OperationalError(f"cannot open archive {path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -246,10 +248,16 @@ class _Archive:
         """Append the rows and fsync; returns the file's new length (not committed yet)."""
         head = '{"table": "' + table + '", "row": '
         data = "".join(head + d + "}\n" for d in docs).encode("utf-8")
-        self.file.seek(0, os.SEEK_END)
-        self.file.write(data)
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        try:
+            self.file.seek(0, os.SEEK_END)
+            self.file.write(data)
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as exc:  # disk full, I/O error: the chunk rolls back, nothing removed
+            raise OperationalError(
+                f"cannot write archive {self.path}: {exc.strerror or exc}; nothing of this "
+                "chunk was removed"
+            ) from None
         return self.committed + len(data)
 
     def commit_in_tx(self, new_length: int, rows: int) -> None:
@@ -540,8 +548,3 @@ def _chunk(
     if not done:
         return ("more" if ids else "locked"), len(ids)
     return ("states done" if table == "workflow_states" else "items done"), len(ids)
-
-
-def archive_line(table: str, row: dict[str, Any]) -> str:
-    """One archive line as ``prune`` writes it (for tests and loaders)."""
-    return json.dumps({"table": table, "row": row})
