@@ -443,3 +443,19 @@ def test_an_archive_loads_back_as_the_notes_say(conn, client, cli, tmp_path):
     assert table_snapshot(conn, ["batch_items"]) == items
     st = cli("batch", "status", str(b), "--json").json()
     assert st["pruned"] is None and st["items"] == 4
+
+
+def test_db_tune_prints_then_applies_per_table_autovacuum(conn, cli):
+    printed = cli("db", "tune", "--json")
+    assert printed.code == 0, printed.err
+    doc = printed.json()
+    assert not doc["applied"] and all(s["current"] is None for s in doc["settings"])
+    assert _count(conn, "SELECT reloptions IS NULL FROM pg_class WHERE relname = 'workflow_states'")
+    assert "autovacuum_vacuum_scale_factor = 0.02" in cli("db", "tune").out
+    assert cli("db", "tune", "--apply").code == 0
+    options = conn.execute(
+        "SELECT reloptions FROM pg_class WHERE relname = 'workflow_states'"
+    ).fetchone()[0]
+    assert "autovacuum_vacuum_scale_factor=0.02" in options
+    again = cli("db", "tune", "--json").json()
+    assert all(not s["changes"] for s in again["settings"])

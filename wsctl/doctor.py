@@ -293,8 +293,7 @@ def _check_states_bloat(conn: psycopg.Connection) -> Check:
             WARN,
             detail + ": vacuum is not keeping up, every claim and update reads past dead rows",
             "VACUUM (ANALYZE) public.workflow_states; let autovacuum start sooner on it "
-            "(ALTER TABLE public.workflow_states SET (autovacuum_vacuum_scale_factor = 0.02, "
-            "autovacuum_vacuum_insert_scale_factor = 0.02)), check vacuum_horizon, prune old batches",
+            "(`wsctl db tune --apply`); check vacuum_horizon; prune old batches (`wsctl prune`)",
             rows=sample,
         )
     return Check(STATES_BLOAT, OK, detail)

@@ -210,3 +210,20 @@ FROM pg_replication_slots
 WHERE xmin IS NOT NULL OR catalog_xmin IS NOT NULL
 ORDER BY 2 DESC NULLS LAST
 LIMIT 5;
+
+-- tune_current --
+-- `wsctl db tune`: the per-table storage parameters workflow_states has now.
+SELECT coalesce(reloptions, '{}') AS reloptions
+FROM pg_class
+WHERE oid = 'public.workflow_states'::regclass;
+
+-- tune_apply --
+-- `wsctl db tune --apply`: autovacuum by row counts that suit a table of millions of rows (the
+-- defaults wait for 20% of the table to be dead). SHARE UPDATE EXCLUSIVE: reads and writes go on;
+-- nothing is rewritten.
+ALTER TABLE public.workflow_states SET (
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.01
+);

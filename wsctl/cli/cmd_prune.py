@@ -116,5 +116,34 @@ def prune(
         raise typer.Exit(1)
 
 
+db_app = typer.Typer(help="Database upkeep for a long-lived pipeline.", no_args_is_help=True)
+
+
+@db_app.command("tune")
+def db_tune(
+    ctx: typer.Context,
+    apply: bool = typer.Option(False, "--apply", help="Set them (otherwise only print)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Per-table autovacuum settings for workflow_states: print them, or --apply them."""
+    from wsctl import tune
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        report = tune.tune(conn, apply=apply)
+    if as_json:
+        output.emit_json(report.to_json())
+        return
+    output.table(
+        ["table", "setting", "current", "proposed"],
+        [(s.table, s.name, s.current or "(server default)", s.proposed) for s in report.settings],
+    )
+    if apply:
+        output.line(f"applied to {tune.TABLE}")
+    else:
+        output.line(report.statement)
+
+
 def register(app: typer.Typer) -> None:
     app.command("prune")(prune)
+    app.add_typer(db_app, name="db")
