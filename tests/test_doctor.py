@@ -549,7 +549,9 @@ def test_vacuum_horizon_warns_about_an_old_snapshot(db_url, conn, healthy, modal
     from wsctl.doctor import VACUUM_HORIZON, doctor
 
     with psycopg.connect(db_url, application_name="held-snapshot") as holder:
-        holder.execute("SELECT 1 FROM clients LIMIT 1")  # a transaction with a snapshot, idle
+        # a REPEATABLE READ transaction (pg_dump, a long report) keeps its snapshot while idle
+        holder.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        holder.execute("SELECT 1 FROM clients LIMIT 1")
         time.sleep(1.2)
         report = doctor(lambda: psycopg.connect(db_url, autocommit=True), xmin_threshold=1)
         check = report.get(VACUUM_HORIZON)

@@ -189,25 +189,28 @@ LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
 WHERE c.oid = 'public.workflow_states'::regclass;
 
 -- prune_doctor_oldest_xmin --
--- doctor: the backend whose snapshot (backend_xmin) is oldest, holding back vacuum everywhere
--- (this connection excluded), and the oldest replication slot xmin and prepared transaction.
+-- doctor: the backend of this database whose snapshot (backend_xmin) is oldest (this connection
+-- excluded): no row version newer than its snapshot can be vacuumed away from this database.
 SELECT a.pid, a.usename, a.application_name, a.state, a.xact_start,
        age(a.backend_xmin) AS xmin_age,
        extract(epoch FROM now() - coalesce(a.xact_start, a.query_start))::bigint AS seconds,
        left(a.query, 120) AS query
 FROM pg_stat_activity a
 WHERE a.backend_xmin IS NOT NULL AND a.pid <> pg_backend_pid()
+  AND (a.datname = current_database() OR a.backend_type = 'walsender')
 ORDER BY age(a.backend_xmin) DESC
 LIMIT 1;
 
 -- prune_doctor_held_xmin --
--- doctor: prepared transactions and replication slots, which hold back vacuum like a session.
+-- doctor: prepared transactions of this database and replication slots holding an xmin (a
+-- standby's hot_standby_feedback), which hold back vacuum like a session.
 SELECT 'prepared transaction ' || gid AS what, extract(epoch FROM now() - prepared)::bigint AS seconds
 FROM pg_prepared_xacts
+WHERE database = current_database()
 UNION ALL
 SELECT 'replication slot ' || slot_name, NULL::bigint
 FROM pg_replication_slots
-WHERE xmin IS NOT NULL OR catalog_xmin IS NOT NULL
+WHERE xmin IS NOT NULL
 ORDER BY 2 DESC NULLS LAST
 LIMIT 5;
 
