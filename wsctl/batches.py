@@ -51,6 +51,7 @@ from wsctl.db import first_line, tx
 from wsctl.domain import Client, find_client, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.itemfiles import item_line, open_items
+from wsctl.prune import PruneSummary, get_summary
 from wsctl.queries import q
 
 if TYPE_CHECKING:
@@ -491,12 +492,15 @@ class BatchStatus:
     batch: BatchInfo
     items: int
     steps: list[StepCounts]
+    # `wsctl prune` removed its states: the counts are those kept when the prune began
+    pruned: PruneSummary | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             **self.batch.to_json(),
             "items": self.items,
             "steps": [s.to_json() for s in self.steps],
+            "pruned": self.pruned.to_json() if self.pruned else None,
         }
 
 
@@ -509,15 +513,21 @@ def batch_status(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchSt
         info = get_batch(conn, batch_id)
         items = conn.execute(q("batch_item_count"), (info.batch_id,)).fetchone()[0]
         states = conn.execute(q("batch_state_counts"), (info.batch_id,)).fetchall()
+        pruned = get_summary(conn, info.batch_id)
     counts: dict[str, dict[str, int]] = {}
+    if pruned is not None:  # the states are gone (or going): answer from the summary row
+        items = max(items, pruned.items)
+        for step, by_status in pruned.counts.items():
+            counts[step] = dict(by_status)
     for step, status, n in states:
-        counts.setdefault(step, {})[status] = n
+        if pruned is None:
+            counts.setdefault(step, {})[status] = n
     steps = [
         StepCounts(step=s, position=i, counts=counts.pop(s, {}))
         for i, s in enumerate(info.blueprint, start=1)
     ]
     steps += [StepCounts(step=s, position=None, counts=c) for s, c in sorted(counts.items())]
-    return BatchStatus(batch=info, items=items, steps=steps)
+    return BatchStatus(batch=info, items=items, steps=steps, pruned=pruned)
 
 
 def list_batches(

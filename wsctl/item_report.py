@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import parse_uuid
 from wsctl.errors import OperationalError
+from wsctl.prune import PruneSummary, get_summary
 from wsctl.queries import q
 from wsctl.redact import redact_text
 from wsctl.resolve import Resolution, resolve_config
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     import psycopg
 
 NOT_REACHED = "NOT_REACHED"  # shown for a blueprint step the item has no state for yet
+PRUNED = "PRUNED"  # shown for a step whose state `wsctl prune` removed
 TIMESTAMPS = (
     "created_at",
     "available_at",
@@ -109,10 +111,11 @@ class StepReport:
     resolution: Resolution | None = None
     resolution_error: str | None = None  # the step slug could not be resolved at all
     used: UsedResolution | None = None  # what the worker helpers recorded; None: nothing yet
+    pruned: bool = False  # no state because `wsctl prune` removed it
 
     @property
     def shown_status(self) -> str:
-        return self.status or NOT_REACHED
+        return self.status or (PRUNED if self.pruned else NOT_REACHED)
 
     @property
     def function(self) -> str | None:
@@ -159,6 +162,7 @@ class ItemReport:
     created_at: datetime | None
     steps: list[StepReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    pruned: PruneSummary | None = None  # the batch's states were removed by `wsctl prune`
 
     @property
     def legacy(self) -> bool:
@@ -180,6 +184,7 @@ class ItemReport:
             },
             "steps": [s.to_json(reveal=reveal) for s in self.steps],
             "warnings": list(self.warnings),
+            "pruned": self.pruned.to_json() if self.pruned else None,
         }
 
 
@@ -205,6 +210,13 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
     iid = item_id if isinstance(item_id, uuid.UUID) else parse_uuid(item_id, "item id")
     row = conn.execute(q("inspect_item"), (iid,)).fetchone()
     if row is None:
+        batches, last = conn.execute(q("prune_pruned_count")).fetchone()
+        if batches:
+            raise OperationalError(
+                f"no batch item with id {iid}",
+                hint=f"`wsctl prune --include-items` removed the items of {batches} batch(es), "
+                f"last {last.isoformat(timespec='seconds')}; their archives hold the rows",
+            )
         raise OperationalError(f"no batch item with id {iid}")
     report = ItemReport(
         item_id=row[0],
@@ -228,6 +240,12 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
             u.step: u
             for u in cur.execute(q("stats_item_used_resolutions"), {"item_id": iid}).fetchall()
         }
+    report.pruned = get_summary(conn, report.batch_id)
+    if report.pruned is not None:
+        report.warnings.append(
+            f"the states of batch {report.batch_id} were {report.pruned.describe()}; "
+            "`wsctl batch status` shows its counts as they were"
+        )
     for r in conn.execute(q("inspect_item_steps"), {"item_id": iid}).fetchall():
         (pos, step, state_id, status, attempts, ws, typ, sender, receiver, call_id, error) = r[:11]
         times = dict(zip(TIMESTAMPS[:5], r[11:16], strict=True))
@@ -244,6 +262,7 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
             claimed_by=r[17],
             times=times,
             used=used.get(step) if state_id is not None else None,
+            pruned=state_id is None and report.pruned is not None,
         )
         if sender is not None:
             s.registry = {"type": typ, "sender": sender, "receiver": receiver}

@@ -95,6 +95,7 @@ def _register() -> None:
         cmd_examples,
         cmd_inspect,
         cmd_limit,
+        cmd_prune,
         cmd_setup,
         cmd_stats,
         cmd_ui,
@@ -110,6 +111,7 @@ def _register() -> None:
         cmd_embedded,
         cmd_examples,
         cmd_limit,
+        cmd_prune,
         cmd_stats,
         cmd_ui,
     ):
