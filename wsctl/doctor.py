@@ -35,6 +35,7 @@ UNREGISTERED_STATES = "unregistered_states"
 MISSING_CONFIGS = "missing_configs"
 EXPIRED_LEASES = "expired_leases"
 STALE_DISPATCHED = "stale_dispatched"
+API_EXPOSURE = "api_exposure"
 MODAL_CREDENTIALS = "modal_credentials"
 MODAL_FUNCTIONS = "modal_functions"
 
@@ -255,6 +256,14 @@ def _check_stale_dispatched(conn: psycopg.Connection, top: int, timeout: int) ->
     return Check(STALE_DISPATCHED, WARN, detail, hint, rows=out)
 
 
+def _check_api_exposure(conn: psycopg.Connection) -> Check:
+    """What the Supabase Data API's roles reach (see wsctl.security)."""
+    from wsctl.security import api_exposure
+
+    found = api_exposure(conn)
+    return Check(API_EXPOSURE, found.level, found.detail, found.hint, rows=found.rows)
+
+
 # --- Modal --------------------------------------------------------------------
 
 
@@ -460,6 +469,7 @@ def doctor(
             (MISSING_CONFIGS, lambda: _check_missing_configs(conn, top)),
             (EXPIRED_LEASES, lambda: _check_expired_leases(conn)),
             (STALE_DISPATCHED, lambda: _check_stale_dispatched(conn, top, callback_timeout)),
+            (API_EXPOSURE, lambda: _check_api_exposure(conn)),
         ]
         for name, fn in data_checks:
             if conn is None:

@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wsctl import security
 from wsctl.errors import EnvError, OperationalError
 from wsctl.queries import q, sql_dir
 
@@ -237,7 +238,9 @@ def migrate(
     try:
         conn.execute(q("migrations_set_lock_timeout"), (ddl_lock_timeout,))
         with conn.transaction():
+            before = security.object_keys(conn)
             conn.execute(q("migrations_bootstrap"))
+            security.close_new_wsctl_objects(conn, before)
         st = status(conn, migrations)
         _refuse_changed(st)
         pending = {p["version"] for p in st.pending}
@@ -250,7 +253,12 @@ def migrate(
             try:
                 if m.transactional:
                     with conn.transaction():
+                        # Closed by default: what wsctl creates itself, the Data API cannot reach.
+                        created = security.missing_pipeline_tables(conn) if m.version == 1 else []
+                        before = security.object_keys(conn)
                         conn.execute(m.sql)
+                        security.close_created_tables(conn, created, m.version)
+                        security.close_new_wsctl_objects(conn, before)
                         ms = int((time.monotonic() - started) * 1000)
                         conn.execute(q("migrations_record"), (m.version, m.name, m.checksum, ms))
                 else:
