@@ -346,7 +346,9 @@ def _plan(
     named = [r for r in dict.fromkeys(wanted_full + wanted_configs) if r != PUBLIC]
     present = set(existing_roles(conn, named))
     left = set(leave_roles)
-    full = [r for r in dict.fromkeys(wanted_full) if r not in left and (r == PUBLIC or r in present)]
+    full = [
+        r for r in dict.fromkeys(wanted_full) if r not in left and (r == PUBLIC or r in present)
+    ]
     configs_only = [r for r in wanted_configs if r in present and r not in left and r not in full]
     tables = [t for t in dict.fromkeys([*PIPELINE_TABLES, *extra_tables]) if t not in leave_tables]
     report = SecureReport(
@@ -485,6 +487,16 @@ class Exposure:
 _WRITES = (("insert", "a"), ("update", "w"), ("delete", "d"))
 
 
+def _allowed(row: dict[str, Any], privilege: bool, cmd: str) -> bool:
+    """A privilege the role can use through the Data API: the schema is usable and row level
+    security is off, bypassed, or has a policy for that command applying to the role (whose
+    expression is not judged: a policy that applies is taken to let rows through)."""
+    policies = set(row["policy_commands"])
+    limited = row["rls"] and not row["bypass_rls"]
+    open_ = not limited or cmd in policies or "*" in policies
+    return bool(privilege and row["schema_usage"] and open_)
+
+
 def _reach(conn: psycopg.Connection, role: str) -> list[dict[str, Any]]:
     from psycopg.rows import dict_row
 
@@ -496,19 +508,14 @@ def _reach(conn: psycopg.Connection, role: str) -> list[dict[str, Any]]:
     for row in rows:
         usable = row["schema_usage"]
         unlimited = not row["rls"] or row["bypass_rls"]
-        policies = set(row["policy_commands"])
-
-        def allowed(privilege: bool, cmd: str, row=row, policies=policies) -> bool:
-            return bool(privilege and usable and (unlimited or cmd in policies or "*" in policies))
-
-        writes = [name.upper() for name, cmd in _WRITES if allowed(row[f"can_{name}"], cmd)]
+        writes = [name.upper() for name, cmd in _WRITES if _allowed(row, row[f"can_{name}"], cmd)]
         if row["can_truncate"] and usable:
             writes.append("TRUNCATE")  # row level security does not apply to TRUNCATE
         out.append(
             {
                 "role": role,
                 "table": row["table_name"],
-                "read": allowed(row["can_select"], "r"),
+                "read": _allowed(row, row["can_select"], "r"),
                 "read_unlimited": bool(row["can_select"] and usable and unlimited),
                 "writes": writes,
                 "rls": row["rls"],

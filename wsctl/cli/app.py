@@ -51,6 +51,7 @@ def _register() -> None:
     __import__("wsctl.cli.cmd_batch", fromlist=["register"]).register(app)
     __import__("wsctl.cli.cmd_inspect", fromlist=["register"]).register(app)
     __import__("wsctl.cli.cmd_demo", fromlist=["register"]).register(app)
+    __import__("wsctl.cli.cmd_security", fromlist=["register"]).register(app)
 
 
 _register()
