@@ -23,9 +23,10 @@ CHECKS = [
     "missing_configs",
     "expired_leases",
     "stale_dispatched",
+    "api_exposure",
     "modal_credentials",
 ]
-DATA_CHECKS = CHECKS[2:7]
+DATA_CHECKS = CHECKS[2:8]
 
 
 @pytest.fixture
