@@ -112,6 +112,8 @@ def close_created_tables(conn: psycopg.Connection, created: list[str], migration
     the fact recorded in ``wsctl.created_tables``. Other grantees (service_role) keep theirs."""
     from psycopg import sql
 
+    gone = set(missing_pipeline_tables(conn)) if created else set()
+    created = [t for t in created if t not in gone]  # what the migration did create
     if not created:
         return
     roles = api_roles(conn)
