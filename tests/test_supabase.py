@@ -390,6 +390,7 @@ def test_objects_a_later_migration_creates_are_closed_and_granted_to_worker_role
         "CREATE FUNCTION wsctl.bump(s text) RETURNS void LANGUAGE sql AS\n"
         "$$ INSERT INTO wsctl.step_counters VALUES (s, 1)\n"
         "   ON CONFLICT (step) DO UPDATE SET n = step_counters.n + 1 $$;\n"
+        f"GRANT SELECT ON wsctl.step_counters TO {s.service_role};\n"  # explicit: it stays
     )
     shipped = migrations.load_migrations()
     extra = migrations.load_migrations(tmp_path)
@@ -399,6 +400,10 @@ def test_objects_a_later_migration_creates_are_closed_and_granted_to_worker_role
         assert not can(s, role, "SELECT * FROM wsctl.step_counters")
         assert not can(s, role, "SELECT wsctl.bump('x')")
     assert can(s, s.worker, "SELECT wsctl.bump('x')")
+    with psycopg.connect(s.admin_url, autocommit=True) as c:  # (it has no USAGE on wsctl)
+        probe = "SELECT has_table_privilege(%s, 'wsctl.step_counters', 'SELECT')"
+        assert c.execute(probe, (s.service_role,)).fetchone()[0] is True
+    assert not can(s, s.service_role, "SELECT wsctl.bump('x')")  # PUBLIC's EXECUTE is gone
 
 
 def test_migration_0010_takes_back_what_default_privileges_gave_on_older_objects(run_cli, supa):

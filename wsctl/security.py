@@ -171,19 +171,33 @@ def _grant_object(conn: psycopg.Connection, obj: WsctlObject, role: str) -> None
     )
 
 
+def _default_grantees(conn: psycopg.Connection) -> set[tuple[str, str, str]]:
+    """(owner, kind, grantee) that default privileges give on new wsctl objects; PUBLIC's
+    EXECUTE on a routine is PostgreSQL's own default."""
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(q("security_default_grantees")).fetchall()
+    return {(r["owner"], r["kind"], r["grantee"]) for r in rows}
+
+
 def close_new_wsctl_objects(conn: psycopg.Connection, before: set[tuple[str, str]]) -> list[str]:
-    """After wsctl created objects (those not in ``before``): every grantee but the owner and
-    the recorded worker roles loses what default privileges gave it; the worker roles get what
-    they need. Returns the objects changed."""
+    """After wsctl created objects (those not in ``before``): what default privileges gave
+    anyone but the owner and the recorded worker roles is taken back (a grant the migration
+    made itself stays); the worker roles get what they need. Returns the objects changed."""
     from psycopg import sql
 
     keep = set(worker_roles(conn))
+    defaults = _default_grantees(conn)
     changed = []
     for obj in wsctl_objects(conn):
         if (obj.kind, obj.identity) in before:
             continue
         for grantee in obj.grantees:
-            if grantee in keep:
+            from_default = (obj.owner, obj.kind, grantee) in defaults or (
+                grantee == PUBLIC and obj.kind == "ROUTINE"
+            )
+            if grantee in keep or not from_default:
                 continue
             conn.execute(
                 sql.SQL(q("security_revoke_object")).format(

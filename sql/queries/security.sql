@@ -175,3 +175,16 @@ SELECT pg_catalog.has_schema_privilege(%(role)s, 'wsctl', 'USAGE') AS schema_usa
 -- security_created_tables_exists --
 -- Whether migration 0010's record is there (a database migrated before it has none).
 SELECT to_regclass('wsctl.created_tables') IS NOT NULL;
+
+-- security_default_grantees --
+-- Who default privileges give something to on what a role creates in wsctl (global entries
+-- and IN SCHEMA wsctl ones), by object word: what the runner takes back from new objects.
+SELECT pg_catalog.pg_get_userbyid(d.defaclrole) AS owner,
+       CASE d.defaclobjtype WHEN 'r' THEN 'TABLE' WHEN 'S' THEN 'SEQUENCE'
+                            WHEN 'f' THEN 'ROUTINE' WHEN 'n' THEN 'SCHEMA'
+                            ELSE d.defaclobjtype::text END AS kind,
+       CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.pg_get_userbyid(a.grantee) END
+           AS grantee
+FROM pg_catalog.pg_default_acl d
+CROSS JOIN LATERAL pg_catalog.aclexplode(d.defaclacl) a
+WHERE d.defaclnamespace = 0 OR d.defaclnamespace = to_regnamespace('wsctl');
