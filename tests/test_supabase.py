@@ -242,7 +242,10 @@ def test_secure_prints_then_applies_the_lock_down_idempotently(run_cli, supa):
     assert printed.code == 0, printed.err
     assert "nothing changed" in printed.out
     assert f'REVOKE ALL ON TABLE public.client_workflow_configs FROM "{s.anon}";' in printed.out
-    assert f"would lose: a dashboard or app using the {s.anon} role" in printed.out
+    assert (
+        f"would lose: a dashboard or app using the {s.anon} role can no longer read, insert, "
+        "update or delete public.batch_items, public.batches, public.client_workflow_configs"
+    ) in printed.out
     assert acls(s) == before  # printing changes nothing
 
     r = run_cli("secure", "--apply", "--json", url=s.owner_url)
@@ -331,7 +334,7 @@ def test_doctor_warns_on_authenticated_reading_configs_without_a_policy(run_cli,
         c.execute(sql.SQL("GRANT UPDATE ON public.workflow_states TO {}").format(_ident(s.anon)))
     check = api_check(run_cli, s)
     assert check["status"] == "FAIL"
-    assert f"{s.anon} can UPDATE public.workflow_states" in check["detail"]
+    assert f"{s.anon} can write public.workflow_states (UPDATE)" in check["detail"]
     assert f"{s.anon} can read public.client_workflow_configs" in check["detail"]
 
 

@@ -153,9 +153,19 @@ def worker_roles(conn: psycopg.Connection) -> list[str]:
         return [r["role_name"] for r in cur.execute(q("security_worker_roles")).fetchall()]
 
 
+# wsctl's tables only the operator's commands use: no worker role gets them.
+OPERATOR_TABLES = (
+    "wsctl.schema_migrations",
+    "wsctl.created_tables",
+    "wsctl.worker_roles",
+    "wsctl.batch_dedupe_keys",
+    "wsctl.backfill_progress",
+)
+
+
 def _bookkeeping(obj: WsctlObject) -> bool:
-    """wsctl's own security bookkeeping stays the owner's (no worker needs it)."""
-    return obj.identity in ("wsctl.created_tables", "wsctl.worker_roles")
+    """wsctl's operator-side tables stay the owner's (no worker helper touches them)."""
+    return obj.identity in OPERATOR_TABLES
 
 
 def _grant_object(conn: psycopg.Connection, obj: WsctlObject, role: str) -> None:
@@ -230,7 +240,6 @@ class WorkerGrant:
 def grant_worker(conn: psycopg.Connection, role: str, *, lock_timeout: str = "5s") -> WorkerGrant:
     """Give ``role`` what the worker helpers need, in one transaction, and remember it so that
     objects later migrations create are granted to it too. Idempotent."""
-    from psycopg import sql
 
     from wsctl.db import tx
 
@@ -242,24 +251,38 @@ def grant_worker(conn: psycopg.Connection, role: str, *, lock_timeout: str = "5s
             f"{role} is a Data API role: anyone holding the public key would get the worker's "
             "privileges; grant them to the role your Modal functions log in as"
         )
+    import psycopg
+
     result = WorkerGrant(role)
-    with tx(conn, lock_timeout=lock_timeout):
-        for table, privileges in WORKER_TABLE_PRIVILEGES.items():
-            stmt = sql.SQL(q("security_grant_table")).format(
-                sql.SQL(privileges), sql.Identifier("public", table), sql.Identifier(role)
-            )
-            conn.execute(stmt)
-            result.statements.append(stmt.as_string(conn))
-        for obj in wsctl_objects(conn):
-            if _bookkeeping(obj):
-                continue
-            _grant_object(conn, obj, role)
-            result.statements.append(
-                f"GRANT {WORKER_OBJECT_PRIVILEGES[obj.kind]} ON {obj.kind} {obj.identity} "
-                f"TO {sql.Identifier(role).as_string(conn)}"
-            )
-        conn.execute(q("security_record_worker"), (role,))
+    try:
+        with tx(conn, lock_timeout=lock_timeout):
+            _grant_worker(conn, role, result)
+    except psycopg.errors.LockNotAvailable as exc:
+        raise OperationalError(
+            f"waited over {lock_timeout} for a lock held by another transaction; nothing granted",
+            hint="retry when it ends, or raise --lock-timeout",
+        ) from exc
     return result
+
+
+def _grant_worker(conn: psycopg.Connection, role: str, result: WorkerGrant) -> None:
+    from psycopg import sql
+
+    for table, privileges in WORKER_TABLE_PRIVILEGES.items():
+        stmt = sql.SQL(q("security_grant_table")).format(
+            sql.SQL(privileges), sql.Identifier("public", table), sql.Identifier(role)
+        )
+        conn.execute(stmt)
+        result.statements.append(stmt.as_string(conn))
+    for obj in wsctl_objects(conn):
+        if _bookkeeping(obj):
+            continue
+        _grant_object(conn, obj, role)
+        result.statements.append(
+            f"GRANT {WORKER_OBJECT_PRIVILEGES[obj.kind]} ON {obj.kind} {obj.identity} "
+            f"TO {sql.Identifier(role).as_string(conn)}"
+        )
+    conn.execute(q("security_record_worker"), (role,))
 
 
 # --- wsctl secure ----------------------------------------------------------------------------
@@ -290,6 +313,9 @@ class Revocation:
         }
 
 
+_VERBS = (("SELECT", "read"), ("INSERT", "insert"), ("UPDATE", "update"), ("DELETE", "delete"))
+
+
 @dataclass
 class SecureReport:
     """What ``wsctl secure`` would change (``applied`` False) or changed."""
@@ -308,16 +334,17 @@ class SecureReport:
         out = []
         for role in dict.fromkeys(r.role for r in self.revocations):
             mine = [r for r in self.revocations if r.role == role]
-            tables = [
-                f"{r.object} ({', '.join(r.privileges)})" for r in mine if r.reason != "wsctl"
-            ]
+            held = {p.split("(")[0] for r in mine if r.reason != "wsctl" for p in r.privileges}
+            verbs = [v for p, v in _VERBS if p in held] or ["use"]
+            tables = [r.object for r in mine if r.reason != "wsctl"]
             wsctl = [r.object for r in mine if r.reason == "wsctl"]
             who = "every role" if role == PUBLIC else f"a dashboard or app using the {role} role"
             parts = []
             if tables:
-                parts.append("can no longer read or write " + ", ".join(tables))
+                said = ", ".join(verbs[:-1]) + " or " + verbs[-1] if len(verbs) > 1 else verbs[0]
+                parts.append(f"can no longer {said} {', '.join(tables)}")
             if wsctl:
-                parts.append(f"loses access to wsctl's own {len(wsctl)} object(s)")
+                parts.append(f"loses wsctl's own {len(wsctl)} object(s) ({', '.join(wsctl[:3])})")
             out.append(f"{who} " + " and ".join(parts))
         return out
 
@@ -563,14 +590,16 @@ def api_exposure(conn: psycopg.Connection) -> Exposure:
         )
     fails, warns, rows = [], [], []
     if roles.exists(roles.anon):
+        written = []
         for r in _reach(conn, roles.anon):
             if r["read"] and r["table"] == CONFIGS:
                 fails.append(f"{roles.anon} can read public.{CONFIGS} (every client's config)")
-                rows.append(r)
             if r["writes"]:
-                fails.append(f"{roles.anon} can {'/'.join(r['writes'])} public.{r['table']}")
-                if r not in rows:
-                    rows.append(r)
+                written.append(f"public.{r['table']} ({'/'.join(r['writes'])})")
+            if (r["read"] and r["table"] == CONFIGS) or r["writes"]:
+                rows.append(r)
+        if written:
+            fails.append(f"{roles.anon} can write {', '.join(written)}")
         reached = _wsctl_reach(conn, roles.anon)
         if reached:
             fails.append(f"{roles.anon} can use schema wsctl ({', '.join(reached[:3])})")
