@@ -225,6 +225,55 @@ def test_an_adopted_database_keeps_its_grants_and_policies(run_cli, supa):
         assert c.execute("SELECT count(*) FROM wsctl.created_tables").fetchone()[0] == 0
 
 
+def test_only_the_tables_migrate_created_are_closed_and_recorded(run_cli, supa):
+    """The dashboard made clients before wsctl: adopted, left as it was; the rest are wsctl's."""
+    s = supa
+    with psycopg.connect(s.owner_url, autocommit=True) as c:
+        c.execute(
+            "CREATE TABLE public.clients (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), "
+            "name text NOT NULL UNIQUE, created_at timestamptz NOT NULL DEFAULT now())"
+        )
+    migrate_as_owner(run_cli, s)
+    assert can(s, s.anon, "INSERT INTO public.clients (name) VALUES ('x')")
+    assert not reach(s, s.anon)["read_configs"]
+    with psycopg.connect(s.admin_url, autocommit=True) as c:
+        created = [r[0] for r in c.execute("SELECT table_name FROM wsctl.created_tables")]
+    assert sorted(created) == sorted(set(PIPELINE_TABLES) - {"clients"})
+
+
+def test_the_record_survives_a_migrate_stopped_before_0010(run_cli, supa):
+    """Written in 0001's own transaction: a run that stops after 0001 loses nothing."""
+    from wsctl import db, migrations, settings
+
+    s = supa
+    early = [m for m in migrations.load_migrations() if m.version < 10]
+    with db.connect(s.owner_url, settings.Settings(database_url=s.owner_url, url_source="t")) as c:
+        migrations.migrate(c, migrations=early)
+    assert not any(reach(s, s.anon).values())
+    migrate_as_owner(run_cli, s)  # 0010 adopts the table the runner made
+    with psycopg.connect(s.admin_url, autocommit=True) as c:
+        n = c.execute("SELECT count(*) FROM wsctl.created_tables").fetchone()[0]
+    assert n == len(PIPELINE_TABLES)
+
+
+def test_a_fresh_database_needs_create_on_schema_public(run_cli, supa):
+    """PostgreSQL 15: owning nothing yet and CREATE on the database is not enough."""
+    s = supa
+    with psycopg.connect(s.admin_url, autocommit=True) as c:
+        c.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM {}").format(_ident(s.owner)))
+    r = run_cli("migrate", url=s.owner_url)
+    errors = [ln for ln in r.err.splitlines() if ln.startswith("wsctl: error:")]
+    assert r.code == 1 and len(errors) == 1
+    assert "0001_base_schema.sql failed: permission denied for schema public" in errors[0]
+    with psycopg.connect(s.admin_url, autocommit=True) as c:
+        assert c.execute("SELECT to_regclass('public.clients')").fetchone()[0] is None
+        assert c.execute("SELECT to_regclass('wsctl.created_tables')").fetchone()[0] is None
+    with psycopg.connect(s.admin_url, autocommit=True) as c:
+        c.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(_ident(s.owner)))
+    migrate_as_owner(run_cli, s)
+    assert not any(reach(s, s.anon).values())
+
+
 # --- 2. doctor api_exposure and wsctl secure -------------------------------------------------
 
 
