@@ -349,6 +349,31 @@ def test_secure_options_include_and_leave_roles_and_tables(run_cli, supa):
     assert bad.code == 2 and "public.nope" in bad.err
 
 
+def test_secure_says_what_a_role_still_reaches_through_another_role(run_cli, supa):
+    """A grant held through a role anon belongs to is not anon's to revoke: said, not hidden."""
+    s = supa
+    migrate_as_owner(run_cli, s)
+    dash = f"dash_{s.owner}"
+    with psycopg.connect(s.admin_url, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(_ident(dash)))
+        try:
+            c.execute(sql.SQL("ALTER ROLE {} INHERIT").format(_ident(s.anon)))
+            c.execute(sql.SQL("GRANT {} TO {}").format(_ident(dash), _ident(s.anon)))
+            c.execute(
+                sql.SQL("GRANT SELECT ON public.client_workflow_configs TO {}").format(_ident(dash))
+            )
+            r = run_cli("secure", "--apply", "--json", url=s.owner_url)
+            assert r.code == 0, r.err
+            assert r.json()["remaining"] == [
+                f"{s.anon} can still SELECT public.client_workflow_configs "
+                "(through PUBLIC or a role it belongs to)"
+            ]
+            assert api_check(run_cli, s)["status"] == "FAIL"
+        finally:
+            c.execute(sql.SQL("DROP OWNED BY {}").format(_ident(dash)))
+            c.execute(sql.SQL("DROP ROLE {}").format(_ident(dash)))
+
+
 def test_doctor_warns_on_authenticated_reading_configs_without_a_policy(run_cli, supa):
     s = supa
     migrate_as_owner(run_cli, s)
