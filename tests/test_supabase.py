@@ -461,6 +461,13 @@ def test_objects_a_later_migration_creates_are_closed_and_granted_to_worker_role
     global_default_privileges(s)
     migrate_as_owner(run_cli, s)
     assert run_cli("secure", "grant-worker", s.worker, url=s.owner_url).code == 0
+    with psycopg.connect(s.admin_url, autocommit=True) as c:  # and defaults IN SCHEMA wsctl
+        for kind in ("TABLES", "FUNCTIONS"):
+            c.execute(
+                sql.SQL(
+                    "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA wsctl GRANT ALL ON {} TO {}"
+                ).format(_ident(s.owner), sql.SQL(kind), _ident(s.authenticated))
+            )
     later = tmp_path / "9990_later_feature.sql"
     later.write_text(
         "CREATE TABLE wsctl.step_counters (step text PRIMARY KEY, n bigint NOT NULL DEFAULT 0);\n"
