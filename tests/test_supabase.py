@@ -343,6 +343,12 @@ def test_secure_options_include_and_leave_roles_and_tables(run_cli, supa):
     auth = reach(s, s.authenticated)
     assert not auth["read_batches"] and not auth["write_states"] and not auth["read_configs"]
     assert reach(s, s.anon)["read_batches"] is False  # --leave-table was for that run only
+    with psycopg.connect(s.owner_url, autocommit=True) as c:  # a dashboard's own table
+        c.execute("CREATE TABLE public.dash_notes (id int)")
+    assert can(s, s.anon, "INSERT INTO public.dash_notes VALUES (1)")
+    r = run_cli("secure", "--apply", "--table", "dash_notes", url=s.owner_url)
+    assert r.code == 0, r.err
+    assert not can(s, s.anon, "INSERT INTO public.dash_notes VALUES (1)")
     bad = run_cli("secure", "--role", "no_such_role_" + uuid.uuid4().hex[:6], url=s.owner_url)
     assert bad.code == 2 and bad.err.count("\n") == 1 and "no role named" in bad.err
     bad = run_cli("secure", "--leave-table", "nope", url=s.owner_url)
@@ -588,6 +594,22 @@ def test_grant_worker_refuses_an_api_role_and_an_unknown_one(run_cli, supa):
     r = run_cli("secure", "grant-worker", "nobody_" + uuid.uuid4().hex[:6], url=s.owner_url)
     assert r.code == 1 and "no role named" in r.err
     assert not can(s, s.anon, "SELECT wsctl.complete_step(%s)", (str(uuid.uuid4()),))
+
+
+def test_grant_worker_waits_a_bounded_time_for_a_lock_and_grants_nothing(run_cli, supa):
+    s = supa
+    migrate_as_owner(run_cli, s)
+    with psycopg.connect(s.owner_url) as holder:  # an open transaction that changed a grant
+        holder.execute(
+            sql.SQL("GRANT SELECT ON public.workflow_states TO {}").format(_ident(s.service_role))
+        )
+        r = run_cli("secure", "grant-worker", s.worker, "--lock-timeout", "300ms", url=s.owner_url)
+        holder.rollback()
+    assert r.code == 1
+    assert r.err.count("\n") == 1 and "nothing granted" in r.err
+    assert not can(s, s.worker, "SELECT * FROM public.clients")
+    with psycopg.connect(s.admin_url, autocommit=True) as c:
+        assert c.execute("SELECT count(*) FROM wsctl.worker_roles").fetchone()[0] == 0
 
 
 def test_a_batch_create_by_the_owner_works_on_the_closed_tables(run_cli, supa, tmp_path):
