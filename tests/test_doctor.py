@@ -30,9 +30,10 @@ CHECKS = [
     "states_bloat",
     "vacuum_horizon",
     "prune_candidates",
+    "api_exposure",
     "modal_credentials",
 ]
-DATA_CHECKS = CHECKS[2:12]
+DATA_CHECKS = CHECKS[2:13]
 
 
 @pytest.fixture
@@ -99,9 +100,9 @@ def test_human_output_is_a_table_and_a_summary(cli, healthy, no_modal_token):
     assert lines[0] == "status\tcheck\tdetail\thint"
     rows = [ln.split("\t") for ln in lines[1:-1]]
     assert [row[1] for row in rows] == CHECKS
-    assert [row[0] for row in rows] == ["OK"] * 12 + ["FAIL"]
+    assert [row[0] for row in rows] == ["OK"] * 13 + ["FAIL"]
     assert rows[-1][3].startswith("modal token set")
-    assert lines[-1] == "doctor: 12 OK, 1 FAIL"
+    assert lines[-1] == "doctor: 13 OK, 1 FAIL"
 
 
 # --- database reachable -----------------------------------------------------------

@@ -40,6 +40,7 @@ CLAY_WEBHOOKS = "clay_webhooks"
 STATES_BLOAT = "states_bloat"
 VACUUM_HORIZON = "vacuum_horizon"
 PRUNE_CANDIDATES = "prune_candidates"
+API_EXPOSURE = "api_exposure"
 MODAL_CREDENTIALS = "modal_credentials"
 MODAL_FUNCTIONS = "modal_functions"
 
@@ -451,6 +452,14 @@ def _check_prune_candidates(conn: psycopg.Connection, older_than: str, top: int)
     )
 
 
+def _check_api_exposure(conn: psycopg.Connection) -> Check:
+    """What the Supabase Data API's roles reach (see wsctl.security)."""
+    from wsctl.security import api_exposure
+
+    found = api_exposure(conn)
+    return Check(API_EXPOSURE, found.level, found.detail, found.hint, rows=found.rows)
+
+
 # --- Modal --------------------------------------------------------------------
 
 
@@ -692,6 +701,7 @@ def doctor(
             (STATES_BLOAT, lambda: _check_states_bloat(conn)),
             (VACUUM_HORIZON, lambda: _check_vacuum_horizon(conn, xmin_threshold)),
             (PRUNE_CANDIDATES, lambda: _check_prune_candidates(conn, prune_after, top)),
+            (API_EXPOSURE, lambda: _check_api_exposure(conn)),
         ]
         for name, fn in data_checks:
             if conn is None:

@@ -34,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wsctl import security
 from wsctl.errors import EnvError, OperationalError
 from wsctl.queries import q, sql_dir
 
@@ -364,7 +365,9 @@ def migrate(
     try:
         result.waited_seconds = lock.acquire(lock_timeout)
         with tx(conn):
+            before = security.object_keys(conn)
             conn.execute(q("migrations_bootstrap"))
+            security.close_new_wsctl_objects(conn, before)
         st = status(conn, migrations)
         _refuse_changed(st)
         pending = {p["version"] for p in st.pending}
@@ -377,7 +380,12 @@ def migrate(
             try:
                 if m.transactional:
                     with tx(conn, statement_timeout="0", lock_timeout=ddl_lock_timeout):
+                        # Closed by default: what wsctl creates itself, the Data API cannot reach.
+                        created = security.missing_pipeline_tables(conn) if m.version == 1 else []
+                        before = security.object_keys(conn)
                         conn.execute(m.sql)
+                        security.close_created_tables(conn, created, m.version)
+                        security.close_new_wsctl_objects(conn, before)
                         ms = int((time.monotonic() - started) * 1000)
                         conn.execute(q("migrations_record"), (m.version, m.name, m.checksum, ms))
                 else:
