@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wsctl import settings
-from wsctl.db import mask_url
 from wsctl.errors import UsageError
+from wsctl.redact import mask_url
 
 
 def _write(path, url):

@@ -21,6 +21,7 @@ from wsctl.db import tx
 from wsctl.domain import Client, find_client, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.queries import q
+from wsctl.redact import first_line
 
 if TYPE_CHECKING:
     import psycopg
@@ -410,7 +411,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, RecursionError):
         return "nested too deeply"
-    return " ".join(str(exc).split(";")[0].split())
+    return first_line(exc).split(";")[0]
 
 
 def _key_path(parent: str, key: str | int) -> str:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from wsctl.db import first_line, mask_url, tx
+from wsctl.db import tx
 from wsctl.errors import WsctlError
 from wsctl.queries import q
+from wsctl.redact import first_line, mask_url
 
 if TYPE_CHECKING:
     import psycopg

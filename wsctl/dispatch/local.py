@@ -21,11 +21,11 @@ from types import ModuleType
 
 from wsctl.dispatch.backend import Failure, Job, Poll, Result
 from wsctl.errors import EnvError
+from wsctl.redact import first_line
 
 
 def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return " ".join(text.split())[:2000]
+    return first_line(exc, typed=True)
 
 
 # Functions that finish this fast gain nothing from threads (only GIL hand-offs):

@@ -15,11 +15,11 @@ from typing import Any
 
 from wsctl.dispatch.backend import Failure, Job, Poll, Result
 from wsctl.errors import EnvError
+from wsctl.redact import first_line
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {' '.join(text.split())}"[:2000]
+    return first_line(exc, typed=True)
 
 
 def classify(exc: BaseException) -> Failure:
