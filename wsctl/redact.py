@@ -296,21 +296,6 @@ def redact(value: Any, *, reveal: bool = False) -> Any:
     return value
 
 
-def redact_strings(value: Any) -> Any:
-    """Every string in a document (not its key names) through ``redact_text``.
-
-    For documents that are not configs (reports, summaries): their keys are
-    wsctl's own (``dedupe_key``), only their texts may quote a secret.
-    """
-    if isinstance(value, dict):
-        return {k: redact_strings(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact_strings(v) for v in value]
-    if isinstance(value, str):
-        return redact_text(value)
-    return value
-
-
 # --- secrets this process has seen ---------------------------------------------
 
 
