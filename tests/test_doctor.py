@@ -21,11 +21,12 @@ CHECKS = [
     "legacy_batches",
     "unregistered_states",
     "missing_configs",
+    "plaintext_credentials",
     "expired_leases",
     "stale_dispatched",
     "modal_credentials",
 ]
-DATA_CHECKS = CHECKS[2:7]
+DATA_CHECKS = CHECKS[2:8]
 
 
 @pytest.fixture

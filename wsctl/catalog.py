@@ -21,7 +21,8 @@ from wsctl.db import tx
 from wsctl.domain import Client, find_client, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.queries import q
-from wsctl.redact import first_line
+from wsctl.redact import first_line, remember
+from wsctl.secret_refs import check_references, plaintext_credentials
 
 if TYPE_CHECKING:
     import psycopg
@@ -428,6 +429,22 @@ def _shown_path(path: str) -> str:
 _NUL = "a NUL character (\\u0000), which PostgreSQL cannot store"
 
 
+def _lone_surrogate(text: str) -> str | None:
+    """How a lone surrogate in ``text`` reads (``\\udce9``), or None when it is valid text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(text[exc.start]):04x}"
+    return None
+
+
+def _surrogate_message(found: str) -> str:
+    return (
+        f"a lone surrogate ({found}), which is not valid UTF-8 and not JSON text PostgreSQL "
+        "can store (a \\ud800-\\udfff escape without its pair, or a file that is not UTF-8)"
+    )
+
+
 def _non_finite_name(value: float) -> str:
     return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
 
@@ -454,12 +471,21 @@ def check_config_values(doc: Any, source: str) -> None:
                 if "\x00" in k:
                     shown = _shown_path(_key_path(path, k))
                     raise OperationalError(f"{source}: key {shown}: the key name contains {_NUL}")
+                if found := _lone_surrogate(k):
+                    shown = _shown_path(
+                        _key_path(path, k).encode("utf-8", "backslashreplace").decode()
+                    )
+                    raise OperationalError(
+                        f"{source}: key {shown}: the key name contains {_surrogate_message(found)}"
+                    )
                 stack.append((_key_path(path, k), v))
         elif isinstance(value, list | tuple):
             stack.extend((_key_path(path, i), v) for i, v in enumerate(value))
         elif isinstance(value, str):
             if "\x00" in value:
                 raise OperationalError(f"{where}: the string contains {_NUL}")
+            if found := _lone_surrogate(value):
+                raise OperationalError(f"{where}: the string contains {_surrogate_message(found)}")
         elif isinstance(value, float):
             if not math.isfinite(value):
                 raise OperationalError(
@@ -475,6 +501,7 @@ def check_config_values(doc: Any, source: str) -> None:
             raise OperationalError(
                 f"{where}: a {type(value).__name__} cannot be stored in a JSON config"
             )
+    check_references(doc, source)
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, Any]:
@@ -512,6 +539,18 @@ class ConfigWrite:
         }
 
 
+def _plaintext_warnings(doc: dict[str, Any]) -> list[str]:
+    paths = plaintext_credentials(doc)
+    if not paths:
+        return []
+    shown = ", ".join(paths[:5]) + (f" (+{len(paths) - 5} more)" if len(paths) > 5 else "")
+    return [
+        f"{len(paths)} value(s) look like credentials given in clear ({shown}): store a "
+        'reference instead, {"$secret": "NAME"}, and set NAME in the Modal secret of the '
+        "function (it is resolved there)"
+    ]
+
+
 def set_config(
     conn: psycopg.Connection,
     *,
@@ -532,7 +571,8 @@ def set_config(
     if not isinstance(doc, dict):
         raise OperationalError("the config must be a JSON object")
     check_config_values(doc, "config")
-    warnings = []
+    remember(doc)  # a PostgreSQL error quoting one of its values is masked
+    warnings = _plaintext_warnings(doc)
     with tx(conn):
         found = find_client(conn, client)
         registered = conn.execute(q("resolve_registry"), (workflow, workstream)).fetchone()

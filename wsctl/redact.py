@@ -216,7 +216,7 @@ def redact_text(text: str) -> str:
         except (ValueError, RecursionError):
             pass
         else:  # JSON inside a string: redact it as a document
-            shown = redact(doc)
+            shown = _redact(doc)
             if shown != doc:
                 return json.dumps(shown, ensure_ascii=False)
     spans = secret_spans(text)
@@ -271,9 +271,19 @@ def _secret_option(value: Any) -> bool:
 
 
 def redact(value: Any, *, reveal: bool = False) -> Any:
-    """A redacted deep copy of ``value`` (dicts, lists, strings); ``reveal`` returns it as is."""
+    """A redacted deep copy of ``value`` (dicts, lists, strings); ``reveal`` returns it as is.
+
+    What it masks is remembered (``remember``): a later error quoting one of
+    those values is masked too.
+    """
     if reveal:
         return value
+    if isinstance(value, dict | list | tuple):
+        remember(value)
+    return _redact(value)
+
+
+def _redact(value: Any) -> Any:
     if is_reference(value):
         return value
     if isinstance(value, dict):
@@ -283,10 +293,10 @@ def redact(value: Any, *, reveal: bool = False) -> Any:
             if is_secret_key(k) or (header and k in _HEADER_VALUE_KEYS):
                 out[k] = _mask_all(v)
             else:
-                out[k] = redact(v)
+                out[k] = _redact(v)
         return out
     if isinstance(value, list | tuple):
-        items = [redact(v) for v in value]
+        items = [_redact(v) for v in value]
         for i in range(1, len(items)):  # ["--token", "..."]: the option's argument
             if _secret_option(value[i - 1]) and not _secret_option(value[i]):
                 items[i] = _mask_all(value[i])
@@ -299,49 +309,65 @@ def redact(value: Any, *, reveal: bool = False) -> Any:
 # --- secrets this process has seen ---------------------------------------------
 
 
-def secret_values(doc: Any) -> set[str]:
-    """The values ``redact`` masks in ``doc``: what a message quoting the config must not show."""
-    found: set[str] = set()
+def _path(parent: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else key
 
-    def scalars(v: Any) -> None:
+
+def secret_findings(doc: Any) -> list[tuple[str, str]]:
+    """``(key path, value)`` for every value ``redact`` masks in ``doc`` (references excluded).
+
+    The key path reads ``headers[0].value``; a credential inside a string is
+    reported with that string's path.
+    """
+    found: list[tuple[str, str]] = []
+
+    def scalars(path: str, v: Any) -> None:
         if is_reference(v):
             return
         if isinstance(v, dict):
-            for x in v.values():
-                scalars(x)
+            for k, x in v.items():
+                scalars(_path(path, k), x)
         elif isinstance(v, list | tuple):
-            for x in v:
-                scalars(x)
-        elif v is not None and not isinstance(v, bool):
-            found.add(str(v))
+            for i, x in enumerate(v):
+                scalars(_path(path, i), x)
+        elif v is not None and not isinstance(v, bool) and str(v) not in ("", MASK):
+            found.append((path, str(v)))
 
-    def walk(v: Any) -> None:
+    def walk(path: str, v: Any) -> None:
         if is_reference(v):
             return
         if isinstance(v, dict):
             header = _header_entry(v)
             for k, x in v.items():
                 if is_secret_key(k) or (header and k in _HEADER_VALUE_KEYS):
-                    scalars(x)
+                    scalars(_path(path, k), x)
                 else:
-                    walk(x)
+                    walk(_path(path, k), x)
         elif isinstance(v, list | tuple):
             for i, x in enumerate(v):
                 if i and _secret_option(v[i - 1]) and not _secret_option(x):
-                    scalars(x)
+                    scalars(_path(path, i), x)
                 else:
-                    walk(x)
+                    walk(_path(path, i), x)
         elif isinstance(v, str):
-            found.update(v[s:e] for s, e in secret_spans(v))
             stripped = v.strip()
             if stripped[:1] in ("{", "["):
                 try:
-                    walk(json.loads(stripped))
+                    walk(path, json.loads(stripped))
+                    return
                 except (ValueError, RecursionError):
                     pass
+            found.extend((path, v[s:e]) for s, e in secret_spans(v) if v[s:e] != MASK)
 
-    walk(doc)
-    return {s for s in found if len(s) >= _MIN_KNOWN and s != MASK}
+    walk("", doc)
+    return found
+
+
+def secret_values(doc: Any) -> set[str]:
+    """The values ``redact`` masks in ``doc``: what a message quoting the config must not show."""
+    return {v for _, v in secret_findings(doc) if len(v) >= _MIN_KNOWN}
 
 
 def remember(doc: Any) -> None:

@@ -22,6 +22,7 @@ from types import ModuleType
 from wsctl.dispatch.backend import Failure, Job, Poll, Result
 from wsctl.errors import EnvError
 from wsctl.redact import first_line
+from wsctl.secret_refs import MissingSecret
 
 
 def _describe(exc: BaseException) -> str:
@@ -155,6 +156,8 @@ class LocalBackend:
                 fn(job.item_id, job.workstream_slug)
             except EnvError as exc:  # e.g. the worker helpers have no database URL
                 return Failure("pass", f"{job.function}: {exc.one_line()}")
+            except MissingSecret as exc:  # this item's config, not the pass: BLOCKED
+                return Failure("item", f"{job.function}: {exc.one_line()}")
             except Exception as exc:
                 return Failure("transient", _describe(exc))
             return None
