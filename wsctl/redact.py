@@ -426,11 +426,11 @@ def mask_url(url: Any) -> str:
     if not isinstance(url, str):
         return f"<a {type(url).__name__}, not shown>"
     if "://" not in url:
-        if ":" in url and "@" in url and "=" not in url.split("@", 1)[0]:
-            return f"{MASK}@{url.rpartition('@')[2]}"  # user:pw@host/db without a scheme
-        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/?[^/]", url) and "@" in url:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/[^/]", url) and "@" in url:
             scheme, _, rest = url.partition(":")  # postgresql:/u:pw@host: one slash
-            return f"{scheme}:{MASK}@{rest.rpartition('@')[2]}"
+            return f"{scheme}:/{MASK}@{rest.rpartition('@')[2]}"
+        if "@" in url and "=" not in url.split("@", 1)[0]:
+            return f"{MASK}@{url.rpartition('@')[2]}"  # user:pw@host/db without a scheme
         return _KV_PASSWORD.sub(rf"\g<1>{MASK}", url)
     scheme, _, rest = url.partition("://")
     cut = min(
