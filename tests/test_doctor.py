@@ -95,7 +95,7 @@ def test_human_output_is_a_table_and_a_summary(cli, healthy, no_modal_token):
     assert [row[1] for row in rows] == CHECKS
     assert [row[0] for row in rows] == ["OK"] * 8 + ["FAIL"]
     assert rows[-1][3].startswith("modal token set")
-    assert lines[-1] == "doctor: 7 OK, 1 FAIL"
+    assert lines[-1] == "doctor: 8 OK, 1 FAIL"
 
 
 # --- database reachable -----------------------------------------------------------
