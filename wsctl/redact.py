@@ -148,7 +148,7 @@ def _url_spans(text: str) -> Iterable[tuple[int, int]]:
             yield start, end
     for m in _URL.finditer(text):
         host = m.group("auth").rpartition("@")[2]
-        rest = m.group("rest")
+        rest = m.group("rest").rstrip("'),.;:!")  # the sentence's punctuation, not the URL's
         base = m.start("rest")
         path_end = min([i for i in (rest.find("?"), rest.find("#")) if i >= 0] or [len(rest)])
         path = rest[:path_end]
