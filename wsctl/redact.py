@@ -106,6 +106,20 @@ _RULES: list[re.Pattern[str]] = [
         r"|\d{6,12}:[A-Za-z0-9_-]{30,}))"
     ),
 ]
+# What any rule above needs to find in a text before it can match: most lines
+# (ids, counts, timestamps) have none of it and skip the rules (one search of
+# the lower-cased text for literals is several times faster than the rules).
+_TRIGGER = re.compile(
+    "token|secret|passw|pwd|auth|bearer|credential|key|signature|cookie|session|basic|"
+    "digest|sk_|rk_|sk-|xox|ghp_|gho_|ghu_|ghs_|ghr_|github_pat_|akia|aiza|eyj"
+)
+_BOT_TOKEN_TAIL = re.compile(r":[A-Za-z0-9_-]{30}")  # the shape rule's 123456:<30+ chars>
+
+
+def _triggered(text: str) -> bool:
+    return bool(_TRIGGER.search(text.lower()) or _BOT_TOKEN_TAIL.search(text))
+
+
 # A URL's user info: up to the last "@" before the path (quotes allowed: pa'ss).
 _USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?P<v>[^\s/?#\"\\<>]*)@")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://(?P<auth>[^\s/?#\"\\<>]*)(?P<rest>[^\s\"\\<>]*)")
@@ -184,7 +198,7 @@ def _escaped(text: str, i: int) -> bool:
 def secret_spans(text: str) -> list[tuple[int, int]]:
     """The (start, end) spans of ``text`` that ``redact_text`` masks, merged and sorted."""
     spans: list[tuple[int, int]] = []
-    for rule in _RULES:
+    for rule in _RULES if _triggered(text) else ():
         for m in rule.finditer(text):
             for group in ("v", "dq", "sq"):
                 if group in rule.groupindex and m.group(group) is not None:
