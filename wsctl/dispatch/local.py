@@ -24,11 +24,6 @@ from wsctl.errors import EnvError
 from wsctl.redact import first_line
 from wsctl.secret_refs import MissingSecret
 
-
-def _describe(exc: BaseException) -> str:
-    return first_line(exc, typed=True)
-
-
 # Functions that finish this fast gain nothing from threads (only GIL hand-offs):
 # run_threaded keeps calling them inline and starts the pool only for the rest
 # once a call is slower or the inline average rises.
@@ -107,7 +102,9 @@ def load_app(app: str) -> ModuleType:
     except ModuleNotFoundError as exc:
         raise EnvError(f"cannot import local app {app!r}: {exc}") from exc
     except Exception as exc:
-        raise EnvError(f"importing local app {app!r} failed: {_describe(exc)}") from exc
+        raise EnvError(
+            f"importing local app {app!r} failed: {first_line(exc, typed=True)}"
+        ) from exc
 
 
 def find_callable(module: ModuleType, name: str) -> Callable | None:
@@ -159,7 +156,7 @@ class LocalBackend:
             except MissingSecret as exc:  # this item's config, not the pass: BLOCKED
                 return Failure("item", f"{job.function}: {exc.one_line()}")
             except Exception as exc:
-                return Failure("transient", _describe(exc))
+                return Failure("transient", first_line(exc, typed=True))
             return None
 
         # What the app prints (the seed's functions log with print) goes to
