@@ -231,8 +231,10 @@ def redact_text(text: str) -> str:
             pass
         else:  # JSON inside a string: redact it as a document
             shown = _redact(doc)
-            if shown != doc:
-                return json.dumps(shown, ensure_ascii=False)
+            if shown != doc:  # keep the whitespace around it (a line's newline)
+                head = text[: len(text) - len(text.lstrip())]
+                tail = text[len(text.rstrip()) :]
+                return head + json.dumps(shown, ensure_ascii=False) + tail
     spans = secret_spans(text)
     if not spans:
         return text

@@ -59,7 +59,7 @@ class RedactingStream:
         if not self.reveal:
             from wsctl.redact import redact_text
 
-            text = redact_text(text)
+            text = "".join(redact_text(ln) for ln in text.splitlines(keepends=True))
         try:
             self.target.write(text)
         except UnicodeEncodeError:  # a lone surrogate from a non-UTF-8 name or file
