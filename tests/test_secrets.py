@@ -281,3 +281,26 @@ def test_arguments_that_are_not_utf8_are_a_one_line_usage_error(cli, conn, args,
     assert line.startswith(f"wsctl: error: {what} is not valid UTF-8: ")
     assert "\\xe9" in line and "Traceback" not in r.err and r.out == ""
     assert table_snapshot(conn) == before
+
+
+def test_the_example_config_holds_references_only():
+    from wsctl.catalog import load_config_file
+    from wsctl.queries import example_path
+
+    doc = load_config_file(example_path("acme-apollo-clay.json"))
+    assert plaintext_credentials(doc) == []
+    assert [name for _, name in references(doc)] == [
+        "CLAY_WEBHOOK_ACME_APOLLO_COMPANIES",
+        "CLAY_AUTH_ACME",
+    ]
+
+
+def test_the_demo_configs_hold_references_only():
+    from wsctl import demo
+
+    configs = demo.demo_configs("http://127.0.0.1:1", "http://127.0.0.1:2")
+    values = demo.demo_secrets("http://127.0.0.1:1")
+    for config in configs.values():
+        assert plaintext_credentials(config) == []
+        resolve(config, values)  # every reference has its value in the demo's "Modal secret"
+    assert any(references(c) for c in configs.values())
