@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote
@@ -127,7 +128,9 @@ _PARAM = re.compile(r"(?<=[?&#;])(?P<name>[^=&#\s\"\\]+)=(?P<v>[^&#\s\"\\<>]*)")
 _BOT_SEGMENT = re.compile(r"/bot(?P<v>[^/?#\s\"\\]+)")
 _MIN_KNOWN = 6  # shorter "secrets" would mask ordinary words
 
-_known: set[str] = set()
+# Replaced, never changed in place: worker threads remember while output is written.
+_known: frozenset[str] = frozenset()
+_known_lock = threading.Lock()
 
 
 def is_secret_key(key: Any) -> bool:
@@ -178,7 +181,7 @@ def _url_spans(text: str) -> Iterable[tuple[int, int]]:
 
 
 def _known_spans(text: str) -> Iterable[tuple[int, int]]:
-    for secret in _known:
+    for secret in _known:  # the frozenset of this moment
         for form in {secret, json.dumps(secret)[1:-1]}:
             start = text.find(form)
             while start >= 0:
@@ -388,17 +391,23 @@ def secret_values(doc: Any) -> set[str]:
 
 def remember(doc: Any) -> None:
     """Mask the secrets of ``doc`` (a config) wherever this process prints them later."""
-    _known.update(secret_values(doc))
+    remember_values(secret_values(doc))
 
 
 def remember_values(values: Iterable[str]) -> None:
     """Mask these exact values (resolved secret references) wherever printed later."""
-    _known.update(v for v in values if isinstance(v, str) and len(v) >= _MIN_KNOWN)
+    global _known
+    new = {v for v in values if isinstance(v, str) and len(v) >= _MIN_KNOWN}
+    if not new <= _known:
+        with _known_lock:
+            _known = _known | new
 
 
 def forget() -> None:
     """Forget every remembered value (the CLI starts each command with none)."""
-    _known.clear()
+    global _known
+    with _known_lock:
+        _known = frozenset()
 
 
 # --- exceptions, database URLs and logs ------------------------------------------
