@@ -67,6 +67,10 @@ def test_a_missing_secret_is_a_permanent_clearly_worded_failure():
     assert "the config of acme references secret(s) not set in this function's environment" in line
     assert "CLAY_AUTH_ACME (key auth)" in line and "OTHER (key n[0])" in line
     assert "wsctl retry" in line
+    import pickle  # Modal sends a function's exception back pickled
+
+    again = pickle.loads(pickle.dumps(exc))
+    assert type(again) is MissingSecret and again.one_line() == line
 
 
 @pytest.mark.parametrize(

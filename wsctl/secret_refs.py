@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from wsctl.errors import OperationalError
@@ -42,12 +42,21 @@ class MissingSecret(OperationalError):
     reason_code = "missing_secret"
 
     def __init__(self, missing: list[tuple[str, str]], *, where: str = "the config"):
+        self.missing = list(missing)
+        self.where = where
         self.names = sorted({name for _, name in missing})
         listed = ", ".join(f"{name} (key {path})" for path, name in missing)
         super().__init__(
             f"{where} references secret(s) not set in this function's environment: {listed}",
             hint="add them to the Modal secret attached to the function, then `wsctl retry`",
         )
+
+    def __reduce__(self):  # Modal pickles a function's exception back to the caller
+        return (_missing_secret, (self.missing, self.where))
+
+
+def _missing_secret(missing: list[tuple[str, str]], where: str) -> MissingSecret:
+    return MissingSecret(missing, where=where)
 
 
 def _key_path(parent: str, key: str | int) -> str:
@@ -95,7 +104,7 @@ def check_references(doc: Any, source: str) -> None:
             stack.extend((_key_path(path, i), v) for i, v in enumerate(value))
 
 
-def _replace(doc: Any, fn) -> Any:
+def _replace(doc: Any, fn: Callable[[str], Any]) -> Any:
     if is_reference(doc):
         return fn(doc[SECRET_REF])
     if isinstance(doc, dict):

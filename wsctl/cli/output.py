@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
 from decimal import Decimal
@@ -97,7 +97,7 @@ class RedactingStream:
 
 
 @contextmanager
-def redacting(*, reveal: bool = False):
+def redacting(*, reveal: bool = False) -> Iterator[None]:
     """stdout and stderr masked for the duration (``reveal``: not stdout)."""
     from wsctl import redact
 
