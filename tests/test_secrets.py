@@ -98,8 +98,16 @@ def test_plaintext_credentials_are_what_redaction_masks():
         "plain": "https://example.com/x",
         "flag": True,
         "empty_token": "",
+        "dedupe_key": "email",  # hidden by config show, not a credential to warn about
+        "webhook_url": "https://example.com/x",
     }
-    assert plaintext_credentials(doc) == ["api_key", "headers[0].value", "argv[1]", "url"]
+    assert plaintext_credentials(doc) == [
+        "api_key",
+        "headers[0].value",
+        "argv[1]",
+        "url",
+        "webhook_url",
+    ]
     assert plaintext_credentials({"auth": _ref("A"), "token": {"$secret": "B"}}) == []
 
 

@@ -77,6 +77,7 @@ _CRED_NAME = (
     r"api[_-]?key|access[_-]?key|private[_-]?key|signing[_-]?key|client[_-]?key|"
     r"signature|cookie|session[_-]?id)[A-Za-z0-9_.-]*"
 )
+_CRED_NAME_RE = re.compile(rf"{_CRED_NAME}|hook|private", re.IGNORECASE)
 _SCHEME = r"(?:bearer|basic|token|digest)"
 # A value in text: never a quote or a backslash (a masked JSON text stays JSON).
 _BARE = r"[^\s\"\\<>,;&(){}\[\]]+"
@@ -334,25 +335,35 @@ def _path(parent: str, key: str | int) -> str:
     return f"{parent}.{key}" if parent else key
 
 
-def secret_findings(doc: Any) -> list[tuple[str, str]]:
-    """``(key path, value)`` for every value ``redact`` masks in ``doc`` (references excluded).
+def is_credential_name(key: Any) -> bool:
+    """True when a key names a credential for sure (``api_key``, ``token``, ``webhook_url``).
+
+    Narrower than ``is_secret_key``, which also hides ``dedupe_key``: what is
+    masked to be safe is not all worth a warning.
+    """
+    return isinstance(key, str) and _CRED_NAME_RE.search(key) is not None
+
+
+def secret_findings(doc: Any) -> list[tuple[str, str, bool]]:
+    """``(key path, value, sure)`` for every value ``redact`` masks in ``doc`` (not references).
 
     The key path reads ``headers[0].value``; a credential inside a string is
-    reported with that string's path.
+    reported with that string's path. ``sure`` is False for a value masked
+    only because its key merely looks secret (``dedupe_key``, ``monkey``).
     """
-    found: list[tuple[str, str]] = []
+    found: list[tuple[str, str, bool]] = []
 
-    def scalars(path: str, v: Any) -> None:
+    def scalars(path: str, v: Any, sure: bool = True) -> None:
         if is_reference(v):
             return
         if isinstance(v, dict):
             for k, x in v.items():
-                scalars(_path(path, k), x)
+                scalars(_path(path, k), x, sure)
         elif isinstance(v, list | tuple):
             for i, x in enumerate(v):
-                scalars(_path(path, i), x)
+                scalars(_path(path, i), x, sure)
         elif v is not None and not isinstance(v, bool) and str(v) not in ("", MASK):
-            found.append((path, str(v)))
+            found.append((path, str(v), sure))
 
     def walk(path: str, v: Any) -> None:
         if is_reference(v):
@@ -360,8 +371,10 @@ def secret_findings(doc: Any) -> list[tuple[str, str]]:
         if isinstance(v, dict):
             header = _header_entry(v)
             for k, x in v.items():
-                if is_secret_key(k) or (header and k in _HEADER_VALUE_KEYS):
+                if header and k in _HEADER_VALUE_KEYS:
                     scalars(_path(path, k), x)
+                elif is_secret_key(k):
+                    scalars(_path(path, k), x, is_credential_name(k))
                 else:
                     walk(_path(path, k), x)
         elif isinstance(v, list | tuple):
@@ -378,7 +391,7 @@ def secret_findings(doc: Any) -> list[tuple[str, str]]:
                     return
                 except (ValueError, RecursionError):
                     pass
-            found.extend((path, v[s:e]) for s, e in secret_spans(v) if v[s:e] != MASK)
+            found.extend((path, v[s:e], True) for s, e in secret_spans(v) if v[s:e] != MASK)
 
     walk("", doc)
     return found
@@ -386,7 +399,7 @@ def secret_findings(doc: Any) -> list[tuple[str, str]]:
 
 def secret_values(doc: Any) -> set[str]:
     """The values ``redact`` masks in ``doc``: what a message quoting the config must not show."""
-    return {v for _, v in secret_findings(doc) if len(v) >= _MIN_KNOWN}
+    return {v for _, v, _ in secret_findings(doc) if len(v) >= _MIN_KNOWN}
 
 
 def remember(doc: Any) -> None:

@@ -137,8 +137,13 @@ def as_names(doc: Any) -> Any:
 
 
 def plaintext_credentials(doc: Any) -> list[str]:
-    """Key paths of ``doc`` that hold a credential in clear (what ``redact`` masks)."""
+    """Key paths of ``doc`` that hold a credential in clear.
+
+    What ``redact`` masks, less what it masks only because a key merely looks
+    secret (``dedupe_key``): those are hidden, not worth a warning.
+    """
     seen: dict[str, None] = {}
-    for path, _ in secret_findings(doc):
-        seen.setdefault(path or "(the document)", None)
+    for path, _, sure in secret_findings(doc):
+        if sure:
+            seen.setdefault(path or "(the document)", None)
     return list(seen)
