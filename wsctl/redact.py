@@ -445,19 +445,13 @@ def first_line(exc: BaseException, *, typed: bool = False, limit: int = 2000) ->
     return redact_text(text)[:limit]
 
 
-# libpq key=value connection strings: password=... anywhere in a string.
-_KV_PASSWORD = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'(?=\s|$)|\S+)", re.I)
-_DB_PARAMS = ("password", "sslpassword")
-
-
 def mask_url(url: Any) -> str:
-    """A database URL fit to print: its password (and user info) masked.
+    """A database URL fit to print: ``redact_text``, and all user info when it is unclear.
 
-    Key=value conninfo strings lose their ``password=``; a URL its password
-    (``user:***@``), and ``password``/``sslpassword`` query parameters. A URL
-    whose authority cannot be told apart (no "@" where one is expected, an
-    unterminated IPv6 host, one slash) loses everything before its host:
-    when in doubt, print less. Never raises.
+    The one masker serves: ``user:***@``, ``password=***`` (query parameter or
+    key=value conninfo). When the URL cannot be split where libpq would split
+    it (one slash, no scheme, an "@" after a "/", an unterminated IPv6 host),
+    everything before the host goes: when in doubt, print less. Never raises.
     """
     if url is None or url == "":
         return "<none>"
@@ -466,33 +460,25 @@ def mask_url(url: Any) -> str:
     if "://" not in url:
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/[^/]", url) and "@" in url:
             scheme, _, rest = url.partition(":")  # postgresql:/u:pw@host: one slash
-            return f"{scheme}:/{MASK}@{rest.rpartition('@')[2]}"
-        if "@" in url and "=" not in url.split("@", 1)[0]:
-            return f"{MASK}@{url.rpartition('@')[2]}"  # user:pw@host/db without a scheme
-        return _KV_PASSWORD.sub(rf"\g<1>{MASK}", url)
+            url = f"{scheme}:/{MASK}@{rest.rpartition('@')[2]}"
+        elif "@" in url and "=" not in url.split("@", 1)[0]:
+            url = f"{MASK}@{url.rpartition('@')[2]}"  # user:pw@host/db without a scheme
+        return redact_text(url)
     scheme, _, rest = url.partition("://")
     cut = min(
         [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0] or [len(rest)]
     )
     authority, tail = rest[:cut], rest[cut:]
-    if "@" in tail.split("?")[0] and "@" not in authority:
-        # "@" after a "/" in the user info: the authority is unclear, hide it all
-        return f"{scheme}://{MASK}@{tail.rpartition('@')[2]}"
-    if "@" in authority:
+    if "@" in tail.split("?")[0] and "@" not in authority:  # "@" after a "/" in the user info
+        url = f"{scheme}://{MASK}@{tail.rpartition('@')[2]}"
+    elif "@" in authority:
         userinfo, _, hostport = authority.rpartition("@")
-        user, colon, password = userinfo.partition(":")
-        shown = f"{user}:{MASK}" if colon and password else user
         if "[" in hostport and "]" not in hostport:  # unterminated IPv6 host
-            shown = MASK
-        authority = f"{shown}@{hostport}"
-    path, q, query = tail.partition("?")
-    if q:
-        pairs = []
-        for pair in query.split("&"):
-            name, eq, _ = pair.partition("=")
-            pairs.append(f"{name}={MASK}" if eq and name.lower() in _DB_PARAMS else pair)
-        query = "&".join(pairs)
-    return f"{scheme}://{authority}{path}{q}{query}"
+            url = f"{scheme}://{MASK}@{hostport}{tail}"
+        elif ":" not in userinfo:  # a database user name alone is not a secret: keep it
+            rest = redact_text(f"{scheme}://{hostport}{tail}")[len(scheme) + 3 :]
+            return f"{scheme}://{userinfo}@{rest}"
+    return redact_text(url)
 
 
 class RedactingFilter(logging.Filter):
