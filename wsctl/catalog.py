@@ -21,7 +21,7 @@ from wsctl.db import tx
 from wsctl.domain import Client, find_client, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.queries import q
-from wsctl.redact import first_line, remember
+from wsctl.redact import first_line, key_path, remember
 from wsctl.secret_refs import check_references, plaintext_credentials
 
 if TYPE_CHECKING:
@@ -415,12 +415,6 @@ def _reason(exc: BaseException) -> str:
     return first_line(exc).split(";")[0]
 
 
-def _key_path(parent: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{parent}[{key}]"
-    return f"{parent}.{key}" if parent else key
-
-
 def _shown_path(path: str) -> str:
     path = path.replace("\x00", "\\u0000")
     return path if len(path) <= 80 else f"{path[:77]}..."
@@ -469,18 +463,18 @@ def check_config_values(doc: Any, source: str) -> None:
                 if not isinstance(k, str):
                     raise OperationalError(f"{where}: key {k!r} is not a string")
                 if "\x00" in k:
-                    shown = _shown_path(_key_path(path, k))
+                    shown = _shown_path(key_path(path, k))
                     raise OperationalError(f"{source}: key {shown}: the key name contains {_NUL}")
                 if found := _lone_surrogate(k):
                     shown = _shown_path(
-                        _key_path(path, k).encode("utf-8", "backslashreplace").decode()
+                        key_path(path, k).encode("utf-8", "backslashreplace").decode()
                     )
                     raise OperationalError(
                         f"{source}: key {shown}: the key name contains {_surrogate_message(found)}"
                     )
-                stack.append((_key_path(path, k), v))
+                stack.append((key_path(path, k), v))
         elif isinstance(value, list | tuple):
-            stack.extend((_key_path(path, i), v) for i, v in enumerate(value))
+            stack.extend((key_path(path, i), v) for i, v in enumerate(value))
         elif isinstance(value, str):
             if "\x00" in value:
                 raise OperationalError(f"{where}: the string contains {_NUL}")

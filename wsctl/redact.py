@@ -329,7 +329,8 @@ def _redact(value: Any) -> Any:
 # --- secrets this process has seen ---------------------------------------------
 
 
-def _path(parent: str, key: str | int) -> str:
+def key_path(parent: str, key: str | int) -> str:
+    """``parent.key`` or ``parent[i]``: how wsctl names a place in a config document."""
     if isinstance(key, int):
         return f"{parent}[{key}]"
     return f"{parent}.{key}" if parent else key
@@ -358,10 +359,10 @@ def secret_findings(doc: Any) -> list[tuple[str, str, bool]]:
             return
         if isinstance(v, dict):
             for k, x in v.items():
-                scalars(_path(path, k), x, sure)
+                scalars(key_path(path, k), x, sure)
         elif isinstance(v, list | tuple):
             for i, x in enumerate(v):
-                scalars(_path(path, i), x, sure)
+                scalars(key_path(path, i), x, sure)
         elif v is not None and not isinstance(v, bool) and str(v) not in ("", MASK):
             found.append((path, str(v), sure))
 
@@ -372,17 +373,17 @@ def secret_findings(doc: Any) -> list[tuple[str, str, bool]]:
             header = _header_entry(v)
             for k, x in v.items():
                 if header and k in _HEADER_VALUE_KEYS:
-                    scalars(_path(path, k), x)
+                    scalars(key_path(path, k), x)
                 elif is_secret_key(k):
-                    scalars(_path(path, k), x, is_credential_name(k))
+                    scalars(key_path(path, k), x, is_credential_name(k))
                 else:
-                    walk(_path(path, k), x)
+                    walk(key_path(path, k), x)
         elif isinstance(v, list | tuple):
             for i, x in enumerate(v):
                 if i and _secret_option(v[i - 1]) and not _secret_option(x):
-                    scalars(_path(path, i), x)
+                    scalars(key_path(path, i), x)
                 else:
-                    walk(_path(path, i), x)
+                    walk(key_path(path, i), x)
         elif isinstance(v, str):
             stripped = v.strip()
             if stripped[:1] in ("{", "["):

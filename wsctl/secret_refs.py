@@ -23,7 +23,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from wsctl.errors import OperationalError
-from wsctl.redact import SECRET_REF, is_reference, remember_values, secret_findings
+from wsctl.redact import (
+    SECRET_REF,
+    is_reference,
+    key_path,
+    remember_values,
+    secret_findings,
+)
 from wsctl.states import ErrorClass
 
 # An environment variable name (what a Modal secret's keys are).
@@ -59,12 +65,6 @@ def _missing_secret(missing: list[tuple[str, str]], where: str) -> MissingSecret
     return MissingSecret(missing, where=where)
 
 
-def _key_path(parent: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{parent}[{key}]"
-    return f"{parent}.{key}" if parent else key
-
-
 def references(doc: Any) -> list[tuple[str, str]]:
     """``(key path, secret name)`` of every reference in ``doc``, in document order."""
     out: list[tuple[str, str]] = []
@@ -74,9 +74,9 @@ def references(doc: Any) -> list[tuple[str, str]]:
         if is_reference(value):
             out.append((path, value[SECRET_REF]))
         elif isinstance(value, dict):
-            stack.extend((_key_path(path, k), v) for k, v in reversed(value.items()))
+            stack.extend((key_path(path, k), v) for k, v in reversed(value.items()))
         elif isinstance(value, list | tuple):
-            stack.extend((_key_path(path, i), v) for i, v in reversed(list(enumerate(value))))
+            stack.extend((key_path(path, i), v) for i, v in reversed(list(enumerate(value))))
     return out
 
 
@@ -99,9 +99,9 @@ def check_references(doc: Any, source: str) -> None:
                         "(letters, digits and _, not starting with a digit)"
                     )
                 continue
-            stack.extend((_key_path(path, k), v) for k, v in value.items())
+            stack.extend((key_path(path, k), v) for k, v in value.items())
         elif isinstance(value, list | tuple):
-            stack.extend((_key_path(path, i), v) for i, v in enumerate(value))
+            stack.extend((key_path(path, i), v) for i, v in enumerate(value))
 
 
 def _replace(doc: Any, fn: Callable[[str], Any]) -> Any:
