@@ -48,12 +48,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from wsctl.db import first_line, tx
+from wsctl.db import tx
 from wsctl.domain import Client, find_client, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.itemfiles import item_line, open_items
 from wsctl.prune import PruneSummary, get_summary
 from wsctl.queries import q
+from wsctl.redact import first_line
 
 if TYPE_CHECKING:
     import psycopg

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from wsctl import security
 from wsctl.errors import EnvError, OperationalError
 from wsctl.queries import q, sql_dir
+from wsctl.redact import first_line
 
 if TYPE_CHECKING:
     import psycopg
@@ -407,8 +408,9 @@ def migrate(
                         hint="retry when the long transaction ends, or raise --ddl-lock-timeout",
                     ) from exc
                 if isinstance(exc, psycopg.Error):
-                    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                    raise OperationalError(f"migration {m.filename} failed: {msg}") from exc
+                    raise OperationalError(
+                        f"migration {m.filename} failed: {first_line(exc)}"
+                    ) from exc
                 raise
             result.applied.append({"version": m.version, "name": m.name, "duration_ms": ms})
     finally:
