@@ -459,29 +459,3 @@ def test_db_tune_prints_then_applies_per_table_autovacuum(conn, cli):
     assert "autovacuum_vacuum_scale_factor=0.02" in options
     again = cli("db", "tune", "--json").json()
     assert all(not s["changes"] for s in again["settings"])
-
-
-def test_migration_0015_patches_the_completion_check_once(conn, client):
-    from wsctl.queries import sql_dir
-
-    def body() -> str:
-        return conn.execute(
-            "SELECT pg_get_functiondef('wsctl.complete_steps(uuid[], uuid)'::regprocedure)"
-        ).fetchone()[0]
-
-    patched = body()
-    assert "WHERE i.batch_id = b.id OFFSET 0) i" in patched
-    notices: list[str] = []
-    conn.add_notice_handler(lambda d: notices.append(d.message_primary))
-    migration = sql_dir() / "migrations" / "0015_batch_completion_check_per_batch.sql"
-    conn.execute(migration.read_text())  # again: the fragment is gone, nothing changes
-    assert body() == patched and any("left as it is" in n for n in notices)
-    # the patched check still completes a batch, and only when every item is done
-    b = f.add_batch(conn, client, STEPS[:1], 3)
-    ids = [r[0] for r in conn.execute("SELECT id FROM workflow_states WHERE batch_id = %s", (b,))]
-    conn.execute("SELECT wsctl.complete_steps(%s::uuid[])", (ids[:2],))
-    assert conn.execute("SELECT status FROM batches WHERE id = %s", (b,)).fetchone()[0] == "PENDING"
-    conn.execute("SELECT wsctl.complete_steps(%s::uuid[])", (ids[2:],))
-    assert (
-        conn.execute("SELECT status FROM batches WHERE id = %s", (b,)).fetchone()[0] == "COMPLETED"
-    )
