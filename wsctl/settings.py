@@ -31,6 +31,10 @@ DISPATCH_DEFAULTS: dict[str, Any] = {
     "max_attempts": 5,
     "callback_timeout": 3600,
     "interval": 10.0,
+    # recording a chunk's outcomes is retried on fresh connections this long
+    "record_retry_seconds": 30.0,
+    # the local journal of outcomes not yet recorded (None: the user data dir)
+    "journal_dir": None,
 }
 
 DATABASE_DEFAULTS: dict[str, Any] = {
@@ -199,6 +203,8 @@ DISPATCH_CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_attempts": _whole_number,
     "callback_timeout": _whole_number,
     "interval": _positive_seconds,
+    "record_retry_seconds": _positive_seconds,
+    "journal_dir": _optional_text,
 }
 
 

@@ -80,6 +80,7 @@ def dispatch(
         max_attempts=int(pick(max_attempts, "max_attempts")),
         callback_timeout=int(pick(callback_timeout, "callback_timeout")),
         reconcile=not no_reconcile,
+        record_retry_seconds=float(cfg["record_retry_seconds"]),
     )
     opts.validate()
     chosen = make_backend(
@@ -118,23 +119,47 @@ def dispatch(
 
         os.environ["WSCTL_DATABASE_URL"] = st.resolved_url()
 
+    from wsctl.dispatch.journal import Journal
+
+    journal = Journal(_journal_dir(cfg))
     if loop:
-        _run_loop(st, chosen, opts, float(pick(interval, "interval")), as_json)
+        try:
+            _run_loop(st, chosen, opts, float(pick(interval, "interval")), as_json, journal)
+        finally:
+            journal.close()
         return
 
     try:
         # Two connections: claims on one, each chunk's outcomes recorded on the
-        # other while the next chunk is claimed and dispatched.
+        # other while the next chunk is claimed and dispatched; a recording
+        # that fails is retried on a fresh one, the outcomes journaled meanwhile.
         with st.connect() as conn, st.connect(require_schema=False) as writer:
-            summary = run_pass(conn, chosen, opts, writer_conn=writer)
+            summary = run_pass(
+                conn,
+                chosen,
+                opts,
+                writer_conn=writer,
+                connect=lambda: st.connect(require_schema=False),
+                journal=journal,
+            )
     finally:
         chosen.close()
+        journal.close()
     render_summary(summary, as_json=as_json)
     if not summary.ok:
         raise typer.Exit(1)
 
 
-def _run_loop(st, backend, opts, interval: float, as_json: bool) -> None:
+def _journal_dir(cfg: dict) -> str:
+    """Where unrecorded outcomes are journaled: dispatch.journal_dir, else the user data dir."""
+    if cfg.get("journal_dir"):
+        return str(cfg["journal_dir"])
+    from wsctl.settings import user_data_dir
+
+    return str(user_data_dir() / "dispatch-journal")
+
+
+def _run_loop(st, backend, opts, interval: float, as_json: bool, journal) -> None:
     import signal
     import threading
 
@@ -163,6 +188,7 @@ def _run_loop(st, backend, opts, interval: float, as_json: bool) -> None:
             # --json in a loop: one compact document per pass (JSON Lines)
             on_pass=lambda s: render_summary(s, as_json=as_json, compact=True, lines=True),
             on_error=output.warn,
+            journal=journal,
         )
     finally:
         for s, handler in old.items():

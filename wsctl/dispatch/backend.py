@@ -2,7 +2,7 @@
 
 A backend gets a list of ``Job`` and returns one result per job, in order:
 ``None`` (ran or spawned, no call id), a call id string (spawned on Modal),
-or a ``Failure`` saying how the dispatcher should treat the error.
+or a ``Failure`` carrying its reason code and error class (wsctl.states).
 """
 
 from __future__ import annotations
@@ -10,16 +10,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-# transient: retry with backoff (FAILED after max attempts)
-# item:      permanent for this item (function not found): BLOCKED
-# pass:      permanent for the pass (credentials): stop, release unspawned claims, exit 3
-FailureKind = Literal["transient", "item", "pass"]
+from wsctl.states import REASONS, Reason
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    kind: FailureKind
+    """A job that did not run or spawn, with its reason (``wsctl.states.REASONS``).
+
+    The reason's error class says what the pass does: transient retries with
+    backoff (FAILED after max attempts), operator ends BLOCKED, permanent ends
+    FAILED; ``stops_pass`` (credentials, the workers' environment) stops the
+    pass and releases the claims not yet run, exit 3.
+    """
+
+    reason: Reason
     message: str
+    stops_pass: bool = False
+
+    @classmethod
+    def of(cls, code: str, message: str, *, stops_pass: bool = False) -> Failure:
+        return cls(REASONS[code], message, stops_pass)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +51,7 @@ class Poll:
 
     state: Literal["running", "returned", "raised", "unknown"]
     error: str | None = None
+    reason: Reason | None = None  # for "raised": how the call's error is classified
 
 
 class Backend(Protocol):

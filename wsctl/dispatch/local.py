@@ -21,6 +21,7 @@ from types import ModuleType
 
 from wsctl.dispatch.backend import Failure, Job, Poll, Result
 from wsctl.errors import EnvError
+from wsctl.states import classify
 
 
 def _describe(exc: BaseException) -> str:
@@ -150,13 +151,17 @@ class LocalBackend:
         def call(job: Job) -> Result:
             fn = self._fns.get(job.function)
             if fn is None:
-                return Failure("item", f"function {job.function} not found in app {self.app}")
+                return Failure.of(
+                    "function_not_found", f"function {job.function} not found in app {self.app}"
+                )
             try:
                 fn(job.item_id, job.workstream_slug)
             except EnvError as exc:  # e.g. the worker helpers have no database URL
-                return Failure("pass", f"{job.function}: {exc.one_line()}")
+                return Failure.of(
+                    "worker_environment", f"{job.function}: {exc.one_line()}", stops_pass=True
+                )
             except Exception as exc:
-                return Failure("transient", _describe(exc))
+                return Failure(classify(exc), _describe(exc))
             return None
 
         # What the app prints (the seed's functions log with print) goes to

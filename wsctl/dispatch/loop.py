@@ -12,11 +12,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from wsctl.dispatch.backend import Backend
-from wsctl.dispatch.engine import PassOptions, PassSummary, run_pass
+from wsctl.dispatch.engine import PassOptions, PassSummary, RecordingFailed, run_pass
 from wsctl.errors import DatabaseUnavailable, UsageError
 
 if TYPE_CHECKING:
     import psycopg
+
+    from wsctl.dispatch.journal import Journal
 
 
 def make_backend(
@@ -41,7 +43,7 @@ def _wait(interval: float, failures: int) -> float:
 
 
 def run_loop(
-    connect: Callable[[], psycopg.Connection],
+    connect: Callable[..., psycopg.Connection],
     backend: Backend,
     opts: PassOptions,
     *,
@@ -49,6 +51,7 @@ def run_loop(
     stop: threading.Event,
     on_pass: Callable[[PassSummary], None],
     on_error: Callable[[str], None],
+    journal: Journal | None = None,
 ) -> int:
     """Run passes every ``interval`` seconds until ``stop`` is set; returns the pass count."""
     import psycopg
@@ -61,7 +64,13 @@ def run_loop(
             try:
                 if conn is None or conn.closed:
                     conn = connect()
-                summary = run_pass(conn, backend, opts)
+                summary = run_pass(
+                    conn,
+                    backend,
+                    opts,
+                    connect=lambda: connect(require_schema=False),
+                    journal=journal,
+                )
                 passes += 1
                 failures = 0
                 on_pass(summary)
@@ -71,6 +80,13 @@ def run_loop(
                 on_error(
                     f"database connection lost: {first}; retrying in {_wait(interval, failures):g}s"
                 )
+                if conn is not None:
+                    conn.close()
+                conn = None
+            except RecordingFailed as exc:
+                # The outcomes stay journaled: the next pass records them first.
+                failures += 1
+                on_error(f"{exc.one_line()}; retrying in {_wait(interval, failures):g}s")
                 if conn is not None:
                     conn.close()
                 conn = None

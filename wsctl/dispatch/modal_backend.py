@@ -13,6 +13,7 @@ import asyncio
 import os
 from typing import Any
 
+from wsctl import states
 from wsctl.dispatch.backend import Failure, Job, Poll, Result
 from wsctl.errors import EnvError
 
@@ -23,18 +24,21 @@ def _describe(exc: BaseException) -> str:
 
 
 def classify(exc: BaseException) -> Failure:
-    """Transient (retry), permanent for the item (BLOCKED), or permanent for the pass (exit 3)."""
-    import modal.exception as mexc
+    """The failure for a Modal error, classified by ``wsctl.states.classify``.
 
-    if isinstance(exc, mexc.AuthError | mexc.PermissionDeniedError):
-        return Failure("pass", f"Modal rejected the credentials: {_describe(exc)}")
-    if isinstance(exc, mexc.NotFoundError):
-        return Failure("item", f"not found on Modal: {_describe(exc)}")
+    Rejected credentials stop the pass (exit 3, unspawned claims released);
+    NotFound is an operator error (function_not_found: BLOCKED);
+    RESOURCE_EXHAUSTED, UNAVAILABLE, connection errors and timeouts are
+    transient; anything unexpected is retried too (FAILED after --max-attempts).
+    """
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return Failure("transient", "spawn timed out; its outcome is unknown, retrying")
-    # Rate limits, unavailability, connection resets and anything unexpected:
-    # retried with backoff, FAILED after --max-attempts.
-    return Failure("transient", _describe(exc))
+        return Failure.of("spawn_timeout", "spawn timed out; its outcome is unknown, retrying")
+    reason = states.classify(exc)
+    if reason.code == "credentials_rejected":
+        return Failure(reason, f"Modal rejected the credentials: {_describe(exc)}", True)
+    if reason.code == "function_not_found":
+        return Failure(reason, f"not found on Modal: {_describe(exc)}")
+    return Failure(reason, _describe(exc))
 
 
 def credentials_present() -> bool:
@@ -103,10 +107,12 @@ class ModalBackend:
             self._fns[name] = fn
         except Exception as exc:
             failure = classify(exc)
-            if failure.kind == "item":
+            if failure.reason.code == "function_not_found":
                 env = f" (environment {self.environment})" if self.environment else ""
-                failure = Failure("item", f"function {name} not found in Modal app {self.app}{env}")
-            if failure.kind == "transient":
+                failure = Failure(
+                    failure.reason, f"function {name} not found in Modal app {self.app}{env}"
+                )
+            if failure.reason.error_class == states.ErrorClass.TRANSIENT:
                 return failure  # not cached: the next chunk tries again
             self._fns[name] = failure
         return self._fns[name]
@@ -124,14 +130,16 @@ class ModalBackend:
                 return fn
             async with sem:
                 if stop.is_set():
-                    return Failure("pass", "not spawned: the pass stopped")
+                    return Failure.of(
+                        "credentials_rejected", "not spawned: the pass stopped", stops_pass=True
+                    )
                 try:
                     call = await asyncio.wait_for(
                         fn.spawn.aio(job.item_id, job.workstream_slug), self.spawn_timeout
                     )
                 except Exception as exc:
                     failure = classify(exc)
-                    if failure.kind == "pass":
+                    if failure.stops_pass:
                         stop.set()
                     return failure
                 return call.object_id
@@ -159,9 +167,10 @@ class ModalBackend:
 
                     if isinstance(exc, mexc.OutputExpiredError | mexc.NotFoundError):
                         return call_id, Poll("unknown", _describe(exc))
-                    if classify(exc).kind == "pass":
+                    failure = classify(exc)
+                    if failure.stops_pass:
                         return call_id, Poll("unknown", _describe(exc))
-                    return call_id, Poll("raised", _describe(exc))
+                    return call_id, Poll("raised", _describe(exc), failure.reason)
                 return call_id, Poll("returned")
 
         return dict(await asyncio.gather(*(one(c) for c in call_ids)))
