@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from wsctl.cli.common import JSON_OPTION, state
+from wsctl.settings import DISPATCH_DEFAULTS
 
 _FROM_CONFIG = "default: the dispatch table of wsctl.toml, else"
 
@@ -48,6 +49,18 @@ def dispatch(
         "--callback-timeout",
         help=f"Seconds a DISPATCHED state may wait for completion ({_FROM_CONFIG}: 3600).",
     ),
+    max_seconds: float | None = typer.Option(
+        None,
+        "--max-seconds",
+        help=f"A pass stops claiming after this many seconds ({_FROM_CONFIG}: "
+        f"{DISPATCH_DEFAULTS['max_seconds']:g}).",
+    ),
+    grace: float | None = typer.Option(
+        None,
+        "--grace",
+        help="Once stopping (SIGTERM/SIGINT, --max-seconds), seconds running functions get "
+        f"to finish ({_FROM_CONFIG}: {DISPATCH_DEFAULTS['grace']:g}).",
+    ),
     no_reconcile: bool = typer.Option(False, "--no-reconcile", help="Skip polling spawned calls."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; claim nothing."),
     verbose: bool = typer.Option(
@@ -81,6 +94,8 @@ def dispatch(
         callback_timeout=int(pick(callback_timeout, "callback_timeout")),
         reconcile=not no_reconcile,
         record_retry_seconds=float(cfg["record_retry_seconds"]),
+        max_seconds=float(pick(max_seconds, "max_seconds")),
+        grace=float(pick(grace, "grace")),
     )
     opts.validate()
     chosen = make_backend(
@@ -129,6 +144,17 @@ def dispatch(
             journal.close()
         return
 
+    import signal
+    import threading
+
+    stop = threading.Event()
+    received: list[signal.Signals] = []
+
+    def request_stop(signum, _frame):
+        received.append(signal.Signals(signum))
+        stop.set()  # stop claiming now; running functions get --grace
+
+    old = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         # Two connections: claims on one, each chunk's outcomes recorded on the
         # other while the next chunk is claimed and dispatched; a recording
@@ -141,13 +167,32 @@ def dispatch(
                 writer_conn=writer,
                 connect=lambda: st.connect(require_schema=False),
                 journal=journal,
+                stop=stop,
+                stop_reason=lambda: received[0].name if received else "stop",
             )
     finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
         chosen.close()
         journal.close()
     render_summary(summary, as_json=as_json)
+    if received:
+        from wsctl.dispatch.engine import PassStopped
+
+        # 143 for SIGTERM, 130 for SIGINT, with the one line that says what became of the claims
+        raise PassStopped(stop_line(summary), exit_code=128 + received[0].value)
     if not summary.ok:
         raise typer.Exit(1)
+
+
+def stop_line(summary) -> str:
+    """The one line a stopped pass ends with."""
+    recorded = sum(summary.to_json()[k] for k in ("dispatched", "retried", "failed", "blocked"))
+    return (
+        f"stopped by {summary.stopped_by or 'a signal'}: {recorded} outcome(s) recorded, "
+        f"{summary.released} claim(s) never started released to PENDING, "
+        f"{summary.left_to_lease} still running left to their lease"
+    )
 
 
 def _journal_dir(cfg: dict) -> str:
@@ -172,9 +217,13 @@ def _run_loop(st, backend, opts, interval: float, as_json: bool, journal) -> Non
 
         raise UsageError("--interval must be zero or more seconds")
     stop = threading.Event()
+    received: list[signal.Signals] = []
 
     def request_stop(signum, _frame):
-        output.notice(f"received {signal.Signals(signum).name}: finishing the current pass")
+        output.notice(
+            f"received {signal.Signals(signum).name}: stopping claims, finishing running functions"
+        )
+        received.append(signal.Signals(signum))
         stop.set()
 
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -189,6 +238,8 @@ def _run_loop(st, backend, opts, interval: float, as_json: bool, journal) -> Non
             on_pass=lambda s: render_summary(s, as_json=as_json, compact=True, lines=True),
             on_error=output.warn,
             journal=journal,
+            on_stop=lambda s: output.notice(stop_line(s)),
+            stop_reason=lambda: received[0].name if received else "stop",
         )
     finally:
         for s, handler in old.items():

@@ -28,9 +28,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wsctl.db import tx
-from wsctl.dispatch.backend import Backend, Failure, Job
+from wsctl.dispatch.backend import (
+    NOT_STARTED,
+    STILL_RUNNING,
+    Backend,
+    Failure,
+    Job,
+    Stopping,
+    _Unfinished,
+)
 from wsctl.domain import infer_workstreams
-from wsctl.errors import EnvError, OperationalError
+from wsctl.errors import EnvError, OperationalError, WsctlError
 from wsctl.queries import q
 from wsctl.states import (
     FAILURE_OUTCOMES,
@@ -65,6 +73,10 @@ class PassOptions:
     chunk_size: int = 2500
     #: how long recording a chunk's outcomes is retried on fresh connections
     record_retry_seconds: float = 30.0
+    #: the pass stops claiming (and starting functions) this long after it began
+    max_seconds: float = 45.0
+    #: once stopping, running functions get this long to finish
+    grace: float = 10.0
     claimed_by: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     def validate(self) -> None:
@@ -77,6 +89,10 @@ class PassOptions:
             raise UsageError("callback timeout must be at least 1 second")
         if self.record_retry_seconds < 0:
             raise UsageError("record_retry_seconds must be zero or more")
+        if self.max_seconds <= 0:
+            raise UsageError("--max-seconds must be more than 0")
+        if self.grace < 0:
+            raise UsageError("--grace must be zero or more seconds")
 
 
 # -- Rows, read by name ------------------------------------------------------
@@ -169,6 +185,10 @@ class PassSummary:
     record_retries: int = 0
     replayed: int = 0
     notices: list[str] = field(default_factory=list)
+    #: why the pass stopped early ("SIGTERM", "SIGINT", "max_seconds"), and the
+    #: functions still running when the grace ended (their claims wait for their lease)
+    stopped_by: str | None = None
+    left_to_lease: int = 0
 
     def __getattr__(self, name: str) -> int:
         try:
@@ -222,6 +242,8 @@ class PassSummary:
             record_retries=self.record_retries,
             replayed=self.replayed,
             notices=self.notices,
+            stopped_by=self.stopped_by,
+            left_to_lease=self.left_to_lease,
         )
         return doc
 
@@ -331,6 +353,7 @@ class _Chunk:
     token: uuid.UUID
     groups: dict[Outcome, list[Entry]] = field(default_factory=dict)
     pass_failure: Failure | None = None
+    left_to_lease: int = 0
 
     def add(self, outcome: Outcome, entry: Entry) -> None:
         self.groups.setdefault(outcome, []).append(entry)
@@ -411,6 +434,7 @@ def _run_chunk(
     opts: PassOptions,
     rows: list[ClaimRow],
     token: uuid.UUID,
+    stopping: Stopping | None = None,
 ) -> _Chunk:
     """Resolve and dispatch one claimed chunk; classify every result (no writes)."""
     out = _Chunk(token=token)
@@ -445,7 +469,7 @@ def _run_chunk(
 
     if jobs:
         with _LeaseKeeper(conn, token, opts.lease_seconds):
-            results = backend.dispatch(jobs, opts.concurrency)
+            results = backend.dispatch(jobs, opts.concurrency, stopping, opts.grace)
     else:
         results = []
 
@@ -453,7 +477,11 @@ def _run_chunk(
     inline = backend.runs_inline
     for job, res in zip(jobs, results, strict=True):
         row = claimed[job.state_id]  # type: ignore[index]
-        if res is None or isinstance(res, str):
+        if res is NOT_STARTED:  # stopping: the claim goes back, attempts unchanged
+            out.add(Outcome.RELEASED, Entry(row.id, row.dispatch_generation))
+        elif res is STILL_RUNNING:  # outlived the grace: left to its lease
+            out.left_to_lease += 1
+        elif res is None or isinstance(res, str):
             if inline and job.type == "sync":
                 out.add(Outcome.COMPLETED, Entry(row.id, row.dispatch_generation))
             else:
@@ -466,6 +494,8 @@ def _run_chunk(
                     job.type,
                     job.workstream_slug,
                 )
+        elif isinstance(res, _Unfinished):  # pragma: no cover - only the two above exist
+            raise AssertionError(res)
         elif res.stops_pass:
             out.pass_failure = out.pass_failure or res
             out.add(Outcome.RELEASED, Entry(row.id, row.dispatch_generation))
@@ -574,6 +604,14 @@ def _record(conn: psycopg.Connection, out: _Chunk, opts: PassOptions) -> PassSum
 
 class RecordingFailed(OperationalError):
     """A chunk's outcomes could not be recorded within the retry budget (kept journaled)."""
+
+
+class PassStopped(WsctlError):
+    """A pass stopped by a signal: the CLI's exit is 128 + the signal (143, 130)."""
+
+    def __init__(self, message: str, *, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class _Recorder:
@@ -848,6 +886,8 @@ def run_pass(
     writer_conn: psycopg.Connection | None = None,
     connect: Connect | None = None,
     journal: Journal | None = None,
+    stop: threading.Event | None = None,
+    stop_reason: Callable[[], str] | None = None,
 ) -> PassSummary:
     """One dispatch pass. ``conn`` is autocommit; the backend is set up before any claim.
 
@@ -859,11 +899,29 @@ def run_pass(
     recorded (replayed, fenced, at the start of the next pass). ``seconds``
     runs from the first statement of the pass to the last commit: set-up,
     connecting and importing the app are excluded.
+
+    Stopping: once ``stop`` is set (a signal; ``stop_reason()`` names it) or
+    ``opts.max_seconds`` have passed, nothing more is claimed and no further
+    function starts; running ones get ``opts.grace`` seconds; the outcomes of
+    those that finished are recorded, claims never started go back to
+    PENDING (attempts unchanged), and those still running are left to their
+    lease (``summary.left_to_lease``).
     """
     opts.validate()
     summary = PassSummary(backend=backend.name)
     backend.setup()  # a misconfiguration fails even when nothing is due
     started = time.perf_counter()
+    claim_until = time.monotonic() + opts.max_seconds
+
+    def stopping() -> bool:
+        if stop is not None and stop.is_set():
+            summary.stopped_by = summary.stopped_by or (stop_reason() if stop_reason else "stop")
+            return True
+        if time.monotonic() >= claim_until:
+            summary.stopped_by = summary.stopped_by or "max_seconds"
+            return True
+        return False
+
     remaining = opts.limit
     failure: Failure | None = None
     recorder = _Recorder(writer_conn or conn, opts, connect, journal)
@@ -887,7 +945,7 @@ def run_pass(
             # step enqueued and dispatched in this same pass.
             reconcile(conn, backend, opts, summary)
         tail = False
-        while remaining > 0:
+        while remaining > 0 and not stopping():
             if tail:
                 settle()  # the last write may have enqueued next steps: let them be seen
             # A short tail chunk would cost a partial round of the thread pool
@@ -902,7 +960,8 @@ def run_pass(
                 break
             summary.claimed += len(rows)
             remaining -= len(rows)
-            out = _run_chunk(conn, backend, opts, rows, token)
+            out = _run_chunk(conn, backend, opts, rows, token, stopping)
+            summary.left_to_lease += out.left_to_lease
             settle()
             if writer is not None and out.pass_failure is None:
                 pending = writer.submit(recorder.record, out)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from wsctl.dispatch.backend import Failure, Job, Poll, Result
+from wsctl.dispatch.backend import NOT_STARTED, STILL_RUNNING, Failure, Job, Poll, Result, Stopping
 from wsctl.errors import EnvError
 from wsctl.states import classify
 
@@ -36,7 +36,13 @@ _INLINE_CALL_LIMIT = 0.0002  # seconds for one call
 _INLINE_MEAN_LIMIT = 0.00005  # seconds per call on average
 
 
-def run_threaded(call: Callable[[Job], Result], jobs: list[Job], concurrency: int) -> list[Result]:
+def run_threaded(
+    call: Callable[[Job], Result],
+    jobs: list[Job],
+    concurrency: int,
+    stopping: Stopping | None = None,
+    grace: float = 10.0,
+) -> list[Result]:
     """Apply ``call`` to every job with ``concurrency`` threads sharing one iterator.
 
     No future per item and no lock: each thread's ``for`` pulls the next job
@@ -44,10 +50,39 @@ def run_threaded(call: Callable[[Job], Result], jobs: list[Job], concurrency: in
     GIL (a C-level iterator over a list). Calls that return in microseconds
     (CPU-light functions) run inline first; the pool starts as soon as one
     call is slow, so blocking functions still get ``concurrency`` threads.
+
+    With ``stopping``, all of that runs off the calling thread, which watches:
+    once ``stopping()`` is true no further job starts (``NOT_STARTED``), the
+    running ones get ``grace`` seconds, then ``STILL_RUNNING`` stands for
+    those not done (their threads are daemons: the process may exit).
     """
-    results: list[Result] = [None] * len(jobs)
+    results: list[Result] = [NOT_STARTED] * len(jobs)
     if not jobs:
         return results
+    if stopping is None:
+        _fill(call, jobs, concurrency, results, None)
+        return results
+    runner = threading.Thread(
+        target=_fill, args=(call, jobs, concurrency, results, stopping), daemon=True
+    )
+    runner.start()
+    deadline: float | None = None
+    while runner.is_alive():
+        runner.join(0.05)
+        if deadline is None and stopping():
+            deadline = time.monotonic() + grace
+        if deadline is not None and time.monotonic() >= deadline:
+            return list(results)  # what is still running stays STILL_RUNNING
+    return results
+
+
+def _fill(
+    call: Callable[[Job], Result],
+    jobs: list[Job],
+    concurrency: int,
+    results: list[Result],
+    stopping: Stopping | None,
+) -> None:
     work = enumerate(jobs)
     n = max(1, min(concurrency, len(jobs)))
     if n > 1:
@@ -55,28 +90,33 @@ def run_threaded(call: Callable[[Job], Result], jobs: list[Job], concurrency: in
         started = clock()
         done = 0
         for i, job in work:
+            if stopping is not None and stopping():
+                return
             t = clock()
+            results[i] = STILL_RUNNING
             results[i] = call(job)
             done += 1
             now = clock()
             if now - t > _INLINE_CALL_LIMIT or (now - started) > _INLINE_MEAN_LIMIT * done + 0.001:
                 break
         else:
-            return results
+            return
 
     def worker() -> None:
         for i, job in work:
+            if stopping is not None and stopping():
+                return
+            results[i] = STILL_RUNNING
             results[i] = call(job)
 
     if n == 1:
         worker()
-        return results
+        return
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return results
 
 
 def load_app(app: str) -> ModuleType:
@@ -144,7 +184,13 @@ class LocalBackend:
     def has_function(self, name: str) -> bool | None:
         return self._fn(name) is not None
 
-    def dispatch(self, jobs: list[Job], concurrency: int) -> list[Result]:
+    def dispatch(
+        self,
+        jobs: list[Job],
+        concurrency: int,
+        stopping: Stopping | None = None,
+        grace: float = 10.0,
+    ) -> list[Result]:
         for name in {j.function for j in jobs}:
             self._fn(name)  # resolve once per function, before the threads start
 
@@ -167,7 +213,7 @@ class LocalBackend:
         # What the app prints (the seed's functions log with print) goes to
         # stderr: stdout belongs to wsctl's own output (--json).
         with contextlib.redirect_stdout(sys.stderr):
-            return run_threaded(call, jobs, concurrency)
+            return run_threaded(call, jobs, concurrency, stopping, grace)
 
     def poll(self, call_ids: list[str]) -> dict[str, Poll]:
         return {}

@@ -2,7 +2,7 @@
 
 A lost database connection in the loop is reported and retried after the
 interval, never fatal; a stop request (SIGTERM/SIGINT, wired by the CLI)
-lets the current pass finish.
+stops claiming at once and lets the running functions finish (``--grace``).
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def run_loop(
     on_pass: Callable[[PassSummary], None],
     on_error: Callable[[str], None],
     journal: Journal | None = None,
+    on_stop: Callable[[PassSummary], None] | None = None,
+    stop_reason: Callable[[], str] | None = None,
 ) -> int:
     """Run passes every ``interval`` seconds until ``stop`` is set; returns the pass count."""
     import psycopg
@@ -70,10 +72,14 @@ def run_loop(
                     opts,
                     connect=lambda: connect(require_schema=False),
                     journal=journal,
+                    stop=stop,
+                    stop_reason=stop_reason,
                 )
                 passes += 1
                 failures = 0
                 on_pass(summary)
+                if stop.is_set() and on_stop is not None:
+                    on_stop(summary)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 failures += 1
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)

@@ -12,7 +12,7 @@ import itertools
 import threading
 from collections.abc import Callable
 
-from wsctl.dispatch.backend import Failure, Job, Poll, Result
+from wsctl.dispatch.backend import Failure, Job, Poll, Result, Stopping
 from wsctl.dispatch.local import run_threaded
 from wsctl.states import classify
 
@@ -46,7 +46,13 @@ class MemoryBackend:
     def has_function(self, name: str) -> bool | None:
         return self.functions.get(name) is not None
 
-    def dispatch(self, jobs: list[Job], concurrency: int) -> list[Result]:
+    def dispatch(
+        self,
+        jobs: list[Job],
+        concurrency: int,
+        stopping: Stopping | None = None,
+        grace: float = 10.0,
+    ) -> list[Result]:
         def call(job: Job) -> Result:
             fn = self.functions.get(job.function)
             if fn is None:
@@ -65,7 +71,7 @@ class MemoryBackend:
             call_id = out if isinstance(out, str) else f"fc-mem-{next(self._ids)}"
             return call_id
 
-        return run_threaded(call, jobs, concurrency)
+        return run_threaded(call, jobs, concurrency, stopping, grace)
 
     def poll(self, call_ids: list[str]) -> dict[str, Poll]:
         self.polled.extend(call_ids)

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from wsctl import states
-from wsctl.dispatch.backend import Failure, Job, Poll, Result
+from wsctl.dispatch.backend import NOT_STARTED, Failure, Job, Poll, Result, Stopping
 from wsctl.errors import EnvError
 
 
@@ -117,7 +117,9 @@ class ModalBackend:
             self._fns[name] = failure
         return self._fns[name]
 
-    async def _dispatch(self, jobs: list[Job], concurrency: int) -> list[Result]:
+    async def _dispatch(
+        self, jobs: list[Job], concurrency: int, stopping: Stopping | None
+    ) -> list[Result]:
         names = sorted({j.function for j in jobs})
         looked_up = await asyncio.gather(*(self._lookup(n) for n in names))
         fns = dict(zip(names, looked_up, strict=True))
@@ -129,6 +131,8 @@ class ModalBackend:
             if isinstance(fn, Failure):
                 return fn
             async with sem:
+                if stopping is not None and stopping():
+                    return NOT_STARTED  # a spawn in flight finishes (bounded by its timeout)
                 if stop.is_set():
                     return Failure.of(
                         "credentials_rejected", "not spawned: the pass stopped", stops_pass=True
@@ -146,9 +150,15 @@ class ModalBackend:
 
         return list(await asyncio.gather(*(one(j) for j in jobs)))
 
-    def dispatch(self, jobs: list[Job], concurrency: int) -> list[Result]:
+    def dispatch(
+        self,
+        jobs: list[Job],
+        concurrency: int,
+        stopping: Stopping | None = None,
+        grace: float = 10.0,
+    ) -> list[Result]:
         assert self._loop is not None, "setup() first"
-        return self._loop.run_until_complete(self._dispatch(jobs, concurrency))
+        return self._loop.run_until_complete(self._dispatch(jobs, concurrency, stopping))
 
     async def _poll(self, call_ids: list[str]) -> dict[str, Poll]:
         import modal
