@@ -474,3 +474,38 @@ def test_summary_counts_are_read_by_outcome():
     assert s.completed == 3 and s.failed == 0 and s.ok
     with pytest.raises(AttributeError):
         _ = s.nonsense
+
+
+def test_cli_statement_timeout_while_recording_the_issues_repro(cli, conn, db_url, tmp_path):
+    """Issue 11.1's repro through the command: the recording is retried, nothing reruns."""
+    f.register_seed(conn)
+    client = f.add_client(conn)
+    batch = f.add_batch(conn, client, TWO, 50)
+    runs = tmp_path / "runs"
+    app = tmp_path / "app.py"
+    app.write_text(
+        "def start_normalize_all_core_values(item_id, ws=None):\n"
+        f"    with open({str(runs)!r}, 'a') as fh:\n"
+        "        fh.write(item_id + '\\n')\n"
+        "def start_enrich_company_via_waterfall_in_clay(item_id, ws=None):\n"
+        "    return None\n"
+    )
+    (tmp_path / "wsctl.toml").write_text(
+        '[database]\nstatement_timeout = "300ms"\n'
+        f'[dispatch]\nrecord_retry_seconds = 10.0\njournal_dir = "{tmp_path / "journal"}"\n'
+    )
+    holder = _hold_batch_lock(db_url, batch, 1.5)
+    r = cli("dispatch", "--once", "--backend", "local", "--app", str(app), "--lease-seconds", "5")
+    holder.join()
+    assert r.code == 0, r.err
+    assert "recorded on a fresh connection" in r.out
+    ran = Counter(runs.read_text().split())
+    assert len(ran) == 50 and set(ran.values()) == {1}
+    st = Counter(
+        r[0] for r in conn.execute("SELECT status FROM workflow_states WHERE step_name=%s", (STEP,))
+    )
+    assert st == {"COMPLETED": 50}
+    # 6 s later a second pass runs nothing again (the issue saw all 50 rerun).
+    conn.execute("UPDATE workflow_states SET lease_expires_at = now() - interval '1 s'")
+    cli("dispatch", "--once", "--backend", "local", "--app", str(app))
+    assert set(Counter(runs.read_text().split()).values()) == {1}

@@ -10,21 +10,31 @@ from wsctl.settings import DISPATCH_DEFAULTS
 _FROM_CONFIG = "default: the dispatch table of wsctl.toml, else"
 
 
+def _d(key: str) -> str:
+    """A dispatch default as the help shows it (from settings.DISPATCH_DEFAULTS, the one source)."""
+    value = DISPATCH_DEFAULTS[key]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def dispatch(
     ctx: typer.Context,
     once: bool = typer.Option(False, "--once", help="Run one pass and exit (the default)."),
     loop: bool = typer.Option(False, "--loop", help="Run passes until SIGTERM/SIGINT."),
     interval: float | None = typer.Option(
-        None, "--interval", help=f"Seconds between --loop passes ({_FROM_CONFIG}: 10)."
+        None,
+        "--interval",
+        help=f"Seconds between --loop passes ({_FROM_CONFIG}: {_d('interval')}).",
     ),
     limit: int | None = typer.Option(
-        None, "--limit", help=f"Most states claimed in a pass ({_FROM_CONFIG}: 1000)."
+        None, "--limit", help=f"Most states claimed in a pass ({_FROM_CONFIG}: {_d('limit')})."
     ),
     concurrency: int | None = typer.Option(
-        None, "--concurrency", help=f"Concurrent spawns/calls ({_FROM_CONFIG}: 32)."
+        None,
+        "--concurrency",
+        help=f"Concurrent spawns/calls ({_FROM_CONFIG}: {_d('concurrency')}).",
     ),
     backend: str | None = typer.Option(
-        None, "--backend", help=f"modal or local ({_FROM_CONFIG}: modal)."
+        None, "--backend", help=f"modal or local ({_FROM_CONFIG}: {_d('backend')})."
     ),
     app: str | None = typer.Option(
         None, "--app", help="Modal app name, or for --backend local a file path or module."
@@ -36,30 +46,32 @@ def dispatch(
         None, "--workstream", help="Only states of batches in this workstream."
     ),
     lease_seconds: int | None = typer.Option(
-        None, "--lease-seconds", help=f"Claim lease ({_FROM_CONFIG}: 300)."
+        None, "--lease-seconds", help=f"Claim lease ({_FROM_CONFIG}: {_d('lease_seconds')})."
     ),
     spawn_timeout: float | None = typer.Option(
-        None, "--spawn-timeout", help=f"Seconds per spawn ({_FROM_CONFIG}: 30)."
+        None, "--spawn-timeout", help=f"Seconds per spawn ({_FROM_CONFIG}: {_d('spawn_timeout')})."
     ),
     max_attempts: int | None = typer.Option(
-        None, "--max-attempts", help=f"Attempts before FAILED ({_FROM_CONFIG}: 5)."
+        None,
+        "--max-attempts",
+        help=f"Attempts before FAILED ({_FROM_CONFIG}: {_d('max_attempts')}).",
     ),
     callback_timeout: int | None = typer.Option(
         None,
         "--callback-timeout",
-        help=f"Seconds a DISPATCHED state may wait for completion ({_FROM_CONFIG}: 3600).",
+        help="Seconds a DISPATCHED state may wait for completion "
+        f"({_FROM_CONFIG}: {_d('callback_timeout')}).",
     ),
     max_seconds: float | None = typer.Option(
         None,
         "--max-seconds",
-        help=f"A pass stops claiming after this many seconds ({_FROM_CONFIG}: "
-        f"{DISPATCH_DEFAULTS['max_seconds']:g}).",
+        help=f"A pass stops claiming after this many seconds ({_FROM_CONFIG}: {_d('max_seconds')}).",
     ),
     grace: float | None = typer.Option(
         None,
         "--grace",
         help="Once stopping (SIGTERM/SIGINT, --max-seconds), seconds running functions get "
-        f"to finish ({_FROM_CONFIG}: {DISPATCH_DEFAULTS['grace']:g}).",
+        f"to finish ({_FROM_CONFIG}: {_d('grace')}).",
     ),
     no_reconcile: bool = typer.Option(False, "--no-reconcile", help="Skip polling spawned calls."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; claim nothing."),
@@ -262,8 +274,11 @@ def retry(
     from wsctl.errors import UsageError
 
     batch_id = parse_uuid(batch, "batch id")
-    statuses = [s.upper() for s in (status or ["BLOCKED", "FAILED"])]
-    bad = [s for s in statuses if s not in ("BLOCKED", "FAILED")]
+    from wsctl.states import Status
+
+    retryable = (Status.BLOCKED, Status.FAILED)
+    statuses = [s.upper() for s in (status or list(retryable))]
+    bad = [s for s in statuses if s not in retryable]
     if bad:
         raise UsageError(f"--status takes BLOCKED or FAILED, not {', '.join(bad)}")
     if step is not None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from wsctl.dispatch.backend import Backend
 from wsctl.dispatch.engine import PassOptions, PassSummary, RecordingFailed, run_pass
 from wsctl.errors import DatabaseUnavailable, UsageError
+from wsctl.settings import DISPATCH_DEFAULTS
 
 if TYPE_CHECKING:
     import psycopg
@@ -22,7 +23,11 @@ if TYPE_CHECKING:
 
 
 def make_backend(
-    kind: str, *, app: str | None, environment: str | None = None, spawn_timeout: float = 30.0
+    kind: str,
+    *,
+    app: str | None,
+    environment: str | None = None,
+    spawn_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
 ) -> Backend:
     if kind == "local":
         from wsctl.dispatch.local import LocalBackend

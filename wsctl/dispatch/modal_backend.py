@@ -16,6 +16,7 @@ from typing import Any
 from wsctl import states
 from wsctl.dispatch.backend import NOT_STARTED, Failure, Job, Poll, Result, Stopping
 from wsctl.errors import EnvError
+from wsctl.settings import DISPATCH_DEFAULTS
 
 
 def _describe(exc: BaseException) -> str:
@@ -61,8 +62,8 @@ class ModalBackend:
         app: str,
         *,
         environment: str | None = None,
-        spawn_timeout: float = 30.0,
-        lookup_timeout: float = 30.0,
+        spawn_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
+        lookup_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
     ):
         self.app = app
         self.environment = environment or None
