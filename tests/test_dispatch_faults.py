@@ -372,7 +372,7 @@ def test_a_server_restart_mid_pass_loses_no_outcome_and_runs_nothing_twice(own_s
         s = run_pass(
             connect(),
             MemoryBackend({FN: fn}),
-            PassOptions(limit=40, concurrency=1, record_retry_seconds=20),
+            PassOptions(limit=40, concurrency=1, record_retry_seconds=20, chunk_size=10),
             writer_conn=connect(),
             connect=connect,
             journal=Journal(tmp_path / "j"),
@@ -381,6 +381,8 @@ def test_a_server_restart_mid_pass_loses_no_outcome_and_runs_nothing_twice(own_s
         for c in opened:
             c.close()
     assert restarted.is_set() and s.record_retries >= 1
+    # the later chunks were claimed on a fresh connection too
+    assert "the claim connection was lost: reconnected" in s.notices
     assert len(calls) == 40 and set(calls.values()) == {1}
     with _connect(url) as c:
         st = Counter(

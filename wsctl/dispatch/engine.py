@@ -637,14 +637,16 @@ class _Recorder:
         journal: Journal | None,
     ):
         self.conn, self.opts, self.connect, self.journal = conn, opts, connect, journal
+        self.claim_conn: psycopg.Connection | None = None
         self._opened: list[psycopg.Connection] = []
 
     def _fresh(self) -> psycopg.Connection:
         import contextlib
 
         assert self.connect is not None
-        with contextlib.suppress(Exception):
-            self.conn.close()
+        if self.conn in self._opened or self.conn is not self.claim_conn:
+            with contextlib.suppress(Exception):
+                self.conn.close()  # never the pass's claim connection: the caller owns it
         self.conn = self.connect()
         self._opened.append(self.conn)
         return self.conn
@@ -930,6 +932,26 @@ def run_pass(
     remaining = opts.limit
     failure: Failure | None = None
     recorder = _Recorder(writer_conn or conn, opts, connect, journal)
+    recorder.claim_conn = conn
+    own: list[psycopg.Connection] = []  # claim connections this pass opened after a loss
+
+    def claim(n: int, token: uuid.UUID) -> list[ClaimRow]:
+        """A claim; once, on a fresh connection when the claim connection was lost."""
+        nonlocal conn
+        import psycopg
+
+        try:
+            return _claim(conn, opts, n, token)
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            if connect is None or not (conn.closed or conn.broken):
+                raise
+        # The statement never reached a commit we saw: if it did commit, those
+        # claims wait for their lease (never run twice), the rest stay PENDING.
+        conn = connect()
+        own.append(conn)
+        summary.notices.append("the claim connection was lost: reconnected")
+        return _claim(conn, opts, n, token)
+
     writer = (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsctl-record")
         if writer_conn
@@ -957,10 +979,10 @@ def run_pass(
             # for its whole duration: up to twice the chunk size goes in one.
             n = remaining if remaining <= 2 * opts.chunk_size else opts.chunk_size
             token = uuid.uuid4()
-            rows = _claim(conn, opts, n, token)
+            rows = claim(n, token)
             if not rows and pending is not None:
                 settle()
-                rows = _claim(conn, opts, n, token)
+                rows = claim(n, token)
             if not rows:
                 break
             summary.claimed += len(rows)
@@ -985,6 +1007,8 @@ def run_pass(
         if writer is not None:
             writer.shutdown(wait=True)
         recorder.close()
+        for c in own:
+            c.close()
         summary.seconds = round(time.perf_counter() - started, 6)
     if failure is not None:
         raise EnvError(
