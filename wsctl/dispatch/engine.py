@@ -620,7 +620,7 @@ class PassStopped(WsctlError):
 
 
 class _Recorder:
-    """Records chunks: journal first (fsynced), then the database, retried.
+    """Records chunks: journal first (fsynced once a recording fails), then the database.
 
     A failed recording (statement timeout, lost connection, restart) is retried
     on a fresh connection with a short backoff for ``record_retry_seconds``,
@@ -669,6 +669,8 @@ class _Recorder:
                 delta = _record(self.conn, out, self.opts)
                 break
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                if self.journal is not None and attempt == 0:
+                    self.journal.sync()  # from now on the outcomes survive this host too
                 attempt += 1
                 first = _first_line(exc)
                 elapsed = time.monotonic() - started

@@ -2,9 +2,13 @@
 database is away for longer than the lease.
 
 Before a chunk's outcomes are recorded, they are appended to this process's
-journal file as one JSON line and fsynced; once the recording transaction
-commits, a ``done`` line follows (no fsync needed: replaying a recorded chunk
-changes nothing). The next pass, of this process or of any later one on the
+journal file as one JSON line (a write to the page cache: it survives the
+dispatcher being killed); when a recording attempt fails, the file is fsynced
+at once (it then survives the host too) before the recording is retried.
+Once the recording transaction commits, a ``done`` line follows (no fsync
+needed: replaying a recorded chunk changes nothing). An fsync before every
+recording would cost each pass one disk flush per chunk for the rare case
+of the host itself crashing mid-recording. The next pass, of this process or of any later one on the
 same host, replays every chunk without its ``done`` line before it claims,
 each state only while it is still DISPATCHING under the journaled claim token
 *and* at the journaled dispatch generation (fenced: a state claimed again since
@@ -59,15 +63,25 @@ class Journal:
             self._fh = fh
         return self._fh
 
-    def write(self, token: uuid.UUID, groups: dict[str, list[list[Any]]]) -> None:
-        """Append one chunk's outcomes and fsync them (before they are recorded)."""
+    def write(
+        self, token: uuid.UUID, groups: dict[str, list[list[Any]]], *, sync: bool = False
+    ) -> None:
+        """Append one chunk's outcomes (before they are recorded); ``sync``: fsync too."""
         line = json.dumps({"token": str(token), "groups": groups}, separators=(",", ":"))
         with self._lock:
             fh = self._file()
             fh.write(line + "\n")
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
             self._outstanding.add(str(token))
+
+    def sync(self) -> None:
+        """fsync what was written (a recording failed: the outage may outlast this host)."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
 
     def done(self, token: uuid.UUID) -> None:
         """The chunk's outcomes are committed; truncate the file once nothing is outstanding."""
