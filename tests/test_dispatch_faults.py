@@ -601,3 +601,20 @@ def test_two_loops_through_a_server_restart_run_no_item_step_twice(own_server, t
     assert all(p.returncode == 0 for p in loops), errs
     # the restart reached the loops: a recording retried or a pass retried
     assert any("retrying" in e for e in errs), errs
+
+
+def test_a_running_function_finds_its_dispatch_generation(wconn):
+    from wsctl import worker
+
+    client = f.add_client(wconn)
+    f.add_batch(wconn, client, [STEP], 2)
+    seen = []
+
+    def fn(item_id, workstream):
+        with _connect(wconn.info.dsn) as c:
+            seen.append(worker.current_dispatch(item_id, STEP, conn=c))
+
+    run_pass(wconn, MemoryBackend({FN: fn}), PassOptions())
+    assert [(d.dispatch_generation, d.status) for d in seen] == [(1, "DISPATCHING")] * 2
+    item = wconn.execute("SELECT item_id::text FROM workflow_states LIMIT 1").fetchone()[0]
+    assert worker.current_dispatch(item, STEP, conn=wconn) is None  # COMPLETED now

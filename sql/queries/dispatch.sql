@@ -263,3 +263,10 @@ FROM unnest(%(ids)s::uuid[], %(calls)s::text[], %(reasons)s::text[], %(classes)s
             %(codes)s::text[]) AS u(id, call_id, reason, error_class, reason_code)
 WHERE ws.id = u.id AND ws.modal_call_id = u.call_id AND ws.status = 'DISPATCHED'
 RETURNING ws.id;
+
+-- dispatch_worker_current --
+-- wsctl.worker.current_dispatch: the item-step's state and dispatch generation while it is
+-- DISPATCHING (the claim a running function belongs to).
+SELECT ws.id AS state_id, ws.dispatch_generation, ws.status
+FROM public.workflow_states ws
+WHERE ws.item_id = %s AND ws.step_name = %s AND ws.status = 'DISPATCHING';
