@@ -70,7 +70,7 @@ LIMIT %(limit)s;
 
 -- dispatch_complete_claimed --
 -- Sync steps whose function returned: COMPLETED and next step enqueued, guarded by the claim token.
-SELECT wsctl.complete_steps(%s::uuid[], %s::uuid);
+SELECT wsctl.complete_steps(%s::uuid[], %s::uuid) AS completed;
 
 -- dispatch_mark_dispatched --
 -- Spawned (or async sender returned): DISPATCHED with its call id, guarded by the claim token.
@@ -183,7 +183,7 @@ SELECT wsctl.complete_steps(ARRAY(
     FROM public.workflow_states ws
     JOIN unnest(%s::uuid[], %s::text[]) AS u(id, call_id)
       ON ws.id = u.id AND ws.modal_call_id = u.call_id
-    WHERE ws.status = 'DISPATCHED'));
+    WHERE ws.status = 'DISPATCHED')) AS completed;
 
 -- dispatch_callback_timeout_candidates --
 -- DISPATCHED longer than the callback timeout (bounded per pass): before they are failed,

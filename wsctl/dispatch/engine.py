@@ -163,6 +163,47 @@ def by_name(cls: type) -> Callable[[Any], Callable[[Any], Any]]:
     return factory
 
 
+@dataclass(slots=True)
+class _Changed:
+    """A row a guarded UPDATE changed (``RETURNING ws.id``)."""
+
+    id: uuid.UUID
+
+
+@dataclass(slots=True)
+class _ChangedStatus:
+    """``RETURNING ws.id, ws.status`` of the retry statement."""
+
+    id: uuid.UUID
+    status: str
+
+
+@dataclass(slots=True)
+class _Completed:
+    """``SELECT wsctl.complete_steps(...) AS completed``."""
+
+    completed: int | None
+
+
+@dataclass(slots=True)
+class _TimedOut:
+    id: uuid.UUID
+    item_id: uuid.UUID
+    last_error: str
+
+
+def _read(conn: psycopg.Connection, cls: type, query: str, params: Any) -> list[Any]:
+    """Run ``query`` and read its rows by name into ``cls``."""
+    with conn.cursor(row_factory=by_name(cls)) as cur:
+        cur.execute(q(query), params)
+        return cur.fetchall()
+
+
+def _count(conn: psycopg.Connection, query: str, params: Any) -> int:
+    rows = _read(conn, _Completed, query, params)
+    return (rows[0].completed or 0) if rows else 0
+
+
 # -- What a pass reports -----------------------------------------------------
 
 _ERROR_SAMPLE = 20
@@ -542,12 +583,11 @@ def _retry_params(entries: list[Entry], token: uuid.UUID | None, opts: PassOptio
     }
 
 
-def _tally_retries(
-    summary: PassSummary, rows: list[tuple[uuid.UUID, str]], entries: list[Entry]
-) -> int:
+def _tally_retries(summary: PassSummary, rows: list[_ChangedStatus], entries: list[Entry]) -> int:
     """Count what ``dispatch_retry`` returned: (state_id, PENDING|FAILED) rows."""
     by_id = {e.state_id: e for e in entries}
-    for state_id, status in rows:
+    for row in rows:
+        state_id, status = row.id, row.status
         e = by_id[state_id]
         code = e.reason.code if e.reason else "unexpected_error"
         if status == Status.FAILED:
@@ -583,23 +623,28 @@ def _record(conn: psycopg.Connection, out: _Chunk, opts: PassOptions) -> PassSum
                 continue
             ids = [e.state_id for e in entries]
             if outcome is Outcome.COMPLETED:
-                done = conn.execute(q("dispatch_complete_claimed"), (ids, token)).fetchone()
-                delta.add(Outcome.COMPLETED, done[0] if done else 0)
+                delta.add(
+                    Outcome.COMPLETED, _count(conn, "dispatch_complete_claimed", (ids, token))
+                )
             elif outcome is Outcome.DISPATCHED:
                 calls = [e.call_id for e in entries]
                 conn.execute(q("dispatch_mark_dispatched"), (ids, calls, token))
             elif outcome is Outcome.RETRIED:
-                rows = conn.execute(q("dispatch_retry"), _retry_params(entries, token, opts))
-                _tally_retries(delta, rows.fetchall(), entries)
+                rows = _read(
+                    conn, _ChangedStatus, "dispatch_retry", _retry_params(entries, token, opts)
+                )
+                _tally_retries(delta, rows, entries)
             elif outcome is Outcome.RELEASED:
                 released = conn.execute(q("dispatch_release"), (ids, token))
                 delta.add(Outcome.RELEASED, released.rowcount)
             else:  # BLOCKED, FAILED, CANCELLED: one statement, the status a parameter
                 status = OUTCOME_STATUS[outcome]
                 changed = {
-                    r[0]
-                    for r in conn.execute(
-                        q("dispatch_finish_claimed"),
+                    r.id
+                    for r in _read(
+                        conn,
+                        _Changed,
+                        "dispatch_finish_claimed",
                         {
                             "status": status,
                             "ids": ids,
@@ -728,9 +773,11 @@ class _Recorder:
             entries = [e for group in out.groups.values() for e in group]
             with tx(self.conn):
                 live = {
-                    r[0]
-                    for r in self.conn.execute(
-                        q("dispatch_journal_fence"),
+                    r.id
+                    for r in _read(
+                        self.conn,
+                        _Changed,
+                        "dispatch_journal_fence",
                         (
                             [e.state_id for e in entries],
                             [e.generation for e in entries],
@@ -817,8 +864,7 @@ def _apply_polls(
         # another dispatcher may have reconciled and re-spawned it since.
         if done:
             ids, calls = [d[0] for d in done], [d[1] for d in done]
-            row = conn.execute(q("dispatch_reconcile_complete"), (ids, calls)).fetchone()
-            n = row[0] if row else 0
+            n = _count(conn, "dispatch_reconcile_complete", (ids, calls))
             summary.add(Outcome.COMPLETED, n)
             summary.reconciled += n
             settled.update(ids)
@@ -831,13 +877,17 @@ def _apply_polls(
             # one here only if it is transient; the others end the state at once.
             retry = [e for e in failed if e.reason and e.reason.error_class == ErrorClass.TRANSIENT]
             if retry:
-                got = conn.execute(q("dispatch_retry"), _retry_params(retry, None, opts))
-                summary.reconciled += _tally_retries(summary, got.fetchall(), retry)
+                got = _read(
+                    conn, _ChangedStatus, "dispatch_retry", _retry_params(retry, None, opts)
+                )
+                summary.reconciled += _tally_retries(summary, got, retry)
             for outcome in (Outcome.BLOCKED, Outcome.FAILED):
                 group = [e for e in failed if e.reason and e.reason.outcome is outcome]
                 if group:
-                    changed = conn.execute(
-                        q("dispatch_reconcile_finish"),
+                    changed = _read(
+                        conn,
+                        _Changed,
+                        "dispatch_reconcile_finish",
                         {
                             "status": OUTCOME_STATUS[outcome],
                             "ids": [e.state_id for e in group],
@@ -846,8 +896,8 @@ def _apply_polls(
                             "classes": [e.reason.error_class for e in group if e.reason],
                             "codes": [e.reason.code for e in group if e.reason],
                         },
-                    ).fetchall()
-                    ids_changed = {c[0] for c in changed}
+                    )
+                    ids_changed = {c.id for c in changed}
                     summary.add(outcome, len(ids_changed))
                     summary.reconciled += len(ids_changed)
                     for e in group:
@@ -894,11 +944,13 @@ def reconcile(
         return
     items = {c.id: c.item_id for c in candidates}
     with tx(conn):
-        timed_out = conn.execute(q("dispatch_callback_timeouts"), {**params, "ids": ids}).fetchall()
-    for state_id, _item, message in timed_out:
+        timed_out = _read(conn, _TimedOut, "dispatch_callback_timeouts", {**params, "ids": ids})
+    for t in timed_out:
         summary.add(Outcome.FAILED)
         summary.reconciled += 1
-        summary.note(state_id, items.get(state_id, ""), Status.FAILED, message, "callback_timeout")
+        summary.note(
+            t.id, items.get(t.id, t.item_id), Status.FAILED, t.last_error, "callback_timeout"
+        )
 
 
 # -- The pass ----------------------------------------------------------------
