@@ -618,3 +618,40 @@ def test_a_running_function_finds_its_dispatch_generation(wconn):
     assert [(d.dispatch_generation, d.status) for d in seen] == [(1, "DISPATCHING")] * 2
     item = wconn.execute("SELECT item_id::text FROM workflow_states LIMIT 1").fetchone()[0]
     assert worker.current_dispatch(item, STEP, conn=wconn) is None  # COMPLETED now
+
+
+def test_a_chunk_run_while_the_previous_recording_failed_is_journaled_too(
+    wconn, conns, db_url, tmp_path
+):
+    """Pipelined recording: chunk 1's recording fails while chunk 2 already ran."""
+    client = f.add_client(wconn)
+    batch = f.add_batch(wconn, client, TWO, 30)
+    calls: Counter = Counter()
+    backend = MemoryBackend({FN: _counting(calls)})
+    holder = _hold_batch_lock(db_url, batch, 3)
+    journal = Journal(tmp_path / "journal")
+    opts = PassOptions(lease_seconds=1, record_retry_seconds=0.5, limit=30, chunk_size=10)
+    with pytest.raises(RecordingFailed):
+        run_pass(
+            conns("300ms"),
+            backend,
+            opts,
+            writer_conn=conns("300ms"),
+            connect=lambda: conns("300ms"),
+            journal=journal,
+        )
+    journal.close()
+    holder.join()
+    assert sum(calls.values()) == 30  # both chunks ran before the pass gave up
+    time.sleep(1.2)  # the leases expired
+    second = Journal(tmp_path / "journal")
+    s = run_pass(wconn, backend, opts, journal=second)
+    second.close()
+    # both chunks replayed; what it claimed are the 30 next steps, never a rerun
+    assert s.replayed == 2 and s.claimed == 30
+    assert len(calls) == 30 and set(calls.values()) == {1}
+    st = Counter(
+        r[0]
+        for r in wconn.execute("SELECT status FROM workflow_states WHERE step_name=%s", (STEP,))
+    )
+    assert st == {"COMPLETED": 30}

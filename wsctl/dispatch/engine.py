@@ -761,6 +761,11 @@ class _Recorder:
             self.journal.done(out.token)
         return delta
 
+    def keep(self, out: _Chunk) -> None:
+        """Journal a chunk without recording it (the pass is failing: the next one records it)."""
+        if self.journal is not None:
+            self.journal.write(out.token, out.to_journal(), sync=True)
+
     def replay(self, summary: PassSummary) -> None:
         """Record what the journal holds from earlier passes, fenced by generation."""
         if self.journal is None:
@@ -1060,7 +1065,11 @@ def run_pass(
             remaining -= len(rows)
             out = _run_chunk(conn, backend, opts, rows, token, stopping, connect)
             summary.left_to_lease += out.left_to_lease
-            settle()
+            try:
+                settle()
+            except RecordingFailed:
+                recorder.keep(out)  # this chunk's functions ran too: never forget them
+                raise
             if writer is not None and out.pass_failure is None:
                 pending = writer.submit(recorder.record, out)
             else:
