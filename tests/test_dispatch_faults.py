@@ -300,7 +300,7 @@ def test_an_outage_longer_than_the_budget_is_journaled_and_replayed_fenced(
 
 def test_a_live_dispatchers_journal_is_never_taken_over(tmp_path):
     live = Journal(tmp_path)
-    live.write(uuid.uuid4(), {"completed": [[str(uuid.uuid4()), 1]]})
+    live.write(uuid.uuid4(), {"completed": {"ids": "", "gens": []}})
     applied = []
     assert Journal(tmp_path).replay(applied.append) == 0 and applied == []
     live.close()  # outstanding: kept for the next pass
@@ -311,7 +311,7 @@ def test_a_live_dispatchers_journal_is_never_taken_over(tmp_path):
 def test_a_torn_last_line_is_ignored(tmp_path):
     token = uuid.uuid4()
     path = tmp_path / "journal-1-dead.jsonl"
-    good = json.dumps({"token": str(token), "groups": {"completed": [[str(uuid.uuid4()), 1]]}})
+    good = json.dumps({"token": str(token), "groups": {"completed": {"ids": "", "gens": []}}})
     path.write_text(good + "\n" + '{"token": "torn')
     applied = []
     assert Journal(tmp_path).replay(applied.append) == 1
@@ -655,3 +655,22 @@ def test_a_chunk_run_while_the_previous_recording_failed_is_journaled_too(
         for r in wconn.execute("SELECT status FROM workflow_states WHERE step_name=%s", (STEP,))
     )
     assert st == {"COMPLETED": 30}
+
+
+def test_a_chunk_survives_the_journal_unchanged(tmp_path):
+    from wsctl.dispatch.engine import Entry, _Chunk
+
+    chunk = _Chunk(token=uuid.uuid4())
+    chunk.add(Outcome.COMPLETED, Entry(uuid.uuid4(), 1))
+    chunk.add(Outcome.DISPATCHED, Entry(uuid.uuid4(), 2, call_id="fc-1"))
+    chunk.add(
+        Outcome.RETRIED,
+        Entry(uuid.uuid4(), 3, "item-1", "HTTP 429", states.REASONS["rate_limited"], 7.5),
+    )
+    chunk.add(Outcome.BLOCKED, Entry(uuid.uuid4(), 4, "item-2", "no registry row",
+                                     states.REASONS["no_registry_row"]))  # fmt: skip
+    chunk.add(Outcome.RELEASED, Entry(uuid.uuid4(), 5))
+    Journal(tmp_path).write(chunk.token, chunk.to_journal(), sync=True)
+    got: list = []
+    Journal(tmp_path).replay(got.append)
+    assert _Chunk.from_journal(got[0]).groups == chunk.groups

@@ -365,31 +365,6 @@ class Entry:
     delay: float = 0.0
     call_id: str | None = None
 
-    def to_journal(self) -> list[Any]:
-        code = self.reason.code if self.reason else None
-        return [
-            str(self.state_id),
-            self.generation,
-            self.item_id,
-            self.message,
-            code,
-            self.delay,
-            self.call_id,
-        ]
-
-    @classmethod
-    def from_journal(cls, row: list[Any]) -> Entry:
-        sid, gen, item, message, code, delay, call = row
-        return cls(
-            uuid.UUID(sid),
-            int(gen),
-            item,
-            message,
-            REASONS.get(code) if code else None,
-            delay,
-            call,
-        )
-
 
 @dataclass
 class _Chunk:
@@ -409,25 +384,57 @@ class _Chunk:
     def size(self) -> int:
         return sum(len(v) for v in self.groups.values())
 
-    def to_journal(self) -> dict[str, list[list[Any]]]:
-        out: dict[str, list[list[Any]]] = {}
+    def to_journal(self) -> dict[str, dict[str, Any]]:
+        """The groups as columns: ids (16-byte UUIDs, base64), generations, and only
+        the columns a group has (calls for DISPATCHED; item, message, reason code
+        and delay for the failures). Cheap enough for every chunk of every pass."""
+        import base64
+
+        out: dict[str, dict[str, Any]] = {}
         for outcome, entries in self.groups.items():
-            if outcome is Outcome.COMPLETED or outcome is Outcome.CANCELLED:
-                out[outcome.value] = [[str(e.state_id), e.generation] for e in entries]
-            else:
-                out[outcome.value] = [e.to_journal() for e in entries]
+            col: dict[str, Any] = {
+                "ids": base64.b64encode(b"".join([e.state_id.bytes for e in entries])).decode(),
+                "gens": [e.generation for e in entries],
+            }
+            if outcome is Outcome.DISPATCHED:
+                col["calls"] = [e.call_id for e in entries]
+            elif outcome in (Outcome.RETRIED, Outcome.BLOCKED, Outcome.FAILED):
+                col["items"] = [e.item_id for e in entries]
+                col["messages"] = [e.message for e in entries]
+                col["codes"] = [e.reason.code if e.reason else None for e in entries]
+                col["delays"] = [e.delay for e in entries]
+            out[outcome.value] = col
         return out
 
     @classmethod
     def from_journal(cls, chunk: JournaledChunk) -> _Chunk:
+        import base64
+
         out = cls(token=chunk.token)
-        for name, rows in chunk.groups.items():
+        for name, col in chunk.groups.items():
             outcome = Outcome(name)
-            for row in rows:
-                if len(row) == 2:
-                    out.add(outcome, Entry(uuid.UUID(row[0]), int(row[1])))
-                else:
-                    out.add(outcome, Entry.from_journal(row))
+            raw = base64.b64decode(col["ids"])
+            ids = [uuid.UUID(bytes=raw[i : i + 16]) for i in range(0, len(raw), 16)]
+            n = len(ids)
+            calls = col.get("calls") or [None] * n
+            items = col.get("items") or [""] * n
+            messages = col.get("messages") or [None] * n
+            codes = col.get("codes") or [None] * n
+            delays = col.get("delays") or [0.0] * n
+            for i, sid in enumerate(ids):
+                code = codes[i]
+                out.add(
+                    outcome,
+                    Entry(
+                        sid,
+                        int(col["gens"][i]),
+                        items[i],
+                        messages[i],
+                        REASONS.get(code) if code else None,
+                        float(delays[i]),
+                        calls[i],
+                    ),
+                )
         return out
 
     def only(self, ids: set[uuid.UUID]) -> _Chunk:

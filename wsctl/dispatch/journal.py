@@ -36,9 +36,12 @@ from typing import IO, Any
 @dataclass(slots=True)
 class JournaledChunk:
     token: uuid.UUID
-    #: outcome name -> [[state_id, generation, *fields], ...] (see engine._Chunk.to_journal)
-    groups: dict[str, list[list[Any]]]
+    #: outcome name -> columns (see engine._Chunk.to_journal)
+    groups: dict[str, dict[str, Any]]
     path: Path
+
+
+_ROTATE_BYTES = 64 * 1024 * 1024
 
 
 class Journal:
@@ -64,7 +67,7 @@ class Journal:
         return self._fh
 
     def write(
-        self, token: uuid.UUID, groups: dict[str, list[list[Any]]], *, sync: bool = False
+        self, token: uuid.UUID, groups: dict[str, dict[str, Any]], *, sync: bool = False
     ) -> None:
         """Append one chunk's outcomes (before they are recorded); ``sync``: fsync too."""
         line = json.dumps({"token": str(token), "groups": groups}, separators=(",", ":"))
@@ -84,15 +87,20 @@ class Journal:
                 os.fsync(self._fh.fileno())
 
     def done(self, token: uuid.UUID) -> None:
-        """The chunk's outcomes are committed; truncate the file once nothing is outstanding."""
+        """The chunk's outcomes are committed: a ``done`` line (no flush to disk needed).
+
+        The file is emptied only once it is large and nothing is outstanding: a
+        truncate per chunk made ext4 flush (its replace-by-truncate heuristic),
+        which cost the no-op benchmark pass about a fifth of its time.
+        """
         with self._lock:
             self._outstanding.discard(str(token))
             fh = self._file()
-            if self._outstanding:
-                fh.write(json.dumps({"done": str(token)}) + "\n")
-                fh.flush()
-            else:
+            if not self._outstanding and fh.tell() > _ROTATE_BYTES:
                 fh.truncate(0)
+            else:
+                fh.write('{"done":"' + str(token) + '"}\n')
+                fh.flush()
 
     @property
     def outstanding(self) -> int:
