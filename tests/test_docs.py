@@ -1,0 +1,203 @@
+"""The documentation cannot drift from the code (in the manner of sqlite-utils' test_docs.py).
+
+* Every command ``wsctl --help`` lists (and every sub-command of a group) has a row in the
+  README's table of commands.
+* The JSON keys ``wsctl/cli/REFERENCE.md`` documents for each ``--json`` command are the
+  keys that command prints: each command runs once, through the ``cli`` fixture, against a
+  real database holding a little of everything (so no documented list comes out empty).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.support import factories
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+REFERENCE = ROOT / "wsctl" / "cli" / "REFERENCE.md"
+EXAMPLES = ROOT / "examples"
+
+CLAY = "enrich_company_via_waterfall_in_clay"
+NORMALIZE = "normalize_all_core_values"
+
+
+# --- what the docs say -------------------------------------------------------------
+
+
+def _commands_in_help(run_cli) -> list[str]:
+    """Every leaf command, as ``wsctl --help`` and each group's ``--help`` list them."""
+
+    def listed(*argv: str) -> list[str]:
+        out = run_cli(*argv, "--help").out
+        _, _, section = out.partition("\nCommands:\n")
+        return [ln.split()[0] for ln in section.splitlines() if ln.startswith("  ") and ln.split()]
+
+    leaves = []
+    for name in listed():
+        subs = listed(name)
+        leaves += [f"{name} {sub}" for sub in subs] if subs else [name]
+    return leaves
+
+
+def _commands_in_readme_table() -> set[str]:
+    """The first cell of each row of the README's command table: `wsctl NAME ...`."""
+    text = README.read_text()
+    start = text.index("<!-- commands -->")
+    end = text.index("<!-- /commands -->")
+    found = set()
+    for row in text[start:end].splitlines():
+        m = re.match(r"\|\s*`wsctl ([a-z][a-z -]*?)(?: [A-Z\[<-].*)?`", row)
+        if m:
+            found.add(m.group(1).strip())
+    return found
+
+
+def documented_keys() -> dict[str, dict[str, set[str]]]:
+    """{command: {path: keys}} from the ``<!-- json: COMMAND -->`` blocks of REFERENCE.md.
+
+    Each block's lines read ``- `PATH`: `key`, `key`, ...``: PATH is ``.`` for the
+    document itself, ``[]`` for the elements of a top-level list, ``checks[]`` for the
+    elements of the list under ``checks``, ``counts`` for the object under ``counts``.
+    A key whose value is not broken down by its own line is not checked further
+    (free-form objects such as a client's config).
+    """
+    text = REFERENCE.read_text()
+    blocks = re.findall(r"<!-- json: ([a-z -]+?) -->\n(.*?)<!-- /json -->", text, re.S)
+    out: dict[str, dict[str, set[str]]] = {}
+    for command, body in blocks:
+        paths: dict[str, set[str]] = {}
+        for m in re.finditer(r"^- `([^`]+)`: (.+)$", body, re.M):
+            paths[m.group(1)] = set(re.findall(r"`([^`]+)`", m.group(2)))
+        out[command] = paths
+    return out
+
+
+# --- what the commands print -------------------------------------------------------
+
+
+def _at(doc, path: str) -> list[dict]:
+    """The objects found at ``path`` (``.``, ``[]``, ``a``, ``a[]``, ``a[].b[]``)."""
+    nodes = [doc]
+    if path == ".":
+        return nodes
+    for part in re.findall(r"[^.\[\]]+|\[\]", path):
+        nxt = []
+        for n in nodes:
+            if part == "[]":
+                nxt += n if isinstance(n, list) else []
+            elif isinstance(n, dict) and isinstance(n.get(part), dict | list):
+                nxt.append(n[part])
+        nodes = nxt
+    return [n for n in nodes if isinstance(n, dict)]
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _outputs(cli, conn: psycopg.Connection, tmp: Path) -> dict[str, object]:
+    """Run every --json command once on a database with a little of everything."""
+    docs: dict[str, object] = {}
+
+    def run(name: str, *argv: str, ok=(0,)) -> object:
+        res = cli(*argv, "--json")
+        assert res.code in ok, f"wsctl {' '.join(argv)}: exit {res.code}: {res.err}"
+        docs[name] = res.json()
+        return docs[name]
+
+    run("demo", "demo")  # first: it refuses a database with other clients
+    run("migrate", "migrate")
+    run("registry import", "registry", "import", str(EXAMPLES / "registry.toml"))
+    run("client add", "client", "add", "acme")
+    run("client list", "client", "list")
+    run(
+        "registry add",
+        *("registry", "add", "--workflow", "score_lead", "--workstream", "apollo_scrape"),
+        *("--type", "sync", "--sender", "run_score_lead"),
+    )
+    run("registry list", "registry", "list")
+    run(
+        "registry remove",
+        *("registry", "remove", "--workflow", "score_lead", "--workstream", "apollo_scrape"),
+    )
+    key = ("--client", "acme", "--workflow", CLAY, "--workstream", "apollo_scrape")
+    run("config set", "config", "set", *key, "--set", "clay_table=apollo", "--set", "n=1")
+    run("config unset", "config", "unset", *key, "--key", "n")
+    run("config list", "config", "list")
+    items = _write(tmp / "items.csv", "company_name,company_domain\nAcme,acme.com\nInitech,\n")
+    batch = run(
+        "batch create",
+        *("batch", "create", "--client", "acme", "--workstream", "apollo_scrape"),
+        *("--blueprint", f"{NORMALIZE},{CLAY}", "--items", items, "--dedupe-key", "k1"),
+    )
+    batch_id = batch["batch_id"]
+    item_id = conn.execute(
+        "SELECT id::text FROM batch_items WHERE batch_id = %s ORDER BY id LIMIT 1", (batch_id,)
+    ).fetchone()[0]
+    run("dispatch --dry-run", "dispatch", "--dry-run")
+    # The example app: the normalizer runs; the Clay sender raises (no webhook URL in
+    # the config), so the pass has errors to report.
+    app = str(EXAMPLES / "enrichment_app.py")
+    run("dispatch", "dispatch", "--once", "--backend", "local", "--app", app, ok=(0, 1))
+    conn.execute("UPDATE workflow_states SET status = 'FAILED' WHERE step_name = %s", (CLAY,))
+    run("retry", "retry", "--batch", batch_id)
+    run("batch status", "batch", "status", batch_id)
+    run("item show", "item", "show", item_id)
+    run("config show", "config", "show", "--workflow", CLAY, "--item", item_id)
+    # A legacy batch (no workstream) that nothing registers: backfill leaves it unresolved.
+    client_id = conn.execute("SELECT id FROM clients WHERE name = 'acme'").fetchone()[0]
+    factories.add_batch(conn, client_id, ["unregistered_step"], 1, workstream=None)
+    run("batch list", "batch", "list")
+    run("backfill workstream-slug", "backfill", "workstream-slug", "--dry-run", ok=(1,))
+    run("doctor", "doctor", ok=(0, 1))
+    run("batch cancel", "batch", "cancel", batch_id)
+    run("migrate --status", "migrate", "--status")
+    return docs
+
+
+# --- the tests ---------------------------------------------------------------------
+
+
+def test_every_command_in_help_is_in_the_readme_table(run_cli):
+    in_help = _commands_in_help(run_cli)
+    assert len(in_help) > 15
+    table = _commands_in_readme_table()
+    assert sorted(set(in_help) - table) == [], "commands missing from the README's table"
+    assert sorted(table - set(in_help)) == [], "README table rows for commands that don't exist"
+
+
+def test_every_command_with_json_has_its_keys_documented(run_cli):
+    documented = {c.split(" --")[0] for c in documented_keys()}
+    with_json = [c for c in _commands_in_help(run_cli) if "--json" in run_cli(*c.split(), "-h").out]
+    assert sorted(set(with_json) - documented) == []
+
+
+def test_the_documented_json_keys_are_the_printed_ones(cli, conn, tmp_path):
+    printed = _outputs(cli, conn, tmp_path)
+    documented = documented_keys()
+    assert sorted(printed) == sorted(documented), "every documented command is run here"
+    wrong = []
+    for command, paths in documented.items():
+        for path, keys in paths.items():
+            objs = _at(printed[command], path)
+            if not objs:
+                wrong.append(f"{command}: nothing at {path}")
+                continue
+            seen = set().union(*(o.keys() for o in objs))
+            if seen != keys:
+                wrong.append(
+                    f"{command} {path}: printed but undocumented {sorted(seen - keys)}, "
+                    f"documented but not printed {sorted(keys - seen)}"
+                )
+    assert wrong == []
+
+
+@pytest.mark.parametrize("path", [README, REFERENCE])
+def test_docs_do_not_speak_of_the_seed(path):
+    assert not re.search(r"\bseed'?s?\b", path.read_text(), re.I)
