@@ -202,6 +202,13 @@ def test_the_documented_json_keys_are_the_printed_ones(cli, run_cli, fresh_db, c
     assert wrong == []
 
 
+def test_the_readme_test_command_is_the_one_ci_runs():
+    ci = (ROOT / ".ci" / "run").read_text()
+    run_tests = re.search(r"^run_tests\(\) \{ (.+); \}$", ci, re.M).group(1)
+    readme = README.read_text()
+    assert f"pip install -e '.[dev]' && {run_tests}\n" in readme
+
+
 @pytest.mark.parametrize("path", [README, REFERENCE])
 def test_docs_do_not_speak_of_the_seed(path):
     assert not re.search(r"\bseed'?s?\b", path.read_text(), re.I)
