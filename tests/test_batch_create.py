@@ -155,8 +155,8 @@ def test_item_ids_are_uuid7_and_contiguous(cli, conn, catalog):
     data = conn.execute("SELECT data FROM public.batch_items WHERE id = %s", (ids[4],)).fetchone()[
         0
     ]
-    assert data["company_name"] == 'Initech "Labs"'
-    assert data["title"] == "Software Engineer\n(TPS reports)"
+    assert data["Company"] == 'Initech "Labs"'
+    assert data["Title"] == "Software Engineer\n(TPS reports)"
 
 
 def test_create_from_jsonl_keeps_json_types_and_skips_blank_lines(cli, conn, catalog):
@@ -164,10 +164,10 @@ def test_create_from_jsonl_keeps_json_types_and_skips_blank_lines(cli, conn, cat
     assert r.code == 0, r.err
     assert r.json()["items"] == 4
     rows = stored_items(conn, r.json()["batch_id"])
-    assert rows[0]["tags"] == ["saas", "b2b"] and rows[0]["employees"] == 5000
+    assert rows[0]["tags"] == ["saas", "b2b"] and rows[0]["# Employees"] == 5000
     assert rows[1]["hq"] == {"city": "Gotham", "country": "US"}
-    assert rows[2]["employees"] is None and rows[2]["public"] is False
-    assert rows[3]["company_name"] == "Société Générale" and rows[3]["note"] == "UTF-8 ✓"
+    assert rows[2]["# Employees"] is None and rows[2]["public"] is False
+    assert rows[3]["Company"] == "Société Générale" and rows[3]["note"] == "UTF-8 ✓"
 
 
 def test_stdin_with_a_byte_order_mark_and_explicit_format(cli, conn, catalog):

@@ -162,10 +162,30 @@ def test_registry_remove_refused_while_states_need_it(cli, conn, world):
     # --force removes it anyway and says how many states needed it
     r = cli(*args, "--force")
     assert r.code == 0, r.err
-    assert "1 state(s) needed this row" in r.err
+    assert "1 pending or dispatched state(s) needed this row" in r.err
     assert conn.execute(
         "SELECT count(*) FROM enrichment_registry WHERE slug = %s", (ENRICH,)
     ).fetchone() == (0,)
+
+
+def test_registry_remove_refused_while_blocked_states_or_unreached_batches_need_it(
+    cli, conn, world
+):
+    args = ("registry", "remove", "--workflow", ENRICH, "--workstream", APOLLO)
+    batch, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], APOLLO)
+    blocked = add_state(conn, item, batch, ENRICH, "BLOCKED")
+    before = table_snapshot(conn)
+    assert_refused(cli(*args), 1, "1 BLOCKED state(s) of")
+    assert table_snapshot(conn) == before
+    # An active batch whose items are still at the earlier step reaches ENRICH later.
+    conn.execute("DELETE FROM workflow_states WHERE id = %s", (blocked,))
+    add_state(conn, item, batch, NORMALIZE, "PENDING")
+    before = table_snapshot(conn)
+    assert_refused(cli(*args), 1, "1 active batch(es) that have not reached the step")
+    assert table_snapshot(conn) == before
+    r = cli(*args, "--force", "--json")
+    assert r.code == 0, r.err
+    assert (r.json()["batches_to_reach"], r.json()["needed_by"]) == (1, 0)
 
 
 def test_registry_remove_allowed_when_states_are_done(cli, conn, world):

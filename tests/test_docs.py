@@ -162,6 +162,11 @@ def _outputs(cli, run_cli, empty_url: str, conn: psycopg.Connection, tmp: Path) 
     run("doctor", "doctor", ok=(0, 1))
     run("batch cancel", "batch", "cancel", batch_id)
     run("migrate --status", "migrate", "--status")
+    run("examples", "examples")
+    run("examples --copy", "examples", "--copy", str(tmp / "examples-copy"))
+    # No server under this test's own data dir: status and stop start nothing.
+    run("embedded status", "embedded", "status")
+    run("embedded stop", "embedded", "stop")
     return docs
 
 

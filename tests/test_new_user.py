@@ -80,3 +80,163 @@ def test_one_field_is_singular(cli, catalog, tmp_path):
     path.write_text("a,b,c\n1\n")
     r = _create(cli, path)
     assert r.code == 1 and "line 2: 1 field where the header has 3" in r.err
+
+
+# --- the embedded server ------------------------------------------------------------
+
+
+def test_embedded_status_and_stop(run_cli):
+    from wsctl import embedded
+    from wsctl.settings import user_data_dir
+
+    data = user_data_dir()  # under this test's own XDG_DATA_HOME
+    r = run_cli("embedded", "status", "--json")
+    assert r.code == 0 and r.json()["initialized"] is False and r.json()["running"] is False
+    server = embedded.ensure(data)
+    try:
+        r = run_cli("embedded", "status", "--json")
+        doc = r.json()
+        assert doc["running"] is True and doc["initialized"] is True and doc["pid"] > 0
+        assert doc["pgdata"] == str(server.pgdata)
+        human = run_cli("embedded", "status")
+        assert human.out.startswith("running: pid") and "wsctl embedded stop" in human.out
+        r = run_cli("embedded", "stop")
+        assert r.code == 0 and r.out.startswith("stopped the embedded PostgreSQL")
+        after = run_cli("embedded", "status", "--json").json()
+        assert after["running"] is False and after["initialized"] is True
+        again = run_cli("embedded", "stop", "--json")
+        assert again.code == 0 and again.json()["stopped"] is False
+    finally:
+        embedded.stop(data)
+
+
+# --- the command line ----------------------------------------------------------------
+
+
+def test_version_has_a_short_flag(run_cli):
+    from wsctl import __version__
+
+    assert run_cli("-V").out.strip() == f"wsctl {__version__}"
+    assert run_cli("--version").out == run_cli("-V").out
+
+
+def test_shell_completion_is_offered_and_completes_commands():
+    import os
+    import subprocess
+    import sys
+
+    script = subprocess.run(
+        [sys.executable, "-m", "wsctl", "--show-completion", "bash"],
+        capture_output=True,
+        text=True,
+    )
+    assert script.returncode == 0 and "_wsctl_completion" in script.stdout
+    env = {**os.environ, "_WSCTL_COMPLETE": "complete_bash", "COMP_WORDS": "wsctl ba"}
+    env["COMP_CWORD"] = "1"
+    done = subprocess.run([sys.executable, "-m", "wsctl"], capture_output=True, text=True, env=env)
+    assert set(done.stdout.split()) == {"batch", "backfill"}
+
+
+def test_help_names_what_to_type_not_click_type_names(run_cli):
+    import re
+
+    from tests.test_cli_basics import _commands
+    from wsctl.cli.app import app
+
+    for path, _cmd in _commands(app):
+        text = run_cli(*path, "--help").out
+        assert not re.search(r"<(str|int|float|int range|float range)>", text), (path, text)
+    listing = run_cli("batch", "list", "--help").out
+    assert "--client NAME" in listing and "--limit N" in listing
+
+
+def test_database_url_is_accepted_after_any_command(run_cli, db_url):
+    r = run_cli("migrate", "--status", "--json", "--database-url", db_url)
+    assert r.code == 0, r.err
+    assert r.json()["pending"] == []
+    r = run_cli("batch", "list", f"--database-url={db_url}", "--json")
+    assert r.code == 0 and r.json() == []
+
+
+# --- configuration ---------------------------------------------------------------------
+
+
+def test_init_without_a_url_writes_a_commented_placeholder_that_loads(run_cli, tmp_path):
+    import tomllib
+
+    from wsctl import settings
+
+    r = run_cli("init")
+    assert r.code == 0, r.err
+    text = (tmp_path / "wsctl.toml").read_text()
+    assert '# url = "postgresql://USER:PASSWORD@HOST:5432/DBNAME"' in text
+    assert "url" not in tomllib.loads(text)["database"]  # commented out: the embedded default
+    assert settings.load().url_source == "embedded"
+
+
+def test_init_into_a_missing_directory_is_a_usage_error(run_cli, tmp_path):
+    r = run_cli("init", "--path", str(tmp_path / "nonexistent" / "dir" / "x.toml"))
+    assert r.code == 2 and "does not exist" in r.err and len(r.err.splitlines()) == 1
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_config_set_refuses_a_workstream_typo_unless_it_is_said_to_be_new(cli, conn, catalog):
+    from tests.conftest import table_snapshot
+
+    before = table_snapshot(conn)
+    args = ("config", "set", "--client", "acme", "--workflow", "normalize_company_name")
+    r = cli(*args, "--workstream", "apolo_scrape", "--set", "x=1")
+    assert r.code == 1 and "unknown workstream 'apolo_scrape'" in r.err
+    assert "did you mean 'apollo_scrape'" in r.err and "--new-workstream" in r.err
+    assert table_snapshot(conn) == before
+    r = cli(*args, "--workstream", "brand_new", "--set", "x=1", "--new-workstream", "--json")
+    assert r.code == 0, r.err
+    assert r.json()["workstream"] == "brand_new"
+
+
+# --- the shipped examples ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["items.csv", "items.jsonl"])
+def test_the_example_items_carry_the_columns_the_example_normalizer_reads(name):
+    """Every normalized value was null: the files' columns were not the ones it reads."""
+    import csv
+    import json
+    import sys
+
+    from wsctl.shipped import examples_dir
+
+    folder = examples_dir()
+    sys.path.insert(0, str(folder))
+    try:
+        import enrichment_logic
+    finally:
+        sys.path.remove(str(folder))
+    path = folder / name
+    if name.endswith(".csv"):
+        with path.open(newline="") as fh:
+            items = list(csv.DictReader(fh))
+    else:
+        items = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    assert items
+    for item in items:
+        values = enrichment_logic.normalize_core_values(item)
+        assert values["company_name"] and values["company_domain"], (item, values)
+    if name.endswith(".csv"):
+        assert all(enrichment_logic.normalize_core_values(i)["first_name"] for i in items)
+
+
+def test_examples_says_where_the_files_are_and_copies_them(run_cli, tmp_path):
+    r = run_cli("examples", "--json")
+    assert r.code == 0
+    doc = r.json()
+    assert {"registry.toml", "items.csv", "enrichment_app.py"} <= set(doc["files"])
+    dest = tmp_path / "mine"
+    r = run_cli("examples", "--copy", str(dest))
+    assert r.code == 0 and (dest / "registry.toml").is_file()
+    (dest / "items.csv").write_text("mine\n")
+    r = run_cli("examples", "--copy", str(dest))
+    assert r.code == 1 and "--force" in r.err
+    assert (dest / "items.csv").read_text() == "mine\n"
+    assert run_cli("examples", "--copy", str(dest), "--force").code == 0
+    assert (dest / "items.csv").read_text() != "mine\n"

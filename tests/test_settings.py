@@ -271,10 +271,3 @@ def test_init_refuses_an_existing_file_with_exit_1_and_leaves_it_alone(run_cli, 
         f"wsctl: error: {Path('wsctl.toml')} already exists; pass --force to overwrite it"
     ]
     assert target.read_text() == "# mine\n" and _mode(target) == 0o644
-
-
-def test_init_into_a_missing_directory_is_an_environment_error(run_cli, tmp_path):
-    r = run_cli("init", "--path", str(tmp_path / "no" / "such" / "wsctl.toml"))
-    assert r.code == 3, (r.out, r.err)
-    assert len(r.err.strip().splitlines()) == 1 and "cannot write" in r.err
-    assert not (tmp_path / "no").exists()

@@ -227,18 +227,52 @@ def list_registry(
 
 
 @dataclass(frozen=True)
+class RegistryNeeds:
+    """What still needs a registry row (``catalog_registry_needed_by``)."""
+
+    waiting: int  # PENDING, DISPATCHING, DISPATCHED states of the step
+    blocked: int  # BLOCKED states of the step (a retry would need the row)
+    batches_to_reach: int  # batches whose items are still at an earlier step
+
+    @property
+    def any(self) -> bool:
+        return bool(self.waiting or self.blocked or self.batches_to_reach)
+
+    def describe(self) -> str:
+        parts = []
+        if self.waiting:
+            parts.append(f"{self.waiting} pending or dispatched state(s)")
+        if self.blocked:
+            parts.append(f"{self.blocked} BLOCKED state(s)")
+        if self.batches_to_reach:
+            parts.append(f"{self.batches_to_reach} active batch(es) that have not reached the step")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class RegistryRemoval:
     row: RegistryRow
-    needed_by: int  # states that still needed the row (removed anyway with force)
+    needs: RegistryNeeds  # what still needed the row (removed anyway with force)
+
+    @property
+    def needed_by(self) -> int:
+        return self.needs.waiting + self.needs.blocked
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.row.to_json(), "removed": True, "needed_by": self.needed_by}
+        return {
+            **self.row.to_json(),
+            "removed": True,
+            "needed_by": self.needed_by,
+            "needed_by_blocked": self.needs.blocked,
+            "batches_to_reach": self.needs.batches_to_reach,
+        }
 
 
 def remove_registry(
     conn: psycopg.Connection, *, workflow: str, workstream: str, force: bool = False
 ) -> RegistryRemoval:
-    """Remove a registry row; refused while PENDING/DISPATCHING/DISPATCHED states need it."""
+    """Remove a registry row; refused while states (waiting, in flight or BLOCKED) or
+    active batches that have not reached the step yet need it, unless ``force``."""
     validate_slug(workflow, "workflow slug")
     validate_slug(workstream, "workstream slug")
     with tx(conn):
@@ -251,15 +285,21 @@ def remove_registry(
                 hint="see `wsctl registry list`",
             )
         row = RegistryRow.from_db(found)
-        needed = conn.execute(q("catalog_registry_needed_by"), (workflow, workstream)).fetchone()[0]
-        if needed and not force:
+        from psycopg.rows import class_row
+
+        with conn.cursor(row_factory=class_row(RegistryNeeds)) as cur:
+            needs = cur.execute(
+                q("catalog_registry_needed_by"), {"workflow": workflow, "workstream": workstream}
+            ).fetchone()
+        assert needs is not None
+        if needs.any and not force:
             raise OperationalError(
-                f"refused: {needed} pending or dispatched state(s) of {workflow} in "
-                f"workstream {workstream} still need this registry row",
+                f"refused: {needs.describe()} of {workflow} in workstream {workstream} "
+                "still need this registry row",
                 hint="let them finish, cancel them, or pass --force",
             )
         conn.execute(q("catalog_registry_delete"), (row.id,))
-    return RegistryRemoval(row=row, needed_by=needed)
+    return RegistryRemoval(row=row, needs=needs)
 
 
 _IMPORT_KEYS = {"workflow", "workstream", "type", "sender", "receiver"}
@@ -533,8 +573,13 @@ def set_config(
     workstream: str,
     config: dict[str, Any] | None = None,
     merge: dict[str, Any] | None = None,
+    new_workstream: bool = False,
 ) -> ConfigWrite:
-    """Upsert a client config: ``config`` replaces the document, ``merge`` adds/overwrites keys."""
+    """Upsert a client config: ``config`` replaces the document, ``merge`` adds/overwrites keys.
+
+    A workstream with no registry rows is refused (a typo would be stored and never
+    read) unless ``new_workstream`` says it is new.
+    """
     from psycopg.types.json import Jsonb
 
     validate_slug(workflow, "workflow slug")
@@ -548,6 +593,19 @@ def set_config(
     warnings = []
     with tx(conn):
         found = find_client(conn, client)
+        from wsctl.batches import known_workstreams
+
+        known = known_workstreams(conn)
+        if workstream not in known and not new_workstream:
+            import difflib
+
+            close = difflib.get_close_matches(workstream, known, n=1)
+            listed = ", ".join(known) if known else "none: the registry is empty"
+            raise OperationalError(
+                f"unknown workstream {workstream!r} (no registry rows)"
+                + (f"; did you mean {close[0]!r}?" if close else f"; known workstreams: {listed}"),
+                hint="pass --new-workstream to store a config for a workstream not registered yet",
+            )
         registered = conn.execute(q("resolve_registry"), (workflow, workstream)).fetchone()
         if registered is None:
             warnings.append(

@@ -9,6 +9,7 @@ as a system user of its own, since initdb refuses to run as root.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,3 +60,95 @@ def ensure(data_dir: Path, dbname: str = DEFAULT_DBNAME) -> EmbeddedServer:
             except psycopg.errors.DuplicateDatabase:
                 pass  # another wsctl process created it first
     return EmbeddedServer(pgdata=pgdata, admin_url=admin_url, url=server.get_uri(dbname))
+
+
+@dataclass(frozen=True)
+class EmbeddedStatus:
+    """Where the embedded server stands (``wsctl embedded status``)."""
+
+    pgdata: Path
+    initialized: bool  # a data directory exists
+    running: bool
+    pid: int | None = None
+    port: int | None = None
+    os_user: str | None = None  # the system user it runs as (as root: the package's own)
+
+    def to_json(self) -> dict:
+        return {
+            "pgdata": str(self.pgdata),
+            "initialized": self.initialized,
+            "running": self.running,
+            "pid": self.pid,
+            "port": self.port,
+            "os_user": self.os_user,
+        }
+
+
+def _postmaster(pgdata: Path) -> tuple[int, int | None] | None:
+    """(pid, port) from postmaster.pid when that process is alive, else None."""
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        pid = int(lines[0])
+        port = int(lines[3]) if len(lines) > 3 and lines[3].strip() else None
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, and another user's
+    return pid, port
+
+
+def _owner(pid: int) -> str | None:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.stat(f"/proc/{pid}").st_uid).pw_name
+    except (OSError, KeyError, ImportError):
+        return None
+
+
+def status(data_dir: Path) -> EmbeddedStatus:
+    """The embedded server under ``data_dir``: initialized, running, its pid and port."""
+    pgdata = data_dir / "pgdata"
+    found = _postmaster(pgdata)
+    return EmbeddedStatus(
+        pgdata=pgdata,
+        initialized=(pgdata / "PG_VERSION").exists(),
+        running=found is not None,
+        pid=found[0] if found else None,
+        port=found[1] if found else None,
+        os_user=_owner(found[0]) if found else None,
+    )
+
+
+def stop(data_dir: Path, *, timeout: float = 30.0) -> EmbeddedStatus:
+    """Stop the embedded server (a fast shutdown: sessions are ended, data is kept).
+
+    Returns its status from before the stop; stopping a stopped server does nothing.
+    """
+    import signal
+    import time
+
+    before = status(data_dir)
+    if not before.running or before.pid is None:
+        return before
+    try:
+        os.kill(before.pid, signal.SIGINT)  # PostgreSQL's "fast" shutdown
+    except ProcessLookupError:
+        return before
+    except PermissionError:
+        raise EnvError(
+            f"the embedded PostgreSQL (pid {before.pid}) runs as {before.os_user or 'another user'}"
+            ": run `wsctl embedded stop` as that user or as root"
+        ) from None
+    deadline = time.monotonic() + timeout
+    while _postmaster(before.pgdata) is not None:
+        if time.monotonic() > deadline:
+            raise EnvError(
+                f"the embedded PostgreSQL (pid {before.pid}) did not stop in {timeout:g} s"
+            )
+        time.sleep(0.1)
+    return before

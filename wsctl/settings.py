@@ -298,7 +298,18 @@ def write_init_file(path: Path, database_url: str | None, *, force: bool) -> Pat
         database["url"] = database_url
     database.update(DATABASE_DEFAULTS)
     dispatch = {k: v for k, v in DISPATCH_DEFAULTS.items() if v is not None}
-    text = INIT_TEMPLATE_HEADER + "\n" + tomli_w.dumps({"database": database, "dispatch": dispatch})
+    body = tomli_w.dumps({"database": database, "dispatch": dispatch})
+    if not database_url:  # a placeholder to fill in, commented out until then
+        body = body.replace(
+            "[database]\n",
+            "[database]\n"
+            '# url = "postgresql://USER:PASSWORD@HOST:5432/DBNAME"  '
+            "# unset: an embedded PostgreSQL\n",
+            1,
+        )
+    text = INIT_TEMPLATE_HEADER + "\n" + body
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write {path}: the directory {path.parent} does not exist")
     try:
         if force:
             _replace_private(path, text)

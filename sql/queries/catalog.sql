@@ -43,13 +43,33 @@ WHERE (%(workstream)s::text IS NULL OR workstream_slug = %(workstream)s)
 ORDER BY workstream_slug, slug;
 
 -- catalog_registry_needed_by --
--- How many states still need a registry row: that step, waiting or in flight, in a batch of that workstream.
-SELECT count(*)
-FROM public.workflow_states ws
-JOIN public.batches b ON b.id = ws.batch_id
-WHERE ws.step_name = %s
-  AND b.workstream_slug = %s
-  AND ws.status IN ('PENDING', 'DISPATCHING', 'DISPATCHED');
+-- What still needs a registry row: states of that step in batches of that workstream that
+-- wait, run or are BLOCKED, and batches not cancelled whose items are still at an earlier
+-- step of a blueprint that includes it (they reach it later).
+SELECT
+    (SELECT count(*)
+     FROM public.workflow_states ws
+     JOIN public.batches b ON b.id = ws.batch_id
+     WHERE ws.step_name = %(workflow)s
+       AND b.workstream_slug = %(workstream)s
+       AND ws.status IN ('PENDING', 'DISPATCHING', 'DISPATCHED')) AS waiting,
+    (SELECT count(*)
+     FROM public.workflow_states ws
+     JOIN public.batches b ON b.id = ws.batch_id
+     WHERE ws.step_name = %(workflow)s
+       AND b.workstream_slug = %(workstream)s
+       AND ws.status = 'BLOCKED') AS blocked,
+    (SELECT count(*)
+     FROM public.batches b
+     WHERE b.workstream_slug = %(workstream)s
+       AND %(workflow)s = ANY (b.blueprint)
+       AND b.status <> 'CANCELLED'
+       AND EXISTS (
+           SELECT 1 FROM public.workflow_states s
+           WHERE s.batch_id = b.id
+             AND s.status IN ('PENDING', 'DISPATCHING', 'DISPATCHED', 'BLOCKED')
+             AND array_position(b.blueprint, s.step_name)
+                 < array_position(b.blueprint, %(workflow)s::text))) AS batches_to_reach;
 
 -- catalog_registry_delete --
 -- Remove one registry row by id.

@@ -49,18 +49,41 @@ def _click_exceptions():
     return exceptions
 
 
+def _hoist_database_url(argv: list[str]) -> list[str]:
+    """``--database-url`` is accepted after the command too (``wsctl migrate --database-url
+    URL``), as it always was for ``init`` and ``demo``: it is moved before the command."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        if arg == "--database-url" and i + 1 < len(argv):
+            front += argv[i : i + 2]
+            i += 2
+            continue
+        if arg.startswith("--database-url="):
+            front.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run wsctl with ``argv`` and return the exit code (never raises for expected failures)."""
     import typer
 
-    from wsctl.cli.app import app
+    from wsctl.cli.app import command
     from wsctl.errors import WsctlError
 
     ce = _click_exceptions()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
     try:
-        rv = app(args=argv, prog_name="wsctl", standalone_mode=False)
+        rv = command()(args=_hoist_database_url(argv), prog_name="wsctl", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
         if code == 130:  # Typer turns Ctrl-C into Exit(130) before it reaches us
             print("wsctl: interrupted", file=sys.stderr)

@@ -14,7 +14,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish)
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -36,10 +36,51 @@ def root(
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also WSCTL_DEBUG=1)."),
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version."
+        False, "--version", "-V", callback=_version, is_eager=True, help="Print the version."
     ),
 ) -> None:
     ctx.obj = CliState(database_url=database_url, debug=debug)
+
+
+# Metavars in help: what to type, not click's type names (`<str>`, `<int range>`).
+# An option that sets its own metavar (a list of choices, say) keeps it.
+_SECONDS = ("seconds", "timeout", "interval", "grace")
+_NAMED = {"client": "NAME", "workstream": "SLUG", "step": "STEP", "workflow": "STEP"}
+
+
+def _metavar(param) -> str | None:
+    kind = type(param.type).__name__
+    name = param.name or ""
+    if kind in ("IntParamType", "IntRange", "FloatParamType", "FloatRange"):
+        return "SECONDS" if any(w in name for w in _SECONDS) else "N"
+    if kind in ("StringParamType", "UUIDParameterType"):
+        if any(w in name for w in _SECONDS):
+            return "DURATION"
+        for word, metavar in _NAMED.items():
+            if word in name:
+                return metavar
+        if "url" in name:
+            return "URL"
+        if name in ("items", "path", "file", "archive", "app"):
+            return "FILE" if name != "app" else "APP"
+        return "TEXT"
+    return None
+
+
+def command():
+    """The click command of the app, with readable metavars (built on each call)."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+    stack = [root]
+    while stack:
+        cmd = stack.pop()
+        stack.extend(getattr(cmd, "commands", {}).values())
+        for param in cmd.params:
+            if getattr(param, "metavar", None) is None and not getattr(param, "is_flag", False):
+                if type(param).__name__.endswith("Option"):
+                    param.metavar = _metavar(param)
+    return root
 
 
 def _register() -> None:
@@ -51,6 +92,8 @@ def _register() -> None:
     __import__("wsctl.cli.cmd_batch", fromlist=["register"]).register(app)
     __import__("wsctl.cli.cmd_inspect", fromlist=["register"]).register(app)
     __import__("wsctl.cli.cmd_demo", fromlist=["register"]).register(app)
+    __import__("wsctl.cli.cmd_embedded", fromlist=["register"]).register(app)
+    __import__("wsctl.cli.cmd_examples", fromlist=["register"]).register(app)
 
 
 _register()

@@ -134,11 +134,13 @@ def registry_remove(
     workflow: str = WORKFLOW_OPTION,
     workstream: str = WORKSTREAM_OPTION,
     force: bool = typer.Option(
-        False, "--force", help="Remove even while pending or dispatched states need the row."
+        False,
+        "--force",
+        help="Remove even while states (waiting, in flight, BLOCKED) or active batches need it.",
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Remove a registry row (refused while PENDING/DISPATCHED states need it)."""
+    """Remove a registry row (refused while states or active batches still need it)."""
     from wsctl import catalog
     from wsctl.cli import output
 
@@ -149,8 +151,8 @@ def registry_remove(
     if as_json:
         output.emit_json(removed.to_json())
         return
-    if removed.needed_by:
-        output.warn(f"{removed.needed_by} state(s) needed this row; the dispatcher will block them")
+    if removed.needs.any:
+        output.warn(f"{removed.needs.describe()} needed this row; the dispatcher will block them")
     output.line(f"removed {removed.row.workflow_slug} from {removed.row.workstream_slug}")
 
 
@@ -201,6 +203,11 @@ def config_set(
     assignments: list[str] | None = typer.Option(
         None, "--set", help="key=value merged into the config (repeatable; JSON values parse)."
     ),
+    new_workstream: bool = typer.Option(
+        False,
+        "--new-workstream",
+        help="The workstream has no registry rows yet: store the config anyway.",
+    ),
     reveal: bool = REVEAL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -216,7 +223,13 @@ def config_set(
     merge = catalog.parse_assignments(assignments) if assignments else None
     with state(ctx).connect() as conn:
         w = catalog.set_config(
-            conn, client=client, workflow=workflow, workstream=workstream, config=doc, merge=merge
+            conn,
+            client=client,
+            workflow=workflow,
+            workstream=workstream,
+            config=doc,
+            merge=merge,
+            new_workstream=new_workstream,
         )
     if as_json:
         output.emit_json(w.to_json(reveal=reveal))

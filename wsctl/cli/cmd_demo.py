@@ -45,6 +45,7 @@ def demo(
     # The options only (this command's, then the global one): WSCTL_DATABASE_URL,
     # DATABASE_URL and wsctl.toml are ignored here.
     url = database_url or state(ctx).database_url
+    embedded_used = not url
     if url:
         label = db.mask_url(url)
     else:
@@ -102,6 +103,11 @@ def demo(
             f"dispatch passes, {result.seconds:g} s: {verdict}"
         )
         output.notice(f"one item's story: wsctl --database-url '{label}' item show ITEM_ID")
+    if embedded_used:
+        output.notice(
+            "the embedded PostgreSQL keeps running for the next command; "
+            "stop it with `wsctl embedded stop`"
+        )
     if not result.ok:
         raise typer.Exit(1)
 

@@ -1,0 +1,55 @@
+"""The example files shipped with wsctl (`wsctl examples`).
+
+In a wheel they live in the package (``wsctl/examples``); in a checkout, at the
+top of the repository. Either way ``examples_dir()`` finds them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from wsctl.errors import EnvError, OperationalError
+
+
+@cache
+def examples_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "examples", here.parent / "examples"):
+        if (candidate / "registry.toml").is_file():
+            return candidate
+    raise EnvError("wsctl's examples/ directory is missing from the installation")
+
+
+def example_files() -> list[Path]:
+    return sorted(p for p in examples_dir().iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    destination: Path
+    copied: list[str]
+
+    def to_json(self) -> dict:
+        return {"destination": str(self.destination), "copied": self.copied}
+
+
+def copy_examples(destination: Path, *, force: bool = False) -> CopyResult:
+    """Copy the example files into ``destination`` (created if missing); an existing file
+    is refused (nothing copied) unless ``force``."""
+    files = example_files()
+    destination = Path(destination)
+    clash = [p.name for p in files if (destination / p.name).exists()]
+    if clash and not force:
+        raise OperationalError(
+            f"{destination} already has {', '.join(clash)}; pass --force to overwrite"
+        )
+    try:
+        destination.mkdir(parents=True, exist_ok=True)
+        for p in files:
+            shutil.copyfile(p, destination / p.name)
+    except OSError as exc:
+        raise EnvError(f"cannot copy the examples to {destination}: {exc.strerror}") from None
+    return CopyResult(destination=destination, copied=[p.name for p in files])
