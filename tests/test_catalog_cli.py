@@ -136,11 +136,18 @@ def test_registry_list(cli, world):
     assert len(rows) == 6 and {x["workstream"] for x in rows} == {LINKEDIN}
     text = cli("registry", "list", "--workstream", APOLLO)
     lines = text.out.splitlines()
-    assert lines[0].split("\t") == ["workflow", "workstream", "type", "sender", "receiver"]
+    assert lines[0].split("\t") == [
+        "workflow",
+        "workstream",
+        "type",
+        "sender",
+        "receiver",
+        "limit_keys",
+    ]
     enrich = next(ln for ln in lines if ln.startswith(ENRICH))
     assert enrich.split("\t") == [
         ENRICH, APOLLO, "async", "start_enrich_company_via_waterfall_in_clay",
-        "receive_enrich_company_via_waterfall_in_clay",
+        "receive_enrich_company_via_waterfall_in_clay", "clay:{config.clay_workspace}",
     ]  # fmt: skip
     assert_refused(cli("registry", "list", "--workstream", HOSTILE), 1, "invalid workstream slug")
 

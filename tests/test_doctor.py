@@ -23,9 +23,10 @@ CHECKS = [
     "missing_configs",
     "expired_leases",
     "stale_dispatched",
+    "limit_keys",
     "modal_credentials",
 ]
-DATA_CHECKS = CHECKS[2:7]
+DATA_CHECKS = CHECKS[2:8]
 
 
 @pytest.fixture
@@ -92,9 +93,9 @@ def test_human_output_is_a_table_and_a_summary(cli, healthy, no_modal_token):
     assert lines[0] == "status\tcheck\tdetail\thint"
     rows = [ln.split("\t") for ln in lines[1:-1]]
     assert [row[1] for row in rows] == CHECKS
-    assert [row[0] for row in rows] == ["OK"] * 7 + ["FAIL"]
+    assert [row[0] for row in rows] == ["OK"] * 8 + ["FAIL"]
     assert rows[-1][3].startswith("modal token set")
-    assert lines[-1] == "doctor: 7 OK, 1 FAIL"
+    assert lines[-1] == "doctor: 8 OK, 1 FAIL"
 
 
 # --- database reachable -----------------------------------------------------------
@@ -113,7 +114,7 @@ def test_unreachable_database_fails_without_raising(run_cli, no_modal_token):
     for name in ["schema", *DATA_CHECKS]:
         assert checks[name]["status"] == "SKIP"
         assert checks[name]["detail"] == "skipped: no database connection"
-    assert checks["modal_credentials"]["status"] == "WARN"  # still checked
+    assert checks["modal_credentials"]["status"] == "SKIP"  # the local backend needs none
 
     human = run_cli("doctor", "--backend", "local", url=url)
     assert human.code == 1 and "s3cret-pw" not in human.out + human.err
@@ -366,19 +367,23 @@ def test_modal_credentials_missing_fail_for_modal_backend(cli, healthy, no_modal
     assert r.code == 1
     c = checks_of(r)["modal_credentials"]
     assert c["status"] == "FAIL"
-    assert "the configured dispatch backend is modal" in c["detail"]
+    assert "the dispatch backend is modal (the default" in c["detail"]
     assert c["hint"].startswith("modal token set")
 
 
-def test_modal_credentials_missing_warn_for_local_backend(cli, healthy, no_modal_token, tmp_path):
+def test_modal_credentials_not_needed_for_local_backend(cli, healthy, no_modal_token, tmp_path):
+    """`doctor --backend local` called the option "the configured backend" and still
+    suggested a Modal token: it says where the backend came from and suggests nothing."""
     r = cli("doctor", "--json", "--backend", "local")
     assert r.code == 0
-    assert checks_of(r)["modal_credentials"]["status"] == "WARN"
+    c = checks_of(r)["modal_credentials"]
+    assert c["status"] == "SKIP" and not c["hint"]
+    assert "none needed: the dispatch backend is local (--backend)" in c["detail"]
     (tmp_path / "wsctl.toml").write_text('[dispatch]\nbackend = "local"\n')
     r = cli("doctor", "--json")
     assert r.code == 0
     c = checks_of(r)["modal_credentials"]
-    assert c["status"] == "WARN" and "the configured dispatch backend is local" in c["detail"]
+    assert c["status"] == "SKIP" and "(dispatch.backend in wsctl.toml)" in c["detail"]
 
 
 # --- one broken check does not stop the others -----------------------------------------------

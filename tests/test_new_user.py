@@ -240,3 +240,30 @@ def test_examples_says_where_the_files_are_and_copies_them(run_cli, tmp_path):
     assert (dest / "items.csv").read_text() == "mine\n"
     assert run_cli("examples", "--copy", str(dest), "--force").code == 0
     assert (dest / "items.csv").read_text() != "mine\n"
+
+
+def test_doctor_colours_its_statuses_on_a_terminal_only(db_url):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WSCTL_DATABASE_URL": db_url, "COLUMNS": "200"}
+    args = [sys.executable, "-m", "wsctl", "doctor", "--backend", "local"]
+    master, slave = os.openpty()
+    proc = subprocess.Popen(args, stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(master)
+    term = b"".join(chunks).decode("utf-8", "replace")
+    assert "\x1b[32mOK" in term, term  # green
+    plain = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert "\x1b" not in plain.stdout and plain.stdout.splitlines()[1].split("\t")[0] == "OK"

@@ -12,7 +12,7 @@ import json
 import re
 import tomllib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,6 +113,8 @@ class RegistryRow:
     receiver: str | None = None
     id: uuid.UUID | None = None
     created_at: datetime | None = None
+    # limit key templates bound to the row (None: not given, leave them as they are)
+    limit_keys: tuple[str, ...] | None = None
 
     @classmethod
     def from_db(cls, row: tuple) -> RegistryRow:
@@ -135,11 +137,17 @@ class RegistryRow:
             "receiver": self.receiver,
             "id": str(self.id) if self.id else None,
             "created_at": self.created_at.isoformat() if self.created_at else None,
+            "limit_keys": list(self.limit_keys or ()),
         }
 
 
 def validate_registry_row(
-    workflow: str, workstream: str, type_: str, sender: str, receiver: str | None
+    workflow: str,
+    workstream: str,
+    type_: str,
+    sender: str,
+    receiver: str | None,
+    limit_keys: list[str] | tuple[str, ...] | None = None,
 ) -> RegistryRow:
     """A checked registry row (slugs, type, function names; async needs a receiver)."""
     validate_slug(workflow, "workflow slug")
@@ -165,7 +173,14 @@ def validate_registry_row(
         raise OperationalError(
             f"{workflow} in {workstream}: a sync step finishes itself; drop --receiver"
         )
-    return RegistryRow(workflow, workstream, type_, sender, receiver or None)
+    keys: tuple[str, ...] | None = None
+    if limit_keys is not None:
+        from wsctl.limits import validate_template
+
+        if not all(isinstance(k, str) for k in limit_keys):
+            raise OperationalError(f"{workflow} in {workstream}: every limit key must be a string")
+        keys = tuple(sorted({validate_template(k) for k in limit_keys}))
+    return RegistryRow(workflow, workstream, type_, sender, receiver or None, limit_keys=keys)
 
 
 @dataclass(frozen=True)
@@ -189,12 +204,21 @@ def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrit
         "sender": row.sender,
         "receiver": row.receiver,
     }
+    from wsctl.limits import bind_registry, registry_bindings
+
     if before is not None:
         same = RegistryRow.from_db(before)
-        if (same.type, same.sender, same.receiver) == (row.type, row.sender, row.receiver):
+        bound = tuple(registry_bindings(conn, [same.id])[same.id])
+        same = replace(same, limit_keys=bound)
+        if (same.type, same.sender, same.receiver) == (row.type, row.sender, row.receiver) and (
+            row.limit_keys is None or row.limit_keys == bound
+        ):
             return RegistryWrite(same, created=False, changed=False)
-    after = conn.execute(q("catalog_registry_upsert"), params).fetchone()
-    return RegistryWrite(RegistryRow.from_db(after), created=before is None)
+    after = RegistryRow.from_db(conn.execute(q("catalog_registry_upsert"), params).fetchone())
+    if row.limit_keys is not None:
+        bind_registry(conn, after.id, list(row.limit_keys))
+    keys = tuple(registry_bindings(conn, [after.id])[after.id])
+    return RegistryWrite(replace(after, limit_keys=keys), created=before is None)
 
 
 def add_registry(
@@ -205,9 +229,14 @@ def add_registry(
     type: str,
     sender: str,
     receiver: str | None = None,
+    limit_keys: list[str] | None = None,
 ) -> RegistryWrite:
-    """Register a step's Modal functions in a workstream (upsert on the composite key)."""
-    row = validate_registry_row(workflow, workstream, type, sender, receiver)
+    """Register a step's Modal functions in a workstream (upsert on the composite key).
+
+    ``limit_keys`` (templates, see ``wsctl.limits``) replace the row's bindings when
+    given; None leaves them as they are.
+    """
+    row = validate_registry_row(workflow, workstream, type, sender, receiver, limit_keys)
     with tx(conn):
         return _upsert_registry(conn, row)
 
@@ -219,11 +248,17 @@ def list_registry(
         validate_slug(workstream, "workstream slug")
     if workflow is not None:
         validate_slug(workflow, "workflow slug")
+    from wsctl.limits import registry_bindings
+
     with tx(conn):  # read only; the transaction carries the statement timeout
-        rows = conn.execute(
-            q("catalog_registry_list"), {"workstream": workstream, "workflow": workflow}
-        ).fetchall()
-    return [RegistryRow.from_db(r) for r in rows]
+        rows = [
+            RegistryRow.from_db(r)
+            for r in conn.execute(
+                q("catalog_registry_list"), {"workstream": workstream, "workflow": workflow}
+            ).fetchall()
+        ]
+        bound = registry_bindings(conn, [r.id for r in rows if r.id is not None])
+    return [replace(r, limit_keys=tuple(bound.get(r.id, ()))) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -302,7 +337,7 @@ def remove_registry(
     return RegistryRemoval(row=row, needs=needs)
 
 
-_IMPORT_KEYS = {"workflow", "workstream", "type", "sender", "receiver"}
+_IMPORT_KEYS = {"workflow", "workstream", "type", "sender", "receiver", "limit_keys"}
 
 
 def parse_registry_toml(text: str, source: str = "registry file") -> list[RegistryRow]:
@@ -329,7 +364,10 @@ def parse_registry_toml(text: str, source: str = "registry file") -> list[Regist
         missing = [k for k in ("workflow", "workstream", "type", "sender") if k not in entry]
         if missing:
             raise OperationalError(f"{where}: missing {', '.join(missing)}")
-        if not all(isinstance(v, str) for v in entry.values()):
+        keys = entry.get("limit_keys")
+        if keys is not None and not isinstance(keys, list):
+            raise OperationalError(f"{where}: limit_keys must be a list of strings")
+        if not all(isinstance(v, str) for k, v in entry.items() if k != "limit_keys"):
             raise OperationalError(f"{where}: every value must be a string")
         try:
             row = validate_registry_row(
@@ -338,8 +376,9 @@ def parse_registry_toml(text: str, source: str = "registry file") -> list[Regist
                 entry["type"],
                 entry["sender"],
                 entry.get("receiver") or None,
+                keys,
             )
-        except OperationalError as exc:
+        except (OperationalError, UsageError) as exc:
             raise OperationalError(f"{where}: {exc}") from None
         key = (row.workflow_slug, row.workstream_slug)
         if key in seen:

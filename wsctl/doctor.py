@@ -35,6 +35,7 @@ UNREGISTERED_STATES = "unregistered_states"
 MISSING_CONFIGS = "missing_configs"
 EXPIRED_LEASES = "expired_leases"
 STALE_DISPATCHED = "stale_dispatched"
+LIMIT_KEYS = "limit_keys"
 MODAL_CREDENTIALS = "modal_credentials"
 MODAL_FUNCTIONS = "modal_functions"
 
@@ -255,10 +256,31 @@ def _check_stale_dispatched(conn: psycopg.Connection, top: int, timeout: int) ->
     return Check(STALE_DISPATCHED, WARN, detail, hint, rows=out)
 
 
+def _check_limit_keys(conn: psycopg.Connection, top: int) -> Check:
+    """Bound limit keys that no limit defines: they limit nothing."""
+    from wsctl.limits import bound_keys
+
+    keys = bound_keys(conn)
+    undefined = [b for b in keys if not b.defined]
+    if not undefined:
+        n = len({b.key for b in keys})
+        return Check(LIMIT_KEYS, OK, f"{n} bound limit key(s), every one defined by a limit")
+    names = sorted({b.key for b in undefined})
+    return Check(
+        LIMIT_KEYS,
+        WARN,
+        f"{len(names)} limit key(s) bound by the registry but defined by no limit, so they "
+        f"limit nothing: {', '.join(names[:top])}" + (" ..." if len(names) > top else ""),
+        "wsctl limit set KEY --rate N/s [--burst N] [--max-in-flight N]",
+        rows=[b.to_json() for b in undefined[:top]],
+    )
+
+
 # --- Modal --------------------------------------------------------------------
 
 
-def _check_modal_credentials(backend: str) -> tuple[Check, bool]:
+def _check_modal_credentials(backend: str, source: str, wanted: bool) -> tuple[Check, bool]:
+    """``wanted``: --check-modal asks for Modal lookups whatever the backend."""
     try:
         from wsctl.dispatch.modal_backend import credentials_present
 
@@ -270,11 +292,19 @@ def _check_modal_credentials(backend: str) -> tuple[Check, bool]:
         ), False
     if present:
         return Check(MODAL_CREDENTIALS, OK, "Modal token found (env or ~/.modal.toml)"), True
+    if backend != "modal" and not wanted:  # the local backend needs no token
+        return (
+            _skip(
+                MODAL_CREDENTIALS,
+                f"no Modal token, and none needed: the dispatch backend is {backend} ({source})",
+            ),
+            False,
+        )
     status = FAIL if backend == "modal" else WARN
     why = (
-        "the configured dispatch backend is modal"
+        f"the dispatch backend is modal ({source})"
         if backend == "modal"
-        else f"the configured dispatch backend is {backend}"
+        else f"--check-modal looks the functions up at Modal (dispatch backend: {backend})"
     )
     return (
         Check(
@@ -404,6 +434,7 @@ def doctor(
     connect: Callable[[], psycopg.Connection],
     *,
     backend: str = "modal",
+    backend_source: str = "the default",
     callback_timeout: int = 3600,
     check_modal: bool = False,
     modal_app: str | None = "enrichment-worker",
@@ -460,6 +491,7 @@ def doctor(
             (MISSING_CONFIGS, lambda: _check_missing_configs(conn, top)),
             (EXPIRED_LEASES, lambda: _check_expired_leases(conn)),
             (STALE_DISPATCHED, lambda: _check_stale_dispatched(conn, top, callback_timeout)),
+            (LIMIT_KEYS, lambda: _check_limit_keys(conn, top)),
         ]
         for name, fn in data_checks:
             if conn is None:
@@ -469,7 +501,9 @@ def doctor(
             else:
                 add(_guarded(conn, name, fn))
 
-        credentials, have_credentials = _check_modal_credentials(backend)
+        credentials, have_credentials = _check_modal_credentials(
+            backend, backend_source, check_modal
+        )
         add(credentials)
         if check_modal:
             if conn is None:

@@ -94,6 +94,7 @@ def _register() -> None:
     __import__("wsctl.cli.cmd_demo", fromlist=["register"]).register(app)
     __import__("wsctl.cli.cmd_embedded", fromlist=["register"]).register(app)
     __import__("wsctl.cli.cmd_examples", fromlist=["register"]).register(app)
+    __import__("wsctl.cli.cmd_limit", fromlist=["register"]).register(app)
 
 
 _register()

@@ -70,8 +70,18 @@ def _registry_table(rows) -> None:
     from wsctl.cli import output
 
     output.table(
-        ["workflow", "workstream", "type", "sender", "receiver"],
-        [(r.workflow_slug, r.workstream_slug, r.type, r.sender, r.receiver) for r in rows],
+        ["workflow", "workstream", "type", "sender", "receiver", "limit_keys"],
+        [
+            (
+                r.workflow_slug,
+                r.workstream_slug,
+                r.type,
+                r.sender,
+                r.receiver,
+                ",".join(r.limit_keys or ()) or None,
+            )
+            for r in rows
+        ],
     )
 
 
@@ -84,6 +94,16 @@ def registry_add(
     sender: str = typer.Option(..., "--sender", help="Modal function that starts the step."),
     receiver: str | None = typer.Option(
         None, "--receiver", help="Modal function the webhook reaches (async steps)."
+    ),
+    limit_keys: list[str] | None = typer.Option(
+        None,
+        "--limit-key",
+        metavar="KEY",
+        help="Bind the row to a limit key (repeatable; a template such as "
+        "clay:{config.clay_workspace}); replaces the row's keys.",
+    ),
+    no_limit_keys: bool = typer.Option(
+        False, "--no-limit-keys", help="Unbind the row from every limit key."
     ),
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -99,6 +119,7 @@ def registry_add(
             type=type_,
             sender=sender,
             receiver=receiver,
+            limit_keys=[] if no_limit_keys else (limit_keys or None),
         )
     if as_json:
         output.emit_json(w.to_json())
@@ -106,7 +127,8 @@ def registry_add(
     r = w.row
     fns = r.sender + (f" -> {r.receiver}" if r.receiver else "")
     verb = "registered" if w.created else "updated" if w.changed else "unchanged:"
-    output.line(f"{verb} {r.workflow_slug} in {r.workstream_slug}: {r.type} {fns}")
+    keys = f"; limit keys {', '.join(r.limit_keys)}" if r.limit_keys else ""
+    output.line(f"{verb} {r.workflow_slug} in {r.workstream_slug}: {r.type} {fns}{keys}")
 
 
 @registry_app.command("list")

@@ -148,6 +148,7 @@ def doctor(
     report = run_doctor(
         lambda: st.connect(require_schema=False),
         backend=str(cfg["backend"] if backend is None else backend),
+        backend_source=_backend_source(backend, cfg["backend"]),
         callback_timeout=timeout,
         check_modal=check_modal,
         modal_app=cfg["app"] if app is None else app,
@@ -162,12 +163,23 @@ def doctor(
     else:
         output.table(
             ["status", "check", "detail", "hint"],
-            [(c.status, c.name, c.detail, c.hint) for c in report.checks],
+            [(output.status_cell(c.status), c.name, c.detail, c.hint) for c in report.checks],
         )
         counts = report.counts()
         output.line("doctor: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _backend_source(option: str | None, configured: object) -> str:
+    """Where doctor's backend came from, for its messages."""
+    from wsctl.settings import DISPATCH_DEFAULTS
+
+    if option is not None:
+        return "--backend"
+    if configured != DISPATCH_DEFAULTS["backend"]:
+        return "dispatch.backend in wsctl.toml"
+    return "the default; --backend local if you dispatch locally"
 
 
 def register(app: typer.Typer) -> None:

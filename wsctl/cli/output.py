@@ -50,6 +50,15 @@ def warn(text: str) -> None:
     sys.stderr.write(f"wsctl: warning: {' '.join(str(text).split())}\n")
 
 
+_STATUS_STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
+
+
+def status_cell(status: str) -> str:
+    """A check's status, coloured on a terminal (plain text otherwise)."""
+    style = _STATUS_STYLE.get(status)
+    return f"[{style}]{status}[/{style}]" if style and is_tty() else status
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"

@@ -1,0 +1,141 @@
+"""`wsctl limit set|list|show|remove`: fleet-wide rates and in-flight caps per limit key."""
+
+from __future__ import annotations
+
+import typer
+
+from wsctl.cli.common import JSON_OPTION, state
+
+limit_app = typer.Typer(
+    help="Limits: how fast, and how many at once, the states under a limit key may run "
+    "(bind registry rows to keys with `wsctl registry add ... --limit-key KEY`).",
+    no_args_is_help=True,
+)
+
+
+def _describe(rate: str | None, burst: int | None, cap: int | None) -> str:
+    parts = []
+    if rate:
+        parts.append(f"rate {rate} (burst {burst})")
+    if cap:
+        parts.append(f"at most {cap} in flight")
+    return ", ".join(parts) or "nothing"
+
+
+@limit_app.command("set")
+def limit_set(
+    ctx: typer.Context,
+    key: str = typer.Argument(..., help="The limit key, e.g. clay:acme-workspace."),
+    rate: str | None = typer.Option(
+        None, "--rate", metavar="N/s|N/m|N/h", help="Spawns per second, minute or hour."
+    ),
+    burst: int | None = typer.Option(
+        None, "--burst", help="Spawns allowed at once above the rate (default: 1 s worth)."
+    ),
+    max_in_flight: int | None = typer.Option(
+        None, "--max-in-flight", help="States in flight at once under the key."
+    ),
+    no_rate: bool = typer.Option(False, "--no-rate", help="Drop the rate (keep the cap)."),
+    no_max_in_flight: bool = typer.Option(
+        False, "--no-max-in-flight", help="Drop the cap (keep the rate)."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Define a limit, or change the parts given."""
+    from wsctl import limits
+    from wsctl.cli import output
+
+    clear = frozenset(
+        name for name, flag in (("rate", no_rate), ("max_in_flight", no_max_in_flight)) if flag
+    )
+    with state(ctx).connect() as conn:
+        w = limits.set_limit(
+            conn, key, rate=rate, burst=burst, max_in_flight=max_in_flight, clear=clear
+        )
+    if as_json:
+        output.emit_json(w.to_json())
+        return
+    lim = w.limit
+    verb = "defined" if w.created else "changed"
+    output.line(
+        f"{verb} limit {lim.key}: "
+        + _describe(limits.format_rate(lim.rate_per_second), lim.burst, lim.max_in_flight)
+    )
+
+
+@limit_app.command("list")
+def limit_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """Every limit, and the bound keys no limit defines."""
+    from wsctl import limits
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        rows = limits.list_limits(conn)
+        undefined = sorted({b.key for b in limits.bound_keys(conn) if not b.defined})
+    if as_json:
+        output.emit_json({"limits": [r.to_json() for r in rows], "bound_but_undefined": undefined})
+        return
+    output.table(
+        ["key", "rate", "burst", "max_in_flight", "updated_at"],
+        [
+            (r.key, limits.format_rate(r.rate_per_second), r.burst, r.max_in_flight, r.updated_at)
+            for r in rows
+        ],
+    )
+    for key in undefined:
+        output.warn(
+            f"key {key} is bound by the registry but no limit defines it: it limits nothing"
+        )
+
+
+@limit_app.command("show")
+def limit_show(
+    ctx: typer.Context,
+    key: str = typer.Argument(..., help="The limit key."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """One limit: its definition, what is in flight under it now, what binds it."""
+    from wsctl import limits
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        report = limits.show_limit(conn, key)
+    if as_json:
+        output.emit_json(report.to_json())
+        return
+    lim = report.limit
+    if lim is None:
+        output.line(f"limit {key}: not defined (bound by the registry, so it limits nothing)")
+    else:
+        output.line(
+            f"limit {key}: "
+            + _describe(limits.format_rate(lim.rate_per_second), lim.burst, lim.max_in_flight)
+        )
+    tokens = (
+        "" if report.tokens_now is None else f", {report.tokens_now:.1f} spawn(s) available now"
+    )
+    output.line(f"in flight now: {report.in_flight}{tokens}")
+    for b in report.bound_by:
+        output.line(f"bound by {b.step} in {b.workstream} ({b.key_template})")
+
+
+@limit_app.command("remove")
+def limit_remove(
+    ctx: typer.Context,
+    key: str = typer.Argument(..., help="The limit key."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Remove a limit (keys bound to it then limit nothing)."""
+    from wsctl import limits
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        gone = limits.remove_limit(conn, key)
+    if as_json:
+        output.emit_json({**gone.to_json(), "removed": True})
+        return
+    output.line(f"removed limit {gone.key}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(limit_app, name="limit")
