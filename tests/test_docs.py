@@ -218,6 +218,37 @@ def test_the_readme_test_command_is_the_one_ci_runs():
     assert f"pip install -e '.[dev]' && {run_tests}\n" in readme
 
 
+DOCS = [
+    README,
+    REFERENCE,
+    ROOT / "wsctl" / "DESIGN.md",
+    ROOT / "wsctl" / "dispatch" / "DESIGN.md",
+    ROOT / "tests" / "benchmarks" / "README.md",
+]
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_between_the_docs_resolve(doc):
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", file.read_text(), re.M)
+            if anchor not in {_anchor(h) for h in headings}:
+                broken.append(target)
+    assert broken == []
+
+
 @pytest.mark.parametrize("path", [README, REFERENCE])
 def test_docs_do_not_speak_of_the_seed(path):
     assert not re.search(r"\bseed'?s?\b", path.read_text(), re.I)
