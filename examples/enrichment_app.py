@@ -53,10 +53,13 @@ def _image() -> modal.Image:
     )
 
 
-app = modal.App(APP_NAME, image=_image())
+image = _image()
+app = modal.App(APP_NAME, image=image)
+with image.imports():  # in the image; loading the app locally (tests, --backend local) needs none
+    from fastapi import Request
 # WSCTL_DATABASE_URL (a direct or pooled Supabase URL) for the worker helpers.
 db_secret = modal.Secret.from_name("wsctl-database", required_keys=["WSCTL_DATABASE_URL"])
-# CLAY_CALLBACK_SECRET: signs the per-state callback token the receivers check.
+# CLAY_CALLBACK_SECRET: signs the callback token (state id + dispatch generation) receivers check.
 callback_secret = modal.Secret.from_name("clay-callback", required_keys=[logic.SECRET_ENV])
 SECRETS = [db_secret, callback_secret]
 
@@ -181,28 +184,39 @@ def _respond(result: logic.CallbackResponse):
     return JSONResponse(status_code=result.status, content=result.body)
 
 
-@app.function(secrets=SECRETS)
-@modal.fastapi_endpoint(method="POST")
-def receive_enrich_company_via_waterfall_in_clay(body: dict):
-    return _respond(logic.handle_clay_callback(body, expected_steps=(logic.STEP_CLAY_COMPANY,)))
+async def _receive(request: Request, step: str):
+    """The raw body goes to the receiver logic, which answers every input itself (401 before
+    400): FastAPI's own JSON parsing would answer a body it cannot parse before the token is
+    checked. The logic's database calls block, so they run in a worker thread."""
+    from starlette.concurrency import run_in_threadpool
+
+    body = await request.body()
+    result = await run_in_threadpool(logic.handle_clay_callback, body, expected_steps=(step,))
+    return _respond(result)
 
 
 @app.function(secrets=SECRETS)
 @modal.fastapi_endpoint(method="POST")
-def receive_enrich_person_via_waterfall_in_clay(body: dict):
-    return _respond(logic.handle_clay_callback(body, expected_steps=(logic.STEP_CLAY_PERSON,)))
+async def receive_enrich_company_via_waterfall_in_clay(request: Request):
+    return await _receive(request, logic.STEP_CLAY_COMPANY)
 
 
 @app.function(secrets=SECRETS)
 @modal.fastapi_endpoint(method="POST")
-def receive_linkedin_enrich_company_via_waterfall_in_clay(body: dict):
-    return _respond(logic.handle_clay_callback(body, expected_steps=(logic.STEP_CLAY_COMPANY,)))
+async def receive_enrich_person_via_waterfall_in_clay(request: Request):
+    return await _receive(request, logic.STEP_CLAY_PERSON)
 
 
 @app.function(secrets=SECRETS)
 @modal.fastapi_endpoint(method="POST")
-def receive_linkedin_enrich_person_via_waterfall_in_clay(body: dict):
-    return _respond(logic.handle_clay_callback(body, expected_steps=(logic.STEP_CLAY_PERSON,)))
+async def receive_linkedin_enrich_company_via_waterfall_in_clay(request: Request):
+    return await _receive(request, logic.STEP_CLAY_COMPANY)
+
+
+@app.function(secrets=SECRETS)
+@modal.fastapi_endpoint(method="POST")
+async def receive_linkedin_enrich_person_via_waterfall_in_clay(request: Request):
+    return await _receive(request, logic.STEP_CLAY_PERSON)
 
 
 # --- scheduling without a cron host: a dispatch pass every minute ----------

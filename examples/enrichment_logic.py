@@ -11,10 +11,15 @@ dispatch backend and ``wsctl demo`` run them directly. Nothing here imports
   the example's own tables (``examples/enrichment_schema.sql``, schema
   ``enrichment_example``; never created by ``wsctl migrate``).
 * The Clay senders POST the item to the Clay table webhook URL from the
-  client's config, with a per-state callback token: HMAC-SHA256 of the state
-  id under ``CLAY_CALLBACK_SECRET``. The receiver accepts a callback only
-  with that token (401 otherwise), records Clay's payload on the item and
-  completes the step; completing twice is harmless.
+  client's config, at most once per dispatch generation of its state (a row
+  in ``enrichment_example.clay_sends``, committed before the POST), with a
+  callback token that binds the state id and that generation (HMAC-SHA256
+  under ``CLAY_CALLBACK_SECRET``). The receiver accepts a callback only with
+  such a token (401 otherwise) and a storable payload (400 otherwise), and
+  completes the step only while that generation is the state's current one
+  and the state waits for it (409 otherwise: a replay, a callback from before
+  ``wsctl retry``, a finished state), recording Clay's payload on the item in
+  the same transaction.
 
 Every SQL statement sent from here is a named block of
 ``enrichment_queries.sql`` beside this file; parameters are always bound.
@@ -26,6 +31,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import unicodedata
@@ -40,6 +46,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from wsctl.states import IN_FLIGHT
 
 log = logging.getLogger("enrichment_worker")
 
@@ -546,15 +554,64 @@ def run_split_step(
 
 # --- Clay: sender and receiver --------------------------------------------
 
+# The token a callback must carry: ``v2.<dispatch generation>.<HMAC-SHA256 hex>``. The HMAC
+# binds the state id and the generation, so a callback answers one dispatch of one state.
+TOKEN_VERSION = "v2"
+_TOKEN_RE = re.compile(r"\Av2\.(0|[1-9][0-9]{0,18})\.([0-9a-f]{64})\Z", re.ASCII)
+_UUID_RE = re.compile(
+    r"\A[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z", re.ASCII | re.IGNORECASE
+)
+_MAX_GENERATION = 2**63 - 1  # dispatch_generation is a bigint
+# What an ``enriched`` payload may be: JSON that PostgreSQL's jsonb stores as it is.
+MAX_ENRICHED_DEPTH = 64
+_MAX_INT_BITS = 3000  # about 900 digits: json.dumps refuses ints past 4300
+# A callback waits at most this long for its state's row (a claim, a completer), then is a
+# 503 that Clay retries: the receiver never hangs on a lock.
+CALLBACK_LOCK_TIMEOUT = "5s"
+CALLBACK_STATEMENT_TIMEOUT = "15s"
+# DISPATCHED, DISPATCHING: the states a sender may post for and a callback may complete.
+WAITING = sorted(s.value for s in IN_FLIGHT)
+
 
 def callback_secret(secret: str | None = None) -> str | None:
     return secret if secret is not None else (os.environ.get(SECRET_ENV) or None)
 
 
-def callback_token(state_id: str | uuid.UUID, secret: str) -> str:
-    """The token a callback for ``state_id`` must carry: HMAC-SHA256 under the shared secret."""
-    msg = f"wsctl-callback:v1:{uuid.UUID(str(state_id))}".encode()
-    return hmac.new(secret.encode("utf-8"), msg, hashlib.sha256).hexdigest()
+def _mac(state_id: uuid.UUID, generation: int, secret: str) -> str:
+    msg = f"wsctl-callback:{TOKEN_VERSION}:{state_id}:{generation}".encode("ascii")
+    # surrogateescape: how os.environ decodes bytes that are not UTF-8 (a secret is bytes)
+    key = secret.encode("utf-8", "surrogateescape")
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def callback_token(state_id: str | uuid.UUID, generation: int, secret: str) -> str:
+    """The token a callback for one dispatch generation of ``state_id`` must carry."""
+    generation = int(generation)
+    if not 0 <= generation <= _MAX_GENERATION:
+        raise ValueError(f"not a dispatch generation: {generation}")
+    sid = uuid.UUID(str(state_id))
+    return f"{TOKEN_VERSION}.{generation}.{_mac(sid, generation, secret)}"
+
+
+def verify_callback_token(state_id: Any, token: Any, secret: str) -> tuple[uuid.UUID, int] | None:
+    """``(state id, generation)`` when ``token`` proves itself for ``state_id``, else None.
+
+    Never raises, whatever the two values are (any JSON value, lone surrogates included).
+    """
+    if not isinstance(state_id, str) or not isinstance(token, str):
+        return None
+    if not _UUID_RE.match(state_id):
+        return None
+    m = _TOKEN_RE.match(token)
+    if m is None:
+        return None
+    sid, generation = uuid.UUID(state_id), int(m.group(1))
+    if generation > _MAX_GENERATION:
+        return None
+    # Both sides are ASCII here (the patterns say so): compare_digest takes them as str.
+    if not hmac.compare_digest(m.group(2), _mac(sid, generation, secret)):
+        return None
+    return sid, generation
 
 
 def post_json(url: str, doc: dict, *, headers: dict | None = None, timeout: float = 30.0) -> int:
@@ -575,6 +632,55 @@ def post_json(url: str, doc: dict, *, headers: dict | None = None, timeout: floa
         raise RuntimeError(f"Clay webhook answered HTTP {exc.code}") from None
 
 
+class AlreadySent(RuntimeError):
+    """This dispatch generation was handed to a sender before whose POST did not succeed."""
+
+
+@dataclass
+class ClaySend:
+    """One sender run: the generation it belongs to and whether this run posted."""
+
+    state_id: uuid.UUID
+    generation: int
+    posted: bool
+
+
+def claim_clay_send(conn, item_id: uuid.UUID, step: str, webhook_url: str) -> ClaySend:
+    """Claim the one POST of the state's current generation, committed before the POST.
+
+    ``posted=False``: the generation's POST already succeeded in an earlier run (a Modal
+    retry, an overrun pass): send nothing, wait for its callback. Raises ``AlreadySent`` when
+    an earlier run claimed it and failed or stopped mid-POST (it may have reached Clay: it is
+    never posted again; the retry's new generation is), ``RuntimeError`` when the state is
+    not waiting to be sent, ``LookupError`` when there is none.
+    """
+    from psycopg.rows import dict_row
+
+    from wsctl.db import tx
+
+    params = {"item_id": item_id, "step": step, "webhook_url": webhook_url, "waiting": WAITING}
+    with tx(conn), conn.cursor(row_factory=dict_row) as cur:
+        won = cur.execute(q("example_clay_send_claim"), params).fetchone()
+        if won is not None:
+            return ClaySend(won["state_id"], won["dispatch_generation"], posted=True)
+        row = cur.execute(q("example_clay_send_existing"), params).fetchone()
+    if row is None:
+        raise LookupError(f"item {item_id} has no workflow state for {step}")
+    sid, gen = row["state_id"], row["dispatch_generation"]
+    if row["posted_at"] is not None:  # its callback may even have completed the state since
+        log.info("[ASYNC SENDER] state %s generation %s was sent already: not again", sid, gen)
+        return ClaySend(sid, gen, posted=False)
+    if row["claimed"]:
+        what = f"failed: {row['error']}" if row["error"] else "has no outcome (stopped mid-POST?)"
+        raise AlreadySent(
+            f"state {sid} generation {gen} was handed to Clay before and its POST {what}; "
+            "it is not posted again (a retry posts a new generation)"
+        )
+    raise RuntimeError(
+        f"state {sid} ({step}) is {row['status']}, not dispatched: nothing sent to Clay"
+    )
+
+
 def run_clay_sender(
     item_id: str,
     workstream_slug: str,
@@ -587,9 +693,10 @@ def run_clay_sender(
 ) -> str:
     """Hand the item to the client's Clay table for ``step``; returns the webhook URL used.
 
-    The row carries ``callback_token`` (see ``callback_token``) and, when the
-    config has one, ``callback_url``: the Clay table's HTTP API column sends
-    both back with the enriched values.
+    The row carries ``callback_token`` (see ``callback_token``: it binds the state and its
+    dispatch generation) and, when the config has one, ``callback_url``: the Clay table's
+    HTTP API column sends both back with the enriched values. Each generation is posted at
+    most once (``claim_clay_send``): a second run of the same generation posts nothing.
     """
     from wsctl.db import tx
 
@@ -604,25 +711,38 @@ def run_clay_sender(
     if not key:
         raise RuntimeError(f"{SECRET_ENV} is not set: Clay's callback could not prove itself")
     item = load_item(conn, item_id)
-    state = conn.execute(q("example_state_for_step"), (item.item_id, step)).fetchone()
-    if state is None:
-        raise LookupError(f"item {item_id} has no workflow state for {step}")
+    send = claim_clay_send(conn, item.item_id, step, str(url))
+    if not send.posted:
+        return url
     values = core_values(item.data, config)
     row = {
         "item_id": str(item.item_id),
-        "state_id": str(state[0]),
+        "state_id": str(send.state_id),
+        "dispatch_generation": send.generation,
         "workflow": step,
         "workstream": workstream_slug,
-        "callback_token": callback_token(state[0], key),
+        "callback_token": callback_token(send.state_id, send.generation, key),
         "callback_url": config.get("callback_url"),
         "record": values,
     }
     headers = {}
     if config.get("clay_webhook_auth_token"):
         headers["x-clay-webhook-auth"] = str(config["clay_webhook_auth_token"])
-    post_json(url, row, headers=headers, timeout=float(config.get("timeout_seconds", 30)))
+    fence = {"state_id": send.state_id, "generation": send.generation}
+    try:
+        status = post_json(
+            url, row, headers=headers, timeout=float(config.get("timeout_seconds", 30))
+        )
+    except Exception as exc:
+        try:
+            with tx(conn):
+                conn.execute(q("example_clay_send_failed"), {**fence, "error": str(exc)[:500]})
+        except Exception as record_exc:  # the POST's error is the one to report
+            log.warning("[ASYNC SENDER] could not record the failed POST: %s", record_exc)
+        raise
     parsed = urlsplit(url)
     with tx(conn):
+        conn.execute(q("example_clay_send_posted"), {**fence, "http_status": status})
         record_step(
             conn,
             item.item_id,
@@ -645,6 +765,105 @@ def _unauthorized(why: str) -> CallbackResponse:
     return CallbackResponse(401, {"error": "unauthorized"})
 
 
+def _bad_request(why: str) -> CallbackResponse:
+    log.warning("[RECEIVER] malformed callback: %s", why)
+    return CallbackResponse(400, {"error": why})
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "holds \\u0000, which PostgreSQL's jsonb cannot store"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "holds a lone surrogate (not UTF-8)"
+    return None
+
+
+def json_problem(value: Any, max_depth: int = MAX_ENRICHED_DEPTH) -> str | None:
+    """Why ``value`` cannot be stored as jsonb as it is, or None. Iterative: any depth is safe."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > max_depth:
+            return f"is nested deeper than {max_depth} levels"
+        if v is None or isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            if v.bit_length() > _MAX_INT_BITS:
+                return "holds a number too large to store"
+        elif isinstance(v, _HugeNumber):
+            return "holds a number too large to store"
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return "holds NaN or Infinity, which JSON cannot carry"
+        elif isinstance(v, str):
+            if (problem := _text_problem(v)) is not None:
+                return f"a string {problem}"
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    return "has a key that is not a string"
+                if (problem := _text_problem(k)) is not None:
+                    return f"a key {problem}"
+                stack.append((x, depth + 1))
+        else:
+            return f"holds a {type(v).__name__}, which is not JSON"
+    return None
+
+
+class _HugeNumber:
+    """An integer literal too long to store (Python would refuse to parse it at 4300 digits)."""
+
+
+def _parse_int(text: str) -> int | _HugeNumber:
+    # A proven callback with a 5000-digit number is malformed (400), not unreadable (401).
+    return int(text) if len(text) <= _MAX_INT_BITS // 3 else _HugeNumber()
+
+
+def _decode(body: Any) -> Any:
+    """The JSON document in ``body`` (bytes, str or already decoded); ``_NOT_JSON`` if none."""
+    if isinstance(body, bytes | bytearray | memoryview | str):
+        text = body if isinstance(body, str) else bytes(body)
+        try:
+            return json.loads(text, parse_int=_parse_int)
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return _NOT_JSON
+    return body
+
+
+_NOT_JSON = object()
+
+
+class _Refused(Exception):
+    """Raised inside the transaction to roll it back and answer ``response``."""
+
+    def __init__(self, response: CallbackResponse):
+        super().__init__(response.status)
+        self.response = response
+
+
+def _refusal(
+    c, state_id: uuid.UUID, generation: int, steps: tuple[str, ...] | None
+) -> CallbackResponse:
+    """The answer to a verified callback that the fence let through to nothing."""
+    row = c.execute(q("example_callback_state"), (state_id,)).fetchone()
+    if row is None:
+        return CallbackResponse(404, {"error": "no such workflow state"})
+    _sid, step, status, current = row
+    body = {"state_id": str(state_id), "status": status, "completed": False}
+    if steps and step not in steps:
+        return CallbackResponse(409, {**body, "error": f"state belongs to step {step}"})
+    if current != generation:
+        why = f"the token is for dispatch generation {generation}, the state is at {current}"
+    else:
+        why = f"the state is {status}, not waiting for a callback"
+    log.warning("[RECEIVER] refused callback for state %s: %s", state_id, why)
+    return CallbackResponse(409, {**body, "error": why})
+
+
 def handle_clay_callback(
     body: Any,
     *,
@@ -654,54 +873,88 @@ def handle_clay_callback(
 ) -> CallbackResponse:
     """Clay's callback: verify its token, record ``enriched`` on the item, complete the step.
 
-    ``body`` is the decoded JSON (or raw bytes): ``{"state_id", "callback_token",
-    "enriched": {...}}``. Anything that does not prove itself is a 401 and
-    nothing is read or written; a repeated callback for a completed state is a
-    200 that changes nothing.
+    ``body`` is the raw request body (bytes or str) or the decoded JSON: ``{"state_id",
+    "callback_token", "enriched": {...}}``. Answers, in this order, and never raises for
+    any input: 401 when it does not prove itself (nothing read or written); 400 when it does
+    but is malformed; 404 for a state that no longer exists; 409 unless the token's dispatch
+    generation is the state's current one and the state waits for it (DISPATCHING or
+    DISPATCHED), so a replay, a callback of an earlier generation (after ``wsctl retry``) or
+    for a finished state writes nothing; 200 when it recorded the payload and completed the
+    state, in one transaction with the fence; 503 when the secret or the database is missing.
     """
+    key = callback_secret(secret)
+    if not key:
+        return CallbackResponse(503, {"error": f"{SECRET_ENV} is not configured"})
+    doc = _decode(body)
+    if doc is _NOT_JSON:
+        return _unauthorized("body is not JSON")
+    if not isinstance(doc, dict):
+        return _unauthorized("body is not a JSON object")
+    proven = verify_callback_token(doc.get("state_id"), doc.get("callback_token"), key)
+    if proven is None:
+        return _unauthorized("no state_id and valid callback token")
+    state_id, generation = proven
+    enriched = doc.get("enriched")
+    if not isinstance(enriched, dict):
+        return _bad_request("enriched must be a JSON object")
+    if (problem := json_problem(enriched)) is not None:
+        return _bad_request(f"enriched {problem}")
+    try:
+        return _complete(state_id, generation, enriched, expected_steps, conn)
+    except _Refused as refused:
+        return refused.response
+    except Exception as exc:
+        return _database_failure(exc)
+
+
+def _database_failure(exc: Exception) -> CallbackResponse:
+    """A database that is away or busy is a 503 (Clay retries); nothing was written."""
+    import psycopg
+
+    from wsctl.errors import EnvError
+
+    if isinstance(exc, psycopg.DataError):  # the validation above should leave none
+        return _bad_request("enriched was refused by the database")
+    if isinstance(exc, psycopg.OperationalError | EnvError):
+        log.warning("[RECEIVER] database unavailable: %s", (str(exc).splitlines() or [""])[0])
+        return CallbackResponse(503, {"error": "database unavailable, retry later"})
+    raise exc
+
+
+def _complete(
+    state_id: uuid.UUID,
+    generation: int,
+    enriched: dict,
+    expected_steps: tuple[str, ...] | None,
+    conn,
+) -> CallbackResponse:
     from psycopg.types.json import Jsonb
 
     from wsctl import worker
     from wsctl.db import tx
 
-    key = callback_secret(secret)
-    if not key:
-        return CallbackResponse(503, {"error": f"{SECRET_ENV} is not configured"})
-    if isinstance(body, bytes | str):
-        try:
-            body = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            return _unauthorized("body is not JSON")
-    if not isinstance(body, dict):
-        return _unauthorized("body is not a JSON object")
-    token = body.get("callback_token")
-    try:
-        state_id = uuid.UUID(str(body.get("state_id")))
-    except ValueError:
-        return _unauthorized("no valid state_id")
-    if not isinstance(token, str) or not hmac.compare_digest(
-        token.encode(), callback_token(state_id, key).encode()
-    ):
-        return _unauthorized(f"bad token for state {state_id}")
-    enriched = body.get("enriched")
-    if not isinstance(enriched, dict):
-        return CallbackResponse(400, {"error": "enriched must be a JSON object"})
-
-    with connect(conn) as c, tx(c):
-        state = c.execute(q("example_callback_state_lock"), (state_id,)).fetchone()
-        if state is None:
-            return CallbackResponse(404, {"error": "no such workflow state"})
-        _sid, item_id, step, status = state
-        if expected_steps and step not in expected_steps:
-            return CallbackResponse(409, {"error": f"state belongs to step {step}"})
-        if status in ("COMPLETED", "CANCELLED"):
-            return CallbackResponse(
-                200, {"state_id": str(state_id), "completed": False, "status": status}
-            )
-        c.execute(q("example_item_record_clay"), (step, Jsonb(enriched), item_id))
-        completed = worker.complete_step(str(state_id), conn=c)
+    fence = {
+        "state_id": state_id,
+        "generation": generation,
+        "waiting": WAITING,
+        "steps": list(expected_steps) if expected_steps else None,
+    }
+    with connect(conn) as c:
+        with tx(
+            c, statement_timeout=CALLBACK_STATEMENT_TIMEOUT, lock_timeout=CALLBACK_LOCK_TIMEOUT
+        ):
+            state = c.execute(q("example_callback_fence"), fence).fetchone()
+            if state is None:
+                raise _Refused(_refusal(c, state_id, generation, expected_steps))
+            _sid, item_id, step = state
+            c.execute(q("example_item_record_clay"), (step, Jsonb(enriched), item_id))
+            # Under the fence's row lock nothing can have moved the state: this completes it.
+            if not worker.complete_step(str(state_id), conn=c):  # pragma: no cover - defensive
+                raise _Refused(CallbackResponse(409, {"error": "the state could not complete"}))
     log.info("[RECEIVER] %s completed for item=%s...", step, str(item_id)[:8])
-    return CallbackResponse(200, {"state_id": str(state_id), "completed": completed})
+    return CallbackResponse(
+        200, {"state_id": str(state_id), "completed": True, "dispatch_generation": generation}
+    )
 
 
 # --- the scheduled dispatch pass ------------------------------------------

@@ -27,18 +27,60 @@ SET data = data
                           || jsonb_build_object(%(step)s::text, %(trace)s::jsonb))
 WHERE id = %(item_id)s;
 
--- example_state_for_step --
--- An item's workflow state for one step (the Clay sender signs its id).
-SELECT id, status
-FROM public.workflow_states
-WHERE item_id = %s AND step_name = %s;
+-- example_clay_send_claim --
+-- Claim the one POST of the state's current dispatch generation while it waits to be sent
+-- (waiting: DISPATCHING, or DISPATCHED when the pass recorded the spawn first): only the first
+-- sender of a generation gets a row back. Committed before the POST.
+INSERT INTO enrichment_example.clay_sends
+    (state_id, dispatch_generation, item_id, step_name, webhook_url)
+SELECT ws.id, ws.dispatch_generation, ws.item_id, ws.step_name, %(webhook_url)s
+FROM public.workflow_states ws
+WHERE ws.item_id = %(item_id)s
+  AND ws.step_name = %(step)s
+  AND ws.status = ANY (%(waiting)s::text[])
+ON CONFLICT (state_id, dispatch_generation) DO NOTHING
+RETURNING state_id, dispatch_generation;
 
--- example_callback_state_lock --
--- The state a verified callback names, locked until its payload is recorded and it completes.
-SELECT id, item_id, step_name, status
+-- example_clay_send_existing --
+-- Why no claim came back: the state (if any), and its current generation's send (if any).
+SELECT ws.id AS state_id, ws.status, ws.dispatch_generation,
+       cs.state_id IS NOT NULL AS claimed, cs.posted_at, cs.http_status, cs.error
+FROM public.workflow_states ws
+LEFT JOIN enrichment_example.clay_sends cs
+       ON cs.state_id = ws.id AND cs.dispatch_generation = ws.dispatch_generation
+WHERE ws.item_id = %(item_id)s AND ws.step_name = %(step)s;
+
+-- example_clay_send_posted --
+-- The POST of one generation was answered 2xx.
+UPDATE enrichment_example.clay_sends
+SET posted_at = now(), http_status = %(http_status)s, error = NULL
+WHERE state_id = %(state_id)s AND dispatch_generation = %(generation)s;
+
+-- example_clay_send_failed --
+-- The POST of one generation failed (the step is retried, with a new generation).
+UPDATE enrichment_example.clay_sends
+SET error = %(error)s
+WHERE state_id = %(state_id)s AND dispatch_generation = %(generation)s;
+
+-- example_callback_fence --
+-- The fence of a verified callback: the state, locked until its payload is recorded and it
+-- completes, only while the token's generation is its current one and it waits for it
+-- (waiting: DISPATCHING, or DISPATCHED).
+-- FOR UPDATE re-checks the WHERE on the newest row version after any wait, so a claim or a
+-- retry committed meanwhile leaves nothing to complete; a claim waits for this lock.
+SELECT id, item_id, step_name
 FROM public.workflow_states
-WHERE id = %s
+WHERE id = %(state_id)s
+  AND dispatch_generation = %(generation)s
+  AND status = ANY (%(waiting)s::text[])
+  AND (%(steps)s::text[] IS NULL OR step_name = ANY (%(steps)s::text[]))
 FOR UPDATE;
+
+-- example_callback_state --
+-- Why a verified callback was refused (read only, for the answer): the state as it is now.
+SELECT id, step_name, status, dispatch_generation
+FROM public.workflow_states
+WHERE id = %s;
 
 -- example_item_record_clay --
 -- Record Clay's enriched payload on the item under data.clay[step].

@@ -54,3 +54,22 @@ CREATE TABLE IF NOT EXISTS enrichment_example.people (
 );
 
 CREATE INDEX IF NOT EXISTS people_company_id_idx ON enrichment_example.people (company_id);
+
+-- One row per (workflow state, dispatch generation) the Clay sender handed to
+-- Clay: the sender inserts it (ON CONFLICT DO NOTHING) and commits BEFORE it
+-- posts, so of all the runs of one generation (a Modal input retry, an overrun
+-- pass) only the first posts; a new generation (after `wsctl retry` or a
+-- retryable failure) posts again. posted_at/http_status, or error, say how the
+-- POST ended; neither means the sender stopped mid-POST (outcome unknown).
+CREATE TABLE IF NOT EXISTS enrichment_example.clay_sends (
+    state_id             uuid NOT NULL REFERENCES public.workflow_states (id) ON DELETE CASCADE,
+    dispatch_generation  bigint NOT NULL,
+    item_id              uuid NOT NULL,
+    step_name            text NOT NULL,
+    webhook_url          text NOT NULL,
+    claimed_at           timestamptz NOT NULL DEFAULT now(),
+    posted_at            timestamptz,
+    http_status          integer,
+    error                text,
+    PRIMARY KEY (state_id, dispatch_generation)
+);

@@ -6,6 +6,8 @@ real ``modal`` client against the loopback stand-in, never the real Modal.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.conftest import table_snapshot
@@ -24,9 +26,13 @@ CHECKS = [
     "expired_leases",
     "stale_dispatched",
     "limit_keys",
+    "clay_webhooks",
+    "states_bloat",
+    "vacuum_horizon",
+    "prune_candidates",
     "modal_credentials",
 ]
-DATA_CHECKS = CHECKS[2:8]
+DATA_CHECKS = CHECKS[2:12]
 
 
 @pytest.fixture
@@ -93,9 +99,9 @@ def test_human_output_is_a_table_and_a_summary(cli, healthy, no_modal_token):
     assert lines[0] == "status\tcheck\tdetail\thint"
     rows = [ln.split("\t") for ln in lines[1:-1]]
     assert [row[1] for row in rows] == CHECKS
-    assert [row[0] for row in rows] == ["OK"] * 8 + ["FAIL"]
+    assert [row[0] for row in rows] == ["OK"] * 12 + ["FAIL"]
     assert rows[-1][3].startswith("modal token set")
-    assert lines[-1] == "doctor: 8 OK, 1 FAIL"
+    assert lines[-1] == "doctor: 12 OK, 1 FAIL"
 
 
 # --- database reachable -----------------------------------------------------------
@@ -510,3 +516,71 @@ def test_check_modal_skipped_without_database(run_cli, standin):
     assert r.code == 1
     assert checks_of(r)["modal_functions"]["status"] == "SKIP"
     assert checks_of(r)["modal_credentials"]["status"] == "OK"
+
+
+# --- long life: bloat, the vacuum horizon, prune candidates --------------------------
+
+
+def test_states_bloat_warns_with_a_vacuum_hint(cli, conn, healthy, modal_token):
+    client = conn.execute("SELECT id FROM clients LIMIT 1").fetchone()
+    client = (
+        client[0]
+        if client
+        else conn.execute("INSERT INTO clients (name) VALUES ('bloaty') RETURNING id").fetchone()[0]
+    )
+    conn.execute("ALTER TABLE workflow_states SET (autovacuum_enabled = false)")
+    from tests.support import factories as fac
+
+    b = fac.add_batch(conn, client, ["normalize_all_core_values"], 120_000)
+    conn.execute("ANALYZE workflow_states")
+    conn.execute("UPDATE workflow_states SET status = 'COMPLETED' WHERE batch_id = %s", (b,))
+    import time
+
+    deadline = time.monotonic() + 20  # the statistics collector reports the dead tuples soon
+    while time.monotonic() < deadline:
+        c = checks_of(cli("doctor", "--json"))["states_bloat"]
+        if c["status"] == "WARN":
+            break
+        time.sleep(0.5)
+    assert c["status"] == "WARN", c
+    assert "120000 dead" in c["detail"] and "VACUUM (ANALYZE) public.workflow_states" in c["hint"]
+    assert c["rows"][0]["dead"] == 120_000
+    conn.execute("VACUUM workflow_states")
+    assert statuses(cli("doctor", "--json"))["states_bloat"] == "OK"
+
+
+def test_vacuum_horizon_warns_about_an_old_snapshot(db_url, conn, healthy, modal_token):
+    import psycopg
+
+    from wsctl.doctor import VACUUM_HORIZON, doctor
+
+    with psycopg.connect(db_url, application_name="held-snapshot") as holder:
+        # a REPEATABLE READ transaction (pg_dump, a long report) keeps its snapshot while idle
+        holder.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        holder.execute("SELECT 1 FROM clients LIMIT 1")
+        time.sleep(1.2)
+        report = doctor(lambda: psycopg.connect(db_url, autocommit=True), xmin_threshold=1)
+        check = report.get(VACUUM_HORIZON)
+        assert check.status == "WARN", check
+        pid = holder.info.backend_pid
+        assert any(r.get("pid") == pid for r in check.rows) or "backend pid" in check.detail
+        assert "pg_terminate_backend(" in check.hint
+    report = doctor(lambda: psycopg.connect(db_url, autocommit=True), xmin_threshold=86400)
+    assert report.get(VACUUM_HORIZON).status == "OK"
+
+
+def test_prune_candidates_warn_with_the_prune_command(cli, conn, healthy, modal_token):
+    from tests.support import factories as fac
+
+    client = conn.execute("INSERT INTO clients (name) VALUES ('old') RETURNING id").fetchone()[0]
+    b = fac.add_batch(conn, client, ["normalize_all_core_values"], 4, first_status="COMPLETED")
+    active = fac.add_batch(conn, client, ["normalize_all_core_values"], 2)
+    conn.execute("UPDATE workflow_states SET updated_at = now() - interval '40 days'")
+    conn.execute("UPDATE batches SET created_at = now() - interval '41 days'")
+    c = checks_of(cli("doctor", "--json"))["prune_candidates"]
+    assert c["status"] == "WARN"
+    assert "1 batch(es) finished more than 30d ago keep 4 state(s)" in c["detail"]
+    assert c["hint"].startswith("wsctl prune --older-than 30d --dry-run")
+    assert [r["batch_id"] for r in c["rows"]] == [str(b)] and str(active) not in c["detail"]
+    assert cli("prune", "--older-than", "30d").code == 0
+    assert statuses(cli("doctor", "--json"))["prune_candidates"] == "OK"

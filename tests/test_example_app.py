@@ -6,7 +6,10 @@ stand-in). Run through `wsctl dispatch --backend local` and through ``.local()``
 from __future__ import annotations
 
 import csv
+import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
 import pytest
@@ -95,6 +98,14 @@ def _scenario(conn, servers, blueprint: list[str], n_items: int = 2) -> dict:
     return {"client": client, "config_ids": config_ids, "batches": batches, "items": items}
 
 
+def claim_all(conn) -> None:
+    """What a dispatch claim does to each state (until wsctl's claim bumps the generation)."""
+    conn.execute(
+        "UPDATE workflow_states SET dispatch_generation = dispatch_generation + 1,"
+        " status = 'DISPATCHING'"
+    )
+
+
 def _trace(conn, item_id: str, step: str) -> dict:
     row = conn.execute("SELECT data->'_trace'->%s FROM batch_items WHERE id = %s", (step, item_id))
     return row.fetchone()[0]
@@ -163,6 +174,7 @@ def test_each_function_uses_its_items_workstream_config(
 ):
     sc = _scenario(conn, servers, [step], n_items=1)
     clay, _receiver = servers
+    claim_all(conn)  # the functions run while their states are claimed
     modal_fn = getattr(APP, fn)
     for item_id, ws in sc["items"].items():
         modal_fn.local(item_id, ws if pass_workstream else None)
@@ -259,3 +271,269 @@ def test_every_function_of_the_example_registry_is_in_the_app():
     for (step, ws), (typ, _sender, receiver) in REGISTRY.items():
         assert ws in (APOLLO, LINKEDIN)
         assert (typ == "async") == (receiver is not None), (step, ws)
+
+
+# --- the Clay sender posts each dispatch generation at most once ----------------
+
+
+class RecordingClay:
+    """A Clay table webhook on loopback that records each row and answers ``status``, after
+    ``delay`` seconds; it never calls back (the tests send callbacks themselves)."""
+
+    def __init__(self, status: int = 200, delay: float = 0.0):
+        self.status, self.delay = status, delay
+        self.rows: list[dict] = []
+        clay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                clay.rows.append(json.loads(body))
+                time.sleep(clay.delay)
+                self.send_response(clay.status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/table"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def recording_clay():
+    clay = RecordingClay()
+    yield clay
+    clay.close()
+
+
+@pytest.fixture
+def clay_item(conn):
+    """One item whose Clay company step is claimed (DISPATCHING, generation 1)."""
+    conn.execute(example_path("enrichment_schema.sql").read_text())
+    client = f.add_client(conn)
+    batch = f.add_batch(conn, client, [logic.STEP_CLAY_COMPANY, logic.STEP_CLAY_PERSON], 0)
+    item = conn.execute(
+        "INSERT INTO batch_items (batch_id, data) VALUES (%s, %s) RETURNING id",
+        (batch, psycopg.types.json.Jsonb(SAMPLE[0])),
+    ).fetchone()[0]
+    state = conn.execute(
+        "INSERT INTO workflow_states (item_id, batch_id, step_name) VALUES (%s, %s, %s)"
+        " RETURNING id",
+        (item, batch, logic.STEP_CLAY_COMPANY),
+    ).fetchone()[0]
+    claim_all(conn)
+    return str(item), state
+
+
+def _send(conn, item_id: str, clay: RecordingClay) -> str:
+    config = {"clay_table_webhook_url": clay.url, "callback_url": "http://127.0.0.1:9/cb"}
+    return logic.run_clay_sender(
+        item_id, APOLLO, logic.STEP_CLAY_COMPANY, "sender", config, conn=conn, secret=SECRET
+    )
+
+
+def _sends(conn) -> list[tuple]:
+    return conn.execute(
+        "SELECT dispatch_generation, posted_at IS NOT NULL, http_status, error"
+        " FROM enrichment_example.clay_sends ORDER BY dispatch_generation"
+    ).fetchall()
+
+
+def _retry_and_claim(conn, state_id) -> None:
+    """`wsctl retry` (PENDING, attempts reset) and the next claim (generation + 1)."""
+    conn.execute("UPDATE workflow_states SET status = 'PENDING' WHERE id = %s", (state_id,))
+    claim_all(conn)
+
+
+def test_a_rerun_of_the_same_generation_posts_nothing(conn, clay_item, recording_clay):
+    item_id, state_id = clay_item
+    for _ in range(3):  # a Modal input retry, an overrun pass: the same generation again
+        assert _send(conn, item_id, recording_clay) == recording_clay.url
+    assert len(recording_clay.rows) == 1
+    row = recording_clay.rows[0]
+    assert (row["state_id"], row["dispatch_generation"]) == (str(state_id), 1)
+    assert logic.verify_callback_token(row["state_id"], row["callback_token"], SECRET) == (
+        state_id,
+        1,
+    )
+    assert _sends(conn) == [(1, True, 200, None)]
+
+
+def test_a_rerun_after_the_callback_completed_the_state_posts_nothing(
+    conn, clay_item, recording_clay
+):
+    item_id, state_id = clay_item
+    _send(conn, item_id, recording_clay)
+    row = recording_clay.rows[0]
+    callback = {"state_id": row["state_id"], "callback_token": row["callback_token"]}
+    res = logic.handle_clay_callback(
+        {**callback, "enriched": {"employees": 3}}, secret=SECRET, conn=conn
+    )
+    assert res.status == 200
+    before = table_snapshot(conn)
+    assert _send(conn, item_id, recording_clay) == recording_clay.url
+    assert len(recording_clay.rows) == 1
+    assert table_snapshot(conn) == before
+
+
+def test_a_new_generation_posts_again_with_its_own_token(conn, clay_item, recording_clay):
+    item_id, state_id = clay_item
+    _send(conn, item_id, recording_clay)
+    _retry_and_claim(conn, state_id)
+    _send(conn, item_id, recording_clay)
+    _send(conn, item_id, recording_clay)
+    assert [r["dispatch_generation"] for r in recording_clay.rows] == [1, 2]
+    first, second = (r["callback_token"] for r in recording_clay.rows)
+    assert first != second
+    assert _sends(conn) == [(1, True, 200, None), (2, True, 200, None)]
+    # The first generation's callback is fenced off; the second's completes the state.
+    stale = {"state_id": str(state_id), "callback_token": first, "enriched": {}}
+    assert logic.handle_clay_callback(stale, secret=SECRET, conn=conn).status == 409
+    fresh = {**stale, "callback_token": second}
+    assert logic.handle_clay_callback(fresh, secret=SECRET, conn=conn).status == 200
+
+
+def test_concurrent_runs_of_one_generation_post_once(db_url, conn, clay_item):
+    item_id, _state_id = clay_item
+    clay = RecordingClay(delay=0.3)  # the winner is still posting while the others look
+    n = 6
+    barrier = threading.Barrier(n)
+    outcomes: list[str] = []
+
+    def run() -> None:
+        with psycopg.connect(db_url, autocommit=True) as c:
+            barrier.wait()
+            try:
+                _send(c, item_id, clay)
+                outcomes.append("returned")
+            except logic.AlreadySent:
+                outcomes.append("already sent")
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    clay.close()
+    assert len(clay.rows) == 1
+    assert sorted(outcomes) == ["already sent"] * (n - 1) + ["returned"]
+    assert _sends(conn) == [(1, True, 200, None)]
+
+
+def test_a_failed_post_is_never_posted_again_in_its_generation(conn, clay_item):
+    item_id, state_id = clay_item
+    clay = RecordingClay(status=503)
+    try:
+        with pytest.raises(RuntimeError, match="HTTP 503"):
+            _send(conn, item_id, clay)
+        # Clay may have taken the row before it failed: this generation is not sent again.
+        with pytest.raises(logic.AlreadySent, match="failed: Clay webhook answered HTTP 503"):
+            _send(conn, item_id, clay)
+        assert len(clay.rows) == 1
+        assert _trace(conn, item_id, logic.STEP_CLAY_COMPANY) is None  # recorded no success
+        clay.status = 200
+        _retry_and_claim(conn, state_id)
+        _send(conn, item_id, clay)
+    finally:
+        clay.close()
+    assert [r["dispatch_generation"] for r in clay.rows] == [1, 2]
+    assert _sends(conn) == [
+        (1, False, None, "Clay webhook answered HTTP 503"),
+        (2, True, 200, None),
+    ]
+
+
+def test_a_sender_that_stopped_mid_post_leaves_its_generation_unposted(
+    conn, clay_item, recording_clay
+):
+    """Killed between its claim and Clay's answer: the outcome is unknown, so the rerun of
+    that generation refuses to post (the retry's next generation does)."""
+    item_id, state_id = clay_item
+    conn.execute(
+        "INSERT INTO enrichment_example.clay_sends"
+        " (state_id, dispatch_generation, item_id, step_name, webhook_url)"
+        " VALUES (%s, 1, %s, %s, %s)",
+        (state_id, item_id, logic.STEP_CLAY_COMPANY, recording_clay.url),
+    )
+    with pytest.raises(logic.AlreadySent, match="no outcome"):
+        _send(conn, item_id, recording_clay)
+    assert recording_clay.rows == []
+
+
+@pytest.mark.parametrize("status", ["PENDING", "BLOCKED", "FAILED", "COMPLETED", "CANCELLED"])
+def test_the_sender_posts_nothing_for_a_state_not_dispatched(
+    conn, clay_item, recording_clay, status
+):
+    item_id, state_id = clay_item
+    conn.execute("UPDATE workflow_states SET status = %s WHERE id = %s", (status, state_id))
+    before = table_snapshot(conn)
+    with pytest.raises(RuntimeError, match=f"is {status}, not dispatched"):
+        _send(conn, item_id, recording_clay)
+    assert recording_clay.rows == []
+    assert table_snapshot(conn) == before
+    assert _sends(conn) == []
+
+
+def test_dispatch_records_the_generation_each_sender_posted(cli, conn, servers, worker_env):
+    """Through `wsctl dispatch`: one send per state, at the generation the state is at."""
+    _scenario(conn, servers, [logic.STEP_CLAY_PERSON])
+    res = cli("dispatch", "--once", "--backend", "local", "--app", APP_PATH, "--json")
+    assert res.code == 0, res.err
+    _wait_completed(conn, logic.STEP_CLAY_PERSON, 4)
+    rows = conn.execute(
+        "SELECT s.id, s.dispatch_generation, c.dispatch_generation, c.posted_at IS NOT NULL"
+        " FROM workflow_states s"
+        " LEFT JOIN enrichment_example.clay_sends c ON c.state_id = s.id"
+    ).fetchall()
+    assert len(rows) == 4
+    assert all(state_gen == sent_gen and posted for _id, state_gen, sent_gen, posted in rows)
+
+
+# --- the receivers' web endpoints ---------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx`")  # starlette's TestClient on httpx
+def test_the_web_endpoint_hands_the_raw_body_to_the_receiver(conn, worker_env, clay_item):
+    """The Modal endpoint, served by FastAPI: 401 for a body nested 100,000 deep (FastAPI's
+    own parsing would answer 400 before the token is checked), 400 for a proven callback
+    whose payload jsonb cannot store, 200 for a good one. FastAPI is in the Modal image,
+    not in the dev extras: this test runs only where it is installed."""
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    _item_id, state_id = clay_item
+    endpoint = APP.receive_enrich_company_via_waterfall_in_clay
+    api = fastapi.FastAPI()
+
+    # The endpoints' annotation resolves in the app module, as FastAPI reads it on Modal.
+    assert APP.Request is fastapi.Request
+
+    async def receive(request):
+        return await endpoint.local(request)
+
+    receive.__annotations__ = {"request": fastapi.Request}  # not a string: resolvable here
+    api.add_api_route("/receive", receive, methods=["POST"])
+
+    client = TestClient(api)
+    token = logic.callback_token(state_id, 1, SECRET)
+    deep = b'{"state_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    assert client.post("/receive", content=deep).status_code == 401
+    proven = f'{{"state_id": "{state_id}", "callback_token": "{token}", "enriched": '
+    before = table_snapshot(conn)
+    for bad in ('{"v": NaN}}', '{"v": "\\u0000"}}', '{"v": "\\ud800"}}'):
+        res = client.post("/receive", content=proven + bad)
+        assert res.status_code == 400, res.text
+    assert table_snapshot(conn) == before
+    res = client.post("/receive", content=proven + '{"employees": 7}}')
+    assert (res.status_code, res.json()["completed"]) == (200, True)
+    again = client.post("/receive", content=proven + '{"employees": 7}}')
+    assert again.status_code == 409

@@ -95,7 +95,8 @@ def test_completed_item_cli_json(cli, completed_item):
     r = cli("item", "show", str(item), "--json")
     assert r.code == 0, r.err
     doc = r.json()
-    assert set(doc) == {"item", "steps", "warnings"}
+    assert set(doc) == {"item", "steps", "warnings", "pruned"}
+    assert doc["pruned"] is None
     assert doc["item"] == {
         "id": str(item),
         "batch_id": str(batch),

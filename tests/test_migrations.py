@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import psycopg
 import pytest
@@ -84,6 +85,11 @@ def test_fresh_schema_matches_legacy_shape(db_url, legacy_url):
         # Every legacy column exists in the migrated database with the same definition.
         ours_by_key = {(r[0], r[1]): r for r in ours}
         for row in theirs:
+            if (row[0], row[1]) in (("batch_items", "id"), ("workflow_states", "id")):
+                # migration 0014: a time-ordered (UUIDv7) default instead of gen_random_uuid()
+                ours_row = ours_by_key[(row[0], row[1])]
+                assert ours_row[:4] == row[:4] and "clock_timestamp()" in ours_row[4]
+                continue
             assert ours_by_key[(row[0], row[1])] == row
         added = {(r[0], r[1]) for r in ours} - {(r[0], r[1]) for r in theirs}
         assert all(c not in legacy_cols or t == "batches" for t, c in added)
@@ -409,3 +415,82 @@ def test_ddl_waiting_behind_a_long_transaction_gives_up_and_applies_nothing(fres
         assert [a["version"] for a in migrations.migrate(c, migrations=migs).applied] == [
             m.version for m in migs[2:]
         ]
+
+
+def test_invalid_index_is_found_and_rebuilt_whatever_the_search_path(fresh_db, run_cli):
+    """Issue 11 item 7: with the database's search_path = pg_catalog, an index a failed
+    concurrent build left INVALID is still found (schema-qualified lookups) and rebuilt."""
+    url, name = fresh_db
+    migs = migrations.load_migrations()
+    first_concurrent = next(m.version for m in migs if m.version > 3 and not m.transactional)
+    assert first_concurrent == 4
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute(f'ALTER DATABASE "{name}" SET search_path = pg_catalog')
+    with db.connect(url, _settings(url)) as c:
+        assert c.execute("SHOW search_path").fetchone()[0] == "pg_catalog"
+        migrations.migrate(c, migrations=[m for m in migs if m.version < first_concurrent])
+    with psycopg.connect(url, autocommit=True) as c:
+        # A concurrent build of 0004's index name that fails (duplicate keys) leaves it
+        # INVALID, as a killed `migrate` during the build would.
+        c.execute(
+            "INSERT INTO public.clients (id, name) VALUES ('00000000-0000-0000-0000-00000000000a', 'a');"
+            "INSERT INTO public.batches (id, client_id, blueprint) VALUES"
+            " ('00000000-0000-0000-0000-0000000000b1', '00000000-0000-0000-0000-00000000000a',"
+            " ARRAY['s']);"
+            "INSERT INTO public.batch_items (id, batch_id, data) SELECT gen_random_uuid(),"
+            " '00000000-0000-0000-0000-0000000000b1', '{}' FROM generate_series(1, 2);"
+            "INSERT INTO public.workflow_states (item_id, batch_id, step_name, status)"
+            " SELECT id, batch_id, 's', 'PENDING' FROM public.batch_items"
+        )
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            c.execute(
+                "CREATE UNIQUE INDEX CONCURRENTLY idx_workflow_states_claim_pending"
+                " ON public.workflow_states (step_name)"
+            )
+        valid = "SELECT indisvalid, indisunique FROM pg_catalog.pg_index WHERE indexrelid ="
+        valid += " 'public.idx_workflow_states_claim_pending'::pg_catalog.regclass"
+        assert c.execute(valid).fetchone() == (False, True)
+    r = run_cli("migrate", url=url)
+    assert r.code == 0, r.err
+    assert "rebuilt invalid index idx_workflow_states_claim_pending" in r.err
+    with psycopg.connect(url, autocommit=True) as c:
+        assert c.execute(valid).fetchone() == (True, False)  # 0004's own definition, valid
+        history = c.execute("SELECT version FROM wsctl.schema_migrations ORDER BY 1").fetchall()
+    assert [v for (v,) in history] == [m.version for m in migs]
+
+
+def test_concurrent_index_names_carry_their_tables_schema():
+    found = migrations._concurrent_indexes(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS a_idx ON public.t (v);\n"
+        'CREATE UNIQUE INDEX CONCURRENTLY "b_idx" ON ONLY "s2" . "t" (v);\n'
+        "CREATE INDEX CONCURRENTLY c_idx ON t (v);\n"
+    )
+    assert found == [("public", "a_idx"), ("s2", "b_idx"), (None, "c_idx")]
+
+
+def test_a_concurrent_build_waiting_for_a_lock_is_cancelled_and_leaves_no_session_state(fresh_db):
+    """CREATE INDEX CONCURRENTLY cannot run in a transaction, so no SET LOCAL bounds it: the
+    watchdog cancels it once it has waited --ddl-lock-timeout, and migrate sets nothing on
+    its session (no lock_timeout, no advisory lock) either way."""
+    url, _ = fresh_db
+    migs = migrations.load_migrations()
+    with db.connect(url, _settings(url)) as c:
+        migrations.migrate(c, migrations=migs[:1])
+        with psycopg.connect(url) as holder:
+            holder.execute("LOCK TABLE public.batches IN SHARE UPDATE EXCLUSIVE MODE")
+            started = time.monotonic()
+            with pytest.raises(OperationalError, match="0002_add_workstream_slug_to_batches.sql w"):
+                migrations.migrate(c, migrations=migs[:2], ddl_lock_timeout="300ms")
+            assert time.monotonic() - started < 3
+            holder.rollback()
+        assert c.execute("SHOW lock_timeout").fetchone()[0] == "0"
+        assert (
+            c.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0]
+            == 0
+        )
+        assert [r[0] for r in c.execute("SELECT version FROM wsctl.schema_migrations")] == [1]
+        result = migrations.migrate(c, migrations=migs[:2])
+        assert [a["version"] for a in result.applied] == [2]
+        valid = "SELECT indisvalid FROM pg_index WHERE indexrelid ="
+        valid += " 'public.idx_batches_workstream_slug'::regclass"
+        assert c.execute(valid).fetchone()[0] is True

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from wsctl.db import tx
+from wsctl.db import first_line, settings_of, tx
 from wsctl.domain import Inference, infer_workstreams, parse_uuid, validate_slug
 from wsctl.errors import OperationalError
 from wsctl.queries import q
@@ -130,7 +130,8 @@ def _check_default(conn: psycopg.Connection, default: str | None) -> str | None:
     validate_slug(default, "default workstream")
     from wsctl.batches import known_workstreams
 
-    known = known_workstreams(conn)
+    with tx(conn):
+        known = known_workstreams(conn)
     if default not in known:
         listed = ", ".join(known) if known else "none: the registry is empty"
         raise OperationalError(
@@ -150,7 +151,8 @@ def _check_scope(
         bid = raw if isinstance(raw, uuid.UUID) else parse_uuid(raw, "batch id")
         if bid not in ids:
             ids.append(bid)
-    found = dict(conn.execute(q("backfill_existing_ids"), (ids,)).fetchall())
+    with tx(conn):
+        found = dict(conn.execute(q("backfill_existing_ids"), (ids,)).fetchall())
     missing = [str(b) for b in ids if b not in found]
     if missing:
         raise OperationalError(f"no batch with id {', '.join(missing)}")
@@ -206,8 +208,7 @@ def _process_chunk(
 def _lock_error(exc: Exception, after: uuid.UUID | None) -> OperationalError:
     where = f"after batch {after}" if after else "at the start"
     return OperationalError(
-        f"backfill stopped {where}: another transaction held batch rows longer than the "
-        "lock timeout; finished chunks are kept, re-run to resume"
+        f"backfill stopped {where}: {first_line(exc)}; finished chunks are kept, re-run to resume"
     )
 
 
@@ -219,7 +220,7 @@ def backfill_workstream_slug(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     dry_run: bool = False,
     enforce: bool = False,
-    lock_timeout: str = "5s",
+    lock_timeout: str | None = None,
     on_chunk: Callable[[ChunkReport], None] | None = None,
 ) -> BackfillReport:
     """Set ``workstream_slug`` on batches that have none; see the module docstring.
@@ -235,9 +236,15 @@ def backfill_workstream_slug(
     """
     if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise OperationalError(f"the chunk size must be between 1 and {MAX_CHUNK_SIZE}")
+    import psycopg
+
+    lock_timeout = lock_timeout or settings_of(conn).lock_timeout
     report = BackfillReport(dry_run=dry_run)
-    report.default = _check_default(conn, default)
-    scope = _check_scope(conn, batch_ids, report)
+    try:  # the checks before the walk wait for a lock as long as the walk's chunks do
+        report.default = _check_default(conn, default)
+        scope = _check_scope(conn, batch_ids, report)
+    except psycopg.errors.LockNotAvailable as exc:
+        raise _lock_error(exc, None) from None
     resumable = scope is None and not dry_run
 
     if (
@@ -361,7 +368,8 @@ def _refuse_before_writing(
     ``report`` with what the backfill would have done plus the refusal and
     returns True: the caller writes nothing.
     """
-    row = conn.execute(q("backfill_check_state")).fetchone()
+    with tx(conn, lock_timeout=lock_timeout):
+        row = conn.execute(q("backfill_check_state")).fetchone()
     if row is not None and row[0]:
         return False  # validated: no batch can lack a workstream
     probe = BackfillReport(dry_run=True, default=report.default)
@@ -379,7 +387,8 @@ def _refuse_before_writing(
         unresolved=unresolved,
         on_chunk=on_chunk,
     )
-    remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
+    with tx(conn, lock_timeout=lock_timeout):
+        remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
     remaining = max(remaining - probe.inferred - probe.defaulted, len(unresolved))
     if not remaining:
         return False
@@ -461,7 +470,9 @@ def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str
     """Add and validate the NOT NULL check once no batch lacks a workstream."""
     import psycopg
 
-    remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
+    with tx(conn, lock_timeout=lock_timeout):
+        remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
+        row = conn.execute(q("backfill_check_state")).fetchone()
     if report.dry_run:
         remaining = max(remaining - report.inferred - report.defaulted, 0)
         if remaining:
@@ -471,7 +482,6 @@ def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str
                 f"--enforce would refuse: {remaining} batch(es) would still have no workstream_slug",
             )
         return EnforceResult("would add", 0, f"--enforce would add and validate {CHECK_NAME}")
-    row = conn.execute(q("backfill_check_state")).fetchone()
     if row is not None and row[0]:
         return EnforceResult("already", remaining, f"{CHECK_NAME} is already enforced")
     if remaining:
@@ -488,9 +498,11 @@ def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str
         with tx(conn, lock_timeout=lock_timeout):
             conn.execute(q("backfill_validate_check"))
     except psycopg.errors.CheckViolation:
+        with tx(conn, lock_timeout=lock_timeout):
+            remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
         return EnforceResult(
             "refused",
-            conn.execute(q("backfill_null_total")).fetchone()[0],
+            remaining,
             f"a batch without workstream_slug appeared meanwhile: {CHECK_NAME} is in place "
             "for new rows (NOT VALID) but not validated; re-run the backfill with --enforce",
         )

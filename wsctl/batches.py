@@ -52,6 +52,7 @@ from wsctl.db import first_line, tx
 from wsctl.domain import Client, find_client, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.itemfiles import item_line, open_items
+from wsctl.prune import PruneSummary, get_summary
 from wsctl.queries import q
 
 if TYPE_CHECKING:
@@ -108,6 +109,13 @@ def plan_batch(
     """Check the options of a create before anything is written (exit 1 on any problem)."""
     steps = parse_blueprint(blueprint)
     validate_slug(workstream, "workstream")
+    with tx(conn):  # read only; the transaction carries the lock and statement timeouts
+        return _plan_batch(conn, client, workstream, steps)
+
+
+def _plan_batch(
+    conn: psycopg.Connection, client: str, workstream: str, steps: list[str]
+) -> BatchPlan:
     found = find_client(conn, client)
     known = known_workstreams(conn)
     if workstream not in known:
@@ -194,6 +202,13 @@ def _check_dedupe_key(key: str | None) -> str | None:
 
 
 def _existing_for_key(
+    conn: psycopg.Connection, key: str, plan: BatchPlan, *, dry_run: bool
+) -> CreateResult | None:
+    with tx(conn):  # read only; the transaction carries the lock and statement timeouts
+        return _existing_for_key_in_tx(conn, key, plan, dry_run=dry_run)
+
+
+def _existing_for_key_in_tx(
     conn: psycopg.Connection, key: str, plan: BatchPlan, *, dry_run: bool
 ) -> CreateResult | None:
     row = conn.execute(q("batch_dedupe_lookup"), (key,)).fetchone()
@@ -447,7 +462,8 @@ def _info(row) -> BatchInfo:
 def get_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchInfo:
     """One batch; exit 1 when the id is malformed or unknown."""
     bid = batch_id if isinstance(batch_id, uuid.UUID) else parse_uuid(batch_id, "batch id")
-    row = conn.execute(q("batch_get"), (bid,)).fetchone()
+    with tx(conn):  # a savepoint inside a caller's transaction
+        row = conn.execute(q("batch_get"), (bid,)).fetchone()
     if row is None:
         raise OperationalError(f"no batch with id {bid}", hint="see `wsctl batch list`")
     return _info(row)
@@ -477,12 +493,15 @@ class BatchStatus:
     batch: BatchInfo
     items: int
     steps: list[StepCounts]
+    # `wsctl prune` removed its states: the counts are those kept when the prune began
+    pruned: PruneSummary | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             **self.batch.to_json(),
             "items": self.items,
             "steps": [s.to_json() for s in self.steps],
+            "pruned": self.pruned.to_json() if self.pruned else None,
         }
 
 
@@ -495,15 +514,21 @@ def batch_status(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchSt
         info = get_batch(conn, batch_id)
         items = conn.execute(q("batch_item_count"), (info.batch_id,)).fetchone()[0]
         states = conn.execute(q("batch_state_counts"), (info.batch_id,)).fetchall()
+        pruned = get_summary(conn, info.batch_id)
     counts: dict[str, dict[str, int]] = {}
+    if pruned is not None:  # the states are gone (or going): answer from the summary row
+        items = max(items, pruned.items)
+        for step, by_status in pruned.counts.items():
+            counts[step] = dict(by_status)
     for step, status, n in states:
-        counts.setdefault(step, {})[status] = n
+        if pruned is None:
+            counts.setdefault(step, {})[status] = n
     steps = [
         StepCounts(step=s, position=i, counts=counts.pop(s, {}))
         for i, s in enumerate(info.blueprint, start=1)
     ]
     steps += [StepCounts(step=s, position=None, counts=c) for s, c in sorted(counts.items())]
-    return BatchStatus(batch=info, items=items, steps=steps)
+    return BatchStatus(batch=info, items=items, steps=steps, pruned=pruned)
 
 
 def list_batches(
@@ -560,7 +585,7 @@ def cancel_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> CancelR
     a cancelled batch again sweeps states enqueued since; a COMPLETED batch is refused.
     """
     info = get_batch(conn, batch_id)
-    with tx(conn, lock_timeout="5s"):
+    with tx(conn):
         row = conn.execute(q("batch_lock"), (info.batch_id,)).fetchone()
         if row is None:  # deleted since get_batch
             raise OperationalError(f"no batch with id {info.batch_id}")

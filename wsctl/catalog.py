@@ -685,8 +685,8 @@ def unset_config(
     """Delete a client config row, or only some of its top-level keys."""
     validate_slug(workflow, "workflow slug")
     validate_slug(workstream, "workstream slug")
-    found = find_client(conn, client)
     with tx(conn):
+        found = find_client(conn, client)
         before = conn.execute(
             q("catalog_config_get_for_update"), (found.id, workflow, workstream)
         ).fetchone()

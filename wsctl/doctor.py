@@ -36,6 +36,10 @@ MISSING_CONFIGS = "missing_configs"
 EXPIRED_LEASES = "expired_leases"
 STALE_DISPATCHED = "stale_dispatched"
 LIMIT_KEYS = "limit_keys"
+CLAY_WEBHOOKS = "clay_webhooks"
+STATES_BLOAT = "states_bloat"
+VACUUM_HORIZON = "vacuum_horizon"
+PRUNE_CANDIDATES = "prune_candidates"
 MODAL_CREDENTIALS = "modal_credentials"
 MODAL_FUNCTIONS = "modal_functions"
 
@@ -276,6 +280,177 @@ def _check_limit_keys(conn: psycopg.Connection, top: int) -> Check:
     )
 
 
+def _check_clay_webhooks(conn: psycopg.Connection, top: int) -> Check:
+    """Clay webhook sources near their lifetime submission cap (WARN at 80 %)."""
+    from wsctl import clay
+
+    usage = clay.usage(conn)
+    near = sorted((u for u in usage if u.share >= clay.WARN_AT), key=lambda u: -u.share)
+    if not near:
+        return Check(
+            CLAY_WEBHOOKS, OK, f"{len(usage)} Clay webhook source(s), none at 80 % of its cap"
+        )
+    full = sum(1 for u in near if u.submitted >= u.cap)
+    return Check(
+        CLAY_WEBHOOKS,
+        WARN,
+        f"{len(near)} Clay webhook source(s) at 80 % or more of their submission cap"
+        + (f", {full} full (their states are BLOCKED)" if full else "")
+        + ": "
+        + ", ".join(f"{u.client}/{u.step}/{u.workstream}#{u.index}" for u in near[:top]),
+        "add a webhook source to the config's clay_table_webhook_urls "
+        "(`wsctl config set ... --set clay_table_webhook_urls=[...]`)",
+        rows=[u.to_json() for u in near[:top]],
+    )
+
+
+# --- long life: bloat, the vacuum horizon, history to prune ---------------------
+
+BLOAT_MIN_DEAD = 100_000  # below this many dead tuples, bloat is noise
+BLOAT_DEAD_RATIO = 0.2  # autovacuum's default scale factor: past it, vacuum is falling behind
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1048576:.0f} MB"
+
+
+def _check_states_bloat(conn: psycopg.Connection) -> Check:
+    row = conn.execute(q("prune_doctor_bloat")).fetchone()
+    live, dead, total, heap, last, options = row
+    ratio = dead / live if live else (1.0 if dead else 0.0)
+    when = f"last vacuumed {_age(last)} ago" if last else "never vacuumed"
+    detail = (
+        f"workflow_states: {live} live, {dead} dead tuple(s) ({ratio:.0%}), heap {_mb(heap)}, "
+        f"with indexes {_mb(total)}; {when}"
+    )
+    sample = [
+        {
+            "live": live,
+            "dead": dead,
+            "total_bytes": total,
+            "heap_bytes": heap,
+            "last_vacuum": last.isoformat() if last else None,
+            "reloptions": options,
+        }
+    ]
+    if dead >= BLOAT_MIN_DEAD and ratio >= BLOAT_DEAD_RATIO:
+        return Check(
+            STATES_BLOAT,
+            WARN,
+            detail + ": vacuum is not keeping up, every claim and update reads past dead rows",
+            "VACUUM (ANALYZE) public.workflow_states; let autovacuum start sooner on it "
+            "(`wsctl db tune --apply`); check vacuum_horizon; prune old batches (`wsctl prune`)",
+            rows=sample,
+        )
+    return Check(STATES_BLOAT, OK, detail)
+
+
+def _check_vacuum_horizon(conn: psycopg.Connection, threshold: int) -> Check:
+    row = conn.execute(q("prune_doctor_oldest_xmin")).fetchone()
+    held = conn.execute(q("prune_doctor_held_xmin")).fetchall()
+    found = []
+    if row is not None and row[6] is not None and row[6] >= threshold:
+        pid, user, app, st, _, xmin_age, seconds, query = row
+        found.append(
+            {
+                "pid": pid,
+                "user": user,
+                "application_name": app,
+                "state": st,
+                "seconds": seconds,
+                "xmin_age": xmin_age,
+                "query": query,
+            }
+        )
+    old_held = [{"what": w, "seconds": sec} for w, sec in held if sec is None or sec >= threshold]
+    if not found and not old_held:
+        oldest = f"{_age_s(row[6])}" if row is not None and row[6] is not None else "none"
+        return Check(
+            VACUUM_HORIZON,
+            OK,
+            f"no snapshot older than {_age_s(threshold)} holds back vacuum (oldest: {oldest})",
+        )
+    parts = []
+    hint = None
+    if found:
+        r = found[0]
+        parts.append(
+            f"backend pid {r['pid']} ({r['user']}, {r['application_name'] or '-'}, {r['state']}) "
+            f"has held its snapshot for {_age_s(r['seconds'])} ({r['xmin_age']} transactions)"
+        )
+        hint = (
+            f"end it if it is stuck: SELECT pg_terminate_backend({r['pid']}); set "
+            "idle_in_transaction_session_timeout so it cannot recur"
+        )
+    if old_held:
+        parts.append(", ".join(h["what"] for h in old_held) + " hold(s) back vacuum")
+        hint = (hint + "; " if hint else "") + (
+            "COMMIT PREPARED / ROLLBACK PREPARED the transaction, or drop an unused slot "
+            "(pg_drop_replication_slot)"
+        )
+    return Check(
+        VACUUM_HORIZON,
+        WARN,
+        "; ".join(parts) + ": no dead row newer than it can be removed, workflow_states bloats",
+        hint,
+        rows=found + old_held,
+    )
+
+
+def _age_s(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+PRUNE_SCAN_BATCHES = 20  # finished batches whose states doctor reads (oldest first)
+
+
+def _check_prune_candidates(conn: psycopg.Connection, older_than: str, top: int) -> Check:
+    from wsctl.prune import parse_duration
+
+    rows = conn.execute(
+        q("prune_candidates"),
+        {
+            "batch_ids": None,
+            "older_than": parse_duration(older_than),
+            "include_items": False,
+            "max_batches": PRUNE_SCAN_BATCHES,
+        },
+    ).fetchall()
+    if not rows:
+        return Check(
+            PRUNE_CANDIDATES, OK, f"no batch finished more than {older_than} ago keeps its states"
+        )
+    states = sum(r[2] for r in rows)
+    interrupted = sum(1 for r in rows if r[3])
+    # Reading every finished batch's states costs a scan of the history: doctor reads
+    # the oldest few only and says "at least" when there may be more.
+    least = "at least " if rows[0][4] >= PRUNE_SCAN_BATCHES else ""
+    detail = (
+        f"{least}{len(rows)} batch(es) finished more than {older_than} ago keep "
+        f"{least}{states} state(s) (oldest finished {_age(rows[0][1])} ago)"
+    )
+    if interrupted:
+        detail += f"; {interrupted} of them were partly pruned by an interrupted prune"
+    return Check(
+        PRUNE_CANDIDATES,
+        WARN,
+        detail,
+        f"wsctl prune --older-than {older_than} --dry-run, then without --dry-run "
+        "(add --archive FILE.jsonl to keep the rows); or cron it",
+        rows=[
+            {
+                "batch_id": str(r[0]),
+                "finished_at": r[1].isoformat() if r[1] else None,
+                "states": r[2],
+            }
+            for r in rows[:top]
+        ],
+    )
+
+
 # --- Modal --------------------------------------------------------------------
 
 
@@ -413,6 +588,21 @@ def _guarded(conn: psycopg.Connection | None, name: str, fn: Callable[[], Check]
             return fn()
         with tx(conn):
             return fn()
+    except psycopg.errors.LockNotAvailable as exc:
+        return Check(
+            name,
+            FAIL,
+            f"query failed: {first_line(exc)}",
+            "another session holds the lock: try again when it ends, or raise "
+            "[database] lock_timeout",
+        )
+    except psycopg.errors.QueryCanceled as exc:
+        return Check(
+            name,
+            FAIL,
+            f"query failed: {first_line(exc)}",
+            "raise [database] statement_timeout in wsctl.toml, or look for a lock held elsewhere",
+        )
     except psycopg.Error as exc:
         return Check(
             name,
@@ -442,12 +632,16 @@ def doctor(
     lookup_timeout: float = 30.0,
     top: int = 10,
     url: str | None = None,
+    xmin_threshold: int = 3600,
+    prune_after: str = "30d",
 ) -> DoctorReport:
     """Run every check once and return them in order (never raises for a failed check).
 
     ``connect`` opens the connection (the CLI's, without the schema
     requirement); a failure to connect is the ``database`` check's FAIL.
     ``url``, when known, is only used to mask it out of error messages.
+    ``xmin_threshold`` (seconds) is how long a snapshot may hold back vacuum;
+    ``prune_after`` the age past which a finished batch is a prune candidate.
     """
     report = DoctorReport()
     add = report.checks.append
@@ -481,7 +675,9 @@ def doctor(
                 return check
 
             add(_guarded(conn, SCHEMA, schema_check))
-            schema_ok = bool(schema and schema[0])
+            # A schema check that could not run (a lock, a timeout) is its own FAIL: the
+            # data checks still run, each in its own bounded transaction.
+            schema_ok = schema[0] if schema else True
         else:
             add(_skip(SCHEMA, "no database connection"))
 
@@ -492,6 +688,10 @@ def doctor(
             (EXPIRED_LEASES, lambda: _check_expired_leases(conn)),
             (STALE_DISPATCHED, lambda: _check_stale_dispatched(conn, top, callback_timeout)),
             (LIMIT_KEYS, lambda: _check_limit_keys(conn, top)),
+            (CLAY_WEBHOOKS, lambda: _check_clay_webhooks(conn, top)),
+            (STATES_BLOAT, lambda: _check_states_bloat(conn)),
+            (VACUUM_HORIZON, lambda: _check_vacuum_horizon(conn, xmin_threshold)),
+            (PRUNE_CANDIDATES, lambda: _check_prune_candidates(conn, prune_after, top)),
         ]
         for name, fn in data_checks:
             if conn is None:

@@ -7,6 +7,9 @@ workstream it runs in, the registry row (Modal functions) for
 error, and the client config its lookup resolves to, with the resolution's
 trace. The config resolution is ``wsctl.resolve.resolve_config``, the same
 one the worker helpers use, so what is shown is what a worker would get.
+Beside it, what the worker helpers recorded the step actually used
+(``used_resolution``: the config row and its ``updated_at`` then, the
+registry row), and whether that config row has changed since.
 Read only; nothing here prints.
 """
 
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import parse_uuid
 from wsctl.errors import OperationalError
+from wsctl.prune import PruneSummary, get_summary
 from wsctl.queries import q
 from wsctl.redact import redact_text
 from wsctl.resolve import Resolution, resolve_config
@@ -28,6 +32,7 @@ if TYPE_CHECKING:
     import psycopg
 
 NOT_REACHED = "NOT_REACHED"  # shown for a blueprint step the item has no state for yet
+PRUNED = "PRUNED"  # shown for a step whose state `wsctl prune` removed
 TIMESTAMPS = (
     "created_at",
     "available_at",
@@ -40,6 +45,51 @@ TIMESTAMPS = (
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
+
+
+@dataclass(frozen=True)
+class UsedResolution:
+    """What the worker helpers recorded when the step resolved its config (item 1 of issue 15)."""
+
+    step: str
+    config_id: uuid.UUID | None
+    config_updated_at: datetime | None  # the row's updated_at when the step read it
+    registry_id: uuid.UUID | None
+    workstream_slug: str | None
+    status: str | None
+    source: str | None
+    resolved_at: datetime | None
+    config_exists: bool
+    config_updated_at_now: datetime | None
+    registry_function: str | None
+
+    @property
+    def config_changed_since(self) -> bool:
+        """True when the config row used has been updated (or deleted) since the step read it."""
+        if self.config_id is None:
+            return False
+        if not self.config_exists:
+            return True
+        return (
+            self.config_updated_at is not None
+            and self.config_updated_at_now is not None
+            and self.config_updated_at_now > self.config_updated_at
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "config_id": str(self.config_id) if self.config_id else None,
+            "config_updated_at": _iso(self.config_updated_at),
+            "registry_id": str(self.registry_id) if self.registry_id else None,
+            "function": self.registry_function,
+            "workstream_slug": self.workstream_slug,
+            "status": self.status,
+            "source": self.source,
+            "resolved_at": _iso(self.resolved_at),
+            "config_exists": self.config_exists,
+            "config_updated_at_now": _iso(self.config_updated_at_now),
+            "config_changed_since": self.config_changed_since,
+        }
 
 
 @dataclass
@@ -60,10 +110,12 @@ class StepReport:
     times: dict[str, datetime | None] = field(default_factory=dict)
     resolution: Resolution | None = None
     resolution_error: str | None = None  # the step slug could not be resolved at all
+    used: UsedResolution | None = None  # what the worker helpers recorded; None: nothing yet
+    pruned: bool = False  # no state because `wsctl prune` removed it
 
     @property
     def shown_status(self) -> str:
-        return self.status or NOT_REACHED
+        return self.status or (PRUNED if self.pruned else NOT_REACHED)
 
     @property
     def function(self) -> str | None:
@@ -91,6 +143,7 @@ class StepReport:
             "function": self.function,
             "modal_call_id": self.modal_call_id,
             "config": config,
+            "used": self.used.to_json() if self.used else None,
             "last_error": error,
             "claimed_by": self.claimed_by,
             **{k: _iso(v) for k, v in self.times.items()},
@@ -109,6 +162,7 @@ class ItemReport:
     created_at: datetime | None
     steps: list[StepReport] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    pruned: PruneSummary | None = None  # the batch's states were removed by `wsctl prune`
 
     @property
     def legacy(self) -> bool:
@@ -130,6 +184,7 @@ class ItemReport:
             },
             "steps": [s.to_json(reveal=reveal) for s in self.steps],
             "warnings": list(self.warnings),
+            "pruned": self.pruned.to_json() if self.pruned else None,
         }
 
 
@@ -155,6 +210,13 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
     iid = item_id if isinstance(item_id, uuid.UUID) else parse_uuid(item_id, "item id")
     row = conn.execute(q("inspect_item"), (iid,)).fetchone()
     if row is None:
+        batches, last = conn.execute(q("prune_pruned_count")).fetchone()
+        if batches:
+            raise OperationalError(
+                f"no batch item with id {iid}",
+                hint=f"`wsctl prune --include-items` removed the items of {batches} batch(es), "
+                f"last {last.isoformat(timespec='seconds')}; their archives hold the rows",
+            )
         raise OperationalError(f"no batch item with id {iid}")
     report = ItemReport(
         item_id=row[0],
@@ -171,6 +233,19 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
             f"batch {report.batch_id} has no workstream_slug (legacy batch): the dispatcher "
             "blocks its states until `wsctl backfill workstream-slug` sets one"
         )
+    from psycopg.rows import class_row
+
+    with conn.cursor(row_factory=class_row(UsedResolution)) as cur:
+        used = {
+            u.step: u
+            for u in cur.execute(q("stats_item_used_resolutions"), {"item_id": iid}).fetchall()
+        }
+    report.pruned = get_summary(conn, report.batch_id)
+    if report.pruned is not None:
+        report.warnings.append(
+            f"the states of batch {report.batch_id} were {report.pruned.describe()}; "
+            "`wsctl batch status` shows its counts as they were"
+        )
     for r in conn.execute(q("inspect_item_steps"), {"item_id": iid}).fetchall():
         (pos, step, state_id, status, attempts, ws, typ, sender, receiver, call_id, error) = r[:11]
         times = dict(zip(TIMESTAMPS[:5], r[11:16], strict=True))
@@ -186,6 +261,8 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
             last_error=error,
             claimed_by=r[17],
             times=times,
+            used=used.get(step) if state_id is not None else None,
+            pruned=state_id is None and report.pruned is not None,
         )
         if sender is not None:
             s.registry = {"type": typ, "sender": sender, "receiver": receiver}

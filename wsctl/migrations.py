@@ -7,10 +7,20 @@ holds simple statements separated by ``;`` at line ends, is idempotent, and
 an index an earlier failed concurrent build left INVALID is dropped and
 rebuilt before the file runs again.
 
-Concurrent runs serialize on a session advisory lock, taken by polling
-``pg_try_advisory_lock``: a session blocked in ``pg_advisory_lock`` would hold
-a snapshot that the holder's ``CREATE INDEX CONCURRENTLY`` waits for, which
-PostgreSQL reports as a deadlock.
+Concurrent runs serialize on an advisory lock, taken by polling
+``pg_try_advisory_xact_lock``: a session blocked in ``pg_advisory_lock`` would
+hold a snapshot that the holder's ``CREATE INDEX CONCURRENTLY`` waits for,
+which PostgreSQL reports as a deadlock.
+
+``migrate`` leaves no session state behind, so that it is safe even through a
+transaction-mode pooler nobody declared (PgBouncer on any port): the lock is a
+*transaction* advisory lock held by an open transaction on a second connection
+(a pooler keeps a transaction on one server connection, while a session lock
+could be taken on one server connection and "released" on another), every
+timeout is SET LOCAL inside a transaction, and a statement that cannot run in
+a transaction (``CREATE INDEX CONCURRENTLY``) has its lock waits bounded by a
+watchdog on that second connection, which cancels it once it has waited
+longer than ``ddl_lock_timeout`` for a lock.
 """
 
 from __future__ import annotations
@@ -35,9 +45,16 @@ NO_TRANSACTION_MARKER = "-- wsctl:no-transaction"
 LOCK_KEY = 0x7773_6374_6C00_0001
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _CONCURRENT_INDEX = re.compile(
-    r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?\"?([A-Za-z0-9_]+)\"?",
+    r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+(?:IF\s+NOT\s+EXISTS\s+)?\"?([A-Za-z0-9_]+)\"?"
+    r"\s+ON\s+(?:ONLY\s+)?(?:\"?([A-Za-z0-9_]+)\"?\s*\.\s*)?\"?[A-Za-z0-9_]+\"?",
     re.IGNORECASE,
 )
+
+
+def _concurrent_indexes(sql_text: str) -> list[tuple[str | None, str]]:
+    """(schema or None, index name) of each concurrent index build in ``sql_text``; the
+    index lives in its table's schema (None: the table is found through the search_path)."""
+    return [(m.group(2), m.group(1)) for m in _CONCURRENT_INDEX.finditer(sql_text)]
 
 
 @dataclass(frozen=True)
@@ -123,10 +140,13 @@ def split_statements(sql: str) -> list[str]:
 
 
 def _applied_rows(conn: psycopg.Connection) -> list[tuple]:
-    exists = conn.execute(q("migrations_table_exists")).fetchone()[0]
-    if not exists:
-        return []
-    return conn.execute(q("migrations_applied")).fetchall()
+    from wsctl.db import tx
+
+    with tx(conn):  # the schema check too waits for a lock only as long as lock_timeout
+        exists = conn.execute(q("migrations_table_exists")).fetchone()[0]
+        if not exists:
+            return []
+        return conn.execute(q("migrations_applied")).fetchall()
 
 
 def status(conn: psycopg.Connection, migrations: list[Migration] | None = None) -> MigrationStatus:
@@ -189,29 +209,129 @@ def _refuse_changed(st: MigrationStatus) -> None:
         )
 
 
-def _acquire_lock(conn: psycopg.Connection, lock_timeout: float) -> float:
-    start = time.monotonic()
-    delay = 0.05
-    while True:
-        if conn.execute(q("migrations_try_lock"), (LOCK_KEY,)).fetchone()[0]:
-            return time.monotonic() - start
-        if time.monotonic() - start >= lock_timeout:
-            raise OperationalError(
-                f"another `wsctl migrate` held the migration lock for over {lock_timeout:g}s",
-                hint="wait for it to finish, or raise --lock-timeout",
-            )
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
+def _sibling(conn: psycopg.Connection) -> psycopg.Connection:
+    """A second connection with ``conn``'s own parameters (password included).
+
+    Its statements go by the simple protocol (parameters bound client-side): an
+    extended-protocol portal left open in the lock's transaction keeps a snapshot,
+    whose xmin a concurrent index build would wait for until the run ends.
+    """
+    import psycopg
+
+    params = {
+        o.keyword.decode(): o.val.decode()
+        for o in conn.pgconn.info
+        if o.val is not None and o.keyword.decode() != "hostaddr"
+    }
+    params["application_name"] = "wsctl-migrate-lock"
+    return psycopg.connect(
+        psycopg.conninfo.make_conninfo(**params),
+        autocommit=True,
+        prepare_threshold=None,
+        cursor_factory=psycopg.ClientCursor,
+    )
 
 
-def _rebuild_invalid_indexes(conn: psycopg.Connection, m: Migration) -> list[str]:
+class _MigrationLock:
+    """The migrate lock: a transaction advisory lock, held by an open transaction on a
+    second connection for the whole run (no session state: safe through any pooler).
+
+    A third connection (autocommit: never in an open transaction, whose virtual xid a
+    concurrent index build would wait for) watches the statements that cannot run in a
+    transaction and cancels one that has waited longer than the DDL lock timeout.
+    """
+
+    def __init__(self, conn: psycopg.Connection):
+        self._work = conn
+        self.conn = _sibling(conn)
+        self._watch: psycopg.Connection | None = None
+
+    def acquire(self, lock_timeout: float) -> float:
+        start = time.monotonic()
+        delay = 0.05
+        self.conn.execute("BEGIN")
+        # The lock lives as long as this transaction: a server-side idle timeout must not end it.
+        self.conn.execute(q("migrations_lock_transaction_settings"))
+        while True:
+            if self.conn.execute(q("migrations_try_lock"), (LOCK_KEY,)).fetchone()[0]:
+                return time.monotonic() - start
+            if time.monotonic() - start >= lock_timeout:
+                raise OperationalError(
+                    f"another `wsctl migrate` held the migration lock for over {lock_timeout:g}s",
+                    hint="wait for it to finish, or raise --lock-timeout",
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def run_bounded(self, work: psycopg.Connection, stmt: str, ddl_lock_timeout: str) -> None:
+        """Run ``stmt`` (outside any transaction) on ``work``; cancel it server-side once it
+        has waited longer than ``ddl_lock_timeout`` for a lock (then LockNotAvailable)."""
+        import threading
+
+        import psycopg
+
+        from wsctl.settings import duration_ms
+
+        limit_ms = duration_ms(ddl_lock_timeout)
+        if not limit_ms:  # "0": no limit, as PostgreSQL's lock_timeout = 0
+            work.execute(stmt)
+            return
+        if self._watch is None:
+            self._watch = _sibling(self._work)
+        watch_conn = self._watch
+        done = threading.Event()
+        cancelled: list[bool] = []
+
+        def watch() -> None:
+            while not done.wait(0.1):
+                row = watch_conn.execute(
+                    q("migrations_cancel_lock_waiter"),
+                    {"query": stmt, "timeout_s": limit_ms / 1000.0},
+                ).fetchone()
+                if row is not None and row[0]:
+                    cancelled.append(True)
+                    return
+
+        watcher = threading.Thread(target=watch, name="wsctl-migrate-watchdog", daemon=True)
+        watcher.start()
+        try:
+            work.execute(stmt)
+        except psycopg.errors.QueryCanceled as exc:
+            done.set()
+            watcher.join()
+            if cancelled:
+                raise psycopg.errors.LockNotAvailable(
+                    f"waited over {ddl_lock_timeout} for a lock"
+                ) from exc
+            raise
+        finally:
+            done.set()
+            watcher.join()
+
+    def release(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK")  # ends the transaction, and the lock with it
+        except Exception:
+            pass  # closing the connection releases it too
+        self.conn.close()
+        if self._watch is not None:
+            self._watch.close()
+
+
+def _rebuild_invalid_indexes(
+    conn: psycopg.Connection, m: Migration, lock: _MigrationLock, ddl_lock_timeout: str
+) -> list[str]:
     from psycopg import sql
 
+    from wsctl.db import tx
+
     rebuilt = []
-    for name in _CONCURRENT_INDEX.findall(m.sql):
-        row = conn.execute(q("index_validity"), (name,)).fetchone()
+    for schema, name in _concurrent_indexes(m.sql):
+        with tx(conn):
+            row = conn.execute(q("index_validity"), {"schema": schema, "name": name}).fetchone()
         if row is not None and row[0] is False:
-            conn.execute(sql.SQL(q("drop_index_concurrently")).format(sql.Identifier(name)))
+            stmt = sql.SQL(q("drop_index_concurrently")).format(sql.Identifier(row[1], name))
+            lock.run_bounded(conn, stmt.as_string(conn), ddl_lock_timeout)
             rebuilt.append(name)
     return rebuilt
 
@@ -224,19 +344,26 @@ def migrate(
     migrations: list[Migration] | None = None,
     on_apply: Callable[[Migration], None] | None = None,
 ) -> MigrateResult:
-    """Apply pending migrations. ``conn`` must be autocommit on a direct/session connection.
+    """Apply pending migrations. ``conn`` must be autocommit.
 
     ``lock_timeout`` (seconds) bounds the wait for another ``wsctl migrate``;
     ``ddl_lock_timeout`` bounds each statement's wait for a table lock, so an
     ALTER TABLE queued behind a long transaction fails (nothing of that file is
-    applied) instead of blocking every reader of the table.
+    applied) instead of blocking every reader of the table. The statements of
+    a migration file have no statement timeout (an index build on a large
+    table takes what it takes); wsctl's own bookkeeping has the connection's.
+    Nothing is left in the session (see the module's docstring).
     """
+    from wsctl.db import tx
+    from wsctl.settings import duration_ms
+
+    duration_ms(ddl_lock_timeout)  # a usage error before anything is done
     migrations = load_migrations() if migrations is None else migrations
     result = MigrateResult()
-    result.waited_seconds = _acquire_lock(conn, lock_timeout)
+    lock = _MigrationLock(conn)
     try:
-        conn.execute(q("migrations_set_lock_timeout"), (ddl_lock_timeout,))
-        with conn.transaction():
+        result.waited_seconds = lock.acquire(lock_timeout)
+        with tx(conn):
             conn.execute(q("migrations_bootstrap"))
         st = status(conn, migrations)
         _refuse_changed(st)
@@ -249,16 +376,18 @@ def migrate(
             started = time.monotonic()
             try:
                 if m.transactional:
-                    with conn.transaction():
+                    with tx(conn, statement_timeout="0", lock_timeout=ddl_lock_timeout):
                         conn.execute(m.sql)
                         ms = int((time.monotonic() - started) * 1000)
                         conn.execute(q("migrations_record"), (m.version, m.name, m.checksum, ms))
                 else:
-                    result.rebuilt_indexes += _rebuild_invalid_indexes(conn, m)
+                    result.rebuilt_indexes += _rebuild_invalid_indexes(
+                        conn, m, lock, ddl_lock_timeout
+                    )
                     for stmt in split_statements(m.sql):
-                        conn.execute(stmt)
+                        lock.run_bounded(conn, stmt, ddl_lock_timeout)
                     ms = int((time.monotonic() - started) * 1000)
-                    with conn.transaction():
+                    with tx(conn, lock_timeout=ddl_lock_timeout):
                         conn.execute(q("migrations_record"), (m.version, m.name, m.checksum, ms))
             except Exception as exc:
                 import psycopg
@@ -275,10 +404,7 @@ def migrate(
                 raise
             result.applied.append({"version": m.version, "name": m.name, "duration_ms": ms})
     finally:
-        try:
-            conn.execute(q("migrations_unlock"), (LOCK_KEY,))
-        except Exception:
-            pass  # the session ending releases it too
+        lock.release()
     return result
 
 

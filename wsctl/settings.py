@@ -37,6 +37,8 @@ DATABASE_DEFAULTS: dict[str, Any] = {
     "pooler": "session",
     "connect_timeout": 10,
     "statement_timeout": "5min",
+    "lock_timeout": "5s",
+    "prepared_statements": False,
 }
 
 
@@ -47,6 +49,11 @@ class Settings:
     pooler: str = "session"
     connect_timeout: int = 10
     statement_timeout: str = "5min"
+    # How long any statement waits for a lock before it fails (SET LOCAL in each transaction).
+    lock_timeout: str = "5s"
+    # Server-side prepared statements: off by default, so that a transaction-mode pooler
+    # on any port works undeclared; only ever on for a direct or session connection.
+    prepared_statements: bool = False
     dispatch: dict[str, Any] = field(default_factory=lambda: dict(DISPATCH_DEFAULTS))
     files: tuple[str, ...] = ()
 
@@ -152,6 +159,12 @@ def _optional_text(value: Any) -> str | None:
     raise _Invalid("a string")
 
 
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Invalid("true or false")
+
+
 def _one_of(*choices: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value in choices:
@@ -182,10 +195,24 @@ def _duration(value: Any) -> str:
     return text
 
 
+def duration_ms(value: str | int) -> float:
+    """Milliseconds of a PostgreSQL time setting (``"10s"``, ``"500ms"``, ``"0"``, ``250``)."""
+    try:
+        text = _duration(value)
+    except _Invalid as exc:
+        raise UsageError(f"{value!r} is not {exc}") from None
+    m = _DURATION_RE.fullmatch(text.strip())
+    if m is None:  # an integer of milliseconds
+        return float(text)
+    return float(m.group(1)) * _DURATION_UNITS_MS[m.group(2) or "ms"]
+
+
 DATABASE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "pooler": _one_of("session", "transaction"),
     "connect_timeout": _whole_number,
     "statement_timeout": _duration,
+    "lock_timeout": _duration,
+    "prepared_statements": _boolean,
 }
 
 DISPATCH_CHECKS: dict[str, Callable[[Any], Any]] = {
@@ -270,6 +297,8 @@ def load(database_url: str | None = None, *, env: dict[str, str] | None = None) 
         pooler=db["pooler"],
         connect_timeout=db["connect_timeout"],
         statement_timeout=db["statement_timeout"],
+        lock_timeout=db["lock_timeout"],
+        prepared_statements=db["prepared_statements"],
         dispatch=dispatch,
         files=tuple(p for p, _ in layers),
     )

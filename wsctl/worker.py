@@ -124,6 +124,10 @@ def get_client_config(
         res = resolve_config(
             c, workflow_slug=workflow_slug, item_id=item, workstream_slug=workstream_slug
         )
+        # What the step goes on with (a config, or none for certain) is noted on its state;
+        # a refusal writes nothing.
+        if res.trusted or (res.status == "not_found" and res.source in ("explicit", "batch")):
+            record_used_resolution(c, res)
     head = f"[CONFIG] item={_short(item)} workflow={workflow_slug} workstream={res.workstream_slug}"
     for warning in res.warnings:
         log.warning("[CONFIG] item=%s %s", _short(item), warning)
@@ -149,6 +153,41 @@ def get_client_config(
     raise ConfigResolutionError(_refusal(res), resolution=res)
 
 
+def record_used_resolution(conn: psycopg.Connection, res: Resolution) -> bool:
+    """Note on the item's state for the step what was resolved (``used_resolution``).
+
+    The client config row (id, ``updated_at``) and the registry row of (step,
+    workstream), with the resolution's status and source, so that `item show`,
+    `stats` and the dashboard say what a step really used, and whether the config
+    changed since. Runs in a savepoint of the caller's transaction (or its own); a
+    failure is logged and never fails the step. False when no state matched.
+    """
+    import psycopg
+
+    if res.item_id is None:
+        return False
+    params = {
+        "item_id": res.item_id,
+        "step": res.workflow_slug,
+        "workstream": res.workstream_slug,
+        "config_id": res.config_id if res.found else None,
+        "config_updated_at": res.updated_at if res.found else None,
+        "status": res.status,
+        "source": res.source,
+    }
+    try:
+        with conn.transaction():
+            return conn.execute(q("stats_record_used_resolution"), params).fetchone() is not None
+    except psycopg.Error as exc:
+        log.warning(
+            "[CONFIG] item=%s workflow=%s: could not record the resolution: %s",
+            _short(res.item_id),
+            res.workflow_slug,
+            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+        )
+        return False
+
+
 def complete_step(state_id: str, *, conn: psycopg.Connection | None = None) -> bool:
     """Mark a state COMPLETED and enqueue the next blueprint step; False if it already was."""
     sid = parse_uuid(state_id, "state id")
@@ -169,4 +208,5 @@ __all__ = [
     "fail_step",
     "get_client_config",
     "get_workstream_slug",
+    "record_used_resolution",
 ]

@@ -30,7 +30,10 @@ def _psycopg_exit(exc: BaseException) -> tuple[int, str] | None:
             "for work this large)"
         )
     if isinstance(exc, psycopg.errors.LockNotAvailable):
-        return 1, f"{first_line(exc)}: another transaction holds the rows; try again"
+        return 1, (
+            f"{first_line(exc)} (hint: try again when the other transaction ends, or raise "
+            "[database] lock_timeout)"
+        )
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         return 3, f"database connection failed: {first_line(exc)}"
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):

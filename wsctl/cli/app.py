@@ -84,17 +84,38 @@ def command():
 
 
 def _register() -> None:
-    from wsctl.cli import cmd_setup
+    # Each command module imports only typer at its top (the work is imported lazily
+    # inside each command), so registering all of them costs nothing measurable.
+    from wsctl.cli import (
+        cmd_batch,
+        cmd_catalog,
+        cmd_demo,
+        cmd_dispatch,
+        cmd_embedded,
+        cmd_examples,
+        cmd_inspect,
+        cmd_limit,
+        cmd_prune,
+        cmd_setup,
+        cmd_stats,
+        cmd_ui,
+    )
 
-    cmd_setup.register(app)
-    __import__("wsctl.cli.cmd_dispatch", fromlist=["register"]).register(app)
-    __import__("wsctl.cli.cmd_catalog", fromlist=["register"]).register(app)
-    __import__("wsctl.cli.cmd_batch", fromlist=["register"]).register(app)
-    __import__("wsctl.cli.cmd_inspect", fromlist=["register"]).register(app)
-    __import__("wsctl.cli.cmd_demo", fromlist=["register"]).register(app)
-    __import__("wsctl.cli.cmd_embedded", fromlist=["register"]).register(app)
-    __import__("wsctl.cli.cmd_examples", fromlist=["register"]).register(app)
-    __import__("wsctl.cli.cmd_limit", fromlist=["register"]).register(app)
+    for module in (
+        cmd_setup,
+        cmd_dispatch,
+        cmd_catalog,
+        cmd_batch,
+        cmd_inspect,
+        cmd_demo,
+        cmd_embedded,
+        cmd_examples,
+        cmd_limit,
+        cmd_prune,
+        cmd_stats,
+        cmd_ui,
+    ):
+        module.register(app)
 
 
 _register()

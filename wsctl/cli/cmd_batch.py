@@ -132,6 +132,8 @@ def batch_status(
     output.line(f"batch {b.batch_id}  status {b.status}")
     output.line(f"client {b.client}  workstream {b.workstream_slug or '- (none: see backfill)'}")
     output.line(f"items {st.items}  created {b.created_at.isoformat() if b.created_at else '-'}")
+    if st.pruned is not None:
+        output.line(f"{st.pruned.describe()}; the counts below are as they were then")
     statuses: list[str] = []
     for s in st.steps:
         statuses += [k for k in s.counts if k not in statuses]

@@ -80,6 +80,26 @@ def _render_item(report, *, reveal: bool) -> None:
                 output.line(f"     value     {shown}")
             for w in res.warnings:
                 output.line(f"     warning   {w}")
+        u = s.used
+        if u is None:
+            output.line("   used        - (the worker helpers recorded no resolution)")
+        elif u.config_id is None:
+            output.line(f"   used        no config ({u.status}, {u.source or '-'})")
+        else:
+            when = u.config_updated_at.isoformat(timespec="seconds") if u.config_updated_at else "-"
+            changed = ""
+            if u.config_changed_since:
+                changed = (
+                    " (CHANGED since: the row was deleted)"
+                    if not u.config_exists
+                    else " (CHANGED since: updated "
+                    f"{u.config_updated_at_now.isoformat(timespec='seconds')})"
+                )
+            output.line(f"   used        config {u.config_id} as of {when}{changed}")
+            if u.registry_function:
+                output.line(
+                    f"               function {u.registry_function} (registry {u.registry_id})"
+                )
         error = s.last_error
         if error and not reveal:
             error = redact_text(error)

@@ -1,0 +1,281 @@
+"""History benchmark (issue 14): run with `python tests/benchmarks/bench_history.py`.
+
+In one run, on one PostgreSQL server (WSCTL_BENCH_DATABASE_URL, else
+WSCTL_TEST_DATABASE_URL, else an embedded server), each size on a freshly
+migrated database:
+
+1. the no-op dispatch pass over 20,000 due items (the bench_dispatch.py pass)
+   on a database with no history, then with 2,000,000 and 10,000,000
+   COMPLETED history states (``--sizes``), as items/s and the ratio to fresh;
+2. at each size, `batch status` of a history batch, `doctor` (every check but
+   Modal's) and `wsctl prune --dry-run` (the candidate scan), in seconds.
+
+The history is four COMPLETED steps per item in batches of 10,000 items,
+finished 40 days ago, ids from gen_random_uuid() (the dashboard's default,
+the worst case for index locality), loaded by INSERT ... SELECT
+generate_series with the foreign-key triggers skipped and workflow_states'
+indexes dropped around the load and rebuilt after (as the migrations define
+them), then VACUUM ANALYZE: old history is vacuumed and all-visible. The
+tables stay logged. ``--explain`` also prints EXPLAIN (ANALYZE, BUFFERS) of
+the claim and of wsctl.complete_steps' statements (auto_explain, nested) at
+each size.
+
+Benchmarks report numbers; the tests assert behaviour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.benchmarks.benchdb import admin_url, connect, drop_db, fresh_db  # noqa: E402
+from tests.support import factories as f  # noqa: E402
+
+STEP = "normalize_all_core_values"
+HISTORY_STEPS = ["h1", "h2", "h3", "h4"]
+ITEMS_PER_BATCH = 10_000
+APP_SOURCE = """
+def start_normalize_all_core_values(item_id, workstream_slug=None):
+    return None
+"""
+
+
+def load_history(url: str, states: int) -> float:
+    """``states`` COMPLETED states (4 per item, 10,000 items per batch); returns seconds."""
+    if not states:
+        return 0.0
+    t = time.perf_counter()
+    items = states // len(HISTORY_STEPS)
+    n_batches = max(1, items // ITEMS_PER_BATCH)
+    with connect(url) as c:
+        client = f.add_client(c, "history")
+        with c.transaction():
+            c.execute("SET LOCAL session_replication_role = replica")  # skip the FK triggers
+            idx = c.execute(
+                """
+                SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS def,
+                       con.conname, pg_get_constraintdef(con.oid) AS condef
+                FROM pg_index i
+                LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid
+                WHERE i.indrelid = 'public.workflow_states'::regclass
+                """
+            ).fetchall()
+            for name, _, conname, _ in idx:
+                if conname:
+                    c.execute(f"ALTER TABLE public.workflow_states DROP CONSTRAINT {conname}")
+                else:
+                    c.execute(f"DROP INDEX {name}")
+            c.execute(
+                "INSERT INTO batches (id, client_id, blueprint, status, workstream_slug, created_at)"
+                " SELECT gen_random_uuid(), %s, %s, 'COMPLETED', 'apollo_scrape',"
+                "        now() - interval '41 days'"
+                " FROM generate_series(1, %s)",
+                (client, HISTORY_STEPS, n_batches),
+            )
+            c.execute(
+                "INSERT INTO batch_items (id, batch_id, data, created_at)"
+                " SELECT gen_random_uuid(), b.id,"
+                "        jsonb_build_object('n', g, 'company', 'history ' || g),"
+                "        now() - interval '41 days'"
+                " FROM batches b CROSS JOIN generate_series(1, %s) g"
+                " WHERE b.client_id = %s",
+                (ITEMS_PER_BATCH, client),
+            )
+            c.execute(
+                "INSERT INTO workflow_states (id, item_id, batch_id, step_name, status, created_at,"
+                "   updated_at, completed_at, dispatched_at, attempts, claimed_by, modal_call_id)"
+                " SELECT gen_random_uuid(), i.id, i.batch_id, s.step, 'COMPLETED',"
+                "        now() - interval '41 days',"
+                "        now() - interval '40 days', now() - interval '40 days',"
+                "        now() - interval '40 days', 0, 'history-bench', 'fc-' || md5(i.id::text)"
+                " FROM batch_items i CROSS JOIN unnest(%s::text[]) AS s(step)"
+                " WHERE i.batch_id IN (SELECT id FROM batches WHERE client_id = %s)",
+                (HISTORY_STEPS, client),
+            )
+            for _, definition, conname, condef in idx:
+                if conname:
+                    c.execute(
+                        f"ALTER TABLE public.workflow_states ADD CONSTRAINT {conname} {condef}"
+                    )
+                else:
+                    c.execute(definition)
+        c.execute("VACUUM ANALYZE")
+    return time.perf_counter() - t
+
+
+def noop_pass(url: str, app: str, n: int, ids: str = "default") -> dict:
+    """The no-op pass over ``n`` new due items; ``ids`` "random": the items and states get
+    gen_random_uuid() ids (as before migration 0014), "default": the column defaults."""
+    from wsctl.dispatch import PassOptions, run_pass
+    from wsctl.dispatch.local import LocalBackend
+
+    with connect(url) as c:
+        if not c.execute("SELECT 1 FROM enrichment_registry WHERE slug = %s", (STEP,)).fetchone():
+            f.register(c, STEP, "apollo_scrape", "sync", "start_normalize_all_core_values")
+        client = f.add_client(c, f"due-{time.monotonic_ns()}")
+        if ids == "random":
+            batch = c.execute(
+                "INSERT INTO batches (client_id, blueprint, workstream_slug)"
+                " VALUES (%s, %s, 'apollo_scrape') RETURNING id",
+                (client, [STEP]),
+            ).fetchone()[0]
+            c.execute(
+                "INSERT INTO batch_items (id, batch_id, data) SELECT gen_random_uuid(), %s,"
+                " jsonb_build_object('n', g) FROM generate_series(1, %s) g",
+                (batch, n),
+            )
+            c.execute(
+                "INSERT INTO workflow_states (id, item_id, batch_id, step_name, status)"
+                " SELECT gen_random_uuid(), id, batch_id, %s, 'PENDING' FROM batch_items"
+                " WHERE batch_id = %s",
+                (STEP, batch),
+            )
+        else:
+            batch = f.add_batch(c, client, [STEP], n)
+        c.execute("VACUUM ANALYZE")
+    with connect(url) as c, connect(url) as w:
+        s = run_pass(c, LocalBackend(app), PassOptions(limit=n, reconcile=False), writer_conn=w)
+        done = c.execute(
+            "SELECT count(*) FROM workflow_states WHERE batch_id = %s AND status = 'COMPLETED'",
+            (batch,),
+        ).fetchone()[0]
+    assert done == n, (done, n)
+    return {"items": n, "seconds": round(s.seconds, 3), "items_per_s": round(n / s.seconds)}
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return round(time.perf_counter() - t, 3)
+
+
+def read_side(url: str) -> dict:
+    from wsctl import batches, prune
+    from wsctl.doctor import doctor
+
+    with connect(url) as c:
+        row = c.execute(
+            "SELECT id FROM batches WHERE blueprint = %s::text[] LIMIT 1", (HISTORY_STEPS,)
+        ).fetchone()
+        if row is None:
+            row = c.execute("SELECT id FROM batches LIMIT 1").fetchone()
+        out = {"batch_status_s": timed(lambda: batches.batch_status(c, row[0]))}
+        out["prune_dry_run_s"] = timed(lambda: prune.prune(c, older_than="30d", dry_run=True))
+    out["doctor_s"] = timed(lambda: doctor(lambda: connect(url), backend="local"))
+    try:
+        from wsctl import stats  # noqa: F401  (the coming `wsctl stats`)
+
+        out["stats_s"] = None  # present but not wired here yet
+    except ImportError:
+        out["stats_s"] = "no wsctl stats on this branch"
+    return out
+
+
+def explain(url: str) -> None:
+    """EXPLAIN (ANALYZE, BUFFERS) of one claim of 1,000 and of its recording."""
+    import uuid
+
+    from wsctl.queries import q
+
+    with connect(url) as c:
+        client = f.add_client(c, f"explain-{time.monotonic_ns()}")
+        f.add_batch(c, client, [STEP], 1000)
+        c.execute("VACUUM ANALYZE workflow_states")
+        claim = q("dispatch_claim").replace("{scope}", "")
+        params = {"limit": 1000, "token": uuid.uuid4(), "lease_seconds": 300, "claimed_by": "x"}
+        plan = c.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT TEXT) " + claim, params).fetchall()
+        print("--- claim", file=sys.stderr)
+        print("\n".join(r[0] for r in plan), file=sys.stderr)
+        ids = [
+            r[0]
+            for r in c.execute(
+                "SELECT id FROM workflow_states WHERE claim_token = %s", (params["token"],)
+            ).fetchall()
+        ]
+        # The claim committed, as the dispatcher's does: completing rows this same transaction
+        # wrote would fire the foreign-key checks, which the real path never runs.
+        notices: list[str] = []
+        with c.transaction():
+            c.execute("LOAD 'auto_explain'")
+            for k, v in (
+                ("log_min_duration", "0"),
+                ("log_analyze", "on"),
+                ("log_buffers", "on"),
+                ("log_nested_statements", "on"),
+                ("log_level", "notice"),
+            ):
+                c.execute(f"SET LOCAL auto_explain.{k} = {v}")
+            c.add_notice_handler(lambda d: notices.append(d.message_primary))
+            c.execute(q("dispatch_complete_claimed"), (ids, params["token"]))
+        print("--- complete_steps (auto_explain, nested)", file=sys.stderr)
+        print("\n\n".join(n for n in notices if "FOR KEY SHARE" not in n), file=sys.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--items", type=int, default=20_000)
+    ap.add_argument("--sizes", default="0,2000000,10000000", help="history states per database")
+    ap.add_argument(
+        "--due-ids",
+        default="default,random",
+        help="ids of the due items: default (the column defaults, UUIDv7 since migration "
+        "0014, as `wsctl batch create` writes) and/or random (gen_random_uuid(), before 0014)",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="passes per size and id kind (best kept)")
+    ap.add_argument("--explain", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the databases")
+    args = ap.parse_args()
+    admin, server = admin_url()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    kinds = args.due_ids.split(",")
+    results: dict[str, dict] = {}
+    urls: dict[int, str] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            app = Path(tmp) / "app.py"
+            app.write_text(APP_SOURCE)
+            for size in sizes:
+                urls[size] = fresh_db(admin, f"wsctl_bench_history_{size}")
+                load_s = load_history(urls[size], size)
+                noop_pass(urls[size], str(app), 2000)  # warm up (plans, caches)
+                results[str(size)] = {"history_states": size, "load_s": round(load_s, 1)}
+                print(f"loaded {size} in {load_s:.0f}s", file=sys.stderr)
+            # Rounds interleave the sizes, so that a neighbour's load on a shared machine
+            # falls on every size alike; the best pass of each is kept.
+            for rnd in range(args.rounds):
+                for kind in kinds:
+                    for size in sizes:
+                        r = noop_pass(urls[size], str(app), args.items, kind)
+                        print(f"round {rnd} {kind} {size}: {r}", file=sys.stderr)
+                        best = results[str(size)].setdefault(f"noop_{kind}", r)
+                        if r["items_per_s"] > best["items_per_s"]:
+                            results[str(size)][f"noop_{kind}"] = r
+            for size in sizes:
+                results[str(size)].update(read_side(urls[size]))
+                if args.explain:
+                    print(f"=== history {size}", file=sys.stderr)
+                    explain(urls[size])
+    finally:
+        if not args.keep:
+            for size in urls:
+                drop_db(admin, f"wsctl_bench_history_{size}")
+        if server is not None:
+            server.cleanup()
+    base = results.get("0", {})
+    for r in results.values():
+        for kind in kinds:
+            key = f"noop_{kind}"
+            if key in r and key in base:
+                r[f"ratio_{kind}"] = round(r[key]["items_per_s"] / base[key]["items_per_s"], 3)
+    print(json.dumps({"noop_pass_with_history": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

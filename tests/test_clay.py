@@ -1,0 +1,191 @@
+"""Clay's webhook realities (wsctl.clay): the submission cap and rotation, record size,
+and how answers are classified, against a real PostgreSQL and a loopback Clay stand-in."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+
+import pytest
+
+from wsctl import clay
+
+
+class _Clay:
+    """A Clay webhook on 127.0.0.1 that records what arrives and answers as told."""
+
+    def __init__(self):
+        self.arrivals: list[tuple[str, dict]] = []
+        self.answers: list[tuple[int, dict]] = []  # popped per request; 200 when empty
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status, headers = outer.answers.pop(0) if outer.answers else (200, {})
+                if 200 <= status < 300:
+                    outer.arrivals.append((self.path, json.loads(body)))
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stand_in():
+    s = _Clay()
+    yield s
+    s.close()
+
+
+def _send(conn, config, row, **kw):
+    return clay.send(conn, config, row, post=lambda url, body: clay.http_post(url, body), **kw)
+
+
+def _count(conn, entry) -> int | None:
+    row = conn.execute(
+        "SELECT submitted FROM wsctl.clay_webhooks WHERE digest = %s", (clay.digest(entry),)
+    ).fetchone()
+    return row[0] if row else None
+
+
+def test_sources_rotate_at_the_cap_and_a_full_set_blocks_without_posting(conn, stand_in):
+    urls = [f"{stand_in.url}/hook/A", f"{stand_in.url}/hook/B"]
+    config = {"clay_table_webhook_urls": urls, "clay_webhook_submission_cap": 3}
+    used = [_send(conn, config, {"n": n}).index for n in range(6)]
+    assert used == [0, 0, 0, 1, 1, 1]
+    assert [p for p, _ in stand_in.arrivals] == ["/hook/A"] * 3 + ["/hook/B"] * 3
+    with pytest.raises(clay.WebhookCapacityExhausted) as err:
+        _send(conn, config, {"n": 6}, where="(acme, enrich_company, apollo_scrape)")
+    assert err.value.error_class == "operator" and err.value.reason_code == "clay_webhook_cap"
+    assert "(acme, enrich_company, apollo_scrape) are at their submission cap" in str(err.value)
+    assert "wsctl config set" in str(err.value)
+    assert len(stand_in.arrivals) == 6  # never posted
+    # The URLs are never stored: only their digests.
+    stored = conn.execute("SELECT digest, submitted FROM wsctl.clay_webhooks").fetchall()
+    assert sorted(stored) == sorted((hashlib.sha256(u.encode()).hexdigest(), 3) for u in urls)
+    assert "hook" not in json.dumps([list(r) for r in stored])
+
+
+def test_only_accepted_submissions_count(conn, stand_in):
+    config = {"clay_table_webhook_url": f"{stand_in.url}/hook/A"}
+    stand_in.answers = [(503, {}), (429, {"Retry-After": "7"}), (400, {})]
+    with pytest.raises(clay.ClayAnswer) as e503:
+        _send(conn, config, {"n": 1})
+    assert (e503.value.error_class, e503.value.reason_code) == ("transient", "http_503")
+    with pytest.raises(clay.ClayAnswer) as e429:
+        _send(conn, config, {"n": 1})
+    assert e429.value.error_class == "transient" and e429.value.retry_after == 7.0
+    with pytest.raises(clay.ClayAnswer) as e400:
+        _send(conn, config, {"n": 1})
+    assert (e400.value.error_class, e400.value.reason_code) == ("permanent", "http_400")
+    assert _count(conn, config["clay_table_webhook_url"]) == 0
+    _send(conn, config, {"n": 1})
+    assert _count(conn, config["clay_table_webhook_url"]) == 1
+
+
+def test_an_unreachable_webhook_is_transient_and_not_counted(conn):
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there: connection refused
+    config = {"clay_table_webhook_url": f"http://127.0.0.1:{port}/hook"}
+    with pytest.raises(clay.ClayError) as err:
+        _send(conn, config, {"n": 1})
+    assert err.value.error_class == "transient"
+    assert config["clay_table_webhook_url"] not in str(err.value)  # the URL is a secret
+    assert "unreachable" in str(err.value)
+    assert _count(conn, config["clay_table_webhook_url"]) == 0
+
+
+def test_a_record_over_100_kb_fails_before_sending(conn, stand_in):
+    config = {"clay_table_webhook_url": f"{stand_in.url}/hook/A"}
+    big = {"notes": "x" * 102_400}
+    with pytest.raises(clay.RecordTooLarge) as err:
+        _send(conn, config, big)
+    assert err.value.error_class == "permanent"
+    assert "102,412 bytes as sent" in str(err.value) and "at most 102,400" in str(err.value)
+    assert stand_in.arrivals == [] and _count(conn, config["clay_table_webhook_url"]) is None
+    small = {**config, "clay_max_record_bytes": 50}
+    with pytest.raises(clay.RecordTooLarge):
+        _send(conn, small, {"notes": "y" * 60})
+
+
+def test_prior_submissions_count_and_secret_references_have_their_own_digest(conn, stand_in):
+    url = f"{stand_in.url}/hook/A"
+    assert clay.record_prior(conn, url, 44_999) == 44_999
+    assert clay.record_prior(conn, url, 10) == 44_999  # never lowers the count
+    config = {"clay_table_webhook_urls": [url, {"$secret": "CLAY_HOOK_B"}]}
+    resolved = {"CLAY_HOOK_B": f"{stand_in.url}/hook/B"}
+
+    def resolve(entry):
+        return resolved[entry["$secret"]] if isinstance(entry, dict) else entry
+
+    kw = {"post": lambda u, b: clay.http_post(u, b), "resolve": resolve}
+    assert clay.send(conn, config, {"n": 1}, **kw).index == 0  # the 45,000th
+    second = clay.send(conn, config, {"n": 2}, **kw)
+    assert second.index == 1 and second.digest == hashlib.sha256(b"$secret:CLAY_HOOK_B").hexdigest()
+    assert [p for p, _ in stand_in.arrivals] == ["/hook/A", "/hook/B"]
+
+
+def test_concurrent_senders_never_exceed_the_cap(conn, db_url, stand_in):
+    import psycopg
+
+    config = {"clay_table_webhook_url": f"{stand_in.url}/hook/A", "clay_webhook_submission_cap": 25}
+    results: list[str] = []
+
+    def sender():
+        with psycopg.connect(db_url, autocommit=True) as c:
+            for _ in range(10):
+                try:
+                    _send(c, config, {"n": 1})
+                    results.append("sent")
+                except clay.WebhookCapacityExhausted:
+                    results.append("full")
+
+    threads = [threading.Thread(target=sender) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("sent") == 25 and len(stand_in.arrivals) == 25
+    assert _count(conn, config["clay_table_webhook_url"]) == 25
+
+
+def test_doctor_warns_at_80_percent_of_a_webhook_cap(cli, conn, stand_in):
+    from tests.support import factories as f
+
+    acme = f.add_client(conn, "acme")
+    url = f"{stand_in.url}/hook/SECRETPATH"
+    step, ws = "enrich_company_via_waterfall_in_clay", "apollo_scrape"
+    f.add_config(conn, acme, step, ws, {"clay_table_webhook_urls": [url]})
+
+    def check():
+        r = cli("doctor", "--json", "--backend", "local")
+        return {c["name"]: c for c in r.json()["checks"]}["clay_webhooks"], r
+
+    assert check()[0]["status"] == "OK"
+    clay.record_prior(conn, url, 36_000)  # 80 % of 45,000
+    found, r = check()
+    assert found["status"] == "WARN" and f"acme/{step}/{ws}#0" in found["detail"]
+    assert found["rows"][0]["left"] == 9_000
+    assert "SECRETPATH" not in r.out + r.err
+    clay.record_prior(conn, url, 45_000)
+    assert "1 full (their states are BLOCKED)" in check()[0]["detail"]

@@ -1,0 +1,410 @@
+"""`wsctl stats` and what the worker helpers record as used, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import table_snapshot
+from tests.support import factories as f
+from wsctl import stats, worker
+from wsctl.item_report import item_report
+from wsctl.states import ORDER, Status
+
+STEPS = ["normalize_all_core_values", "enrich_company_via_waterfall_in_clay"]
+LABELS = {"workstream", "step", "status", "reason"}
+
+
+@pytest.fixture
+def world(conn):
+    """Two workstreams, a batch in each, states in every status, reasons on BLOCKED/FAILED."""
+    f.register_seed(conn)
+    acme = f.add_client(conn, "acme")
+    apollo = f.add_batch(conn, acme, STEPS, 20, "apollo_scrape")
+    linkedin = f.add_batch(conn, acme, STEPS, 6, "linkedin_scrape")
+    legacy = f.add_batch(conn, acme, STEPS, 2, None)
+    # apollo: 20 states of the first step: spread them over the statuses
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM workflow_states WHERE batch_id = %s ORDER BY id", (apollo,)
+        ).fetchall()
+    ]
+    plan = (
+        [Status.COMPLETED] * 6
+        + [Status.PENDING] * 4
+        + [Status.DISPATCHING]
+        + [Status.DISPATCHED] * 2
+        + [Status.FAILED] * 3
+        + [Status.BLOCKED] * 3
+        + [Status.CANCELLED]
+    )
+    for sid, status in zip(ids, plan, strict=True):
+        conn.execute("UPDATE workflow_states SET status = %s WHERE id = %s", (str(status), sid))
+    failed = ids[13:16]
+    blocked = ids[16:19]
+    # two FAILED with one reason (each with its own free-text error), one unclassified
+    for sid, n in zip(failed[:2], (1, 2), strict=True):
+        conn.execute(
+            "UPDATE workflow_states SET reason_code = 'worker_error', error_class = 'permanent',"
+            " last_error = %s WHERE id = %s",
+            (f"item {uuid.uuid4()} exploded at row {n}", sid),
+        )
+    conn.execute(
+        "UPDATE workflow_states SET last_error = 'old failure' WHERE id = %s", (failed[2],)
+    )
+    conn.execute(
+        "UPDATE workflow_states SET reason_code = 'no_registry_row', error_class = 'operator'"
+        " WHERE id = ANY(%s)",
+        (blocked,),
+    )
+    # the completed ones: completed within 5 min (3), within the hour (2), days ago (1)
+    done = ids[:6]
+    conn.execute(
+        "UPDATE workflow_states SET dispatched_at = now() - interval '2 minutes',"
+        " completed_at = now() - interval '1 minute', updated_at = now() - interval '1 minute'"
+        " WHERE id = ANY(%s)",
+        (done[:3],),
+    )
+    conn.execute(
+        "UPDATE workflow_states SET dispatched_at = now() - interval '40 minutes',"
+        " completed_at = now() - interval '30 minutes', updated_at = now() - interval '30 minutes'"
+        " WHERE id = ANY(%s)",
+        (done[3:5],),
+    )
+    conn.execute(
+        "UPDATE workflow_states SET dispatched_at = now() - interval '3 days',"
+        " completed_at = now() - interval '3 days', updated_at = now() - interval '3 days'"
+        " WHERE id = %s",
+        (done[5],),
+    )
+    # pending: 2 due (one 20 min ago), 2 backing off
+    pending = ids[6:10]
+    conn.execute(
+        "UPDATE workflow_states SET available_at = now() - interval '20 minutes' WHERE id = %s",
+        (pending[0],),
+    )
+    conn.execute(
+        "UPDATE workflow_states SET available_at = now() - interval '1 minute' WHERE id = %s",
+        (pending[1],),
+    )
+    conn.execute(
+        "UPDATE workflow_states SET available_at = now() + interval '10 minutes'"
+        " WHERE id = ANY(%s)",
+        (pending[2:],),
+    )
+    # dispatched: one 2 hours ago (past a 3600 s callback timeout), one just now
+    disp = ids[11:13]
+    conn.execute(
+        "UPDATE workflow_states SET dispatched_at = now() - interval '2 hours',"
+        " updated_at = now() - interval '2 hours' WHERE id = %s",
+        (disp[0],),
+    )
+    conn.execute(
+        "UPDATE workflow_states SET dispatched_at = now() - interval '10 seconds' WHERE id = %s",
+        (disp[1],),
+    )
+    # the rest of the apollo states (FAILED/BLOCKED/CANCELLED/DISPATCHING) were updated days ago
+    conn.execute(
+        "UPDATE workflow_states SET updated_at = now() - interval '2 days' WHERE id = ANY(%s)",
+        (ids[10:11] + ids[13:],),
+    )
+    return {
+        "acme": acme,
+        "apollo": apollo,
+        "linkedin": linkedin,
+        "legacy": legacy,
+        "ids": ids,
+        "pending": pending,
+    }
+
+
+def db_counts(conn) -> dict:
+    rows = conn.execute(
+        "SELECT coalesce(b.workstream_slug, ''), ws.step_name, ws.status, count(*)"
+        " FROM workflow_states ws JOIN batches b ON b.id = ws.batch_id GROUP BY 1, 2, 3"
+    ).fetchall()
+    return {(w, s, st): n for w, s, st, n in rows}
+
+
+def test_counts_per_workstream_step_status_match_the_database(cli, conn, world):
+    r = cli("stats", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    got = {(c["workstream"] or "", c["step"], c["status"]): c["states"] for c in doc["states"]}
+    assert got == db_counts(conn)
+    assert got[("apollo_scrape", STEPS[0], "COMPLETED")] == 6
+    assert got[("linkedin_scrape", STEPS[0], "PENDING")] == 6
+    assert got[("", STEPS[0], "PENDING")] == 2  # a legacy batch: no workstream
+    assert list(doc["totals_by_status"]) == [str(s) for s in ORDER]
+    assert sum(doc["totals_by_status"].values()) == 28
+    assert doc["estimates"] == ["states_total_estimate"]  # the only figure not counted
+
+
+def test_due_backlog_and_the_age_of_the_oldest_due_state(cli, world):
+    doc = cli("stats", "--json").json()
+    by_ws = {d["workstream"]: d for d in doc["due"]["by_workstream"]}
+    # apollo: 2 due of 4 PENDING (2 back off); linkedin: 6 fresh ones; legacy: 2
+    assert by_ws["apollo_scrape"]["due"] == 2
+    assert by_ws["linkedin_scrape"]["due"] == 6
+    assert by_ws[None]["due"] == 2
+    assert doc["due"]["states"] == 10
+    assert 20 * 60 - 5 <= doc["due"]["oldest_due_age_seconds"] <= 20 * 60 + 60
+
+
+def test_recent_windows_and_dispatched_past_the_callback_timeout(cli, world):
+    doc = cli("stats", "--json").json()
+    apollo = next(r for r in doc["recent"]["by_workstream"] if r["workstream"] == "apollo_scrape")
+    assert apollo["completed_5m"] == 3
+    assert apollo["completed_1h"] == 5  # the one of three days ago is not counted
+    assert apollo["dispatched_5m"] == 3 + 1  # three completed since, one still DISPATCHED
+    assert apollo["dispatched_1h"] == 3 + 2 + 1
+    assert apollo["failed_1h"] == 0  # failed two days ago
+    overdue = doc["dispatched_past_callback_timeout"]
+    assert [(o["workstream"], o["step"], o["states"]) for o in overdue] == [
+        ("apollo_scrape", STEPS[0], 1)
+    ]
+    longer = cli("stats", "--json", "--callback-timeout", "10800").json()
+    assert longer["dispatched_past_callback_timeout"] == []
+
+
+def test_blocked_and_failed_are_grouped_by_reason_code_never_by_the_message(cli, world):
+    doc = cli("stats", "--json").json()
+    groups = {(g["status"], g["reason"]): g["states"] for g in doc["needs_operator"]}
+    # two FAILED states with different messages are one group; NULL is "unclassified"
+    assert groups == {
+        ("FAILED", "worker_error"): 2,
+        ("FAILED", "unclassified"): 1,
+        ("BLOCKED", "no_registry_row"): 3,
+    }
+    assert all("exploded" not in str(g) for g in doc["needs_operator"])
+
+
+def test_workstream_option_keeps_to_one_workstream(cli, conn, world):
+    doc = cli("stats", "--json", "--workstream", "linkedin_scrape").json()
+    assert {c["workstream"] for c in doc["states"]} == {"linkedin_scrape"}
+    assert doc["needs_operator"] == []
+    assert doc["due"]["states"] == 6
+    bad = cli("stats", "--workstream", "Not A Slug")
+    assert bad.code == 1 and bad.out == ""
+    assert bad.err.startswith("wsctl: error:") and len(bad.err.strip().splitlines()) == 1
+
+
+def test_prometheus_text_parses_with_bounded_labels_and_agrees_with_json(cli, world):
+    r = cli("stats", "--prometheus")
+    assert r.code == 0, r.err
+    families = {fam.name: fam for fam in text_string_to_metric_families(r.out)}
+    assert families, r.out
+    for fam in families.values():
+        assert fam.name.startswith("wsctl_")
+        for sample in fam.samples:
+            assert set(sample.labels) <= LABELS, sample
+    doc = cli("stats", "--json").json()
+    states = {
+        (s.labels["workstream"], s.labels["step"], s.labels["status"]): s.value
+        for s in families["wsctl_states"].samples
+    }
+    assert states == {
+        (c["workstream"] or "", c["step"], c["status"]): c["states"] for c in doc["states"]
+    }
+    reasons = {
+        (s.labels["status"], s.labels["reason"]): s.value
+        for s in families["wsctl_needs_operator_states"].samples
+    }
+    assert reasons == {
+        ("FAILED", "worker_error"): 2,
+        ("FAILED", "unclassified"): 1,
+        ("BLOCKED", "no_registry_row"): 3,
+    }
+    due = {s.labels["workstream"]: s.value for s in families["wsctl_due_states"].samples}
+    assert due == {"apollo_scrape": 2, "linkedin_scrape": 6, "": 2}
+    ages = {
+        s.labels["workstream"]: s.value for s in families["wsctl_oldest_due_age_seconds"].samples
+    }
+    assert ages["apollo_scrape"] >= 20 * 60 - 5
+    completed = {
+        s.labels["workstream"]: s.value for s in families["wsctl_completed_states_5m"].samples
+    }
+    assert completed["apollo_scrape"] == 3
+    overdue = families["wsctl_dispatched_past_callback_timeout_states"].samples
+    assert [(s.labels["step"], s.value) for s in overdue] == [(STEPS[0], 1)]
+
+
+def test_label_values_are_escaped(conn):
+    # a dashboard-invented status with a quote and a backslash still parses
+    f.register_seed(conn)
+    acme = f.add_client(conn, "acme")
+    f.add_batch(conn, acme, STEPS, 1, "apollo_scrape", first_status='WEIRD"\\ONE')
+    st = stats.collect(conn)
+    fams = list(text_string_to_metric_families(stats.render_prometheus(st)))
+    sample = next(fam for fam in fams if fam.name == "wsctl_states").samples[0]
+    assert sample.labels["status"] == 'WEIRD"\\ONE'
+
+
+def test_stats_reads_in_a_read_only_transaction(conn, world):
+    before = table_snapshot(conn)
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        with stats.read_only(conn):
+            conn.execute("UPDATE workflow_states SET attempts = attempts + 1")
+    assert table_snapshot(conn) == before
+    stats.collect(conn)
+    assert table_snapshot(conn) == before
+
+
+def test_usage_and_environment_errors_are_one_line(cli, run_cli, legacy_url):
+    both = cli("stats", "--json", "--prometheus")
+    assert both.code == 2 and both.out == "" and len(both.err.strip().splitlines()) == 1
+    zero = cli("stats", "--callback-timeout", "0")
+    assert zero.code == 2 and zero.out == ""
+    unmigrated = run_cli("stats", url=legacy_url)
+    assert unmigrated.code == 3 and unmigrated.out == ""
+    assert len(unmigrated.err.strip().splitlines()) == 1
+
+
+def test_human_output(cli, world):
+    r = cli("stats")
+    assert r.code == 0, r.err
+    assert "due backlog: 10 state(s)" in r.out
+    assert "DISPATCHED past the callback timeout (3600 s): 1" in r.out
+    assert "no_registry_row" in r.out and "unclassified" in r.out
+
+
+# --- item 1: what the worker helpers record ----------------------------------------------
+
+
+@pytest.fixture
+def ran(conn):
+    """An apollo item whose first step has a config, resolved once by the worker helpers."""
+    f.register_seed(conn)
+    acme = f.add_client(conn, "acme")
+    f.add_config(conn, acme, STEPS[0], "apollo_scrape", {"case": "lower"})
+    f.add_config(conn, acme, STEPS[0], "linkedin_scrape", {"case": "upper"})
+    batch = f.add_batch(conn, acme, STEPS, 1, "apollo_scrape")
+    item = conn.execute("SELECT id FROM batch_items WHERE batch_id = %s", (batch,)).fetchone()[0]
+    config = worker.get_client_config(str(item), STEPS[0], "apollo_scrape", conn=conn)
+    assert config == {"case": "lower"}
+    return {"acme": acme, "batch": batch, "item": item}
+
+
+def used_of(conn, item, step) -> dict | None:
+    row = conn.execute(
+        "SELECT used_resolution FROM workflow_states WHERE item_id = %s AND step_name = %s",
+        (item, step),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def test_worker_helpers_record_the_config_and_registry_rows_used(conn, ran):
+    used = used_of(conn, ran["item"], STEPS[0])
+    cfg_id, cfg_at = conn.execute(
+        "SELECT id, updated_at FROM client_workflow_configs"
+        " WHERE workflow_slug = %s AND workstream_slug = 'apollo_scrape'",
+        (STEPS[0],),
+    ).fetchone()
+    reg_id = conn.execute(
+        "SELECT id FROM enrichment_registry WHERE slug = %s AND workstream_slug = 'apollo_scrape'",
+        (STEPS[0],),
+    ).fetchone()[0]
+    assert used["config_id"] == str(cfg_id)
+    assert used["registry_id"] == str(reg_id)
+    assert used["workstream_slug"] == "apollo_scrape"
+    assert used["status"] == "found" and used["source"] == "explicit"
+    from datetime import datetime
+
+    assert datetime.fromisoformat(used["config_updated_at"]) == cfg_at
+    report = item_report(conn, ran["item"])
+    step = report.steps[0]
+    assert step.used is not None and step.used.config_id == cfg_id
+    assert step.used.registry_function == "start_normalize_all_core_values"
+    assert step.used.config_changed_since is False
+    assert report.steps[1].used is None  # not reached
+
+
+def test_item_show_says_when_the_config_changed_since(conn, cli, ran):
+    cli(
+        "config",
+        "set",
+        "--client",
+        "acme",
+        "--workflow",
+        STEPS[0],
+        "--workstream",
+        "apollo_scrape",
+        "--set",
+        "case=smart",
+    )
+    r = cli("item", "show", str(ran["item"]), "--json")
+    assert r.code == 0, r.err
+    used = r.json()["steps"][0]["used"]
+    assert used["config_changed_since"] is True and used["config_exists"] is True
+    human = cli("item", "show", str(ran["item"])).out
+    assert "CHANGED since: updated" in human
+    # stats counts the state among those of the last hour that used a changed config
+    conn.execute("UPDATE workflow_states SET updated_at = now() WHERE item_id = %s", (ran["item"],))
+    doc = cli("stats", "--json").json()
+    uses = doc["config_use_last_hour"]
+    assert [(u["step"], u["states"], u["changed_since"]) for u in uses] == [(STEPS[0], 1, 1)]
+    # a deleted config row counts as changed too
+    cli(
+        "config",
+        "unset",
+        "--client",
+        "acme",
+        "--workflow",
+        STEPS[0],
+        "--workstream",
+        "apollo_scrape",
+    )
+    used = cli("item", "show", str(ran["item"]), "--json").json()["steps"][0]["used"]
+    assert used["config_exists"] is False and used["config_changed_since"] is True
+
+
+def test_no_config_for_certain_is_recorded_and_a_refusal_writes_nothing(conn, ran):
+    # the second step has no config in apollo_scrape: None, recorded as such
+    assert worker.get_client_config(str(ran["item"]), STEPS[1], conn=conn) is None
+    used = used_of(conn, ran["item"], STEPS[1])
+    assert used is None  # no state for the second step yet: nothing to write on
+    conn.execute(
+        "INSERT INTO workflow_states (item_id, batch_id, step_name) VALUES (%s, %s, %s)",
+        (ran["item"], ran["batch"], STEPS[1]),
+    )
+    assert worker.get_client_config(str(ran["item"]), STEPS[1], conn=conn) is None
+    used = used_of(conn, ran["item"], STEPS[1])
+    assert used["config_id"] is None and used["status"] == "not_found"
+    assert used["registry_id"] is not None
+    # a mismatch is refused and leaves every row as it was
+    before = table_snapshot(conn)
+    with pytest.raises(worker.ConfigResolutionError):
+        worker.get_client_config(str(ran["item"]), STEPS[0], "linkedin_scrape", conn=conn)
+    assert table_snapshot(conn) == before
+
+
+def test_a_failed_record_never_fails_the_step(conn, db_url, ran, caplog):
+    """A role that may read but not update workflow_states: the config still comes back."""
+    role = f"wsctl_ro_{uuid.uuid4().hex[:10]}"
+    conn.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        conn.execute(f'GRANT USAGE ON SCHEMA public, wsctl TO "{role}"')
+        conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+        before = table_snapshot(conn)
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        params = conninfo_to_dict(db_url)
+        params["user"] = role
+        params.pop("password", None)
+        caplog.set_level(logging.WARNING, logger="wsctl.worker")
+        with psycopg.connect(make_conninfo(**params), autocommit=True) as ro:
+            with ro.transaction():  # inside the caller's transaction: a savepoint absorbs it
+                cfg = worker.get_client_config(str(ran["item"]), STEPS[0], conn=ro)
+                assert ro.execute("SELECT 1").fetchone() == (1,)  # the transaction still works
+        assert cfg == {"case": "lower"}
+        assert table_snapshot(conn) == before
+        assert any("could not record the resolution" in r.getMessage() for r in caplog.records)
+    finally:
+        conn.execute(f'REVOKE ALL ON ALL TABLES IN SCHEMA public FROM "{role}"')
+        conn.execute(f'REVOKE ALL ON SCHEMA public, wsctl FROM "{role}"')
+        conn.execute(f'DROP ROLE "{role}"')

@@ -1,0 +1,149 @@
+"""`wsctl prune`: retention for dispatch bookkeeping (see wsctl/prune.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from wsctl.cli.common import JSON_OPTION, state
+
+
+def prune(
+    ctx: typer.Context,
+    older_than: str = typer.Option(
+        ...,
+        "--older-than",
+        help="Prune batches that finished longer ago than this (30d, 12h, 2w, 1d12h).",
+        show_default=False,
+    ),
+    batch: list[str] | None = typer.Option(
+        None, "--batch", help="Only this batch (repeatable); refused if it is not prunable."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List what would be pruned; write nothing."
+    ),
+    archive: Path | None = typer.Option(
+        None,
+        "--archive",
+        help="Append every removed row to this JSON Lines file, fsynced before the delete "
+        "(an interrupted prune resumes it: each row exactly once).",
+    ),
+    include_items: bool = typer.Option(
+        False,
+        "--include-items",
+        help="ALSO DELETE THE BATCHES' batch_items, which hold the enrichment results. "
+        "Without it only workflow_states rows are removed.",
+    ),
+    chunk_size: int = typer.Option(5000, "--chunk-size", help="Rows per transaction."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Remove the workflow_states of batches finished longer ago than --older-than.
+
+    Finished: every state COMPLETED, CANCELLED or FAILED. batch_items stay unless
+    --include-items. Each chunk is its own short transaction; rerun to resume.
+    """
+    from wsctl import prune as lib
+    from wsctl.cli import output
+
+    if include_items and not dry_run:
+        output.warn(
+            "--include-items: the batches' batch_items (enrichment results) are deleted too"
+        )
+    with state(ctx).connect() as conn, output.progress("pruning", None) as bar:
+        seen = [False]
+
+        def on_chunk(chunk: lib.ChunkProgress) -> None:
+            if not seen[0]:
+                bar.update_total(chunk.total_states)
+                seen[0] = True
+            if chunk.table == "workflow_states":
+                bar.advance(chunk.rows)
+
+        report = lib.prune(
+            conn,
+            older_than=older_than,
+            batch_ids=batch,
+            dry_run=dry_run,
+            archive=archive,
+            include_items=include_items,
+            chunk_size=chunk_size,
+            on_chunk=on_chunk,
+        )
+    if report.archive_truncated_bytes:
+        output.notice(
+            f"resumed archive {report.archive}: cut {report.archive_truncated_bytes} byte(s) an "
+            "interrupted run wrote but never committed"
+        )
+    if as_json:
+        output.emit_json(report.to_json())
+    else:
+        verb = "would prune" if dry_run else "pruned"
+        output.table(
+            [
+                "batch_id",
+                "finished_at",
+                "states",
+                "status",
+                "states_pruned",
+                "items_pruned",
+                "note",
+            ],
+            [
+                (
+                    b.batch_id,
+                    b.finished_at,
+                    b.states,
+                    b.status,
+                    b.states_pruned,
+                    b.items_pruned,
+                    b.reason or ("resumed" if b.resumed else None),
+                )
+                for b in report.batches
+            ],
+        )
+        if dry_run:
+            n = sum(b.states for b in report.batches)
+            output.line(f"{verb} {len(report.batches)} batch(es), {n} state(s)")
+        else:
+            output.line(
+                f"{verb} {report.states_pruned} state(s)"
+                + (f" and {report.items_pruned} item(s)" if report.include_items else "")
+                + f" of {len(report.batches) - len(report.skipped)} batch(es)"
+                + (f"; {len(report.skipped)} skipped (rerun later)" if report.skipped else "")
+            )
+    if report.skipped:
+        raise typer.Exit(1)
+
+
+db_app = typer.Typer(help="Database upkeep for a long-lived pipeline.", no_args_is_help=True)
+
+
+@db_app.command("tune")
+def db_tune(
+    ctx: typer.Context,
+    apply: bool = typer.Option(False, "--apply", help="Set them (otherwise only print)."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Per-table autovacuum settings for workflow_states: print them, or --apply them."""
+    from wsctl import tune
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        report = tune.tune(conn, apply=apply)
+    if as_json:
+        output.emit_json(report.to_json())
+        return
+    output.table(
+        ["table", "setting", "current", "proposed"],
+        [(s.table, s.name, s.current or "(server default)", s.proposed) for s in report.settings],
+    )
+    if apply:
+        output.line(f"applied to {tune.TABLE}")
+    else:
+        output.line(report.statement)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prune")(prune)
+    app.add_typer(db_app, name="db")

@@ -1,0 +1,89 @@
+"""`wsctl stats`: how the pipeline stands, for people, --json, or Prometheus."""
+
+from __future__ import annotations
+
+import typer
+
+from wsctl.cli.common import JSON_OPTION, state
+
+
+def _render(st) -> None:
+    from wsctl.cli import output
+
+    output.table(
+        ["workstream", "step", "status", "states"],
+        [(c.workstream, c.step, c.status, c.states) for c in st.states],
+        title="states",
+    )
+    age = st.oldest_due_age_seconds
+    output.line(
+        f"due backlog: {st.due_total} state(s)"
+        + (f", oldest due {age:.0f} s ago" if age is not None else "")
+    )
+    t = st.recent_totals()
+    output.line(
+        f"last 5 min: dispatched {t['dispatched_5m']}, completed {t['completed_5m']}, "
+        f"failed {t['failed_5m']}; last hour: dispatched {t['dispatched_1h']}, "
+        f"completed {t['completed_1h']}, failed {t['failed_1h']}"
+    )
+    overdue = sum(o.states for o in st.overdue)
+    output.line(f"DISPATCHED past the callback timeout ({st.callback_timeout} s): {overdue}")
+    if st.reasons:
+        output.table(
+            ["workstream", "step", "status", "reason", "error class", "states"],
+            [
+                (r.workstream, r.step, r.status, r.reason_label, r.error_class, r.states)
+                for r in st.reasons
+            ],
+            title="needs an operator",
+        )
+    changed = [u for u in st.config_use if u.changed_since]
+    for u in changed:
+        output.line(
+            f"config {u.config_id} ({u.workstream}/{u.step}) changed since "
+            f"{u.changed_since} of {u.states} state(s) of the last hour used it"
+        )
+    est = st.states_total_estimate
+    output.line(f"states in the table: about {est} (estimate)" if est is not None else "states: -")
+
+
+def stats(
+    ctx: typer.Context,
+    workstream: str | None = typer.Option(None, "--workstream", help="Only this workstream."),
+    prometheus: bool = typer.Option(
+        False, "--prometheus", help="Print Prometheus's text exposition format."
+    ),
+    callback_timeout: int | None = typer.Option(
+        None,
+        "--callback-timeout",
+        help="Seconds a DISPATCHED state may wait (default: dispatch.callback_timeout).",
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """States per workstream, step and status; backlog, recent rates, reasons (read only)."""
+    import sys
+
+    from wsctl.cli import output
+    from wsctl.errors import UsageError
+    from wsctl.stats import collect, render_prometheus
+
+    if prometheus and as_json:
+        raise UsageError("--json and --prometheus exclude each other")
+    st_ = state(ctx)
+    timeout = callback_timeout
+    if timeout is None:
+        timeout = int(st_.settings().dispatch["callback_timeout"])
+    if timeout < 1:
+        raise UsageError("--callback-timeout must be at least 1 second")
+    with st_.connect() as conn:
+        result = collect(conn, workstream=workstream, callback_timeout=timeout)
+    if prometheus:
+        sys.stdout.write(render_prometheus(result))
+    elif as_json:
+        output.emit_json(result.to_json())
+    else:
+        _render(result)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("stats")(stats)
