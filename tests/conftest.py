@@ -131,6 +131,9 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
     monkeypatch.chdir(tmp_path)
+    from wsctl import redact
+
+    redact.forget()  # no test inherits the secrets another one showed (wsctl.redact.remember)
     yield
 
 

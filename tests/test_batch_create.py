@@ -721,6 +721,38 @@ def test_a_role_that_may_not_set_the_parameter_gets_every_check(conn, catalog, p
     assert_consistent(conn, result.batch_id, 5)
 
 
+def test_a_role_allowed_only_a_plain_set_uses_the_fast_path(db_url, conn, catalog, plain_role):
+    """Supabase's case as near as PostgreSQL without supautils gets: the role may run a plain
+    SET LOCAL session_replication_role, while has_parameter_privilege answers false and
+    set_config refuses that parameter (both shadowed for this role, ahead of pg_catalog)."""
+    role, url = plain_role
+    dbname = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
+    conn.execute(f"GRANT SET ON PARAMETER session_replication_role TO {role}")
+    conn.execute("""
+        CREATE FUNCTION public.has_parameter_privilege(text, text) RETURNS boolean
+            LANGUAGE sql AS 'SELECT false';
+        CREATE FUNCTION public.set_config(name text, value text, local boolean) RETURNS text
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF name = 'session_replication_role' THEN
+                RAISE EXCEPTION 'permission denied to set parameter "%"', name
+                    USING ERRCODE = '42501';
+            END IF;
+            RETURN pg_catalog.set_config(name, value, local);
+        END $$;
+    """)
+    conn.execute(f"ALTER ROLE {role} IN DATABASE {dbname} SET search_path = public, pg_catalog")
+    with psycopg.connect(url, autocommit=True) as rc:
+        probe = "SELECT has_parameter_privilege('session_replication_role', 'SET')"
+        assert rc.execute(probe).fetchone()[0] is False
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            rc.execute("SELECT set_config('session_replication_role', 'replica', true)")
+        result = create_lib(rc)
+        assert rc.execute("SHOW session_replication_role").fetchone()[0] == "origin"
+    assert result.fk_checks == "by_construction"
+    assert_consistent(conn, result.batch_id, 5)
+
+
 def test_a_bad_row_under_the_skip_still_writes_nothing(conn, catalog, tmp_path):
     path = write_csv(tmp_path / "bad.csv", 3000, bad_at_row=2500)
     before = table_snapshot(conn)

@@ -120,7 +120,7 @@ def test_demo_takes_database_url_before_or_after_the_command(
 ):
     """`wsctl demo --database-url URL` and `wsctl --database-url URL demo` are the same run;
     WSCTL_DATABASE_URL, DATABASE_URL and wsctl.toml are still ignored."""
-    from wsctl.db import mask_url
+    from wsctl.redact import mask_url
 
     monkeypatch.setenv("WSCTL_DATABASE_URL", BOGUS_URL)
     monkeypatch.setenv("DATABASE_URL", BOGUS_URL)

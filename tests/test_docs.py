@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import re
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from tests.support import factories
 
@@ -32,15 +34,20 @@ NORMALIZE = "normalize_all_core_values"
 def _commands_in_help(run_cli) -> list[str]:
     """Every leaf command, as ``wsctl --help`` and each group's ``--help`` list them."""
 
-    def listed(*argv: str) -> list[str]:
+    def listed(*argv: str) -> tuple[list[str], bool]:
+        """The sub-commands ``wsctl ARGV --help`` lists, and whether ARGV takes options
+        of its own (a group such as ``secure`` is a command itself too)."""
         out = run_cli(*argv, "--help").out
         _, _, section = out.partition("\nCommands:\n")
-        return [ln.split()[0] for ln in section.splitlines() if ln.startswith("  ") and ln.split()]
+        options = out.partition("\nOptions:\n")[2].partition("\nCommands:\n")[0]
+        own = [ln for ln in options.splitlines() if ln.startswith("  -") and "--help" not in ln]
+        subs = [ln.split()[0] for ln in section.splitlines() if ln.startswith("  ") and ln.split()]
+        return subs, bool(own)
 
     leaves = []
-    for name in listed():
-        subs = listed(name)
-        leaves += [f"{name} {sub}" for sub in subs] if subs else [name]
+    for name in listed()[0]:
+        subs, own = listed(name)
+        leaves += ([name] if own or not subs else []) + [f"{name} {sub}" for sub in subs]
     return leaves
 
 
@@ -171,6 +178,14 @@ def _outputs(cli, run_cli, empty_url: str, conn: psycopg.Connection, tmp: Path) 
     run("limit list", "limit", "list")
     run("limit show", "limit", "show", "clay:acme-ws")
     run("limit remove", "limit", "remove", "clay:acme-ws")
+    run("secure", "secure")
+    role = f"docs_worker_{uuid.uuid4().hex[:12]}"  # cluster-wide: unique, dropped below
+    conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+    try:
+        run("secure grant-worker", "secure", "grant-worker", role)
+    finally:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
     run("examples", "examples")
     run("examples --copy", "examples", "--copy", str(tmp / "examples-copy"))
     # No server under this test's own data dir: status and stop start nothing.
@@ -221,6 +236,12 @@ def test_the_readme_test_command_is_the_one_ci_runs():
     run_tests = re.search(r"^run_tests\(\) \{ (.+); \}$", ci, re.M).group(1)
     readme = README.read_text()
     assert f"pip install -e '.[dev]' && {run_tests}\n" in readme
+
+
+def test_every_migration_file_is_in_the_reference():
+    shipped = sorted(p.name for p in (ROOT / "sql" / "migrations").glob("*.sql"))
+    listed = sorted(re.findall(r"^\| `(\d{4}_[a-z0-9_]+\.sql)` \|", REFERENCE.read_text(), re.M))
+    assert listed == shipped
 
 
 DOCS = [

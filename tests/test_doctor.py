@@ -23,6 +23,7 @@ CHECKS = [
     "legacy_batches",
     "unregistered_states",
     "missing_configs",
+    "plaintext_credentials",
     "expired_leases",
     "stale_dispatched",
     "limit_keys",
@@ -30,9 +31,10 @@ CHECKS = [
     "states_bloat",
     "vacuum_horizon",
     "prune_candidates",
+    "api_exposure",
     "modal_credentials",
 ]
-DATA_CHECKS = CHECKS[2:12]
+DATA_CHECKS = CHECKS[2:14]
 
 
 @pytest.fixture
@@ -99,9 +101,9 @@ def test_human_output_is_a_table_and_a_summary(cli, healthy, no_modal_token):
     assert lines[0] == "status\tcheck\tdetail\thint"
     rows = [ln.split("\t") for ln in lines[1:-1]]
     assert [row[1] for row in rows] == CHECKS
-    assert [row[0] for row in rows] == ["OK"] * 12 + ["FAIL"]
+    assert [row[0] for row in rows] == ["OK"] * 14 + ["FAIL"]
     assert rows[-1][3].startswith("modal token set")
-    assert lines[-1] == "doctor: 12 OK, 1 FAIL"
+    assert lines[-1] == "doctor: 14 OK, 1 FAIL"
 
 
 # --- database reachable -----------------------------------------------------------

@@ -227,3 +227,201 @@ def test_bearer_tokens_anywhere_never_show(before, credential):
 def test_masking_twice_changes_nothing_more(text):
     once = redact_text(text)
     assert redact_text(once) == once
+
+
+# --- every shape issue 12 lists, and exception texts --------------------------
+
+S = "Z7QK2M9XW4RT8BPL"  # a distinctive secret
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        (f"https://user:pa'{S}@api.example.com/v1", "https://user:***@api.example.com/v1"),
+        (
+            f"https://app.example.com/cb?next=https://u:{S}@internal/x&page=2",
+            "https://app.example.com/cb?next=***&page=2",
+        ),
+        (
+            f"https://app.example.com/cb?next=https%3A%2F%2Fu%3A{S}%40internal",
+            "https://app.example.com/cb?next=***",
+        ),
+        (f"X-Api-Key: {S}", "X-Api-Key: ***"),
+        (f'curl -H "X-Api-Key: {S}" https://api.example.com', 'curl -H "X-Api-Key: ***" https://api.example.com'),
+        (
+            f"https://api.telegram.org/bot123456789:{S}/sendMessage",
+            "https://api.telegram.org/bot***/sendMessage",
+        ),
+        (f'{{"client_secret": "{S}", "n": 1}}', '{"client_secret": "***", "n": 1}'),
+        (f"run --token {S} --verbose", "run --token *** --verbose"),
+        (
+            f"ValueError: not an http(s) URL: 'htps://api.clay.com/v3/sources/webhook/{S}'",
+            "ValueError: not an http(s) URL: 'htps://api.clay.com/***'",
+        ),
+        ('invalid input syntax for type integer: "sk_live_PGSECRET1"', 'invalid input syntax for type integer: "***"'),
+        (f'config {{"password": "{S}"}} refused', 'config {"password": "***"} refused'),
+        ('"$secret": "CLAY_AUTH_ACME"', '"$secret": "CLAY_AUTH_ACME"'),  # a name, not a value
+        ("expected key=value", "expected key=value"),
+        ("dedupe_key: email", "dedupe_key: email"),
+    ],
+)  # fmt: skip
+def test_every_shape_in_text(text, shown):
+    assert redact_text(text) == shown
+    assert redact_text(shown) == shown
+
+
+def test_every_shape_in_a_document():
+    doc = {
+        "headers": [{"name": "X-Api-Key", "value": S}, {"name": "Accept", "value": "json"}],
+        "argv": ["run", "--token", S, "--verbose"],
+        "payload": json.dumps({"token": S, "table": "t"}),
+        "auth": {"$secret": "CLAY_AUTH"},
+        "api_key": {"$secret": "CLAY_KEY"},
+    }
+    out = redact(doc)
+    assert out["headers"] == [{"name": "X-Api-Key", "value": MASK}, doc["headers"][1]]
+    assert out["argv"] == ["run", "--token", MASK, "--verbose"]
+    assert json.loads(out["payload"]) == {"token": MASK, "table": "t"}
+    assert out["auth"] == doc["auth"] and out["api_key"] == doc["api_key"]
+
+
+def test_known_values_are_masked_wherever_they_appear_later():
+    from wsctl import redact as r
+
+    r.forget()
+    try:
+        redact({"threshold_token": "Q9W8E7R6T5Y4"})  # shown once: now known
+        assert redact_text('invalid input syntax for type integer: "Q9W8E7R6T5Y4"') == (
+            'invalid input syntax for type integer: "***"'
+        )
+        r.remember_values(["V1V2V3V4V5"])
+        assert redact_text("escaped \\V1V2V3V4V5 stays, plain V1V2V3V4V5 goes") == (
+            "escaped \\V1V2V3V4V5 stays, plain *** goes"
+        )
+    finally:
+        r.forget()
+    assert redact_text("Q9W8E7R6T5Y4") == "Q9W8E7R6T5Y4"
+
+
+@given(
+    doc=st.dictionaries(
+        st.sampled_from(["a", "api_key", "headers", "note"]),
+        st.builds(
+            lambda pre, s, post: f"{pre}{s}{post}",
+            st.sampled_from(
+                ["X-Api-Key: ", "https://u:", "Bearer ", '"token": "', "--token ", '\\"']
+            ),
+            secrets,
+            st.sampled_from(["@h/x", '"', "\\", "", " rest", '\\"']),
+        ),
+        max_size=4,
+    )
+)
+def test_masked_json_text_stays_json(doc):
+    text = json.dumps(doc)
+    assert json.loads(redact_text(text)).keys() == doc.keys()
+
+
+def test_first_line_is_the_one_exception_helper():
+    from wsctl.redact import first_line
+
+    assert first_line(ValueError("\n  first   line \nsecond")) == "first line"
+    assert first_line(KeyError()) == "KeyError"
+    assert first_line(ValueError("boom"), typed=True) == "ValueError: boom"
+    assert (
+        first_line(RuntimeError(f"POST https://u:{S}@h/x failed"))
+        == "POST https://u:***@h/x failed"
+    )
+    assert len(first_line(ValueError("x" * 5000))) == 2000
+
+
+def test_the_stream_edge_masks_a_secret_split_between_writes(capsys):
+    import sys
+
+    from wsctl.cli.output import redacting
+
+    with redacting():
+        sys.stdout.write("Authorization: Bea")
+        sys.stdout.write(f"rer {S[:5]}")
+        sys.stdout.write(f"{S[5:]} done\npartial X-Api-Key: {S}")
+        sys.stderr.write(f"err https://u:{S}@h\n")
+    out, err = capsys.readouterr()
+    assert S not in out + err
+    assert out == "Authorization: Bearer *** done\npartial X-Api-Key: ***"
+    assert err == "err https://u:***@h\n"
+
+
+def test_reveal_lifts_the_edge_on_stdout_only(capsys):
+    import sys
+
+    from wsctl.cli.output import redacting
+
+    with redacting(reveal=True):
+        sys.stdout.write(f"token={S}\n")
+        sys.stderr.write(f"token={S}\n")
+    out, err = capsys.readouterr()
+    assert out == f"token={S}\n" and err == "token=***\n"
+
+
+# --- database URLs: masked whatever their shape, the problem named -----------
+
+URL_CASES = [
+    ("postgresq://u:hunter2@127.0.0.1:1/x", "postgresq://u:***@127.0.0.1:1/x", "unknown scheme 'postgresq'"),
+    ("mysql://u:hunter2@127.0.0.1:1/x", "mysql://u:***@127.0.0.1:1/x", "unknown scheme 'mysql'"),
+    ("postgresql:/u:hunter2@127.0.0.1:1/x", "postgresql:/***@127.0.0.1:1/x", "one slash after the scheme"),
+    ("u:hunter2@127.0.0.1:1/x", "***@127.0.0.1:1/x", "no scheme"),
+    ("postgresql://u:hunter2%zz@127.0.0.1:1/x", "postgresql://u:***@127.0.0.1:1/x", "bad percent-encoding in the user name or password"),
+    ("postgresql://u:hunter2@127.0.0.1:1/x%zz", "postgresql://u:***@127.0.0.1:1/x%zz", "bad percent-encoding"),
+    ("postgresql://u:hunter2@[::1:1/x", "postgresql://***@[::1:1/x", "unterminated IPv6 host"),
+    ("postgresql://u:hun/ter2@127.0.0.1:1/x", "postgresql://***@127.0.0.1:1/x", "must be percent-encoded"),
+    ("postgresql://u:hunter2@127.0.0.1:port/x", "postgresql://u:***@127.0.0.1:port/x", "the port is not a number"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("url, masked, problem", URL_CASES)
+def test_malformed_database_urls_name_the_problem_and_never_the_password(
+    run_cli, monkeypatch, url, masked, problem
+):
+    from wsctl.redact import mask_url
+    from wsctl.settings import database_url_problem
+
+    assert mask_url(url) == masked
+    assert problem in database_url_problem(url)
+    r = run_cli("batch", "list", url=url)  # the option: a usage error
+    assert r.code == 2, r.err
+    (line,) = r.err.strip().splitlines()
+    assert line == (
+        f"wsctl: error: invalid database URL {masked} (from option --database-url): "
+        + line.split("--database-url): ", 1)[1]
+    )
+    assert problem in line and "hunter2" not in r.err + r.out
+    monkeypatch.setenv("WSCTL_DATABASE_URL", url)  # the environment: exit 3
+    r = run_cli("config", "list")
+    assert r.code == 3 and "(from env WSCTL_DATABASE_URL)" in r.err and "hunter2" not in r.err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pw@127.0.0.1:5432/x?sslmode=require",
+        "postgres://u@[::1]:5432/x",
+        "postgresql://h1:5432,h2:5433/x",
+        "postgresql:///x?host=/tmp",
+        "host=127.0.0.1 dbname=x password=pw",
+    ],
+)
+def test_good_database_urls_pass_the_check(url):
+    from wsctl.settings import database_url_problem
+
+    assert database_url_problem(url) is None
+
+
+def test_a_non_string_url_in_wsctl_toml_is_never_echoed(run_cli, tmp_path):
+    (tmp_path / "wsctl.toml").write_text('[database]\nurl = ["postgresql://u:hunter2@h/x"]\n')
+    r = run_cli("batch", "list")
+    assert r.code == 2
+    (line,) = r.err.strip().splitlines()
+    assert line == (
+        f"wsctl: error: {tmp_path / 'wsctl.toml'}: database.url must be a string, not an array "
+        "(its value is not shown: it may hold a password)"
+    )

@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wsctl import settings
-from wsctl.db import mask_url
 from wsctl.errors import UsageError
+from wsctl.redact import mask_url
 
 
 def _write(path, url):
@@ -161,7 +161,7 @@ def test_mask_url_never_shows_the_password(user, password):
         ("[database]\nstatement_timeout = -1\n", "from 0 to 2147483647 ms, not -1"),
         ('[database]\nstatement_timeout = "30d"\n', "from 0 to 2147483647 ms, not '30d'"),
         ("[database]\nstatement_timeout = 1.5\n", "database.statement_timeout must be a PostgreSQL duration"),
-        ("[database]\nurl = 5432\n", "database.url must be a string, not 5432"),
+        ("[database]\nurl = 5432\n", "database.url must be a string, not an integer"),
         ("[database]\npooler = 1\n", "database.pooler must be 'session' or 'transaction', not 1"),
     ],
 )  # fmt: skip

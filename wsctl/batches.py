@@ -25,7 +25,8 @@ COPY and the states INSERT only (SET LOCAL, reset right after), which skips
 exactly those trigger calls. "Nothing else" is checked inside the transaction,
 after the tables are locked in the mode the inserts take anyway (so no
 trigger can appear meanwhile), and again after the inserts (a partition can
-be attached under that lock): the role may set the parameter; no enabled
+be attached under that lock): the role may set the parameter (found by
+trying a plain ``SET LOCAL`` in a savepoint, as Supabase allows it); no enabled
 trigger fires on INSERT into batch_items or workflow_states (or their
 partitions) but the three foreign keys' own checks, ALWAYS triggers included
 (their writes would run under the replica role too), a deferrable
@@ -48,12 +49,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from wsctl.db import first_line, tx
+from wsctl.db import tx
 from wsctl.domain import Client, find_client, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.itemfiles import item_line, open_items
 from wsctl.prune import PruneSummary, get_summary
 from wsctl.queries import q
+from wsctl.redact import first_line
 
 if TYPE_CHECKING:
     import psycopg
@@ -319,7 +321,7 @@ def create_batch(
                             "batch_items or workflow_states changed during the create (a "
                             "trigger, rule or partition appeared); nothing written: run it again"
                         )
-                    conn.execute(q("batch_set_replication_role"), (restore,))
+                    _restore_replication_role(conn, restore)
                 if states != n:  # pragma: no cover - would mean a bug in the id scheme
                     raise OperationalError(
                         f"internal error: {n} items but {states} first-step states; nothing written"
@@ -362,20 +364,30 @@ def _skip_fk_triggers(conn: psycopg.Connection) -> str | None:
     """Switch this transaction to ``session_replication_role = replica`` when that only
     skips foreign-key checks the create satisfies by construction; returns the role to
     restore afterwards, or None (nothing changed: the server checks every row).
+
+    Whether the role may set it is found by trying a plain ``SET LOCAL`` in a savepoint:
+    on Supabase the supautils extension allows that to ``postgres`` while both
+    ``has_parameter_privilege`` and ``set_config`` say no.
     """
-    privilege = (
-        "batch_may_set_replication_role"
-        if conn.info.server_version >= 150000
-        else "batch_is_superuser"
-    )
-    if not conn.execute(q(privilege)).fetchone()[0]:
-        return None
+    import psycopg
+
     conn.execute(q("batch_lock_item_tables"))  # the inserts' own lock mode, before the check
     safe, current = conn.execute(q("batch_fk_skip_is_safe")).fetchone()
     if not safe:
         return None
-    conn.execute(q("batch_set_replication_role"), ("replica",))
+    try:
+        with conn.transaction():  # a savepoint: a refusal leaves the create's transaction usable
+            conn.execute(q("batch_replication_role_replica"))
+    except psycopg.errors.InsufficientPrivilege:
+        return None
     return current
+
+
+def _restore_replication_role(conn: psycopg.Connection, role: str) -> None:
+    """Back to the role the transaction had, by the same plain SET LOCAL that set it."""
+    from psycopg import sql
+
+    conn.execute(sql.SQL(q("batch_replication_role_restore")).format(sql.Literal(role)))
 
 
 def _copy_items(

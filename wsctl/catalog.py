@@ -21,6 +21,8 @@ from wsctl.db import tx
 from wsctl.domain import Client, find_client, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.queries import q
+from wsctl.redact import first_line, key_path, remember
+from wsctl.secret_refs import check_references, plaintext_credentials
 
 if TYPE_CHECKING:
     import psycopg
@@ -503,13 +505,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, RecursionError):
         return "nested too deeply"
-    return " ".join(str(exc).split(";")[0].split())
-
-
-def _key_path(parent: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{parent}[{key}]"
-    return f"{parent}.{key}" if parent else key
+    return first_line(exc).split(";")[0]
 
 
 def _shown_path(path: str) -> str:
@@ -518,6 +514,22 @@ def _shown_path(path: str) -> str:
 
 
 _NUL = "a NUL character (\\u0000), which PostgreSQL cannot store"
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """How a lone surrogate in ``text`` reads (``\\udce9``), or None when it is valid text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(text[exc.start]):04x}"
+    return None
+
+
+def _surrogate_message(found: str) -> str:
+    return (
+        f"a lone surrogate ({found}), which is not valid UTF-8 and not JSON text PostgreSQL "
+        "can store (a \\ud800-\\udfff escape without its pair, or a file that is not UTF-8)"
+    )
 
 
 def _non_finite_name(value: float) -> str:
@@ -544,14 +556,23 @@ def check_config_values(doc: Any, source: str) -> None:
                 if not isinstance(k, str):
                     raise OperationalError(f"{where}: key {k!r} is not a string")
                 if "\x00" in k:
-                    shown = _shown_path(_key_path(path, k))
+                    shown = _shown_path(key_path(path, k))
                     raise OperationalError(f"{source}: key {shown}: the key name contains {_NUL}")
-                stack.append((_key_path(path, k), v))
+                if found := _lone_surrogate(k):
+                    shown = _shown_path(
+                        key_path(path, k).encode("utf-8", "backslashreplace").decode()
+                    )
+                    raise OperationalError(
+                        f"{source}: key {shown}: the key name contains {_surrogate_message(found)}"
+                    )
+                stack.append((key_path(path, k), v))
         elif isinstance(value, list | tuple):
-            stack.extend((_key_path(path, i), v) for i, v in enumerate(value))
+            stack.extend((key_path(path, i), v) for i, v in enumerate(value))
         elif isinstance(value, str):
             if "\x00" in value:
                 raise OperationalError(f"{where}: the string contains {_NUL}")
+            if found := _lone_surrogate(value):
+                raise OperationalError(f"{where}: the string contains {_surrogate_message(found)}")
         elif isinstance(value, float):
             if not math.isfinite(value):
                 raise OperationalError(
@@ -567,6 +588,7 @@ def check_config_values(doc: Any, source: str) -> None:
             raise OperationalError(
                 f"{where}: a {type(value).__name__} cannot be stored in a JSON config"
             )
+    check_references(doc, source)
 
 
 def parse_assignments(assignments: list[str]) -> dict[str, Any]:
@@ -604,6 +626,18 @@ class ConfigWrite:
         }
 
 
+def _plaintext_warnings(doc: dict[str, Any]) -> list[str]:
+    paths = plaintext_credentials(doc)
+    if not paths:
+        return []
+    shown = ", ".join(paths[:5]) + (f" (+{len(paths) - 5} more)" if len(paths) > 5 else "")
+    return [
+        f"{len(paths)} value(s) look like credentials given in clear ({shown}): store a "
+        'reference instead, {"$secret": "NAME"}, and set NAME in the Modal secret of the '
+        "function (it is resolved there)"
+    ]
+
+
 def set_config(
     conn: psycopg.Connection,
     *,
@@ -629,7 +663,8 @@ def set_config(
     if not isinstance(doc, dict):
         raise OperationalError("the config must be a JSON object")
     check_config_values(doc, "config")
-    warnings = []
+    remember(doc)  # a PostgreSQL error quoting one of its values is masked
+    warnings = _plaintext_warnings(doc)
     with tx(conn):
         found = find_client(conn, client)
         from wsctl.batches import known_workstreams

@@ -16,48 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from wsctl.errors import DatabaseUnavailable, EnvError
+from wsctl.redact import first_line, mask_url
 
 if TYPE_CHECKING:
     import psycopg
 
     from wsctl.settings import Settings
-
-_KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-
-
-def mask_url(url: str | None) -> str:
-    """The URL with its password replaced by ``***`` (URL form and key=value form)."""
-    if not url:
-        return "<none>"
-    if "://" not in url:
-        return _KV_PASSWORD.sub(r"\1***", url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            user, _, password = userinfo.partition(":")
-            userinfo = f"{user}:***" if password else user
-        netloc = f"{userinfo}@{hostport}"
-    query = parts.query
-    if query:
-        pairs = [
-            (k, "***" if k.lower() in ("password", "sslpassword") else v)
-            for k, v in parse_qsl(query, keep_blank_values=True)
-        ]
-        query = urlencode(pairs, safe="/:*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__
 
 
 @dataclass(frozen=True)

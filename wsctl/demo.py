@@ -73,8 +73,26 @@ LINKEDIN_FIELDS = {
 }
 
 
+def _secret_name(kind: str, ws: str, table: str) -> str:
+    return f"CLAY_{kind}_{ws}_{table}".upper()
+
+
+def demo_secrets(clay_url: str) -> dict[str, str]:
+    """What the Modal secrets of the Clay senders hold: each table's webhook URL and token."""
+    values: dict[str, str] = {}
+    for ws in WORKSTREAMS:
+        for table in ("companies", "people"):
+            values[_secret_name("WEBHOOK_URL", ws, table)] = f"{clay_url}/{ws}/{table}"
+            values[_secret_name("WEBHOOK_AUTH", ws, table)] = f"demo-{ws}-{table}-token"
+    return values
+
+
 def demo_configs(clay_url: str, receiver_url: str) -> dict[tuple[str, str], dict[str, Any]]:
-    """The client's config per (step, workstream): same slugs, different settings."""
+    """The client's config per (step, workstream): same slugs, different settings.
+
+    The Clay webhook URL and token are secret references (``demo_secrets``
+    holds their values, as a Modal secret would): no config row holds them.
+    """
     configs: dict[tuple[str, str], dict[str, Any]] = {}
     for ws in WORKSTREAMS:
         fields = {"fields": LINKEDIN_FIELDS} if ws == LINKEDIN else {}
@@ -85,8 +103,8 @@ def demo_configs(clay_url: str, receiver_url: str) -> dict[tuple[str, str], dict
         for step, table in ((STEP_CLAY_COMPANY, "companies"), (STEP_CLAY_PERSON, "people")):
             receiver = REGISTRY[(step, ws)][2]
             configs[(step, ws)] = {
-                "clay_table_webhook_url": f"{clay_url}/{ws}/{table}",
-                "clay_webhook_auth_token": f"demo-{ws}-{table}-token",
+                "clay_table_webhook_url": {"$secret": _secret_name("WEBHOOK_URL", ws, table)},
+                "clay_webhook_auth_token": {"$secret": _secret_name("WEBHOOK_AUTH", ws, table)},
                 "callback_url": f"{receiver_url}/{receiver}",
                 **fields,
             }
@@ -307,12 +325,17 @@ class ReceiverServer:
 
 
 @contextmanager
-def _worker_env(database_url: str, callback_secret: str) -> Iterator[None]:
+def _worker_env(
+    database_url: str, callback_secret: str, clay_secrets: dict[str, str]
+) -> Iterator[None]:
     """What the Modal secrets provide in production, for the in-process worker functions."""
-    names = ("WSCTL_DATABASE_URL", "CLAY_CALLBACK_SECRET")
-    saved = {n: os.environ.get(n) for n in names}
-    os.environ["WSCTL_DATABASE_URL"] = database_url
-    os.environ["CLAY_CALLBACK_SECRET"] = callback_secret
+    values = {
+        "WSCTL_DATABASE_URL": database_url,
+        "CLAY_CALLBACK_SECRET": callback_secret,
+        **clay_secrets,
+    }
+    saved = {n: os.environ.get(n) for n in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -495,7 +518,7 @@ def run_demo(
 
         opts = PassOptions(concurrency=8, max_attempts=2, callback_timeout=120)
         deadline = started + timeout
-        with _worker_env(database_url, secrets.token_hex(32)):
+        with _worker_env(database_url, secrets.token_hex(32), demo_secrets(clay.url)):
             while True:
                 summary = run_pass(conn, backend, opts)
                 result.passes += 1

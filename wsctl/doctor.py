@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from wsctl.db import first_line, mask_url, tx
+from wsctl.db import tx
 from wsctl.errors import WsctlError
 from wsctl.queries import q
+from wsctl.redact import first_line, mask_url
 
 if TYPE_CHECKING:
     import psycopg
@@ -33,6 +34,7 @@ SCHEMA = "schema"
 LEGACY_BATCHES = "legacy_batches"
 UNREGISTERED_STATES = "unregistered_states"
 MISSING_CONFIGS = "missing_configs"
+PLAINTEXT_CREDENTIALS = "plaintext_credentials"
 EXPIRED_LEASES = "expired_leases"
 STALE_DISPATCHED = "stale_dispatched"
 LIMIT_KEYS = "limit_keys"
@@ -40,6 +42,7 @@ CLAY_WEBHOOKS = "clay_webhooks"
 STATES_BLOAT = "states_bloat"
 VACUUM_HORIZON = "vacuum_horizon"
 PRUNE_CANDIDATES = "prune_candidates"
+API_EXPOSURE = "api_exposure"
 MODAL_CREDENTIALS = "modal_credentials"
 MODAL_FUNCTIONS = "modal_functions"
 
@@ -211,6 +214,49 @@ def _check_missing_configs(conn: psycopg.Connection, top: int) -> Check:
         f"wsctl config set --client {shlex.quote(rows[0][0])} --workflow {rows[0][1]} "
         f"--workstream {rows[0][2]} --set key=value (for each step that needs a config)",
         rows=out,
+    )
+
+
+def _check_plaintext_credentials(conn: psycopg.Connection, top: int) -> Check:
+    """Credentials held in clear in client configs (what `config show` masks), by key path."""
+    from psycopg.rows import dict_row
+
+    from wsctl.secret_refs import plaintext_credentials
+
+    filters = {"client_id": None, "workstream": None, "workflow": None}
+    with conn.cursor(row_factory=dict_row) as cur:
+        configs = cur.execute(q("catalog_config_list"), filters).fetchall()
+    found = []
+    for c in configs:
+        paths = plaintext_credentials(c["config"])
+        if paths:
+            found.append(
+                {
+                    "client": c["name"],
+                    "workflow": c["workflow_slug"],
+                    "workstream": c["workstream_slug"],
+                    "keys": paths,
+                }
+            )
+    if not found:
+        return Check(
+            PLAINTEXT_CREDENTIALS,
+            OK,
+            f"no credential in clear in the {len(configs)} client config(s)",
+        )
+    total = sum(len(f["keys"]) for f in found)
+    listed = ", ".join(
+        f"({f['client']}, {f['workflow']}, {f['workstream']}) {' '.join(f['keys'])}"
+        for f in found[:top]
+    )
+    return Check(
+        PLAINTEXT_CREDENTIALS,
+        WARN,
+        f"{total} plaintext credential(s) in {len(found)} of {len(configs)} client config(s): "
+        f"{listed}{_more(min(len(found), top), len(found))}",
+        'store each as a reference, {"$secret": "NAME"} (`wsctl config set ... --set '
+        'KEY=\'{"$secret": "NAME"}\'`), with NAME in the Modal secret of the function',
+        rows=found[:top],
     )
 
 
@@ -451,6 +497,14 @@ def _check_prune_candidates(conn: psycopg.Connection, older_than: str, top: int)
     )
 
 
+def _check_api_exposure(conn: psycopg.Connection) -> Check:
+    """What the Supabase Data API's roles reach (see wsctl.security)."""
+    from wsctl.security import api_exposure
+
+    found = api_exposure(conn)
+    return Check(API_EXPOSURE, found.level, found.detail, found.hint, rows=found.rows)
+
+
 # --- Modal --------------------------------------------------------------------
 
 
@@ -685,6 +739,7 @@ def doctor(
             (LEGACY_BATCHES, lambda: _check_legacy_batches(conn, top)),
             (UNREGISTERED_STATES, lambda: _check_unregistered(conn, top)),
             (MISSING_CONFIGS, lambda: _check_missing_configs(conn, top)),
+            (PLAINTEXT_CREDENTIALS, lambda: _check_plaintext_credentials(conn, top)),
             (EXPIRED_LEASES, lambda: _check_expired_leases(conn)),
             (STALE_DISPATCHED, lambda: _check_stale_dispatched(conn, top, callback_timeout)),
             (LIMIT_KEYS, lambda: _check_limit_keys(conn, top)),
@@ -692,6 +747,7 @@ def doctor(
             (STATES_BLOAT, lambda: _check_states_bloat(conn)),
             (VACUUM_HORIZON, lambda: _check_vacuum_horizon(conn, xmin_threshold)),
             (PRUNE_CANDIDATES, lambda: _check_prune_candidates(conn, prune_after, top)),
+            (API_EXPOSURE, lambda: _check_api_exposure(conn)),
         ]
         for name, fn in data_checks:
             if conn is None:

@@ -34,8 +34,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wsctl import security
 from wsctl.errors import EnvError, OperationalError
 from wsctl.queries import q, sql_dir
+from wsctl.redact import first_line
 
 if TYPE_CHECKING:
     import psycopg
@@ -364,7 +366,9 @@ def migrate(
     try:
         result.waited_seconds = lock.acquire(lock_timeout)
         with tx(conn):
+            before = security.object_keys(conn)
             conn.execute(q("migrations_bootstrap"))
+            security.close_new_wsctl_objects(conn, before)
         st = status(conn, migrations)
         _refuse_changed(st)
         pending = {p["version"] for p in st.pending}
@@ -377,7 +381,12 @@ def migrate(
             try:
                 if m.transactional:
                     with tx(conn, statement_timeout="0", lock_timeout=ddl_lock_timeout):
+                        # Closed by default: what wsctl creates itself, the Data API cannot reach.
+                        created = security.missing_pipeline_tables(conn) if m.version == 1 else []
+                        before = security.object_keys(conn)
                         conn.execute(m.sql)
+                        security.close_created_tables(conn, created, m.version)
+                        security.close_new_wsctl_objects(conn, before)
                         ms = int((time.monotonic() - started) * 1000)
                         conn.execute(q("migrations_record"), (m.version, m.name, m.checksum, ms))
                 else:
@@ -399,8 +408,9 @@ def migrate(
                         hint="retry when the long transaction ends, or raise --ddl-lock-timeout",
                     ) from exc
                 if isinstance(exc, psycopg.Error):
-                    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                    raise OperationalError(f"migration {m.filename} failed: {msg}") from exc
+                    raise OperationalError(
+                        f"migration {m.filename} failed: {first_line(exc)}"
+                    ) from exc
                 raise
             result.applied.append({"version": m.version, "name": m.name, "duration_ms": ms})
     finally:

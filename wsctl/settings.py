@@ -240,6 +240,75 @@ def check_value(path: str, table: str, key: str, value: Any) -> Any:
         raise UsageError(f"{path}: {table}.{key} must be {exc}, not {_shown(value)}") from None
 
 
+def _toml_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", list: "an array"}
+    if isinstance(value, dict):
+        return "a table"
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+_URL_SCHEMES = ("postgresql", "postgres")
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ONE_SLASH = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)")
+
+
+def database_url_problem(url: str) -> str | None:
+    """What is wrong with a database URL, in words, or None when libpq may take it.
+
+    Checked before libpq sees it, because libpq's own messages quote the URL
+    (password included) and rarely name the problem. A key=value conninfo
+    string (``host=db dbname=x``) is left to libpq.
+    """
+    if "://" not in url:
+        if _ONE_SLASH.match(url):
+            return "one slash after the scheme (write postgresql://host/dbname)"
+        if "=" in url.split("@", 1)[0]:
+            return None  # key=value pairs: libpq parses them
+        return (
+            "no scheme: expected postgresql://USER@HOST:PORT/DBNAME "
+            "(or key=value pairs such as host=... dbname=...)"
+        )
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in _URL_SCHEMES:
+        return f"unknown scheme {scheme[:20]!r} (a PostgreSQL URL starts with postgresql://)"
+    cut = min(
+        [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0] or [len(rest)]
+    )
+    authority, tail = rest[:cut], rest[cut:]
+    if "@" in tail.split("?", 1)[0]:
+        return (
+            "an '@' after the host part: a user name or password holding '/', '?', '#' or '@' "
+            "must be percent-encoded (%2F, %3F, %23, %40)"
+        )
+    userinfo, _, hostport = authority.rpartition("@")
+    if _BAD_PERCENT.search(userinfo):
+        return "bad percent-encoding in the user name or password (write a '%' as %25)"
+    if _BAD_PERCENT.search(hostport + tail):
+        return "bad percent-encoding (a '%' must be followed by two hex digits; write '%' as %25)"
+    for host in hostport.split(","):  # libpq takes host1:port1,host2:port2
+        if host.count("[") != host.count("]"):
+            return "unterminated IPv6 host (a '[' without its ']')"
+        port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host.rpartition("]")[2] else ""
+        if port and not port.isdigit():
+            return "the port is not a number"
+    return None
+
+
+def check_database_url(url: str, source: str) -> None:
+    """Refuse a malformed database URL with the problem named and its user info masked.
+
+    On the command line it is a usage error (exit 2), from the environment or
+    a file an environment error (exit 3).
+    """
+    from wsctl.redact import mask_url
+
+    problem = database_url_problem(url)
+    if problem is None:
+        return
+    error = UsageError if source.startswith("option") else EnvError
+    raise error(f"invalid database URL {mask_url(url)} (from {source}): {problem}")
+
+
 def load(database_url: str | None = None, *, env: dict[str, str] | None = None) -> Settings:
     """Read settings; ``database_url`` is the command-line option (highest precedence).
 
@@ -269,8 +338,11 @@ def load(database_url: str | None = None, *, env: dict[str, str] | None = None) 
             raise UsageError(f"{path}: [database] must be a table")
         for key, value in section.items():
             if key == "url":
-                if not isinstance(value, str):
-                    raise UsageError(f"{path}: database.url must be a string, not {_shown(value)}")
+                if not isinstance(value, str):  # never echoed: it may hold a password
+                    raise UsageError(
+                        f"{path}: database.url must be a string, not {_toml_type(value)} "
+                        "(its value is not shown: it may hold a password)"
+                    )
                 if value:
                     file_url = (value, f"file:{path}")
             else:
@@ -290,6 +362,8 @@ def load(database_url: str | None = None, *, env: dict[str, str] | None = None) 
         url, source = env["DATABASE_URL"], "env DATABASE_URL"
     elif file_url:
         url, source = file_url
+    if url:
+        check_database_url(url, source)
 
     return Settings(
         database_url=url,

@@ -12,6 +12,12 @@ workstream is merely inferred, instead of returning a config that may belong
 to another workstream. Log lines follow the seed::
 
     [CONFIG] item=abc12345... workflow=<slug> workstream=<slug> -> config found
+
+Secret references in the config (``{"$secret": "NAME"}``, see
+``wsctl.secret_refs``) are resolved here, inside the function, from its
+environment (a Modal secret); a missing one raises ``MissingSecret``, which
+the dispatcher treats as permanent for the item (BLOCKED). Every log line of
+these helpers is redacted.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 from wsctl.domain import parse_uuid
 from wsctl.errors import EnvError, OperationalError
 from wsctl.queries import q
+from wsctl.redact import RedactingFilter, redact_text, remember
+from wsctl.secret_refs import MissingSecret, resolve
 
 if TYPE_CHECKING:
     import psycopg
@@ -31,6 +39,7 @@ if TYPE_CHECKING:
     from wsctl.resolve import Resolution
 
 log = logging.getLogger("wsctl.worker")
+log.addFilter(RedactingFilter())
 
 
 class ConfigResolutionError(OperationalError):
@@ -113,6 +122,9 @@ def get_client_config(
 ) -> dict | None:
     """The client's config for ``workflow_slug`` in the item's workstream, or None (no config).
 
+    Secret references in it are resolved from this process's environment;
+    ``MissingSecret`` (permanent for the item) when one is not set.
+
     ``workstream_slug`` is the one the dispatcher passed (the batch's); when it
     is None the batch's is used. Raises ``ConfigResolutionError`` whenever the
     workstream is not known for certain.
@@ -133,7 +145,14 @@ def get_client_config(
         log.warning("[CONFIG] item=%s %s", _short(item), warning)
     if res.trusted:
         log.info("%s -> config found", head)
-        return res.config
+        if res.config is None:
+            return None
+        remember(res.config)
+        return resolve(
+            res.config,
+            where=f"the config of {res.client.name if res.client else '?'} for {workflow_slug} "
+            f"in workstream {res.workstream_slug}",
+        )
     if res.status == "not_found" and res.source in ("explicit", "batch"):
         log.info("%s -> no config", head)
         return None
@@ -199,11 +218,13 @@ def fail_step(state_id: str, error: str, *, conn: psycopg.Connection | None = No
     """Mark a state FAILED with ``error``; False when it was COMPLETED, CANCELLED or unknown."""
     sid = parse_uuid(state_id, "state id")
     with _connection(conn) as c:
-        return bool(c.execute(q("worker_fail_step"), (sid, str(error))).fetchone()[0])
+        reason = redact_text(str(error))  # an exception text may quote a secret
+        return bool(c.execute(q("worker_fail_step"), (sid, reason)).fetchone()[0])
 
 
 __all__ = [
     "ConfigResolutionError",
+    "MissingSecret",
     "complete_step",
     "fail_step",
     "get_client_config",

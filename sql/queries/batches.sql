@@ -45,14 +45,6 @@ COPY public.batch_items (id, batch_id, data) FROM STDIN (FORMAT binary);
 -- (a partition attached meanwhile is caught by checking again after the inserts).
 LOCK TABLE public.batch_items, public.workflow_states IN ROW EXCLUSIVE MODE;
 
--- batch_may_set_replication_role --
--- PostgreSQL 15 and later: superusers, or roles granted SET ON PARAMETER session_replication_role.
-SELECT has_parameter_privilege('session_replication_role', 'SET');
-
--- batch_is_superuser --
--- Before PostgreSQL 15 only superusers may set session_replication_role.
-SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user;
-
 -- batch_fk_skip_is_safe --
 -- Whether session_replication_role = replica would skip nothing on an INSERT into
 -- batch_items or workflow_states (partitions included) but the three foreign keys' own
@@ -90,10 +82,16 @@ SELECT NOT EXISTS (SELECT 1 FROM fks WHERE NOT fks.known)
            WHERE r.ev_class IN (SELECT relid FROM rels) AND r.ev_enabled <> 'D'),
        current_setting('session_replication_role');
 
--- batch_set_replication_role --
--- For this transaction only (SET LOCAL): 'replica' around the COPY and the states INSERT
--- when batch_fk_skip_is_safe said so, then back to what it was.
-SELECT set_config('session_replication_role', %s, true);
+-- batch_replication_role_replica --
+-- For this transaction only, around the COPY and the states INSERT when
+-- batch_fk_skip_is_safe said so. A plain SET LOCAL, tried in a savepoint: whether the role
+-- may is known by trying (on Supabase supautils allows this statement to postgres, while
+-- has_parameter_privilege and set_config say no).
+SET LOCAL session_replication_role = replica;
+
+-- batch_replication_role_restore --
+-- Back to what it was (a literal composed by the caller: SET takes no bound parameter).
+SET LOCAL session_replication_role = {};
 
 -- batch_states_first_step --
 -- One PENDING state per item for the first blueprint step. The items just copied have

@@ -1,7 +1,8 @@
 """The command layer: parse options, call one library function, render.
 
 ``main()`` is the single place where errors become a one-line message on
-stderr and an exit code (0 ok, 1 operational, 2 usage, 3 environment).
+stderr and an exit code (0 ok, 1 operational, 2 usage, 3 environment), and
+the one edge where everything written is redacted (``output.redacting``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def _psycopg_exit(exc: BaseException) -> tuple[int, str] | None:
         return None
     import psycopg
 
-    from wsctl.db import first_line
+    from wsctl.redact import first_line
 
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return 1, (
@@ -41,6 +42,30 @@ def _psycopg_exit(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
         return 3, f"schema not migrated? {first_line(exc)} (hint: run `wsctl migrate`)"
     return 1, f"database error: {first_line(exc)}"
+
+
+def _not_utf8(argv: list[str]) -> str | None:
+    """The usage error for the first argument that is not valid UTF-8, if any.
+
+    Python hands such bytes over as lone surrogates (``'Caf\\udce9'``); they
+    cannot be printed, stored or sent to PostgreSQL, so they stop here.
+    """
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raw = arg.encode("utf-8", "surrogateescape")
+            shown = repr(raw)[1:]  # b'Caf\xe9' -> 'Caf\xe9'
+            prev = argv[i - 1] if i else ""
+            what = (
+                f"the value of {prev.partition('=')[0]}"
+                if prev.startswith("-") and "=" not in prev
+                else f"argument {i + 1}"
+            )
+            if arg.startswith("-") and "=" in arg:
+                what = f"the value of {arg.partition('=')[0]}"
+            return f"{what} is not valid UTF-8: {shown} (use UTF-8 names and file names)"
+    return None
 
 
 def _click_exceptions():
@@ -77,14 +102,26 @@ def _hoist_database_url(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run wsctl with ``argv`` and return the exit code (never raises for expected failures)."""
+    from wsctl.cli.output import redacting
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --reveal shows secrets on stdout only; errors and notices stay redacted.
+    with redacting(reveal="--reveal" in argv):
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     import typer
 
     from wsctl.cli.app import command
     from wsctl.errors import WsctlError
 
     ce = _click_exceptions()
-    argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
+    bad = _not_utf8(argv)
+    if bad:
+        print(f"wsctl: error: {bad}", file=sys.stderr)
+        return 2
     try:
         rv = command()(args=_hoist_database_url(argv), prog_name="wsctl", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -109,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wsctl: error: {msg} (see `{where} --help`)", file=sys.stderr)
         return 2
     except ce.ClickException as exc:
-        exc.show()
+        print(f"wsctl: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
         return exc.exit_code
     except (typer.Abort, getattr(ce, "Abort", typer.Abort), KeyboardInterrupt):
         print("wsctl: interrupted", file=sys.stderr)
@@ -117,11 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 1
     except Exception as exc:
+        from wsctl.redact import first_line
+
         mapped = _psycopg_exit(exc)
         if debug or mapped is None:
             traceback.print_exc()
         if mapped is None:
-            print(f"wsctl: internal error: {exc!r}", file=sys.stderr)
+            print(f"wsctl: internal error: {first_line(exc, typed=True)}", file=sys.stderr)
             return 1
         code, msg = mapped
         print(f"wsctl: error: {' '.join(msg.split())}", file=sys.stderr)

@@ -96,6 +96,7 @@ def _register() -> None:
         cmd_inspect,
         cmd_limit,
         cmd_prune,
+        cmd_security,
         cmd_setup,
         cmd_stats,
         cmd_ui,
@@ -112,6 +113,7 @@ def _register() -> None:
         cmd_examples,
         cmd_limit,
         cmd_prune,
+        cmd_security,
         cmd_stats,
         cmd_ui,
     ):

@@ -47,8 +47,8 @@ def migrate(
     """Bring the database schema up to date (needs a direct or session-mode connection)."""
     from wsctl import migrations
     from wsctl.cli import output
-    from wsctl.db import mask_url
     from wsctl.errors import EnvError
+    from wsctl.redact import mask_url
 
     st = state(ctx)
     settings = st.settings()

@@ -3,13 +3,21 @@
 Plain output is used whenever stdout is not a terminal (cron mail, pipes,
 log collectors): no ANSI codes, no spinners. Notices go to stderr so that
 ``--json`` leaves exactly one JSON document on stdout.
+
+Everything wsctl writes passes through one redaction (``wsctl.redact``):
+``redacting()``, entered by ``wsctl.cli.main``, replaces ``sys.stdout`` and
+``sys.stderr`` by streams that mask each line before it is written, so
+tables, notices, errors, tracebacks (``--debug``), log records and what a
+local app prints are all covered, whoever writes them. JSON documents are
+redacted value by value before they are serialised (a key such as
+``dedupe_key`` is wsctl's, not a secret). ``--reveal`` lifts it on stdout only.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
 from decimal import Decimal
@@ -34,8 +42,110 @@ def is_tty(stream=None) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
 
 
+class RedactingStream:
+    """A text stream that masks secrets line by line before they reach ``target``.
+
+    Whole lines are redacted (a secret is never split between two checks);
+    ``flush`` redacts and writes a pending partial line (progress bars).
+    Everything else (``isatty``, ``encoding``, ``fileno``) is the target's.
+    """
+
+    def __init__(self, target: Any, *, reveal: bool = False):
+        self.target = target
+        self.reveal = reveal
+        self._pending = ""
+
+    def _put(self, text: str) -> None:
+        if not self.reveal:
+            from wsctl.redact import redact_text
+
+            text = "".join(redact_text(ln) for ln in text.splitlines(keepends=True))
+        try:
+            self.target.write(text)
+        except UnicodeEncodeError:  # a lone surrogate from a non-UTF-8 name or file
+            encoding = getattr(self.target, "encoding", None) or "utf-8"
+            self.target.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+    def write(self, text: str) -> int:
+        data = self._pending + text
+        cut = data.rfind("\n") + 1
+        self._pending = data[cut:]
+        if cut:
+            self._put(data[:cut])
+        return len(text)
+
+    def write_redacted(self, text: str) -> None:
+        """Write text already redacted (a JSON document redacted value by value)."""
+        self.flush_pending()
+        self.target.write(text)
+
+    def flush_pending(self) -> None:
+        if self._pending:
+            text, self._pending = self._pending, ""
+            self._put(text)
+
+    def flush(self) -> None:
+        self.flush_pending()
+        self.target.flush()
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for text in lines:
+            self.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
+
+
+@contextmanager
+def redacting(*, reveal: bool = False) -> Iterator[None]:
+    """stdout and stderr masked for the duration (``reveal``: not stdout)."""
+    from wsctl import redact
+
+    redact.forget()
+    old = sys.stdout, sys.stderr
+    out, err = RedactingStream(old[0], reveal=reveal), RedactingStream(old[1])
+    sys.stdout, sys.stderr = out, err
+    try:
+        yield
+    finally:
+        for stream in (out, err):
+            try:
+                stream.flush_pending()
+            except (OSError, ValueError):
+                pass
+        sys.stdout, sys.stderr = old
+        redact.forget()
+
+
+def _revealed() -> bool:
+    return isinstance(sys.stdout, RedactingStream) and sys.stdout.reveal
+
+
+def _redacted(value: Any) -> Any:
+    """``value`` as JSON types, every string through ``redact_text`` (keys are wsctl's)."""
+    from wsctl.redact import redact_text
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact_text(v)
+        if v is None or isinstance(v, bool | int | float):
+            return v
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [walk(x) for x in v]
+        return walk(_default(v))
+
+    return walk(value)
+
+
 def emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, default=_default, indent=2, sort_keys=False) + "\n")
+    """One JSON document on stdout, every string in it redacted (unless ``--reveal``)."""
+    if not _revealed():
+        doc = _redacted(doc)
+    text = json.dumps(doc, default=_default, indent=2, sort_keys=False) + "\n"
+    writer = getattr(sys.stdout, "write_redacted", sys.stdout.write)
+    writer(text)
 
 
 def line(text: str = "") -> None:
@@ -74,6 +184,10 @@ def table(
 ) -> None:
     """A Rich table on a terminal; tab-separated lines with a header otherwise."""
     rows = [[_cell(v) for v in r] for r in rows]
+    if is_tty() and not _revealed():  # Rich may fold a cell over lines: mask cells first
+        from wsctl.redact import redact_text
+
+        rows = [[redact_text(v) for v in r] for r in rows]
     if is_tty():
         from rich.console import Console
         from rich.table import Table

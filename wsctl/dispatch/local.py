@@ -21,12 +21,8 @@ from types import ModuleType
 
 from wsctl.dispatch.backend import Failure, Job, Poll, Result
 from wsctl.errors import EnvError
-
-
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    return " ".join(text.split())[:2000]
-
+from wsctl.redact import first_line
+from wsctl.secret_refs import MissingSecret
 
 # Functions that finish this fast gain nothing from threads (only GIL hand-offs):
 # run_threaded keeps calling them inline and starts the pool only for the rest
@@ -106,7 +102,9 @@ def load_app(app: str) -> ModuleType:
     except ModuleNotFoundError as exc:
         raise EnvError(f"cannot import local app {app!r}: {exc}") from exc
     except Exception as exc:
-        raise EnvError(f"importing local app {app!r} failed: {_describe(exc)}") from exc
+        raise EnvError(
+            f"importing local app {app!r} failed: {first_line(exc, typed=True)}"
+        ) from exc
 
 
 def find_callable(module: ModuleType, name: str) -> Callable | None:
@@ -155,8 +153,10 @@ class LocalBackend:
                 fn(job.item_id, job.workstream_slug)
             except EnvError as exc:  # e.g. the worker helpers have no database URL
                 return Failure("pass", f"{job.function}: {exc.one_line()}")
+            except MissingSecret as exc:  # this item's config, not the pass: BLOCKED
+                return Failure("item", f"{job.function}: {exc.one_line()}")
             except Exception as exc:
-                return Failure("transient", _describe(exc))
+                return Failure("transient", first_line(exc, typed=True))
             return None
 
         # What the app prints (the seed's functions log with print) goes to

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from wsctl.dispatch.backend import Backend
 from wsctl.dispatch.engine import PassOptions, PassSummary, run_pass
 from wsctl.errors import DatabaseUnavailable, UsageError
+from wsctl.redact import first_line
 
 if TYPE_CHECKING:
     import psycopg
@@ -67,9 +68,9 @@ def run_loop(
                 on_pass(summary)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 failures += 1
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 on_error(
-                    f"database connection lost: {first}; retrying in {_wait(interval, failures):g}s"
+                    f"database connection lost: {first_line(exc)}; "
+                    f"retrying in {_wait(interval, failures):g}s"
                 )
                 if conn is not None:
                     conn.close()

@@ -15,11 +15,7 @@ from typing import Any
 
 from wsctl.dispatch.backend import Failure, Job, Poll, Result
 from wsctl.errors import EnvError
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {' '.join(text.split())}"[:2000]
+from wsctl.redact import first_line
 
 
 def classify(exc: BaseException) -> Failure:
@@ -27,14 +23,14 @@ def classify(exc: BaseException) -> Failure:
     import modal.exception as mexc
 
     if isinstance(exc, mexc.AuthError | mexc.PermissionDeniedError):
-        return Failure("pass", f"Modal rejected the credentials: {_describe(exc)}")
+        return Failure("pass", f"Modal rejected the credentials: {first_line(exc, typed=True)}")
     if isinstance(exc, mexc.NotFoundError):
-        return Failure("item", f"not found on Modal: {_describe(exc)}")
+        return Failure("item", f"not found on Modal: {first_line(exc, typed=True)}")
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return Failure("transient", "spawn timed out; its outcome is unknown, retrying")
     # Rate limits, unavailability, connection resets and anything unexpected:
     # retried with backoff, FAILED after --max-attempts.
-    return Failure("transient", _describe(exc))
+    return Failure("transient", first_line(exc, typed=True))
 
 
 def credentials_present() -> bool:
@@ -158,10 +154,10 @@ class ModalBackend:
                     import modal.exception as mexc
 
                     if isinstance(exc, mexc.OutputExpiredError | mexc.NotFoundError):
-                        return call_id, Poll("unknown", _describe(exc))
+                        return call_id, Poll("unknown", first_line(exc, typed=True))
                     if classify(exc).kind == "pass":
-                        return call_id, Poll("unknown", _describe(exc))
-                    return call_id, Poll("raised", _describe(exc))
+                        return call_id, Poll("unknown", first_line(exc, typed=True))
+                    return call_id, Poll("raised", first_line(exc, typed=True))
                 return call_id, Poll("returned")
 
         return dict(await asyncio.gather(*(one(c) for c in call_ids)))

@@ -1,0 +1,103 @@
+"""`wsctl secure` (what the Supabase Data API may reach) and `wsctl secure grant-worker`."""
+
+from __future__ import annotations
+
+import typer
+
+from wsctl.cli.common import JSON_OPTION, state
+
+secure_app = typer.Typer(
+    help="Close the pipeline tables and wsctl's schema to the Data API roles (anon, "
+    "authenticated): prints the lock-down, --apply applies it.",
+    invoke_without_command=True,
+)
+
+LOCK_TIMEOUT_OPTION = typer.Option(
+    "5s",
+    "--lock-timeout",
+    help="Longest wait for a lock (PostgreSQL interval); then nothing changes.",
+)
+
+
+@secure_app.callback()
+def secure(
+    ctx: typer.Context,
+    apply: bool = typer.Option(False, "--apply", help="Apply it (one transaction, idempotent)."),
+    roles: list[str] = typer.Option(
+        [], "--role", help="Also lock this role out of every pipeline table (repeatable)."
+    ),
+    leave_roles: list[str] = typer.Option(
+        [], "--leave-role", help="Leave this role's privileges as they are (repeatable)."
+    ),
+    tables: list[str] = typer.Option(
+        [], "--table", help="Also lock down this table of public (repeatable)."
+    ),
+    leave_tables: list[str] = typer.Option(
+        [], "--leave-table", help="Leave this pipeline table as it is (repeatable)."
+    ),
+    lock_timeout: str = LOCK_TIMEOUT_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Revoke anon's privileges on the pipeline tables and wsctl's schema, and authenticated's on
+    client_workflow_configs and wsctl's schema; policies are never dropped or changed."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from wsctl import security
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        report = security.secure(
+            conn,
+            apply=apply,
+            extra_roles=roles,
+            leave_roles=leave_roles,
+            extra_tables=tables,
+            leave_tables=leave_tables,
+            lock_timeout=lock_timeout,
+        )
+    if as_json:
+        output.emit_json(report.to_json())
+        return
+    for role in report.absent_roles:
+        output.notice(f"no role {role} in this database: nothing to do for it")
+    if not report.revocations:
+        output.line("nothing to change: the Data API roles hold nothing wsctl would revoke")
+        for text in report.remaining:
+            output.warn(text)
+        return
+    if not apply:
+        output.line("-- the lock-down (nothing changed; run `wsctl secure --apply` to apply it):")
+    for r in report.revocations:
+        output.line(r.statement())
+    verb = "lost" if apply else "would lose"
+    for text in report.losses():
+        output.line(f"{verb}: {text}")
+    if apply:
+        output.line(f"revoked {len(report.revocations)} grant(s); no policy was changed")
+    for text in report.remaining:
+        output.warn(text)
+
+
+@secure_app.command("grant-worker")
+def grant_worker(
+    ctx: typer.Context,
+    role: str = typer.Argument(..., help="The role your Modal functions log in as."),
+    lock_timeout: str = LOCK_TIMEOUT_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Grant ROLE what the worker helpers need (wsctl.worker, wsctl.complete_step, ...)."""
+    from wsctl import security
+    from wsctl.cli import output
+
+    with state(ctx).connect() as conn:
+        result = security.grant_worker(conn, role, lock_timeout=lock_timeout)
+    if as_json:
+        output.emit_json(result.to_json())
+        return
+    for stmt in result.statements:
+        output.line(stmt + ";")
+    output.line(f"granted {role} what the worker helpers need")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(secure_app, name="secure")
