@@ -179,7 +179,7 @@ def test_pass_level_failure_releases_unspawned_claims_untouched(wconn, seeded):
     f.add_batch(wconn, seeded, STEPS[:1], 4)
 
     class Rejected(Exception):
-        failure_kind = "pass"
+        stops_pass = True
 
     def reject(item_id, ws):
         raise Rejected("token rejected")
@@ -334,7 +334,7 @@ def test_cli_verbose_logs_seed_format(cli, conn, tmp_path):
     )
     assert r.code == 0, r.err
     assert (
-        f"Dispatched item {item[:8]}... to start_normalize_all_core_values "
+        f"Dispatched item {item} to start_normalize_all_core_values "
         "(type=sync, workstream=apollo_scrape)"
     ) in r.err
 

@@ -70,6 +70,7 @@ class Ui:
         deadline = time.monotonic() + 30
         while "ui: serving" not in self.stderr():
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
                 raise AssertionError(f"wsctl ui did not start: {self.stderr()}")
             time.sleep(0.05)
 
@@ -547,3 +548,39 @@ def test_an_unmigrated_database_is_refused_before_listening(legacy_url, tmp_path
     assert len(r.stderr.strip().splitlines()) == 1 and "migrate" in r.stderr
     with socket.socket() as s:  # nothing listens there
         assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_open_hands_the_url_to_the_browser(demo, tmp_path):
+    opened = tmp_path / "opened.txt"
+    script = tmp_path / "browser.sh"
+    script.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
+    script.chmod(0o755)
+    port = free_port()
+    env = {**os.environ, "BROWSER": str(script)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wsctl",
+            "--database-url",
+            demo,
+            "ui",
+            "--port",
+            str(port),
+            "--open",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (opened.exists() and opened.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert opened.read_text().strip() == f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

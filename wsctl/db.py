@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from wsctl.errors import DatabaseUnavailable, EnvError
 from wsctl.redact import first_line, mask_url
+from wsctl.settings import DATABASE_DEFAULTS
 
 if TYPE_CHECKING:
     import psycopg
@@ -36,21 +37,20 @@ class ConnectionSettings:
     works without a ``pooler`` setting.
     """
 
-    statement_timeout: str = "5min"
-    lock_timeout: str = "5s"
-    connect_timeout: int = 10
-    prepared_statements: bool = False
+    statement_timeout: str = DATABASE_DEFAULTS["statement_timeout"]
+    lock_timeout: str = DATABASE_DEFAULTS["lock_timeout"]
+    connect_timeout: int = DATABASE_DEFAULTS["connect_timeout"]
+    prepared_statements: bool = DATABASE_DEFAULTS["prepared_statements"]
     application_name: str = "wsctl"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionSettings:
         return cls(
             statement_timeout=settings.statement_timeout,
-            lock_timeout=getattr(settings, "lock_timeout", cls.lock_timeout),
+            lock_timeout=settings.lock_timeout,
             connect_timeout=settings.connect_timeout,
             # Behind a declared transaction pooler never, whatever the setting says.
-            prepared_statements=bool(getattr(settings, "prepared_statements", False))
-            and not settings.transaction_pooler,
+            prepared_statements=settings.prepared_statements and not settings.transaction_pooler,
         )
 
 

@@ -450,7 +450,7 @@ def _age_s(seconds: int) -> str:
     return f"{max(seconds, 0)}s"
 
 
-PRUNE_SCAN_BATCHES = 20  # finished batches whose states doctor reads (oldest first)
+PRUNE_SCAN_BATCHES = 5  # finished batches whose states doctor reads (oldest first)
 
 
 def _check_prune_candidates(conn: psycopg.Connection, older_than: str, top: int) -> Check:

@@ -19,8 +19,8 @@ transaction-mode pooler nobody declared (PgBouncer on any port): the lock is a
 could be taken on one server connection and "released" on another), every
 timeout is SET LOCAL inside a transaction, and a statement that cannot run in
 a transaction (``CREATE INDEX CONCURRENTLY``) has its lock waits bounded by a
-watchdog on that second connection, which cancels it once it has waited
-longer than ``ddl_lock_timeout`` for a lock.
+watchdog on a third connection, which cancels it once it has waited longer
+than ``ddl_lock_timeout`` for a lock.
 """
 
 from __future__ import annotations
@@ -211,8 +211,8 @@ def _refuse_changed(st: MigrationStatus) -> None:
         )
 
 
-def _sibling(conn: psycopg.Connection) -> psycopg.Connection:
-    """A second connection with ``conn``'s own parameters (password included).
+def _sibling(conn: psycopg.Connection, *, autocommit: bool) -> psycopg.Connection:
+    """Another connection with ``conn``'s own parameters (password included).
 
     Its statements go by the simple protocol (parameters bound client-side): an
     extended-protocol portal left open in the lock's transaction keeps a snapshot,
@@ -228,7 +228,7 @@ def _sibling(conn: psycopg.Connection) -> psycopg.Connection:
     params["application_name"] = "wsctl-migrate-lock"
     return psycopg.connect(
         psycopg.conninfo.make_conninfo(**params),
-        autocommit=True,
+        autocommit=autocommit,
         prepare_threshold=None,
         cursor_factory=psycopg.ClientCursor,
     )
@@ -245,13 +245,13 @@ class _MigrationLock:
 
     def __init__(self, conn: psycopg.Connection):
         self._work = conn
-        self.conn = _sibling(conn)
+        # Not autocommit: its first statement opens the transaction that holds the lock.
+        self.conn = _sibling(conn, autocommit=False)
         self._watch: psycopg.Connection | None = None
 
     def acquire(self, lock_timeout: float) -> float:
         start = time.monotonic()
         delay = 0.05
-        self.conn.execute("BEGIN")
         # The lock lives as long as this transaction: a server-side idle timeout must not end it.
         self.conn.execute(q("migrations_lock_transaction_settings"))
         while True:
@@ -279,7 +279,7 @@ class _MigrationLock:
             work.execute(stmt)
             return
         if self._watch is None:
-            self._watch = _sibling(self._work)
+            self._watch = _sibling(self._work, autocommit=True)
         watch_conn = self._watch
         done = threading.Event()
         cancelled: list[bool] = []
@@ -312,7 +312,7 @@ class _MigrationLock:
 
     def release(self) -> None:
         try:
-            self.conn.execute("ROLLBACK")  # ends the transaction, and the lock with it
+            self.conn.rollback()  # ends the transaction, and the lock with it
         except Exception:
             pass  # closing the connection releases it too
         self.conn.close()

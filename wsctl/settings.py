@@ -31,6 +31,14 @@ DISPATCH_DEFAULTS: dict[str, Any] = {
     "max_attempts": 5,
     "callback_timeout": 3600,
     "interval": 10.0,
+    # recording a chunk's outcomes is retried on fresh connections this long
+    "record_retry_seconds": 30.0,
+    # the local journal of outcomes not yet recorded (None: the user data dir)
+    "journal_dir": None,
+    # a pass stops claiming after max_seconds; running functions then get grace
+    # seconds (45 + 10 < cron's minute, with `timeout -s TERM 55` as the backstop)
+    "max_seconds": 45.0,
+    "grace": 10.0,
 }
 
 DATABASE_DEFAULTS: dict[str, Any] = {
@@ -226,6 +234,10 @@ DISPATCH_CHECKS: dict[str, Callable[[Any], Any]] = {
     "max_attempts": _whole_number,
     "callback_timeout": _whole_number,
     "interval": _positive_seconds,
+    "record_retry_seconds": _positive_seconds,
+    "journal_dir": _optional_text,
+    "max_seconds": _positive_seconds,
+    "grace": _positive_seconds,
 }
 
 

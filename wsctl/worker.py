@@ -23,8 +23,10 @@ these helpers is redacted.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from wsctl.domain import parse_uuid
@@ -231,3 +233,34 @@ __all__ = [
     "get_workstream_slug",
     "record_used_resolution",
 ]
+
+
+# -- The dispatch a running function belongs to (dispatch work) --------------
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentDispatch:
+    """The state a running function was dispatched for, at the claim's generation."""
+
+    state_id: uuid.UUID
+    dispatch_generation: int
+    status: str
+
+
+def current_dispatch(
+    item_id: str, step_name: str, *, conn: psycopg.Connection | None = None
+) -> CurrentDispatch | None:
+    """The item-step's state while the dispatcher holds it (DISPATCHING), else None.
+
+    Every claim increments ``dispatch_generation``, so a function that binds
+    its side effects (a callback token, a Clay post) to this pair is fenced
+    against any later run of the same item-step.
+    """
+    from psycopg.rows import class_row
+
+    item = parse_uuid(item_id, "item id")
+    with _connection(conn) as c, c.cursor(row_factory=class_row(CurrentDispatch)) as cur:
+        return cur.execute(q("dispatch_worker_current"), (item, step_name)).fetchone()
+
+
+__all__ += ["CurrentDispatch", "current_dispatch"]

@@ -33,12 +33,14 @@ WITH expired AS MATERIALIZED (
         -- a lease that expired means its dispatcher died mid-run: that counts
         -- as an attempt, so an item that kills its dispatcher ends FAILED
         attempts = ws.attempts + (ws.status = 'DISPATCHING')::int,
+        -- the dispatch generation: every claim increments it, nothing resets it
+        dispatch_generation = ws.dispatch_generation + 1,
         updated_at = now()
     WHERE ws.id IN (SELECT id FROM expired UNION ALL SELECT id FROM pending)
     RETURNING ws.id, ws.item_id, ws.batch_id, ws.step_name, ws.attempts,
-              ws.id IN (SELECT id FROM expired) AS reclaimed
+              ws.dispatch_generation, ws.id IN (SELECT id FROM expired) AS reclaimed
 )
-SELECT c.id, c.item_id, c.batch_id, c.step_name, c.attempts,
+SELECT c.id, c.item_id, c.batch_id, c.step_name, c.attempts, c.dispatch_generation,
        b.workstream_slug, er.type, er.modal_sender_fn, er.modal_receiver_fn,
        b.status = 'CANCELLED' AS batch_cancelled, c.reclaimed
 FROM claimed c
@@ -51,8 +53,9 @@ LEFT JOIN public.enrichment_registry er
 AND ws.batch_id IN (SELECT b.id FROM public.batches b WHERE b.workstream_slug = %(workstream)s::text)
 
 -- dispatch_plan --
--- --dry-run: what a pass would claim, resolved the same way, without locking or writing.
-SELECT ws.id, ws.item_id, ws.batch_id, ws.step_name, ws.attempts,
+-- --dry-run: what a pass would claim, resolved the same way, without locking or writing
+-- (the columns of dispatch_claim, read into the same dataclass by name).
+SELECT ws.id, ws.item_id, ws.batch_id, ws.step_name, ws.attempts, ws.dispatch_generation,
        b.workstream_slug, er.type, er.modal_sender_fn, er.modal_receiver_fn,
        b.status = 'CANCELLED' AS batch_cancelled, ws.status = 'DISPATCHING' AS reclaimed
 FROM public.workflow_states ws
@@ -67,7 +70,7 @@ LIMIT %(limit)s;
 
 -- dispatch_complete_claimed --
 -- Sync steps whose function returned: COMPLETED and next step enqueued, guarded by the claim token.
-SELECT wsctl.complete_steps(%s::uuid[], %s::uuid);
+SELECT wsctl.complete_steps(%s::uuid[], %s::uuid) AS completed;
 
 -- dispatch_mark_dispatched --
 -- Spawned (or async sender returned): DISPATCHED with its call id, guarded by the claim token.
@@ -78,57 +81,55 @@ SET status = 'DISPATCHED',
     sender_returned_at = NULL,
     lease_expires_at = NULL,
     last_error = NULL,
+    error_class = NULL,
+    reason_code = NULL,
     updated_at = now()
 FROM unnest(%s::uuid[], %s::text[]) AS u(id, call_id)
 WHERE ws.id = u.id AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING'
 RETURNING ws.id;
 
--- dispatch_retry_or_fail --
--- Transient failures: back to PENDING after a backoff, or FAILED once attempts reach the maximum.
+-- dispatch_retry --
+-- Transient failures: back to PENDING after a backoff, or FAILED once attempts reach the
+-- maximum. One statement for both writers, only the guard differs: a pass passes its claim
+-- %(token)s (the row must still be DISPATCHING under it); reconciliation passes a NULL token
+-- and each row's polled call id (the row must still be DISPATCHED with that call: another
+-- dispatcher may have moved on since).
 UPDATE public.workflow_states ws
 SET status = CASE WHEN ws.attempts + 1 >= %(max_attempts)s THEN 'FAILED' ELSE 'PENDING' END,
     attempts = ws.attempts + 1,
     available_at = now() + make_interval(secs => u.delay),
     last_error = u.error,
+    error_class = u.error_class,
+    reason_code = u.reason_code,
     claim_token = NULL,
     lease_expires_at = NULL,
+    modal_call_id = NULL,
     updated_at = now()
-FROM unnest(%(ids)s::uuid[], %(errors)s::text[], %(delays)s::float8[]) AS u(id, error, delay)
-WHERE ws.id = u.id AND ws.claim_token = %(token)s::uuid AND ws.status = 'DISPATCHING'
+FROM unnest(%(ids)s::uuid[], %(calls)s::text[], %(errors)s::text[], %(classes)s::text[],
+            %(codes)s::text[], %(delays)s::float8[])
+     AS u(id, call_id, error, error_class, reason_code, delay)
+WHERE ws.id = u.id
+  AND CASE WHEN %(token)s::uuid IS NULL
+           THEN ws.status = 'DISPATCHED' AND ws.modal_call_id = u.call_id
+           ELSE ws.status = 'DISPATCHING' AND ws.claim_token = %(token)s::uuid END
 RETURNING ws.id, ws.status;
 
--- dispatch_block --
--- Cannot be resolved (no workstream, no registry row, function not found): BLOCKED with the reason.
+-- dispatch_finish_claimed --
+-- Claimed states that end without running: BLOCKED (needs an operator: no workstream, no
+-- registry row, function not found ...), FAILED (permanent, or its expired leases used up its
+-- attempts) or CANCELLED (its batch was cancelled meanwhile), with the reason, its class and
+-- code (NULL for CANCELLED); guarded by the claim token. %(status)s is one of the three.
 UPDATE public.workflow_states ws
-SET status = 'BLOCKED',
+SET status = %(status)s::text,
     last_error = u.reason,
+    error_class = u.error_class,
+    reason_code = u.reason_code,
     claim_token = NULL,
     lease_expires_at = NULL,
     updated_at = now()
-FROM unnest(%s::uuid[], %s::text[]) AS u(id, reason)
-WHERE ws.id = u.id AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING'
-RETURNING ws.id;
-
--- dispatch_cancel_claimed --
--- Claimed states of a batch cancelled meanwhile are never dispatched: CANCELLED.
-UPDATE public.workflow_states ws
-SET status = 'CANCELLED',
-    claim_token = NULL,
-    lease_expires_at = NULL,
-    updated_at = now()
-WHERE ws.id = ANY (%s::uuid[]) AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING'
-RETURNING ws.id;
-
--- dispatch_fail_claimed --
--- A reclaimed state whose expired leases used up its attempts: FAILED with the reason.
-UPDATE public.workflow_states ws
-SET status = 'FAILED',
-    last_error = u.reason,
-    claim_token = NULL,
-    lease_expires_at = NULL,
-    updated_at = now()
-FROM unnest(%s::uuid[], %s::text[]) AS u(id, reason)
-WHERE ws.id = u.id AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING'
+FROM unnest(%(ids)s::uuid[], %(reasons)s::text[], %(classes)s::text[], %(codes)s::text[])
+     AS u(id, reason, error_class, reason_code)
+WHERE ws.id = u.id AND ws.claim_token = %(token)s::uuid AND ws.status = 'DISPATCHING'
 RETURNING ws.id;
 
 -- dispatch_renew_lease --
@@ -148,9 +149,10 @@ SET status = 'PENDING',
 WHERE ws.id = ANY (%s::uuid[]) AND ws.claim_token = %s::uuid AND ws.status = 'DISPATCHING';
 
 -- dispatch_reconcile_candidates --
--- DISPATCHED sync steps with a Modal call id, and async senders, oldest first (bounded per pass).
-SELECT ws.id, ws.item_id, ws.step_name, ws.modal_call_id, ws.attempts, er.type, b.workstream_slug,
-       er.modal_sender_fn
+-- DISPATCHED sync steps with a Modal call id, and async senders whose call has not returned,
+-- least recently polled first (never polled first, then oldest), bounded per pass: however
+-- many long-running calls are older, every call is polled in turn.
+SELECT ws.id, ws.item_id, ws.step_name, ws.modal_call_id, ws.attempts, er.type
 FROM public.workflow_states ws
 JOIN public.batches b ON b.id = ws.batch_id
 LEFT JOIN public.enrichment_registry er
@@ -158,8 +160,14 @@ LEFT JOIN public.enrichment_registry er
 WHERE ws.status = 'DISPATCHED' AND ws.modal_call_id IS NOT NULL
   AND ws.sender_returned_at IS NULL
   AND (%(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text)
-ORDER BY ws.dispatched_at
+ORDER BY ws.last_polled_at NULLS FIRST, ws.dispatched_at
 LIMIT %(limit)s;
+
+-- dispatch_mark_polled --
+-- The polled states' calls were asked now (reconciliation polls the least recently polled first).
+UPDATE public.workflow_states
+SET last_polled_at = now()
+WHERE id = ANY (%s::uuid[]) AND status = 'DISPATCHED';
 
 -- dispatch_sender_returned --
 -- An async step's sender call returned: stop polling it; its receiver completes the step.
@@ -175,43 +183,43 @@ SELECT wsctl.complete_steps(ARRAY(
     FROM public.workflow_states ws
     JOIN unnest(%s::uuid[], %s::text[]) AS u(id, call_id)
       ON ws.id = u.id AND ws.modal_call_id = u.call_id
-    WHERE ws.status = 'DISPATCHED'));
+    WHERE ws.status = 'DISPATCHED')) AS completed;
 
--- dispatch_reconcile_retry --
--- A polled call raised: back to PENDING with backoff, or FAILED at the maximum attempts.
-UPDATE public.workflow_states ws
-SET status = CASE WHEN ws.attempts + 1 >= %(max_attempts)s THEN 'FAILED' ELSE 'PENDING' END,
-    attempts = ws.attempts + 1,
-    available_at = now() + make_interval(secs => u.delay),
-    last_error = u.error,
-    modal_call_id = NULL,
-    updated_at = now()
-FROM unnest(%(ids)s::uuid[], %(calls)s::text[], %(errors)s::text[], %(delays)s::float8[])
-     AS u(id, call_id, error, delay)
--- the polled call must still be the row's: another dispatcher may have moved on since
-WHERE ws.id = u.id AND ws.modal_call_id = u.call_id AND ws.status = 'DISPATCHED'
-RETURNING ws.id, ws.status;
+-- dispatch_callback_timeout_candidates --
+-- DISPATCHED longer than the callback timeout (bounded per pass): before they are failed,
+-- the calls of sync steps are checked (one that returned is completed instead).
+SELECT s.id, s.item_id, s.modal_call_id, er.type
+FROM public.workflow_states s
+JOIN public.batches b ON b.id = s.batch_id
+LEFT JOIN public.enrichment_registry er
+       ON er.slug = s.step_name AND er.workstream_slug = b.workstream_slug
+WHERE s.status = 'DISPATCHED'
+  -- rows DISPATCHED before wsctl have no dispatched_at: their last update stands in
+  AND coalesce(s.dispatched_at, s.updated_at) < now() - make_interval(secs => %(timeout)s)
+  AND (%(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text)
+ORDER BY coalesce(s.dispatched_at, s.updated_at)
+LIMIT %(limit)s;
 
 -- dispatch_callback_timeouts --
--- DISPATCHED longer than the callback timeout: FAILED with that reason (bounded per pass).
+-- The candidates still DISPATCHED and past the timeout: FAILED (class permanent, reason
+-- callback_timeout), skipping rows another session holds.
 WITH due AS MATERIALIZED (
     SELECT s.id
     FROM public.workflow_states s
-    JOIN public.batches b ON b.id = s.batch_id
-    WHERE s.status = 'DISPATCHED'
-      -- rows DISPATCHED before wsctl have no dispatched_at: their last update stands in
+    WHERE s.id = ANY (%(ids)s::uuid[])
+      AND s.status = 'DISPATCHED'
       AND coalesce(s.dispatched_at, s.updated_at) < now() - make_interval(secs => %(timeout)s)
-      AND (%(workstream)s::text IS NULL OR b.workstream_slug = %(workstream)s::text)
-    LIMIT %(limit)s
     FOR UPDATE OF s SKIP LOCKED
 )
 UPDATE public.workflow_states ws
 SET status = 'FAILED',
     last_error = format('no completion within the callback timeout of %%s s (dispatched %%s)',
                         %(timeout)s, coalesce(ws.dispatched_at, ws.updated_at)),
+    error_class = 'permanent',
+    reason_code = 'callback_timeout',
     updated_at = now()
 WHERE ws.id IN (SELECT id FROM due) AND ws.status = 'DISPATCHED'
-RETURNING ws.id;
+RETURNING ws.id, ws.item_id, ws.last_error;
 
 -- dispatch_retry_states --
 -- `wsctl retry`: an operator fixed the cause; BLOCKED/FAILED states of a batch go back to PENDING.
@@ -230,3 +238,35 @@ RETURNING ws.id;
 -- dispatch_batch_status --
 -- `wsctl retry` refuses an unknown or cancelled batch.
 SELECT status FROM public.batches WHERE id = %s;
+
+-- dispatch_journal_fence --
+-- Replaying a journaled chunk: the states still waiting under that claim, at the journaled
+-- dispatch generation (a later claim has moved the generation on: its entry is skipped).
+SELECT ws.id
+FROM public.workflow_states ws
+JOIN unnest(%s::uuid[], %s::bigint[]) AS u(id, generation)
+  ON ws.id = u.id AND ws.dispatch_generation = u.generation
+WHERE ws.status = 'DISPATCHING' AND ws.claim_token = %s::uuid
+FOR UPDATE OF ws;
+
+-- dispatch_reconcile_finish --
+-- A polled call raised an operator error (BLOCKED) or a permanent one (FAILED): ended at once
+-- with the reason, guarded by the polled call id like dispatch_retry's reconcile guard.
+UPDATE public.workflow_states ws
+SET status = %(status)s::text,
+    last_error = u.reason,
+    error_class = u.error_class,
+    reason_code = u.reason_code,
+    modal_call_id = NULL,
+    updated_at = now()
+FROM unnest(%(ids)s::uuid[], %(calls)s::text[], %(reasons)s::text[], %(classes)s::text[],
+            %(codes)s::text[]) AS u(id, call_id, reason, error_class, reason_code)
+WHERE ws.id = u.id AND ws.modal_call_id = u.call_id AND ws.status = 'DISPATCHED'
+RETURNING ws.id;
+
+-- dispatch_worker_current --
+-- wsctl.worker.current_dispatch: the item-step's state and dispatch generation while it is
+-- DISPATCHING (the claim a running function belongs to).
+SELECT ws.id AS state_id, ws.dispatch_generation, ws.status
+FROM public.workflow_states ws
+WHERE ws.item_id = %s AND ws.step_name = %s AND ws.status = 'DISPATCHING';

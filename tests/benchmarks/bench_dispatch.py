@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from tests.benchmarks.benchdb import admin_url, connect, fresh_db  # noqa: E402
 from tests.support import factories as f  # noqa: E402
 from wsctl.dispatch import PassOptions, run_pass  # noqa: E402
+from wsctl.dispatch.journal import Journal  # noqa: E402
 from wsctl.dispatch.local import LocalBackend  # noqa: E402
 
 STEP = "normalize_all_core_values"
@@ -65,11 +66,21 @@ def bench_noop(admin: str, app: str, n: int) -> dict:
     url = fresh_db(admin, "wsctl_bench_noop")
     seed(url, n)
     backend = LocalBackend(app)
+    # As `wsctl dispatch` runs it: outcomes journaled (fsynced) before they are recorded.
+    journal = Journal(tempfile.mkdtemp(prefix="wsctl-bench-journal-"))
     with connect(url) as c, connect(url) as w:
-        s = run_pass(c, backend, PassOptions(limit=n, reconcile=False), writer_conn=w)
+        s = run_pass(
+            c,
+            backend,
+            PassOptions(limit=n, reconcile=False),
+            writer_conn=w,
+            connect=lambda: connect(url),
+            journal=journal,
+        )
         done = c.execute(
             "SELECT count(*) FROM workflow_states WHERE status='COMPLETED'"
         ).fetchone()[0]
+    journal.close()
     assert done == n, (done, n)
     return {"items": n, "seconds": s.seconds, "items_per_s": round(n / s.seconds)}
 
@@ -83,6 +94,7 @@ def bench_sleepy(admin: str, app: str, n: int, concurrency: int) -> dict:
             LocalBackend(app),
             PassOptions(limit=n, concurrency=concurrency, reconcile=False),
             writer_conn=w,
+            journal=Journal(tempfile.mkdtemp(prefix="wsctl-bench-journal-")),
         )
     ideal = n * 0.02 / concurrency
     return {

@@ -140,14 +140,39 @@ def noop_pass(url: str, app: str, n: int, ids: str = "default") -> dict:
         else:
             batch = f.add_batch(c, client, [STEP], n)
         c.execute("VACUUM ANALYZE")
+    before = _blocks(url)
     with connect(url) as c, connect(url) as w:
         s = run_pass(c, LocalBackend(app), PassOptions(limit=n, reconcile=False), writer_conn=w)
+    after = _blocks(url)
+    with connect(url) as c:
         done = c.execute(
             "SELECT count(*) FROM workflow_states WHERE batch_id = %s AND status = 'COMPLETED'",
             (batch,),
         ).fetchone()[0]
     assert done == n, (done, n)
-    return {"items": n, "seconds": round(s.seconds, 3), "items_per_s": round(n / s.seconds)}
+    return {
+        "items": n,
+        "seconds": round(s.seconds, 3),
+        "items_per_s": round(n / s.seconds),
+        # what the server's share costs, whatever the machine's load: pages per item
+        "read_per_item": round((after[0] - before[0]) / n, 2),
+        "hit_per_item": round((after[1] - before[1]) / n, 2),
+    }
+
+
+def _blocks(url: str) -> tuple[int, int]:
+    """This database's blocks read (from outside shared buffers) and hit, so far.
+
+    The pass's connections have closed (a backend flushes its statistics when it
+    exits); the short wait lets the flush land.
+    """
+    time.sleep(0.3)
+    with connect(url) as c:
+        c.execute("SELECT pg_stat_clear_snapshot()")
+        row = c.execute(
+            "SELECT blks_read, blks_hit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    return row[0], row[1]
 
 
 def timed(fn) -> float:

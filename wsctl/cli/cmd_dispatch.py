@@ -5,8 +5,15 @@ from __future__ import annotations
 import typer
 
 from wsctl.cli.common import JSON_OPTION, state
+from wsctl.settings import DISPATCH_DEFAULTS
 
 _FROM_CONFIG = "default: the dispatch table of wsctl.toml, else"
+
+
+def _d(key: str) -> str:
+    """A dispatch default as the help shows it (from settings.DISPATCH_DEFAULTS, the one source)."""
+    value = DISPATCH_DEFAULTS[key]
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def dispatch(
@@ -14,16 +21,20 @@ def dispatch(
     once: bool = typer.Option(False, "--once", help="Run one pass and exit (the default)."),
     loop: bool = typer.Option(False, "--loop", help="Run passes until SIGTERM/SIGINT."),
     interval: float | None = typer.Option(
-        None, "--interval", help=f"Seconds between --loop passes ({_FROM_CONFIG}: 10)."
+        None,
+        "--interval",
+        help=f"Seconds between --loop passes ({_FROM_CONFIG}: {_d('interval')}).",
     ),
     limit: int | None = typer.Option(
-        None, "--limit", help=f"Most states claimed in a pass ({_FROM_CONFIG}: 1000)."
+        None, "--limit", help=f"Most states claimed in a pass ({_FROM_CONFIG}: {_d('limit')})."
     ),
     concurrency: int | None = typer.Option(
-        None, "--concurrency", help=f"Concurrent spawns/calls ({_FROM_CONFIG}: 32)."
+        None,
+        "--concurrency",
+        help=f"Concurrent spawns/calls ({_FROM_CONFIG}: {_d('concurrency')}).",
     ),
     backend: str | None = typer.Option(
-        None, "--backend", help=f"modal or local ({_FROM_CONFIG}: modal)."
+        None, "--backend", help=f"modal or local ({_FROM_CONFIG}: {_d('backend')})."
     ),
     app: str | None = typer.Option(
         None, "--app", help="Modal app name, or for --backend local a file path or module."
@@ -35,18 +46,32 @@ def dispatch(
         None, "--workstream", help="Only states of batches in this workstream."
     ),
     lease_seconds: int | None = typer.Option(
-        None, "--lease-seconds", help=f"Claim lease ({_FROM_CONFIG}: 300)."
+        None, "--lease-seconds", help=f"Claim lease ({_FROM_CONFIG}: {_d('lease_seconds')})."
     ),
     spawn_timeout: float | None = typer.Option(
-        None, "--spawn-timeout", help=f"Seconds per spawn ({_FROM_CONFIG}: 30)."
+        None, "--spawn-timeout", help=f"Seconds per spawn ({_FROM_CONFIG}: {_d('spawn_timeout')})."
     ),
     max_attempts: int | None = typer.Option(
-        None, "--max-attempts", help=f"Attempts before FAILED ({_FROM_CONFIG}: 5)."
+        None,
+        "--max-attempts",
+        help=f"Attempts before FAILED ({_FROM_CONFIG}: {_d('max_attempts')}).",
     ),
     callback_timeout: int | None = typer.Option(
         None,
         "--callback-timeout",
-        help=f"Seconds a DISPATCHED state may wait for completion ({_FROM_CONFIG}: 3600).",
+        help="Seconds a DISPATCHED state may wait for completion "
+        f"({_FROM_CONFIG}: {_d('callback_timeout')}).",
+    ),
+    max_seconds: float | None = typer.Option(
+        None,
+        "--max-seconds",
+        help=f"A pass stops claiming after this many seconds ({_FROM_CONFIG}: {_d('max_seconds')}).",
+    ),
+    grace: float | None = typer.Option(
+        None,
+        "--grace",
+        help="Once stopping (SIGTERM/SIGINT, --max-seconds), seconds running functions get "
+        f"to finish ({_FROM_CONFIG}: {_d('grace')}).",
     ),
     no_reconcile: bool = typer.Option(False, "--no-reconcile", help="Skip polling spawned calls."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; claim nothing."),
@@ -80,6 +105,9 @@ def dispatch(
         max_attempts=int(pick(max_attempts, "max_attempts")),
         callback_timeout=int(pick(callback_timeout, "callback_timeout")),
         reconcile=not no_reconcile,
+        record_retry_seconds=float(cfg["record_retry_seconds"]),
+        max_seconds=float(pick(max_seconds, "max_seconds")),
+        grace=float(pick(grace, "grace")),
     )
     opts.validate()
     chosen = make_backend(
@@ -118,23 +146,77 @@ def dispatch(
 
         os.environ["WSCTL_DATABASE_URL"] = st.resolved_url()
 
+    from wsctl.dispatch.journal import Journal
+
+    journal = Journal(_journal_dir(cfg))
     if loop:
-        _run_loop(st, chosen, opts, float(pick(interval, "interval")), as_json)
+        try:
+            _run_loop(st, chosen, opts, float(pick(interval, "interval")), as_json, journal)
+        finally:
+            journal.close()
         return
 
+    import signal
+    import threading
+
+    stop = threading.Event()
+    received: list[signal.Signals] = []
+
+    def request_stop(signum, _frame):
+        received.append(signal.Signals(signum))
+        stop.set()  # stop claiming now; running functions get --grace
+
+    old = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         # Two connections: claims on one, each chunk's outcomes recorded on the
-        # other while the next chunk is claimed and dispatched.
+        # other while the next chunk is claimed and dispatched; a recording
+        # that fails is retried on a fresh one, the outcomes journaled meanwhile.
         with st.connect() as conn, st.connect(require_schema=False) as writer:
-            summary = run_pass(conn, chosen, opts, writer_conn=writer)
+            summary = run_pass(
+                conn,
+                chosen,
+                opts,
+                writer_conn=writer,
+                connect=lambda: st.connect(require_schema=False),
+                journal=journal,
+                stop=stop,
+                stop_reason=lambda: received[0].name if received else "stop",
+            )
     finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
         chosen.close()
+        journal.close()
     render_summary(summary, as_json=as_json)
+    if received:
+        from wsctl.dispatch.engine import PassStopped
+
+        # 143 for SIGTERM, 130 for SIGINT, with the one line that says what became of the claims
+        raise PassStopped(stop_line(summary), exit_code=128 + received[0].value)
     if not summary.ok:
         raise typer.Exit(1)
 
 
-def _run_loop(st, backend, opts, interval: float, as_json: bool) -> None:
+def stop_line(summary) -> str:
+    """The one line a stopped pass ends with."""
+    recorded = sum(summary.to_json()[k] for k in ("dispatched", "retried", "failed", "blocked"))
+    return (
+        f"stopped by {summary.stopped_by or 'a signal'}: {recorded} outcome(s) recorded, "
+        f"{summary.released} claim(s) never started released to PENDING, "
+        f"{summary.left_to_lease} still running left to their lease"
+    )
+
+
+def _journal_dir(cfg: dict) -> str:
+    """Where unrecorded outcomes are journaled: dispatch.journal_dir, else the user data dir."""
+    if cfg.get("journal_dir"):
+        return str(cfg["journal_dir"])
+    from wsctl.settings import user_data_dir
+
+    return str(user_data_dir() / "dispatch-journal")
+
+
+def _run_loop(st, backend, opts, interval: float, as_json: bool, journal) -> None:
     import signal
     import threading
 
@@ -147,9 +229,13 @@ def _run_loop(st, backend, opts, interval: float, as_json: bool) -> None:
 
         raise UsageError("--interval must be zero or more seconds")
     stop = threading.Event()
+    received: list[signal.Signals] = []
 
     def request_stop(signum, _frame):
-        output.notice(f"received {signal.Signals(signum).name}: finishing the current pass")
+        output.notice(
+            f"received {signal.Signals(signum).name}: stopping claims, finishing running functions"
+        )
+        received.append(signal.Signals(signum))
         stop.set()
 
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -163,6 +249,9 @@ def _run_loop(st, backend, opts, interval: float, as_json: bool) -> None:
             # --json in a loop: one compact document per pass (JSON Lines)
             on_pass=lambda s: render_summary(s, as_json=as_json, compact=True, lines=True),
             on_error=output.warn,
+            journal=journal,
+            on_stop=lambda s: output.notice(stop_line(s)),
+            stop_reason=lambda: received[0].name if received else "stop",
         )
     finally:
         for s, handler in old.items():
@@ -185,8 +274,11 @@ def retry(
     from wsctl.errors import UsageError
 
     batch_id = parse_uuid(batch, "batch id")
-    statuses = [s.upper() for s in (status or ["BLOCKED", "FAILED"])]
-    bad = [s for s in statuses if s not in ("BLOCKED", "FAILED")]
+    from wsctl.states import Status
+
+    retryable = (Status.BLOCKED, Status.FAILED)
+    statuses = [s.upper() for s in (status or list(retryable))]
+    bad = [s for s in statuses if s not in retryable]
     if bad:
         raise UsageError(f"--status takes BLOCKED or FAILED, not {', '.join(bad)}")
     if step is not None:

@@ -44,9 +44,12 @@ def ui(
         raise UsageError("--callback-timeout must be at least 1 second")
     if token is not None and len(token) < 16:
         raise UsageError("--token must be at least 16 characters")
-    if token is None and not is_loopback(host):
+    generated = token is None and not is_loopback(host)
+    if generated:
         token = secrets.token_urlsafe(24)
-        output.notice(f"{host} is not a loopback address: requests need this token: {token}")
+        output.generated_secret_notice(
+            f"{host} is not a loopback address: requests need this token: {token}"
+        )
     url = st.resolved_url()
     # check the connection and the schema once, before listening
     st.connect().close()
@@ -60,7 +63,9 @@ def ui(
 
     def ready(base: str) -> None:
         shown = base if token is None else f"{base}?token={token}"
-        output.notice(f"ui: serving {shown} (read only; Ctrl-C stops)")
+        # a token given with --token stays masked; one wsctl generated must be seen once
+        say = output.generated_secret_notice if generated else output.notice
+        say(f"ui: serving {shown} (read only; Ctrl-C stops)")
         if open_browser:
             import webbrowser
 

@@ -6,7 +6,27 @@ import sys
 
 from wsctl.cli import output
 
-_FIELDS = ("claimed", "dispatched", "completed", "blocked", "retried", "failed", "reconciled")
+
+def _counts(summary) -> list[tuple[str, object]]:
+    """The pass's counts in one order: claimed, each outcome (wsctl.states.Outcome), reconciled."""
+    from wsctl.states import Outcome
+
+    rows: list[tuple[str, object]] = [("claimed", summary.claimed)]
+    rows += [(o.value, summary.counts[o]) for o in Outcome]
+    rows.append(("reconciled", summary.reconciled))
+    return rows
+
+
+def _tail(summary) -> list[str]:
+    """'... and N more' when failure lines were left out, then the count per reason code."""
+    lines = []
+    more = summary.failures_total - len(summary.errors)
+    if more > 0:
+        lines.append(f"  ... and {more} more")
+    if summary.reason_counts:
+        counted = ", ".join(f"{code}={n}" for code, n in sorted(summary.reason_counts.items()))
+        lines.append(f"  by reason: {counted}")
+    return lines
 
 
 def render_summary(summary, *, as_json: bool, compact: bool = False, lines: bool = False) -> None:
@@ -20,22 +40,35 @@ def render_summary(summary, *, as_json: bool, compact: bool = False, lines: bool
             output.emit_json(summary.to_json())
         return
     if compact or not output.is_tty():
-        parts = [f"{k}={getattr(summary, k)}" for k in _FIELDS]
-        if summary.released:
-            parts.append(f"released={summary.released}")
-        if summary.cancelled:
-            parts.append(f"cancelled={summary.cancelled}")
+        parts = [f"{k}={v}" for k, v in _counts(summary) if v or k in _ALWAYS]
         output.line("dispatch: " + " ".join(parts) + f" seconds={summary.seconds:.3f}")
+        for notice in summary.notices:
+            output.line(f"  note: {notice}")
         for e in summary.errors:
-            output.line(f"  {e['status']} state={e['state_id']} {e['reason']}")
+            output.line(f"  {e['status']} state={e['state_id']} [{e['reason_code']}] {e['reason']}")
+        for line in _tail(summary):
+            output.line(line)
         return
-    rows = [(k, getattr(summary, k)) for k in _FIELDS] + [("seconds", f"{summary.seconds:.3f}")]
+    rows = [*_counts(summary), ("seconds", f"{summary.seconds:.3f}")]
     output.table(["", "count"], rows, title=f"dispatch pass ({summary.backend})")
+    for notice in summary.notices:
+        output.line(f"note: {notice}")
     if summary.errors:
         output.table(
-            ["status", "state", "item", "reason"],
-            [(e["status"], e["state_id"], e["item_id"], e["reason"]) for e in summary.errors],
+            ["status", "state", "item", "reason code", "reason"],
+            [
+                (e["status"], e["state_id"], e["item_id"], e["reason_code"], e["reason"])
+                for e in summary.errors
+            ],
         )
+    for line in _tail(summary):
+        output.line(line.strip())
+
+
+# Shown even when zero in the one-line form (the others only when they happened).
+_ALWAYS = frozenset(
+    {"claimed", "dispatched", "completed", "blocked", "retried", "failed", "reconciled"}
+)
 
 
 def render_plan(rows, *, as_json: bool) -> None:

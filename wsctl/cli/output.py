@@ -156,6 +156,18 @@ def notice(text: str) -> None:
     sys.stderr.write(f"wsctl: {' '.join(str(text).split())}\n")
 
 
+def generated_secret_notice(text: str) -> None:
+    """A notice that must show a credential wsctl itself just generated for the user (the
+    dashboard's token): the one line that bypasses the redaction at the edge. Never for
+    a value read from configs, the environment or the command line."""
+    line = f"wsctl: {' '.join(str(text).split())}\n"
+    stream = sys.stderr
+    if isinstance(stream, RedactingStream):
+        stream.write_redacted(line)
+    else:
+        stream.write(line)
+
+
 def warn(text: str) -> None:
     sys.stderr.write(f"wsctl: warning: {' '.join(str(text).split())}\n")
 

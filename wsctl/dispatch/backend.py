@@ -2,24 +2,35 @@
 
 A backend gets a list of ``Job`` and returns one result per job, in order:
 ``None`` (ran or spawned, no call id), a call id string (spawned on Modal),
-or a ``Failure`` saying how the dispatcher should treat the error.
+or a ``Failure`` carrying its reason code and error class (wsctl.states).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-# transient: retry with backoff (FAILED after max attempts)
-# item:      permanent for this item (function not found): BLOCKED
-# pass:      permanent for the pass (credentials): stop, release unspawned claims, exit 3
-FailureKind = Literal["transient", "item", "pass"]
+from wsctl.states import REASONS, Reason
 
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    kind: FailureKind
+    """A job that did not run or spawn, with its reason (``wsctl.states.REASONS``).
+
+    The reason's error class says what the pass does: transient retries with
+    backoff (FAILED after max attempts), operator ends BLOCKED, permanent ends
+    FAILED; ``stops_pass`` (credentials, the workers' environment) stops the
+    pass and releases the claims not yet run, exit 3.
+    """
+
+    reason: Reason
     message: str
+    stops_pass: bool = False
+
+    @classmethod
+    def of(cls, code: str, message: str, *, stops_pass: bool = False) -> Failure:
+        return cls(REASONS[code], message, stops_pass)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +43,27 @@ class Job:
     type: str  # 'sync' or 'async'
 
 
-Result = None | str | Failure
+class _Unfinished:
+    """A job a stopping pass did not see through (see ``NOT_STARTED`` and ``STILL_RUNNING``)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+#: The pass was stopping before this job's function started: its claim is released.
+NOT_STARTED = _Unfinished("NOT_STARTED")
+#: Its function was still running when the grace period ended: left to its lease.
+STILL_RUNNING = _Unfinished("STILL_RUNNING")
+
+Result = None | str | Failure | _Unfinished
+
+#: Asked before each job starts: True once the pass is stopping (a signal, --max-seconds).
+Stopping = Callable[[], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +72,7 @@ class Poll:
 
     state: Literal["running", "returned", "raised", "unknown"]
     error: str | None = None
+    reason: Reason | None = None  # for "raised": how the call's error is classified
 
 
 class Backend(Protocol):
@@ -55,8 +87,19 @@ class Backend(Protocol):
     def has_function(self, name: str) -> bool | None:
         """Whether the app defines ``name`` (None when it can't tell without spawning)."""
 
-    def dispatch(self, jobs: list[Job], concurrency: int) -> list[Result]:
-        """Run or spawn every job; one result per job, in order."""
+    def dispatch(
+        self,
+        jobs: list[Job],
+        concurrency: int,
+        stopping: Stopping | None = None,
+        grace: float = 10.0,
+    ) -> list[Result]:
+        """Run or spawn every job; one result per job, in order.
+
+        Once ``stopping()`` is true no job starts (``NOT_STARTED``); jobs
+        running then get ``grace`` seconds, after which the call returns with
+        ``STILL_RUNNING`` for those not done.
+        """
 
     def poll(self, call_ids: list[str]) -> dict[str, Poll]:
         """Outcome of spawned calls (empty for backends that run inline)."""

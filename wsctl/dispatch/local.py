@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from wsctl.dispatch.backend import Failure, Job, Poll, Result
+from wsctl.dispatch.backend import NOT_STARTED, STILL_RUNNING, Failure, Job, Poll, Result, Stopping
 from wsctl.errors import EnvError
 from wsctl.redact import first_line
-from wsctl.secret_refs import MissingSecret
+from wsctl.states import classify
 
 # Functions that finish this fast gain nothing from threads (only GIL hand-offs):
 # run_threaded keeps calling them inline and starts the pool only for the rest
@@ -31,7 +31,13 @@ _INLINE_CALL_LIMIT = 0.0002  # seconds for one call
 _INLINE_MEAN_LIMIT = 0.00005  # seconds per call on average
 
 
-def run_threaded(call: Callable[[Job], Result], jobs: list[Job], concurrency: int) -> list[Result]:
+def run_threaded(
+    call: Callable[[Job], Result],
+    jobs: list[Job],
+    concurrency: int,
+    stopping: Stopping | None = None,
+    grace: float = 10.0,
+) -> list[Result]:
     """Apply ``call`` to every job with ``concurrency`` threads sharing one iterator.
 
     No future per item and no lock: each thread's ``for`` pulls the next job
@@ -39,10 +45,39 @@ def run_threaded(call: Callable[[Job], Result], jobs: list[Job], concurrency: in
     GIL (a C-level iterator over a list). Calls that return in microseconds
     (CPU-light functions) run inline first; the pool starts as soon as one
     call is slow, so blocking functions still get ``concurrency`` threads.
+
+    With ``stopping``, all of that runs off the calling thread, which watches:
+    once ``stopping()`` is true no further job starts (``NOT_STARTED``), the
+    running ones get ``grace`` seconds, then ``STILL_RUNNING`` stands for
+    those not done (their threads are daemons: the process may exit).
     """
-    results: list[Result] = [None] * len(jobs)
+    results: list[Result] = [NOT_STARTED] * len(jobs)
     if not jobs:
         return results
+    if stopping is None:
+        _fill(call, jobs, concurrency, results, None)
+        return results
+    runner = threading.Thread(
+        target=_fill, args=(call, jobs, concurrency, results, stopping), daemon=True
+    )
+    runner.start()
+    deadline: float | None = None
+    while runner.is_alive():
+        runner.join(0.05)
+        if deadline is None and stopping():
+            deadline = time.monotonic() + grace
+        if deadline is not None and time.monotonic() >= deadline:
+            return list(results)  # what is still running stays STILL_RUNNING
+    return results
+
+
+def _fill(
+    call: Callable[[Job], Result],
+    jobs: list[Job],
+    concurrency: int,
+    results: list[Result],
+    stopping: Stopping | None,
+) -> None:
     work = enumerate(jobs)
     n = max(1, min(concurrency, len(jobs)))
     if n > 1:
@@ -50,28 +85,33 @@ def run_threaded(call: Callable[[Job], Result], jobs: list[Job], concurrency: in
         started = clock()
         done = 0
         for i, job in work:
+            if stopping is not None and stopping():
+                return
             t = clock()
+            results[i] = STILL_RUNNING
             results[i] = call(job)
             done += 1
             now = clock()
             if now - t > _INLINE_CALL_LIMIT or (now - started) > _INLINE_MEAN_LIMIT * done + 0.001:
                 break
         else:
-            return results
+            return
 
     def worker() -> None:
         for i, job in work:
+            if stopping is not None and stopping():
+                return
+            results[i] = STILL_RUNNING
             results[i] = call(job)
 
     if n == 1:
         worker()
-        return results
+        return
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return results
 
 
 def load_app(app: str) -> ModuleType:
@@ -141,28 +181,36 @@ class LocalBackend:
     def has_function(self, name: str) -> bool | None:
         return self._fn(name) is not None
 
-    def dispatch(self, jobs: list[Job], concurrency: int) -> list[Result]:
+    def dispatch(
+        self,
+        jobs: list[Job],
+        concurrency: int,
+        stopping: Stopping | None = None,
+        grace: float = 10.0,
+    ) -> list[Result]:
         for name in {j.function for j in jobs}:
             self._fn(name)  # resolve once per function, before the threads start
 
         def call(job: Job) -> Result:
             fn = self._fns.get(job.function)
             if fn is None:
-                return Failure("item", f"function {job.function} not found in app {self.app}")
+                return Failure.of(
+                    "function_not_found", f"function {job.function} not found in app {self.app}"
+                )
             try:
                 fn(job.item_id, job.workstream_slug)
             except EnvError as exc:  # e.g. the worker helpers have no database URL
-                return Failure("pass", f"{job.function}: {exc.one_line()}")
-            except MissingSecret as exc:  # this item's config, not the pass: BLOCKED
-                return Failure("item", f"{job.function}: {exc.one_line()}")
-            except Exception as exc:
-                return Failure("transient", first_line(exc, typed=True))
+                return Failure.of(
+                    "worker_environment", f"{job.function}: {exc.one_line()}", stops_pass=True
+                )
+            except Exception as exc:  # a MissingSecret carries its reason code: BLOCKED
+                return Failure(classify(exc), first_line(exc, typed=True))
             return None
 
         # What the app prints (the seed's functions log with print) goes to
         # stderr: stdout belongs to wsctl's own output (--json).
         with contextlib.redirect_stdout(sys.stderr):
-            return run_threaded(call, jobs, concurrency)
+            return run_threaded(call, jobs, concurrency, stopping, grace)
 
     def poll(self, call_ids: list[str]) -> dict[str, Poll]:
         return {}

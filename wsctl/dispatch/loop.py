@@ -2,7 +2,7 @@
 
 A lost database connection in the loop is reported and retried after the
 interval, never fatal; a stop request (SIGTERM/SIGINT, wired by the CLI)
-lets the current pass finish.
+stops claiming at once and lets the running functions finish (``--grace``).
 """
 
 from __future__ import annotations
@@ -12,16 +12,23 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from wsctl.dispatch.backend import Backend
-from wsctl.dispatch.engine import PassOptions, PassSummary, run_pass
+from wsctl.dispatch.engine import PassOptions, PassSummary, RecordingFailed, run_pass
 from wsctl.errors import DatabaseUnavailable, UsageError
 from wsctl.redact import first_line
+from wsctl.settings import DISPATCH_DEFAULTS
 
 if TYPE_CHECKING:
     import psycopg
 
+    from wsctl.dispatch.journal import Journal
+
 
 def make_backend(
-    kind: str, *, app: str | None, environment: str | None = None, spawn_timeout: float = 30.0
+    kind: str,
+    *,
+    app: str | None,
+    environment: str | None = None,
+    spawn_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
 ) -> Backend:
     if kind == "local":
         from wsctl.dispatch.local import LocalBackend
@@ -42,7 +49,7 @@ def _wait(interval: float, failures: int) -> float:
 
 
 def run_loop(
-    connect: Callable[[], psycopg.Connection],
+    connect: Callable[..., psycopg.Connection],
     backend: Backend,
     opts: PassOptions,
     *,
@@ -50,6 +57,9 @@ def run_loop(
     stop: threading.Event,
     on_pass: Callable[[PassSummary], None],
     on_error: Callable[[str], None],
+    journal: Journal | None = None,
+    on_stop: Callable[[PassSummary], None] | None = None,
+    stop_reason: Callable[[], str] | None = None,
 ) -> int:
     """Run passes every ``interval`` seconds until ``stop`` is set; returns the pass count."""
     import psycopg
@@ -62,16 +72,33 @@ def run_loop(
             try:
                 if conn is None or conn.closed:
                     conn = connect()
-                summary = run_pass(conn, backend, opts)
+                summary = run_pass(
+                    conn,
+                    backend,
+                    opts,
+                    connect=lambda: connect(require_schema=False),
+                    journal=journal,
+                    stop=stop,
+                    stop_reason=stop_reason,
+                )
                 passes += 1
                 failures = 0
                 on_pass(summary)
+                if stop.is_set() and on_stop is not None:
+                    on_stop(summary)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 failures += 1
                 on_error(
                     f"database connection lost: {first_line(exc)}; "
                     f"retrying in {_wait(interval, failures):g}s"
                 )
+                if conn is not None:
+                    conn.close()
+                conn = None
+            except RecordingFailed as exc:
+                # The outcomes stay journaled: the next pass records them first.
+                failures += 1
+                on_error(f"{exc.one_line()}; retrying in {_wait(interval, failures):g}s")
                 if conn is not None:
                     conn.close()
                 conn = None

@@ -12,8 +12,9 @@ import itertools
 import threading
 from collections.abc import Callable
 
-from wsctl.dispatch.backend import Failure, Job, Poll, Result
+from wsctl.dispatch.backend import Failure, Job, Poll, Result, Stopping
 from wsctl.dispatch.local import run_threaded
+from wsctl.states import classify
 
 
 class MemoryBackend:
@@ -45,24 +46,32 @@ class MemoryBackend:
     def has_function(self, name: str) -> bool | None:
         return self.functions.get(name) is not None
 
-    def dispatch(self, jobs: list[Job], concurrency: int) -> list[Result]:
+    def dispatch(
+        self,
+        jobs: list[Job],
+        concurrency: int,
+        stopping: Stopping | None = None,
+        grace: float = 10.0,
+    ) -> list[Result]:
         def call(job: Job) -> Result:
             fn = self.functions.get(job.function)
             if fn is None:
-                return Failure("item", f"function {job.function} not found in app memory")
+                return Failure.of(
+                    "function_not_found", f"function {job.function} not found in app memory"
+                )
             with self._lock:
                 self.spawned.append((job.function, job.item_id, job.workstream_slug))
             try:
                 out = fn(job.item_id, job.workstream_slug)
             except Exception as exc:
-                kind = getattr(exc, "failure_kind", "transient")
-                return Failure(kind, f"{type(exc).__name__}: {exc}")
+                stops = bool(getattr(exc, "stops_pass", False))
+                return Failure(classify(exc), f"{type(exc).__name__}: {exc}", stops)
             if self.runs_inline:
                 return None
             call_id = out if isinstance(out, str) else f"fc-mem-{next(self._ids)}"
             return call_id
 
-        return run_threaded(call, jobs, concurrency)
+        return run_threaded(call, jobs, concurrency, stopping, grace)
 
     def poll(self, call_ids: list[str]) -> dict[str, Poll]:
         self.polled.extend(call_ids)

@@ -13,24 +13,31 @@ import asyncio
 import os
 from typing import Any
 
-from wsctl.dispatch.backend import Failure, Job, Poll, Result
+from wsctl import states
+from wsctl.dispatch.backend import NOT_STARTED, Failure, Job, Poll, Result, Stopping
 from wsctl.errors import EnvError
 from wsctl.redact import first_line
+from wsctl.settings import DISPATCH_DEFAULTS
 
 
 def classify(exc: BaseException) -> Failure:
-    """Transient (retry), permanent for the item (BLOCKED), or permanent for the pass (exit 3)."""
-    import modal.exception as mexc
+    """The failure for a Modal error, classified by ``wsctl.states.classify``.
 
-    if isinstance(exc, mexc.AuthError | mexc.PermissionDeniedError):
-        return Failure("pass", f"Modal rejected the credentials: {first_line(exc, typed=True)}")
-    if isinstance(exc, mexc.NotFoundError):
-        return Failure("item", f"not found on Modal: {first_line(exc, typed=True)}")
+    Rejected credentials stop the pass (exit 3, unspawned claims released);
+    NotFound is an operator error (function_not_found: BLOCKED);
+    RESOURCE_EXHAUSTED, UNAVAILABLE, connection errors and timeouts are
+    transient; anything unexpected is retried too (FAILED after --max-attempts).
+    """
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return Failure("transient", "spawn timed out; its outcome is unknown, retrying")
-    # Rate limits, unavailability, connection resets and anything unexpected:
-    # retried with backoff, FAILED after --max-attempts.
-    return Failure("transient", first_line(exc, typed=True))
+        return Failure.of("spawn_timeout", "spawn timed out; its outcome is unknown, retrying")
+    reason = states.classify(exc)
+    if reason.code == "credentials_rejected":
+        return Failure(
+            reason, f"Modal rejected the credentials: {first_line(exc, typed=True)}", True
+        )
+    if reason.code == "function_not_found":
+        return Failure(reason, f"not found on Modal: {first_line(exc, typed=True)}")
+    return Failure(reason, first_line(exc, typed=True))
 
 
 def credentials_present() -> bool:
@@ -53,8 +60,8 @@ class ModalBackend:
         app: str,
         *,
         environment: str | None = None,
-        spawn_timeout: float = 30.0,
-        lookup_timeout: float = 30.0,
+        spawn_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
+        lookup_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
     ):
         self.app = app
         self.environment = environment or None
@@ -99,15 +106,19 @@ class ModalBackend:
             self._fns[name] = fn
         except Exception as exc:
             failure = classify(exc)
-            if failure.kind == "item":
+            if failure.reason.code == "function_not_found":
                 env = f" (environment {self.environment})" if self.environment else ""
-                failure = Failure("item", f"function {name} not found in Modal app {self.app}{env}")
-            if failure.kind == "transient":
+                failure = Failure(
+                    failure.reason, f"function {name} not found in Modal app {self.app}{env}"
+                )
+            if failure.reason.error_class == states.ErrorClass.TRANSIENT:
                 return failure  # not cached: the next chunk tries again
             self._fns[name] = failure
         return self._fns[name]
 
-    async def _dispatch(self, jobs: list[Job], concurrency: int) -> list[Result]:
+    async def _dispatch(
+        self, jobs: list[Job], concurrency: int, stopping: Stopping | None
+    ) -> list[Result]:
         names = sorted({j.function for j in jobs})
         looked_up = await asyncio.gather(*(self._lookup(n) for n in names))
         fns = dict(zip(names, looked_up, strict=True))
@@ -119,24 +130,34 @@ class ModalBackend:
             if isinstance(fn, Failure):
                 return fn
             async with sem:
+                if stopping is not None and stopping():
+                    return NOT_STARTED  # a spawn in flight finishes (bounded by its timeout)
                 if stop.is_set():
-                    return Failure("pass", "not spawned: the pass stopped")
+                    return Failure.of(
+                        "credentials_rejected", "not spawned: the pass stopped", stops_pass=True
+                    )
                 try:
                     call = await asyncio.wait_for(
                         fn.spawn.aio(job.item_id, job.workstream_slug), self.spawn_timeout
                     )
                 except Exception as exc:
                     failure = classify(exc)
-                    if failure.kind == "pass":
+                    if failure.stops_pass:
                         stop.set()
                     return failure
                 return call.object_id
 
         return list(await asyncio.gather(*(one(j) for j in jobs)))
 
-    def dispatch(self, jobs: list[Job], concurrency: int) -> list[Result]:
+    def dispatch(
+        self,
+        jobs: list[Job],
+        concurrency: int,
+        stopping: Stopping | None = None,
+        grace: float = 10.0,
+    ) -> list[Result]:
         assert self._loop is not None, "setup() first"
-        return self._loop.run_until_complete(self._dispatch(jobs, concurrency))
+        return self._loop.run_until_complete(self._dispatch(jobs, concurrency, stopping))
 
     async def _poll(self, call_ids: list[str]) -> dict[str, Poll]:
         import modal
@@ -155,9 +176,10 @@ class ModalBackend:
 
                     if isinstance(exc, mexc.OutputExpiredError | mexc.NotFoundError):
                         return call_id, Poll("unknown", first_line(exc, typed=True))
-                    if classify(exc).kind == "pass":
+                    failure = classify(exc)
+                    if failure.stops_pass:
                         return call_id, Poll("unknown", first_line(exc, typed=True))
-                    return call_id, Poll("raised", first_line(exc, typed=True))
+                    return call_id, Poll("raised", first_line(exc, typed=True), failure.reason)
                 return call_id, Poll("returned")
 
         return dict(await asyncio.gather(*(one(c) for c in call_ids)))
