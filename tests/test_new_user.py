@@ -267,3 +267,10 @@ def test_doctor_colours_its_statuses_on_a_terminal_only(db_url):
     assert "\x1b[32mOK" in term, term  # green
     plain = subprocess.run(args, capture_output=True, text=True, env=env)
     assert "\x1b" not in plain.stdout and plain.stdout.splitlines()[1].split("\t")[0] == "OK"
+
+
+def test_a_one_column_file_whose_name_holds_a_semicolon_still_loads(cli, conn, catalog, tmp_path):
+    path = tmp_path / "notes.csv"
+    path.write_text('note;s\n"plain text"\n')  # the first row does not split like the header
+    r = _create(cli, path)
+    assert r.code == 0, r.err

@@ -77,6 +77,7 @@ class ItemStream:
     items: int = 0
     item_line: int = 0  # the line the last item yielded starts on
     bytes_read: int = 0
+    _suspect: str | None = field(default=None, repr=False)  # a separator the header hints at
 
     def error(self, line: int, reason: str) -> ItemFileError:
         return ItemFileError(f"{self.name} line {line}: {reason}")
@@ -121,6 +122,15 @@ class ItemStream:
                 )
                 pick = _picker(order)
                 continue
+            if self._suspect is not None:
+                sep, self._suspect = self._suspect, None
+                if len(row) == 1 and row[0].count(sep) == header[0].count(sep):
+                    name, shown = _OTHER_SEPARATORS[sep]
+                    raise self.error(
+                        start - 1 if start > 1 else 1,
+                        f"the header is one column {header[0][:60]!r} and so is the first "
+                        f"row: the file looks {name}-separated; pass --delimiter {shown}",
+                    )
             if len(row) != len(header):
                 raise self.error(
                     start,
@@ -143,15 +153,13 @@ class ItemStream:
             if "\x00" in name:
                 raise self.error(line, "a NUL character in the header")
             seen.add(name)
+        self._suspect = None
         if len(row) == 1:
-            for sep, name in ((";", "semicolon"), ("\t", "tab"), ("|", "pipe")):
-                if sep != self.delimiter and sep in row[0]:
-                    shown = "'\\t'" if sep == "\t" else repr(sep)
-                    raise self.error(
-                        line,
-                        f"the header is one column {row[0][:60]!r}: the file looks "
-                        f"{name}-separated; pass --delimiter {shown}",
-                    )
+            for sep in _OTHER_SEPARATORS:
+                parts = [p for p in row[0].split(sep) if p.strip()]
+                if sep != self.delimiter and len(parts) >= 2:
+                    self._suspect = sep  # confirmed (or not) by the first data row
+                    break
         self.columns = list(row)
         return self.columns
 
@@ -322,6 +330,11 @@ def item_line(
     except (OSError, OperationalError):  # changed since: the item number will do
         return None
     return None
+
+
+# Separators a CSV exported elsewhere often uses: a one-column header and first row that
+# both split on one of them the same way mean the file was not comma-separated.
+_OTHER_SEPARATORS = {";": ("semicolon", "';'"), "\t": ("tab", "'\\t'"), "|": ("pipe", "'|'")}
 
 
 def _count(n: int, noun: str) -> str:
