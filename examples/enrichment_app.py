@@ -1,6 +1,6 @@
 """The example enrichment worker: a Modal app with the seed's six functions.
 
-Deploy (after creating the two secrets, see the README)::
+Deploy (after creating the two secrets, see "The example worker on Modal" in wsctl/cli/REFERENCE.md)::
 
     modal deploy examples/enrichment_app.py
 
