@@ -479,8 +479,8 @@ def test_stats_reports_each_limit_in_flight_and_tokens_in_one_query(cli, limited
         "max_in_flight": 3,
         "in_flight": 0,
     }
-    shown = cli("limit", "show", "norm:acme", "--json").json()
-    assert shown["in_flight"] == acme["in_flight"]  # the same count `limit show` gives
+    for key, lim in by_key.items():  # the same counts `limit show` gives, key by key
+        assert cli("limit", "show", key, "--json").json()["in_flight"] == lim["in_flight"]
     human = cli("stats")
     assert "norm:acme" in human.out and "idle" in human.out
 
@@ -571,3 +571,29 @@ def test_prometheus_limits_and_webhooks_parse_with_bounded_labels(cli, limited):
         assert [(s.labels, s.value) for s in samples] == [
             ({"workstream": "apollo_scrape", "step": CLAY_STEP}, want)
         ], name
+
+
+def test_a_malformed_webhook_config_is_left_out_and_stats_still_answers(cli, conn, limited):
+    hooli = f.add_client(conn, "hooli")
+    f.add_config(
+        conn,
+        hooli,
+        CLAY_STEP,
+        "apollo_scrape",
+        {"clay_table_webhook_urls": "https://api.clay.com/hooks/SECRETX", "x": 1},
+    )
+    r = cli("stats", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()["clay_webhooks"]
+    assert "hooli" not in {w["client"] for w in doc["webhooks"]}  # its sender reports it
+    assert doc["by_step"][0]["configs"] == 3 and "SECRETX" not in r.out
+    prom = cli("stats", "--prometheus")
+    assert prom.code == 0 and "SECRETX" not in prom.out
+
+
+def test_no_limits_and_no_webhooks_are_empty_figures(cli, world):
+    doc = cli("stats", "--json").json()
+    assert doc["limits"] == [] and doc["clay_webhooks"] == {"by_step": [], "webhooks": []}
+    fams = {f.name: f for f in text_string_to_metric_families(cli("stats", "--prometheus").out)}
+    assert fams["wsctl_limit_in_flight"].samples == []
+    assert fams["wsctl_clay_webhook_left"].samples == []
