@@ -78,7 +78,7 @@ def _context(fn: str, kind: str, item_id: str, workstream_slug: str | None, step
 
     if not workstream_slug:
         workstream_slug = worker.get_workstream_slug(item_id, conn=conn)
-    log.info("[%s] %s called for item=%s... workstream=%s", kind, fn, item_id[:8], workstream_slug)
+    log.info("[%s] %s called for item=%s workstream=%s", kind, fn, item_id, workstream_slug)
     config = worker.get_client_config(item_id, step, workstream_slug, conn=conn)
     return workstream_slug, config
 

@@ -951,7 +951,7 @@ def _complete(
             # Under the fence's row lock nothing can have moved the state: this completes it.
             if not worker.complete_step(str(state_id), conn=c):  # pragma: no cover - defensive
                 raise _Refused(CallbackResponse(409, {"error": "the state could not complete"}))
-    log.info("[RECEIVER] %s completed for item=%s...", step, str(item_id)[:8])
+    log.info("[RECEIVER] %s completed for item=%s", step, item_id)
     return CallbackResponse(
         200, {"state_id": str(state_id), "completed": True, "dispatch_generation": generation}
     )

@@ -47,7 +47,7 @@ def test_get_workstream_slug(conn, world, logs):
     assert worker.get_workstream_slug(str(item)) == APOLLO
     assert worker.get_workstream_slug(str(legacy)) is None
     assert config_lines(logs) == [
-        f"[CONFIG] item={str(legacy)[:8]}... workstream=None (the batch has no workstream_slug)"
+        f"[CONFIG] item={legacy} workstream=None (the batch has no workstream_slug)"
     ]
     with pytest.raises(OperationalError, match="no batch item") as info:
         worker.get_workstream_slug(str(uuid.uuid4()))
@@ -60,9 +60,7 @@ def test_config_found_by_the_batch_workstream_and_by_the_passed_one(conn, world,
     ws = worker.get_workstream_slug(str(item))
     assert worker.get_client_config(str(item), ENRICH, ws) == LINKEDIN_CFG
     assert worker.get_client_config(str(item), ENRICH) == LINKEDIN_CFG
-    line = (
-        f"[CONFIG] item={str(item)[:8]}... workflow={ENRICH} workstream={LINKEDIN} -> config found"
-    )
+    line = f"[CONFIG] item={item} workflow={ENRICH} workstream={LINKEDIN} -> config found"
     assert config_lines(logs) == [line, line]
     assert all(r.levelno == logging.INFO for r in logs.records)
 
@@ -71,7 +69,7 @@ def test_no_config_returns_none(conn, world, logs):
     _, item = add_item(conn, world["beta"], [NORMALIZE, ENRICH], APOLLO)
     assert worker.get_client_config(str(item), ENRICH, APOLLO) is None
     assert config_lines(logs) == [
-        f"[CONFIG] item={str(item)[:8]}... workflow={ENRICH} workstream={APOLLO} -> no config"
+        f"[CONFIG] item={item} workflow={ENRICH} workstream={APOLLO} -> no config"
     ]
 
 
@@ -86,7 +84,7 @@ def test_mismatch_is_refused(conn, world, logs):
     assert info.value.resolution.status == "mismatch"
     assert isinstance(info.value, OperationalError)
     assert config_lines(logs) == [
-        f"[CONFIG] item={str(item)[:8]}... workflow={ENRICH} workstream=None "
+        f"[CONFIG] item={item} workflow={ENRICH} workstream=None "
         "-> mismatch: batch=apollo_scrape explicit=linkedin_scrape"
     ]
 
@@ -98,7 +96,7 @@ def test_ambiguous_legacy_item_is_refused(conn, world, logs):
     assert "several workstreams fit (apollo_scrape, linkedin_scrape)" in str(info.value)
     assert "cannot infer one" in str(info.value)
     assert config_lines(logs) == [
-        f"[CONFIG] item={str(item)[:8]}... workflow={ENRICH} workstream=None "
+        f"[CONFIG] item={item} workflow={ENRICH} workstream=None "
         "-> ambiguous: apollo_scrape, linkedin_scrape"
     ]
 
@@ -112,8 +110,7 @@ def test_inferred_workstream_is_refused_and_names_the_backfill(conn, world, logs
     assert "`wsctl backfill workstream-slug` would set linkedin_scrape" in msg
     assert info.value.resolution.inferred and info.value.resolution.config == LINKEDIN_CFG
     assert config_lines(logs)[-1] == (
-        f"[CONFIG] item={str(item)[:8]}... workflow={ENRICH} workstream={LINKEDIN} "
-        "-> inferred, refused"
+        f"[CONFIG] item={item} workflow={ENRICH} workstream={LINKEDIN} -> inferred, refused"
     )
 
 

@@ -11,7 +11,7 @@ certain (explicit or recorded on the batch). It raises
 workstream is merely inferred, instead of returning a config that may belong
 to another workstream. Log lines follow the seed::
 
-    [CONFIG] item=abc12345... workflow=<slug> workstream=<slug> -> config found
+    [CONFIG] item=<item id> workflow=<slug> workstream=<slug> -> config found
 
 Secret references in the config (``{"$secret": "NAME"}``, see
 ``wsctl.secret_refs``) are resolved here, inside the function, from its
@@ -70,7 +70,8 @@ def _connection(conn: psycopg.Connection | None) -> Iterator[psycopg.Connection]
 
 
 def _short(item_id: Any) -> str:
-    return f"{str(item_id)[:8]}..."
+    # The whole id: ids share a time-ordered prefix, so 8 characters tell none apart.
+    return str(item_id)
 
 
 def get_workstream_slug(item_id: str, *, conn: psycopg.Connection | None = None) -> str | None:
