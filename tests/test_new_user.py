@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+FIXTURES_APP = Path(__file__).parent / "fixtures" / "local_app.py"
 
 
 @pytest.mark.parametrize("argv", [(), ("batch",), ("backfill",)])
@@ -274,3 +278,40 @@ def test_a_one_column_file_whose_name_holds_a_semicolon_still_loads(cli, conn, c
     path.write_text('note;s\n"plain text"\n')  # the first row does not split like the header
     r = _create(cli, path)
     assert r.code == 0, r.err
+
+
+def test_dry_run_says_the_first_n_of_how_many_are_due(cli, conn):
+    """`dispatch --dry-run` said "1000 state(s) due" when 1,495,000 were."""
+    from tests.support import factories as f
+
+    f.register_seed(conn)
+    client = f.add_client(conn, "many")
+    f.add_batch(conn, client, ["normalize_all_core_values"], 25)
+    app = ("--app", str(FIXTURES_APP))
+    r = cli("dispatch", "--dry-run", "--backend", "local", *app, "--limit", "10")
+    assert r.code == 0, r.err
+    assert "the first 10 of 25 states due" in r.out
+    doc = cli("dispatch", "--dry-run", "--backend", "local", *app, "--limit", "10", "--json").json()
+    assert doc["due"] == 25 and len(doc["plan"]) == 10
+    all_of_them = cli("dispatch", "--dry-run", "--backend", "local", *app, "--json").json()
+    assert all_of_them["due"] == 25 and len(all_of_them["plan"]) == 25
+
+
+@pytest.mark.parametrize(
+    ("app", "reason"),
+    [
+        (None, "No module named 'enrichment-worker'"),
+        ("examples/registry.toml", "not a Python file"),
+    ],
+)
+def test_a_local_backend_without_a_python_app_says_why_and_what_to_pass(cli, conn, app, reason):
+    """`--backend local` without --app said No module named 'enrichment-worker' with no
+    hint; `--app registry.toml` said `cannot import local app` with no reason."""
+    from wsctl.shipped import examples_dir
+
+    args = ["dispatch", "--once", "--backend", "local"]
+    if app is not None:
+        args += ["--app", str(examples_dir() / "registry.toml")]
+    r = cli(*args)
+    assert r.code == 3 and len(r.err.strip().splitlines()) == 1
+    assert reason in r.err and "pass --app FILE.py" in r.err

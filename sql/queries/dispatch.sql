@@ -68,6 +68,16 @@ WHERE ((ws.status = 'PENDING' AND ws.available_at <= now())
 ORDER BY ws.available_at
 LIMIT %(limit)s;
 
+-- dispatch_plan_due_total --
+-- --dry-run: how many states are due in all (the plan shows the first --limit of them).
+SELECT count(*) AS due
+FROM public.workflow_states ws
+WHERE ((ws.status = 'PENDING' AND ws.available_at <= now())
+       OR (ws.status = 'DISPATCHING' AND ws.lease_expires_at < now()))
+  AND (%(workstream)s::text IS NULL
+       OR ws.batch_id IN (SELECT b.id FROM public.batches b
+                          WHERE b.workstream_slug = %(workstream)s::text));
+
 -- dispatch_complete_claimed --
 -- Sync steps whose function returned: COMPLETED and next step enqueued, guarded by the claim token.
 SELECT wsctl.complete_steps(%s::uuid[], %s::uuid) AS completed;

@@ -82,7 +82,7 @@ def dispatch(
 ) -> None:
     """Claim due workflow states and run them on their (step, workstream) function."""
     from wsctl.cli.dispatch_render import render_plan, render_summary
-    from wsctl.dispatch.engine import PassOptions, plan, run_pass
+    from wsctl.dispatch.engine import PassOptions, due_total, plan, run_pass
     from wsctl.dispatch.loop import make_backend
     from wsctl.domain import validate_slug
     from wsctl.errors import UsageError
@@ -134,9 +134,11 @@ def dispatch(
         try:
             with st.connect() as conn:
                 rows = plan(conn, opts, inspect_app)
+                # all of them fit: the plan is the total; else count them (one index scan)
+                total = due_total(conn, opts.workstream) if len(rows) >= opts.limit else len(rows)
         finally:
             chosen.close()
-        render_plan(rows, as_json=as_json)
+        render_plan(rows, total=total, as_json=as_json)
         return
 
     if chosen.name == "local":

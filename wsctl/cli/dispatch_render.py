@@ -71,12 +71,17 @@ _ALWAYS = frozenset(
 )
 
 
-def render_plan(rows, *, as_json: bool) -> None:
+def render_plan(rows, *, total: int, as_json: bool) -> None:
     if as_json:
-        output.emit_json({"plan": [r.__dict__ for r in rows]})
+        output.emit_json({"due": total, "plan": [r.__dict__ for r in rows]})
         return
+    shown = (
+        f"{len(rows):,} state(s) due"
+        if total <= len(rows)
+        else f"the first {len(rows):,} of {total:,} states due"
+    )
     output.table(
         ["item", "step", "workstream", "function", "type", "blocked because"],
         [(r.item_id, r.step, r.workstream, r.function, r.type, r.blocked_reason) for r in rows],
-        title=f"dispatch plan: {len(rows)} state(s) due",
+        title=f"dispatch plan: {shown}",
     )

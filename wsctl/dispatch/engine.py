@@ -1116,6 +1116,13 @@ class PlanRow:
     blocked_reason: str | None
 
 
+def due_total(conn: psycopg.Connection, workstream: str | None) -> int:
+    """How many states are due now in all (``--dry-run`` shows the first ``--limit``)."""
+    with tx(conn):
+        row = conn.execute(q("dispatch_plan_due_total"), {"workstream": workstream}).fetchone()
+    return int(row[0]) if row is not None else 0
+
+
 def plan(
     conn: psycopg.Connection, opts: PassOptions, backend: Backend | None = None
 ) -> list[PlanRow]:

@@ -114,6 +114,13 @@ def _fill(
         t.join()
 
 
+_APP_HINT = (
+    "--backend local runs the functions in-process: pass --app FILE.py or a module name "
+    "(e.g. --app examples/enrichment_app.py), or set dispatch.app in wsctl.toml; "
+    "the default app is a Modal app name, not a Python module"
+)
+
+
 def load_app(app: str) -> ModuleType:
     """Import a file path or a module name; failures are environment errors (exit 3)."""
     looks_like_path = app.endswith(".py") or "/" in app or "\\" in app
@@ -127,7 +134,10 @@ def load_app(app: str) -> ModuleType:
                 return sys.modules[name]
             spec = importlib.util.spec_from_file_location(name, path)
             if spec is None or spec.loader is None:
-                raise EnvError(f"cannot import local app {app}")
+                raise EnvError(
+                    f"cannot import local app {app}: not a Python file",
+                    hint=_APP_HINT,
+                )
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
             try:
@@ -140,7 +150,7 @@ def load_app(app: str) -> ModuleType:
     except EnvError:
         raise
     except ModuleNotFoundError as exc:
-        raise EnvError(f"cannot import local app {app!r}: {exc}") from exc
+        raise EnvError(f"cannot import local app {app!r}: {exc}", hint=_APP_HINT) from exc
     except Exception as exc:
         raise EnvError(
             f"importing local app {app!r} failed: {first_line(exc, typed=True)}"
