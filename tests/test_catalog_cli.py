@@ -468,7 +468,12 @@ def test_config_show_exit_codes_for_every_outcome(cli, conn, world):
         assert (r.code, r.json()["status"], r.json()["source"]) == (code, status, source), args
     r = cli("config", "show", "--workflow", ENRICH, "--item", str(legacy_item))
     assert r.code == 1 and "status:     ambiguous" in r.out
-    assert "candidates: apollo_scrape, linkedin_scrape" in r.out and r.err == ""
+    assert "candidates: apollo_scrape, linkedin_scrape" in r.out
+    # a failure says so in one line on stderr (it said nothing: issue 10 B.7)
+    assert r.err.strip().splitlines() == [
+        f"wsctl: error: no config resolved for {ENRICH}: ambiguous (candidates: "
+        "apollo_scrape, linkedin_scrape) (hint: see the trace)"
+    ]
     r = cli("config", "show", "--workflow", ENRICH, "--item", str(beta_legacy))
     assert r.code == 0 and "source:     inferred" in r.out
     assert "wsctl: warning: workstream linkedin_scrape is inferred" in r.err

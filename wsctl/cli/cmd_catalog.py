@@ -395,7 +395,14 @@ def config_show(
     for warning in res.warnings:
         output.warn(warning)
     if not res.found:
-        raise typer.Exit(1)
+        from wsctl.errors import OperationalError
+
+        # the document (or the trace) is on stdout; stderr says in one line why it failed
+        raise OperationalError(
+            f"no config resolved for {res.workflow_slug}: {res.status}"
+            + (f" (candidates: {', '.join(res.candidates)})" if res.candidates else ""),
+            hint="see the trace" if not as_json else "see the document's trace",
+        )
 
 
 def register(app: typer.Typer) -> None:
