@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import first_line, settings_of, tx
 from wsctl.domain import Inference, infer_workstreams, parse_uuid, validate_slug
 from wsctl.errors import OperationalError
-from wsctl.queries import q
+from wsctl.queries import q, scalar
 
 if TYPE_CHECKING:
     import psycopg
@@ -318,9 +318,9 @@ def _walk(
     import psycopg
 
     with tx(conn):  # the count scans the batches table: give it the statement timeout
-        total = conn.execute(
-            q("backfill_count_null"), {"after": cursor, "scope": scope}
-        ).fetchone()[0]
+        total = scalar(
+            conn.execute(q("backfill_count_null"), {"after": cursor, "scope": scope})
+        )
     while True:
         try:
             with tx(conn, lock_timeout=lock_timeout):
@@ -388,7 +388,7 @@ def _refuse_before_writing(
         on_chunk=on_chunk,
     )
     with tx(conn, lock_timeout=lock_timeout):
-        remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
+        remaining = scalar(conn.execute(q("backfill_null_total")))
     remaining = max(remaining - probe.inferred - probe.defaulted, len(unresolved))
     if not remaining:
         return False
@@ -471,7 +471,7 @@ def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str
     import psycopg
 
     with tx(conn, lock_timeout=lock_timeout):
-        remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
+        remaining = scalar(conn.execute(q("backfill_null_total")))
         row = conn.execute(q("backfill_check_state")).fetchone()
     if report.dry_run:
         remaining = max(remaining - report.inferred - report.defaulted, 0)
@@ -499,7 +499,7 @@ def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str
             conn.execute(q("backfill_validate_check"))
     except psycopg.errors.CheckViolation:
         with tx(conn, lock_timeout=lock_timeout):
-            remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
+            remaining = scalar(conn.execute(q("backfill_null_total")))
         return EnforceResult(
             "refused",
             remaining,

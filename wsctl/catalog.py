@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import Client, find_client, validate_slug
 from wsctl.errors import OperationalError, UsageError
-from wsctl.queries import q
+from wsctl.queries import one, q
 from wsctl.redact import first_line, key_path, remember
 from wsctl.secret_refs import check_references, plaintext_credentials
 
@@ -89,7 +89,7 @@ def add_client(conn: psycopg.Connection, name: str) -> tuple[ClientRow, bool]:
         row = conn.execute(q("catalog_client_insert"), (value,)).fetchone()
         created = row is not None
         if row is None:
-            row = conn.execute(q("catalog_client_get"), (value,)).fetchone()
+            row = one(conn.execute(q("catalog_client_get"), (value,)))
     return ClientRow(id=row[0], name=row[1], created_at=row[2]), created
 
 
@@ -216,7 +216,7 @@ def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrit
             row.limit_keys is None or row.limit_keys == bound
         ):
             return RegistryWrite(same, created=False, changed=False)
-    after = RegistryRow.from_db(conn.execute(q("catalog_registry_upsert"), params).fetchone())
+    after = RegistryRow.from_db(one(conn.execute(q("catalog_registry_upsert"), params)))
     if row.limit_keys is not None:
         bind_registry(conn, after.id, list(row.limit_keys))
     keys = tuple(registry_bindings(conn, [after.id])[after.id])
@@ -689,7 +689,7 @@ def set_config(
         key = (found.id, workflow, workstream)
         before = conn.execute(q("catalog_config_get_for_update"), key).fetchone()
         name = "catalog_config_replace" if config is not None else "catalog_config_merge"
-        row = conn.execute(q(name), (*key, Jsonb(doc))).fetchone()
+        row = one(conn.execute(q(name), (*key, Jsonb(doc))))
     return ConfigWrite(_config_row(found, row), created=before is None, warnings=warnings)
 
 
@@ -737,7 +737,7 @@ def unset_config(
         missing = [k for k in keys if k not in before[4]]
         after = before
         if present:
-            after = conn.execute(q("catalog_config_remove_keys"), (present, before[0])).fetchone()
+            after = one(conn.execute(q("catalog_config_remove_keys"), (present, before[0])))
     return ConfigRemoval(
         _config_row(found, after), deleted=False, removed_keys=present, missing_keys=missing
     )

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsctl.db import tx
 from wsctl.errors import WsctlError
-from wsctl.queries import q
+from wsctl.queries import one, q, scalar
 from wsctl.redact import first_line, mask_url
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def _more(shown: int, total: int) -> str:
 
 
 def _check_database(conn: psycopg.Connection) -> Check:
-    version = conn.execute(q("server_version")).fetchone()[0]
+    version = scalar(conn.execute(q("server_version")))
     info = conn.info
     where = f"{info.user}@{info.host}:{info.port}/{info.dbname}"
     return Check(DATABASE, OK, f"connected to {where} (PostgreSQL {version})")
@@ -155,7 +155,7 @@ def _check_schema(conn: psycopg.Connection) -> tuple[Check, bool]:
 
 
 def _check_legacy_batches(conn: psycopg.Connection, top: int) -> Check:
-    total, active, sample = conn.execute(q("doctor_legacy_batches"), {"top": top}).fetchone()
+    total, active, sample = one(conn.execute(q("doctor_legacy_batches"), {"top": top}))
     if not total:
         return Check(LEGACY_BATCHES, OK, "every batch has a workstream_slug")
     return Check(
@@ -261,7 +261,7 @@ def _check_plaintext_credentials(conn: psycopg.Connection, top: int) -> Check:
 
 
 def _check_expired_leases(conn: psycopg.Connection) -> Check:
-    n, oldest = conn.execute(q("doctor_expired_leases")).fetchone()
+    n, oldest = one(conn.execute(q("doctor_expired_leases")))
     if not n:
         return Check(EXPIRED_LEASES, OK, "no DISPATCHING state holds an expired lease")
     return Check(
@@ -361,8 +361,7 @@ def _mb(n: int) -> str:
 
 
 def _check_states_bloat(conn: psycopg.Connection) -> Check:
-    row = conn.execute(q("prune_doctor_bloat")).fetchone()
-    live, dead, total, heap, last, options = row
+    live, dead, total, heap, last, options = one(conn.execute(q("prune_doctor_bloat")))
     ratio = dead / live if live else (1.0 if dead else 0.0)
     when = f"last vacuumed {_age(last)} ago" if last else "never vacuumed"
     detail = (

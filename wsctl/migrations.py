@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from wsctl import security
 from wsctl.errors import EnvError, OperationalError
-from wsctl.queries import q, sql_dir
+from wsctl.queries import q, scalar, sql_dir
 from wsctl.redact import first_line
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ def _applied_rows(conn: psycopg.Connection) -> list[tuple]:
     from wsctl.db import tx
 
     with tx(conn):  # the schema check too waits for a lock only as long as lock_timeout
-        exists = conn.execute(q("migrations_table_exists")).fetchone()[0]
+        exists = scalar(conn.execute(q("migrations_table_exists")))
         if not exists:
             return []
         return conn.execute(q("migrations_applied")).fetchall()
@@ -255,7 +255,7 @@ class _MigrationLock:
         # The lock lives as long as this transaction: a server-side idle timeout must not end it.
         self.conn.execute(q("migrations_lock_transaction_settings"))
         while True:
-            if self.conn.execute(q("migrations_try_lock"), (LOCK_KEY,)).fetchone()[0]:
+            if scalar(self.conn.execute(q("migrations_try_lock"), (LOCK_KEY,))):
                 return time.monotonic() - start
             if time.monotonic() - start >= lock_timeout:
                 raise OperationalError(

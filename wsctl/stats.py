@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from wsctl.queries import q
+from wsctl.queries import one, q
 from wsctl.states import ORDER, Status
 
 if TYPE_CHECKING:
@@ -289,7 +289,7 @@ def collect(
     params = {"workstream": workstream, "timeout": int(callback_timeout)}
     with read_only(conn, statement_timeout=statement_timeout):
         with conn.cursor(row_factory=dict_row) as cur:
-            now = cur.execute(q("stats_now")).fetchone()["now"]
+            now = one(cur.execute(q("stats_now")))["now"]
         out = Stats(generated_at=now, workstream=workstream, callback_timeout=callback_timeout)
 
         def fetch(name: str, cls: type) -> list:
@@ -304,7 +304,7 @@ def collect(
         out.overdue = fetch("stats_overdue", OverdueCount)
         out.reasons = fetch("stats_reasons", ReasonCount)
         with conn.cursor(row_factory=dict_row) as cur:
-            est = cur.execute(q("stats_total_estimate")).fetchone()["estimate"]
+            est = one(cur.execute(q("stats_total_estimate")))["estimate"]
         out.states_total_estimate = int(est) if est is not None and est >= 0 else None
     out.seconds = round(time.perf_counter() - started, 4)
     return out
