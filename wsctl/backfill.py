@@ -318,9 +318,7 @@ def _walk(
     import psycopg
 
     with tx(conn):  # the count scans the batches table: give it the statement timeout
-        total = scalar(
-            conn.execute(q("backfill_count_null"), {"after": cursor, "scope": scope})
-        )
+        total = scalar(conn.execute(q("backfill_count_null"), {"after": cursor, "scope": scope}))
     while True:
         try:
             with tx(conn, lock_timeout=lock_timeout):

@@ -292,7 +292,7 @@ def collect(
             now = one(cur.execute(q("stats_now")))["now"]
         out = Stats(generated_at=now, workstream=workstream, callback_timeout=callback_timeout)
 
-        def fetch(name: str, cls: type) -> list:
+        def fetch(name: str, cls: type[Any]) -> list[Any]:
             with conn.cursor(row_factory=class_row(cls)) as cur:
                 return cur.execute(q(name), params).fetchall()
 
@@ -377,9 +377,9 @@ def render_prometheus(st: Stats) -> str:
         )
     family("wsctl_needs_operator_states", "BLOCKED and FAILED states per reason code.")
     merged: dict[tuple[str, str, str, str], int] = {}
-    for r in st.reasons:
-        key = (_label_value(r.workstream), r.step, r.status, r.reason_label)
-        merged[key] = merged.get(key, 0) + r.states
+    for rc in st.reasons:
+        key = (_label_value(rc.workstream), rc.step, rc.status, rc.reason_label)
+        merged[key] = merged.get(key, 0) + rc.states
     for (ws, step, status, reason), n in merged.items():
         lines.append(
             _sample(
@@ -394,8 +394,8 @@ def render_prometheus(st: Stats) -> str:
     )
     changed: dict[tuple[str, str], int] = {}
     for u in st.config_use:
-        key = (_label_value(u.workstream), u.step)
-        changed[key] = changed.get(key, 0) + u.changed_since
+        use_key = (_label_value(u.workstream), u.step)
+        changed[use_key] = changed.get(use_key, 0) + u.changed_since
     for (ws, step), n in changed.items():
         lines.append(
             _sample("wsctl_config_changed_since_used_states", {"workstream": ws, "step": step}, n)
