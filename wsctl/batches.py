@@ -326,6 +326,7 @@ def create_batch(
                         f"internal error: {n} items but {states} first-step states; nothing written"
                     )
         except _DedupeTaken:
+            assert key is not None  # raised only when the dedupe key was claimed
             found = _existing_for_key(conn, key, plan, dry_run=False)
             if found is None:  # pragma: no cover - the holder was deleted meanwhile
                 raise OperationalError(f"dedupe key {key!r} is taken; try again") from None

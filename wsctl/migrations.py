@@ -125,7 +125,8 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
 
 def split_statements(sql: str) -> list[str]:
     """Statements of a non-transactional file: ``;`` at a line's end ends a statement."""
-    statements, current = [], []
+    statements: list[str] = []
+    current: list[str] = []
     for line in sql.splitlines():
         if line.strip().startswith("--") and not current:
             continue

@@ -353,6 +353,11 @@ def prune(
         if arch is not None:
             report.archive_truncated_bytes = arch.truncated
         for result in found:
+
+            def progress(table: str, n: int, bid: uuid.UUID = result.batch_id) -> None:
+                if on_chunk:
+                    on_chunk(ChunkProgress(bid, table, n, total))
+
             _prune_batch(
                 conn,
                 result,
@@ -360,9 +365,7 @@ def prune(
                 include_items=include_items,
                 chunk_size=chunk_size,
                 lock_timeout=lock_timeout,
-                progress=lambda table, n, bid=result.batch_id: (
-                    on_chunk and on_chunk(ChunkProgress(bid, table, n, total))
-                ),
+                progress=progress,
             )
     finally:
         if arch is not None:
