@@ -11,6 +11,7 @@ a bounded sample (``top`` rows). Nothing here prints or exits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -734,19 +735,19 @@ def doctor(
         else:
             add(_skip(SCHEMA, "no database connection"))
 
-        data_checks: list[tuple[str, Callable[[], Check]]] = [
-            (LEGACY_BATCHES, lambda: _check_legacy_batches(conn, top)),
-            (UNREGISTERED_STATES, lambda: _check_unregistered(conn, top)),
-            (MISSING_CONFIGS, lambda: _check_missing_configs(conn, top)),
-            (PLAINTEXT_CREDENTIALS, lambda: _check_plaintext_credentials(conn, top)),
-            (EXPIRED_LEASES, lambda: _check_expired_leases(conn)),
-            (STALE_DISPATCHED, lambda: _check_stale_dispatched(conn, top, callback_timeout)),
-            (LIMIT_KEYS, lambda: _check_limit_keys(conn, top)),
-            (CLAY_WEBHOOKS, lambda: _check_clay_webhooks(conn, top)),
-            (STATES_BLOAT, lambda: _check_states_bloat(conn)),
-            (VACUUM_HORIZON, lambda: _check_vacuum_horizon(conn, xmin_threshold)),
-            (PRUNE_CANDIDATES, lambda: _check_prune_candidates(conn, prune_after, top)),
-            (API_EXPOSURE, lambda: _check_api_exposure(conn)),
+        data_checks: list[tuple[str, Callable[[psycopg.Connection], Check]]] = [
+            (LEGACY_BATCHES, lambda c: _check_legacy_batches(c, top)),
+            (UNREGISTERED_STATES, lambda c: _check_unregistered(c, top)),
+            (MISSING_CONFIGS, lambda c: _check_missing_configs(c, top)),
+            (PLAINTEXT_CREDENTIALS, lambda c: _check_plaintext_credentials(c, top)),
+            (EXPIRED_LEASES, lambda c: _check_expired_leases(c)),
+            (STALE_DISPATCHED, lambda c: _check_stale_dispatched(c, top, callback_timeout)),
+            (LIMIT_KEYS, lambda c: _check_limit_keys(c, top)),
+            (CLAY_WEBHOOKS, lambda c: _check_clay_webhooks(c, top)),
+            (STATES_BLOAT, lambda c: _check_states_bloat(c)),
+            (VACUUM_HORIZON, lambda c: _check_vacuum_horizon(c, xmin_threshold)),
+            (PRUNE_CANDIDATES, lambda c: _check_prune_candidates(c, prune_after, top)),
+            (API_EXPOSURE, lambda c: _check_api_exposure(c)),
         ]
         for name, fn in data_checks:
             if conn is None:
@@ -754,7 +755,7 @@ def doctor(
             elif not schema_ok:
                 add(_skip(name, "the schema is not migrated (`wsctl migrate`)"))
             else:
-                add(_guarded(conn, name, fn))
+                add(_guarded(conn, name, functools.partial(fn, conn)))
 
         credentials, have_credentials = _check_modal_credentials(
             backend, backend_source, check_modal
