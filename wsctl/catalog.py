@@ -130,6 +130,13 @@ class RegistryRow:
             created_at=row[6],
         )
 
+    @property
+    def stored_id(self) -> uuid.UUID:
+        """The id of a row read from the database (a row parsed from a file has none yet)."""
+        if self.id is None:
+            raise RuntimeError("a registry row not read from the database has no id")
+        return self.id
+
     def to_json(self) -> dict[str, Any]:
         return {
             "workflow": self.workflow_slug,
@@ -210,7 +217,7 @@ def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrit
 
     if before is not None:
         same = RegistryRow.from_db(before)
-        bound = tuple(registry_bindings(conn, [same.id])[same.id])
+        bound = tuple(registry_bindings(conn, [same.stored_id])[same.stored_id])
         same = replace(same, limit_keys=bound)
         if (same.type, same.sender, same.receiver) == (row.type, row.sender, row.receiver) and (
             row.limit_keys is None or row.limit_keys == bound
@@ -218,8 +225,8 @@ def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrit
             return RegistryWrite(same, created=False, changed=False)
     after = RegistryRow.from_db(one(conn.execute(q("catalog_registry_upsert"), params)))
     if row.limit_keys is not None:
-        bind_registry(conn, after.id, list(row.limit_keys))
-    keys = tuple(registry_bindings(conn, [after.id])[after.id])
+        bind_registry(conn, after.stored_id, list(row.limit_keys))
+    keys = tuple(registry_bindings(conn, [after.stored_id])[after.stored_id])
     return RegistryWrite(replace(after, limit_keys=keys), created=before is None)
 
 
@@ -260,7 +267,7 @@ def list_registry(
             ).fetchall()
         ]
         bound = registry_bindings(conn, [r.id for r in rows if r.id is not None])
-    return [replace(r, limit_keys=tuple(bound.get(r.id, ()))) for r in rows]
+    return [replace(r, limit_keys=tuple(bound.get(r.stored_id, ()))) for r in rows]
 
 
 @dataclass(frozen=True)
