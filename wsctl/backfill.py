@@ -28,7 +28,7 @@ the dashboard) is never overwritten, and no other column is touched.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -142,7 +142,7 @@ def _check_default(conn: psycopg.Connection, default: str | None) -> str | None:
 
 
 def _check_scope(
-    conn: psycopg.Connection, batch_ids: list[str | uuid.UUID] | None, report: BackfillReport
+    conn: psycopg.Connection, batch_ids: Sequence[str | uuid.UUID] | None, report: BackfillReport
 ) -> list[uuid.UUID] | None:
     if not batch_ids:
         return None
@@ -152,7 +152,9 @@ def _check_scope(
         if bid not in ids:
             ids.append(bid)
     with tx(conn):
-        found = dict(conn.execute(q("backfill_existing_ids"), (ids,)).fetchall())
+        found: dict[uuid.UUID, bool] = dict(
+            conn.execute(q("backfill_existing_ids"), (ids,)).fetchall()
+        )
     missing = [str(b) for b in ids if b not in found]
     if missing:
         raise OperationalError(f"no batch with id {', '.join(missing)}")
@@ -216,7 +218,7 @@ def backfill_workstream_slug(
     conn: psycopg.Connection,
     *,
     default: str | None = None,
-    batch_ids: list[str | uuid.UUID] | None = None,
+    batch_ids: Sequence[str | uuid.UUID] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     dry_run: bool = False,
     enforce: bool = False,

@@ -497,6 +497,7 @@ def run_demo(
     app_path = str(example_path("enrichment_app.py"))
     backend = LocalBackend(app_path)
     backend.setup()  # imports the app (and its enrichment_logic) before anything is written
+    assert backend.module is not None  # setup() imported it
     logic = backend.module.logic
     receivers = {receiver: step for (step, _ws), (_t, _s, receiver) in REGISTRY.items() if receiver}
     clay = ClayStandIn()
