@@ -156,7 +156,11 @@ def _check_schema(conn: psycopg.Connection) -> tuple[Check, bool]:
 
 
 def _check_legacy_batches(conn: psycopg.Connection, top: int) -> Check:
-    total, active, sample = one(conn.execute(q("doctor_legacy_batches"), {"top": top}))
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = one(cur.execute(q("doctor_legacy_batches"), {"top": top}))
+    total, active, sample = row["total"], row["active"], row["sample"]
     if not total:
         return Check(LEGACY_BATCHES, OK, "every batch has a workstream_slug")
     return Check(
@@ -362,7 +366,12 @@ def _mb(n: int) -> str:
 
 
 def _check_states_bloat(conn: psycopg.Connection) -> Check:
-    live, dead, total, heap, last, options = one(conn.execute(q("prune_doctor_bloat")))
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = one(cur.execute(q("prune_doctor_bloat")))
+    live, dead, last = row["live"], row["dead"], row["last_vacuum"]
+    total, heap, options = row["total_bytes"], row["heap_bytes"], row["reloptions"]
     ratio = dead / live if live else (1.0 if dead else 0.0)
     when = f"last vacuumed {_age(last)} ago" if last else "never vacuumed"
     detail = (

@@ -485,6 +485,7 @@ def _chunk(
     outcome: "more", "states done", "items done", "locked" (every row left is
     locked by another transaction), "unfinished" (no longer finished), "gone".
     """
+    from psycopg.rows import dict_row
     from psycopg.types.json import Jsonb
 
     new_length = None
@@ -494,16 +495,15 @@ def _chunk(
         if scalar(conn.execute(q("prune_batch_unfinished"), (bid,))):
             return "unfinished", 0
         if get_summary(conn, bid) is None:
-            counts, finished_at, items = one(
-                conn.execute(q("prune_batch_snapshot"), {"batch_id": bid})
-            )
+            with conn.cursor(row_factory=dict_row) as cur:
+                snapshot = one(cur.execute(q("prune_batch_snapshot"), {"batch_id": bid}))
             conn.execute(
                 q("prune_summary_insert"),
                 {
                     "batch_id": bid,
-                    "finished_at": finished_at,
-                    "counts": Jsonb(counts),
-                    "items": items,
+                    "finished_at": snapshot["finished_at"],
+                    "counts": Jsonb(snapshot["counts"]),
+                    "items": snapshot["items"],
                     "include_items": include_items,
                     "archive": arch.path if arch else None,
                 },
