@@ -1,6 +1,6 @@
 """The example enrichment worker: a Modal app with the seed's six functions.
 
-Deploy (after creating the two secrets, see the README)::
+Deploy (after creating the two secrets, see "The example worker on Modal" in wsctl/cli/REFERENCE.md)::
 
     modal deploy examples/enrichment_app.py
 
@@ -61,7 +61,12 @@ with image.imports():  # in the image; loading the app locally (tests, --backend
 db_secret = modal.Secret.from_name("wsctl-database", required_keys=["WSCTL_DATABASE_URL"])
 # CLAY_CALLBACK_SECRET: signs the callback token (state id + dispatch generation) receivers check.
 callback_secret = modal.Secret.from_name("clay-callback", required_keys=[logic.SECRET_ENV])
-SECRETS = [db_secret, callback_secret]
+# The values client configs reference by name ({"$secret": "CLAY_AUTH_ACME"}): every
+# function that reads a config resolves its references from this secret's variables
+# (`modal secret create clay-client-secrets CLAY_AUTH_ACME=...`); a name missing here
+# ends the state BLOCKED with reason missing_secret.
+client_secrets = modal.Secret.from_name("clay-client-secrets")
+SECRETS = [db_secret, callback_secret, client_secrets]
 
 if not modal.is_local():  # Modal's logs show INFO lines: [ASYNC SENDER], [CONFIG], [RECEIVER]
     logging.basicConfig(level=logging.INFO, format="%(message)s")

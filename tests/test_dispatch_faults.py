@@ -674,3 +674,22 @@ def test_a_chunk_survives_the_journal_unchanged(tmp_path):
     got: list = []
     Journal(tmp_path).replay(got.append)
     assert _Chunk.from_journal(got[0]).groups == chunk.groups
+
+
+def test_a_completed_state_keeps_no_reason_of_an_earlier_attempt(conn):
+    """complete_steps clears error_class and reason_code as it clears last_error."""
+    from tests.support import factories as f
+
+    client = f.add_client(conn, "reasons")
+    batch = f.add_batch(conn, client, ["normalize_all_core_values"], 1)
+    (state,) = conn.execute(
+        "UPDATE workflow_states SET status = 'DISPATCHED', last_error = 'x',"
+        " error_class = 'transient', reason_code = 'timeout' WHERE batch_id = %s RETURNING id",
+        (batch,),
+    ).fetchone()
+    assert conn.execute("SELECT wsctl.complete_step(%s)", (state,)).fetchone()[0] is True
+    row = conn.execute(
+        "SELECT status, last_error, error_class, reason_code FROM workflow_states WHERE id = %s",
+        (state,),
+    ).fetchone()
+    assert row == ("COMPLETED", None, None, None)

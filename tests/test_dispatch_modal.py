@@ -243,3 +243,28 @@ def test_item_id_is_a_string_uuid(wconn, standin):
         b.close()
     (sp,) = standin.spawns
     assert type(sp.args[0]) is str and str(uuid.UUID(sp.args[0])) == sp.args[0]
+
+
+def test_a_remote_missing_secret_blocks_the_state_through_modal(wconn, standin):
+    """A function on Modal raising MissingSecret (pickled back by Modal) ends BLOCKED with
+    its reason code, never retried as transient."""
+    from wsctl.secret_refs import MissingSecret
+
+    standin.add_function(APP, "start_normalize_all_core_values")
+    client = f.add_client(wconn)
+    f.add_batch(wconn, client, [STEP], 1)
+    b = backend()
+    try:
+        run_pass(wconn, b, PassOptions())
+        (call,) = [sp.call_id for sp in standin.spawns]
+        standin.set_outcome(call, raised=MissingSecret([("clay_auth", "CLAY_AUTH_ACME")]))
+        s = run_pass(wconn, b, PassOptions())
+    finally:
+        b.close()
+    row = wconn.execute(
+        "SELECT status, error_class, reason_code, last_error FROM workflow_states"
+        " WHERE step_name = %s",
+        (STEP,),
+    ).fetchone()
+    assert row[:3] == ("BLOCKED", "operator", "missing_secret"), row
+    assert "CLAY_AUTH_ACME" in row[3] and s.retried == 0

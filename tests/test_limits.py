@@ -107,7 +107,7 @@ def test_registry_rows_bind_key_templates_filled_per_state(cli, conn):
         " WHERE id = (SELECT id FROM workflow_states WHERE batch_id = %s LIMIT 1)",
         (batch,),
     )  # an expired lease holds no slot
-    cli("limit", "set", "clay:ws-1", "--max-in-flight", "10")
+    assert cli("limit", "set", "clay:ws-1", "--max-in-flight", "10").code == 0
     shown = cli("limit", "show", "clay:ws-1", "--json").json()
     assert shown["in_flight"] == 2 and shown["tokens_now"] is None
     assert [(b["step"], b["template"]) for b in shown["bound_by"]] == [(CLAY, TEMPLATE)]

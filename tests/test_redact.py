@@ -425,3 +425,12 @@ def test_a_non_string_url_in_wsctl_toml_is_never_echoed(run_cli, tmp_path):
         f"wsctl: error: {tmp_path / 'wsctl.toml'}: database.url must be a string, not an array "
         "(its value is not shown: it may hold a password)"
     )
+
+
+def test_a_user_name_that_reads_like_a_credential_keeps_the_host():
+    """Found by hypothesis: "https://pwd:...@host" was taken for a "pwd: value" header line
+    and the host and the rest of the URL were masked with the password."""
+    url = "https://pwd:222222222222@hooks.example.com/p?access_token=222222222222&page=2"
+    text = json.dumps(redact({"plain": url}))
+    assert "222222222222" not in text
+    assert "hooks.example.com" in text and "page=2" in text

@@ -16,7 +16,7 @@ from wsctl.item_report import item_report
 from wsctl.states import ORDER, Status
 
 STEPS = ["normalize_all_core_values", "enrich_company_via_waterfall_in_clay"]
-LABELS = {"workstream", "step", "status", "reason"}
+LABELS = {"workstream", "step", "status", "reason", "key"}
 
 
 @pytest.fixture
@@ -408,3 +408,192 @@ def test_a_failed_record_never_fails_the_step(conn, db_url, ran, caplog):
         conn.execute(f'REVOKE ALL ON ALL TABLES IN SCHEMA public FROM "{role}"')
         conn.execute(f'REVOKE ALL ON SCHEMA public, wsctl FROM "{role}"')
         conn.execute(f'DROP ROLE "{role}"')
+
+
+# --- limits and Clay webhook capacity ------------------------------------------------------
+
+CLAY_STEP = STEPS[1]
+
+
+@pytest.fixture
+def limited(cli, conn, world):
+    """world, plus: a limit bound to the first step per client (3 in flight under acme's key,
+    an expired lease not counted), a limit nothing binds, a bound key no limit defines, and
+    Clay webhooks of three clients on the second step (one client's all used up)."""
+    ids = world["ids"]
+    conn.execute(  # the DISPATCHING state holds a live lease; a second one's lease expired
+        "UPDATE workflow_states SET lease_expires_at = now() + interval '5 minutes' WHERE id = %s",
+        (ids[10],),
+    )
+    conn.execute(
+        "UPDATE workflow_states SET status = 'DISPATCHING',"
+        " lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        (ids[19],),
+    )
+    conn.execute(
+        "INSERT INTO wsctl.registry_limit_keys (registry_id, key_template)"
+        " SELECT id, t FROM enrichment_registry, unnest(%s::text[]) t"
+        " WHERE slug = %s AND workstream_slug = 'apollo_scrape'",
+        (["norm:{client}", "norm:undefined"], STEPS[0]),
+    )
+    assert cli("limit", "set", "norm:acme", "--rate", "10/s", "--burst", "20").code == 0
+    assert cli("limit", "set", "norm:acme", "--max-in-flight", "5").code == 0
+    assert cli("limit", "set", "idle", "--max-in-flight", "3").code == 0
+    from wsctl import clay
+
+    urls = {n: f"https://api.clay.com/hooks/SECRET{n}" for n in range(4)}
+    globex, initech = f.add_client(conn, "globex"), f.add_client(conn, "initech")
+    cap = {"clay_webhook_submission_cap": 100}
+    f.add_config(
+        conn,
+        world["acme"],
+        CLAY_STEP,
+        "apollo_scrape",
+        {"clay_table_webhook_urls": [urls[0], urls[1]], **cap},
+    )
+    f.add_config(conn, globex, CLAY_STEP, "apollo_scrape", {"clay_table_webhook_url": urls[2]})
+    f.add_config(
+        conn, initech, CLAY_STEP, "apollo_scrape", {"clay_table_webhook_urls": [urls[3]], **cap}
+    )
+    clay.record_prior(conn, urls[0], 100)
+    clay.record_prior(conn, urls[1], 30)
+    clay.record_prior(conn, urls[2], 1_000)
+    clay.record_prior(conn, urls[3], 100)
+    return world
+
+
+def test_stats_reports_each_limit_in_flight_and_tokens_in_one_query(cli, limited):
+    doc = cli("stats", "--json").json()
+    by_key = {lim["key"]: lim for lim in doc["limits"]}
+    assert set(by_key) == {"idle", "norm:acme"}  # only limits: a bound, undefined key is none
+    acme = by_key["norm:acme"]
+    # DISPATCHING with a live lease (1) + DISPATCHED (2); the expired lease holds no slot
+    assert acme["in_flight"] == 3 and acme["max_in_flight"] == 5
+    assert acme["burst"] == 20 and acme["rate"] == "10/s" and 0 <= acme["tokens_now"] <= 20
+    assert by_key["idle"] == {
+        "key": "idle",
+        "rate": None,
+        "rate_per_second": None,
+        "burst": None,
+        "tokens_now": None,
+        "max_in_flight": 3,
+        "in_flight": 0,
+    }
+    for key, lim in by_key.items():  # the same counts `limit show` gives, key by key
+        assert cli("limit", "show", key, "--json").json()["in_flight"] == lim["in_flight"]
+    human = cli("stats")
+    assert "norm:acme" in human.out and "idle" in human.out
+
+
+def test_stats_limits_reads_only_the_in_flight_indexes(conn, limited):
+    # 60,000 COMPLETED states: a plan that read workflow_states beyond the in-flight rows
+    # would show a sequential scan, or an index other than the partial in-flight ones.
+    acme = limited["acme"]
+    f.add_batch(conn, acme, STEPS, 60_000, "apollo_scrape", first_status="COMPLETED")
+    conn.execute("ANALYZE workflow_states")
+    from wsctl.queries import q
+
+    plan = conn.execute("EXPLAIN (FORMAT JSON) " + q("stats_limits")).fetchone()[0]
+
+    def scans(node: dict) -> list[tuple[str, str | None, str | None]]:
+        out = []
+        if node.get("Relation Name") == "workflow_states":
+            out.append((node["Node Type"], node.get("Index Name"), node.get("Alias")))
+        for child in node.get("Plans", []):
+            out += scans(child)
+        return out
+
+    found = scans(plan[0]["Plan"])
+    assert found, plan
+    assert {index for _, index, _ in found} == {
+        "idx_workflow_states_claim_lease",
+        "idx_workflow_states_dispatched",
+    }, found
+    assert not any(kind == "Seq Scan" for kind, _, _ in found)
+    st = stats.collect(conn)
+    assert st.seconds < 1.0
+
+
+def test_stats_reports_clay_webhook_capacity_without_urls(cli, limited):
+    r = cli("stats", "--json")
+    doc = r.json()
+    assert "SECRET" not in r.out
+    hooks = {(w["client"], w["index"]): w for w in doc["clay_webhooks"]["webhooks"]}
+    assert {k: (w["submitted"], w["cap"], w["left"]) for k, w in hooks.items()} == {
+        ("acme", 0): (100, 100, 0),
+        ("acme", 1): (30, 100, 70),
+        ("globex", 0): (1_000, 45_000, 44_000),
+        ("initech", 0): (100, 100, 0),
+    }
+    assert doc["clay_webhooks"]["by_step"] == [
+        {
+            "workstream": "apollo_scrape",
+            "step": CLAY_STEP,
+            "configs": 3,
+            "webhooks": 4,
+            "left": 44_070,
+            "min_config_left": 0,
+            "exhausted_configs": 1,
+        }
+    ]
+    other = cli("stats", "--json", "--workstream", "linkedin_scrape").json()
+    assert other["clay_webhooks"] == {"by_step": [], "webhooks": []}
+    human = cli("stats")
+    assert "Clay webhooks" in human.out and "initech" in human.out and "SECRET" not in human.out
+
+
+def test_prometheus_limits_and_webhooks_parse_with_bounded_labels(cli, limited):
+    r = cli("stats", "--prometheus")
+    assert r.code == 0, r.err
+    assert "SECRET" not in r.out and "https://" not in r.out
+    fams = {fam.name: fam for fam in text_string_to_metric_families(r.out)}
+    for fam in fams.values():
+        for sample in fam.samples:
+            assert set(sample.labels) <= LABELS, sample
+            if "key" in sample.labels:  # only the limit metrics carry a key
+                assert fam.name.startswith("wsctl_limit_")
+
+    def values(name: str, label: str) -> dict:
+        return {s.labels[label]: s.value for s in fams[name].samples}
+
+    assert values("wsctl_limit_in_flight", "key") == {"idle": 0, "norm:acme": 3}
+    assert values("wsctl_limit_max_in_flight", "key") == {"idle": 3, "norm:acme": 5}
+    assert values("wsctl_limit_burst", "key") == {"norm:acme": 20}
+    assert values("wsctl_limit_rate_per_second", "key") == {"norm:acme": 10.0}
+    assert 0 <= values("wsctl_limit_tokens", "key")["norm:acme"] <= 20
+    for name, want in (
+        ("wsctl_clay_webhook_left", 44_070),
+        ("wsctl_clay_webhook_min_config_left", 0),
+        ("wsctl_clay_webhook_exhausted_configs", 1),
+        ("wsctl_clay_webhooks", 4),
+    ):
+        samples = fams[name].samples
+        assert [(s.labels, s.value) for s in samples] == [
+            ({"workstream": "apollo_scrape", "step": CLAY_STEP}, want)
+        ], name
+
+
+def test_a_malformed_webhook_config_is_left_out_and_stats_still_answers(cli, conn, limited):
+    hooli = f.add_client(conn, "hooli")
+    f.add_config(
+        conn,
+        hooli,
+        CLAY_STEP,
+        "apollo_scrape",
+        {"clay_table_webhook_urls": "https://api.clay.com/hooks/SECRETX", "x": 1},
+    )
+    r = cli("stats", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()["clay_webhooks"]
+    assert "hooli" not in {w["client"] for w in doc["webhooks"]}  # its sender reports it
+    assert doc["by_step"][0]["configs"] == 3 and "SECRETX" not in r.out
+    prom = cli("stats", "--prometheus")
+    assert prom.code == 0 and "SECRETX" not in prom.out
+
+
+def test_no_limits_and_no_webhooks_are_empty_figures(cli, world):
+    doc = cli("stats", "--json").json()
+    assert doc["limits"] == [] and doc["clay_webhooks"] == {"by_step": [], "webhooks": []}
+    fams = {f.name: f for f in text_string_to_metric_families(cli("stats", "--prometheus").out)}
+    assert fams["wsctl_limit_in_flight"].samples == []
+    assert fams["wsctl_clay_webhook_left"].samples == []

@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "test-token-" + "x7Qz" * 6
 SECRETS = ["sk-live-SECRET-abc123", "SECRETPATH", "pw-SECRET9", "tok-SECRET8", "brr-SECRET7"]
-VOLATILE = {"wsctl_stats_duration_seconds", "wsctl_oldest_due_age_seconds"}
+VOLATILE = {"wsctl_stats_duration_seconds", "wsctl_oldest_due_age_seconds", "wsctl_limit_tokens"}
+CLAY_STEP = "enrich_company_via_waterfall_in_clay"
+HOOK_CLIENT = "Hook Client"
 
 
 def free_port() -> int:
@@ -154,7 +156,7 @@ def demo(pg_admin_url, template_db, tmp_path_factory):
             ("enrich_person_via_waterfall_in_clay",),
         ).fetchone()[0]
         c.execute(
-            "UPDATE workflow_states SET status = 'BLOCKED', reason_code = 'missing_config',"
+            "UPDATE workflow_states SET status = 'BLOCKED', reason_code = 'missing_config_key',"
             " error_class = 'operator', last_error = %s WHERE id = %s",
             (
                 f"POST https://user:{SECRETS[2]}@api.example.com/x?token={SECRETS[3]} failed; "
@@ -162,6 +164,40 @@ def demo(pg_admin_url, template_db, tmp_path_factory):
                 sid,
             ),
         )
+        # a limit per workstream bound to every registry row of apollo_scrape, one nothing binds
+        c.execute(
+            "INSERT INTO wsctl.registry_limit_keys (registry_id, key_template)"
+            " SELECT id, 'demo:{workstream}' FROM enrichment_registry"
+            " WHERE workstream_slug = 'apollo_scrape'"
+        )
+        # Clay webhooks of a client without batches: two sources, one nearly used up
+        c.execute("INSERT INTO clients (name) VALUES (%s)", (HOOK_CLIENT,))
+    wsctl("limit", "set", "demo:apollo_scrape", "--rate", "5/s", "--burst", "10")
+    wsctl("limit", "set", "demo:apollo_scrape", "--max-in-flight", "50")
+    wsctl("limit", "set", "idle-key", "--max-in-flight", "7")
+    hooks = [
+        f"https://api.clay.com/hooks/{SECRETS[1]}/a",
+        f"https://api.clay.com/hooks/{SECRETS[1]}/b",
+    ]
+    wsctl(
+        "config",
+        "set",
+        "--client",
+        HOOK_CLIENT,
+        "--workflow",
+        CLAY_STEP,
+        "--workstream",
+        "apollo_scrape",
+        "--set",
+        f"clay_table_webhook_urls={json.dumps(hooks)}",
+        "--set",
+        "clay_webhook_submission_cap=1000",
+    )
+    with psycopg.connect(url, autocommit=True) as c:
+        from wsctl import clay
+
+        clay.record_prior(c, hooks[0], 1000)
+        clay.record_prior(c, hooks[1], 990)
     yield url
     drop_database(pg_admin_url, name)
 
@@ -205,7 +241,7 @@ def test_dashboard_shows_the_counts_the_database_holds(page, ui, dconn, tmp_path
         ).fetchall()
     }
     seen = {}
-    for row in page.locator(".batch .steprow").all():
+    for row in page.locator(".batch .steprow:not([data-pruned])").all():
         batch, step = row.get_attribute("data-batch"), row.get_attribute("data-step")
         for seg in row.locator("[data-status]").all():
             seen[(batch, step, seg.get_attribute("data-status"))] = int(
@@ -214,7 +250,7 @@ def test_dashboard_shows_the_counts_the_database_holds(page, ui, dconn, tmp_path
     assert seen == per_step
     reasons = page.locator("#reasons tr[data-reason]")
     assert reasons.count() == 1
-    assert reasons.first.get_attribute("data-reason") == "missing_config"
+    assert reasons.first.get_attribute("data-reason") == "missing_config_key"
     assert "wsctl config set --client 'Demo Client'" in reasons.first.inner_text()
     assert "wsctl retry --batch" in reasons.first.inner_text()
     shot = tmp_path / "dashboard.png"
@@ -584,3 +620,184 @@ def test_open_hands_the_url_to_the_browser(demo, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# --- limits, Clay webhook capacity, pruned batches, the fix table -----------------------------
+
+
+def test_dashboard_shows_each_limits_usage(page, ui, dconn):
+    # what is in flight under demo:apollo_scrape, counted here independently of stats_limits
+    want = dconn.execute(
+        "SELECT count(*) FROM workflow_states ws JOIN batches b ON b.id = ws.batch_id"
+        " JOIN enrichment_registry er ON er.slug = ws.step_name"
+        "  AND er.workstream_slug = b.workstream_slug"
+        " WHERE b.workstream_slug = 'apollo_scrape' AND (ws.status = 'DISPATCHED'"
+        "  OR (ws.status = 'DISPATCHING' AND ws.lease_expires_at > now()))"
+    ).fetchone()[0]
+    sid = dconn.execute(  # one more in flight: a live claim
+        "SELECT ws.id FROM workflow_states ws JOIN batches b ON b.id = ws.batch_id"
+        " WHERE b.workstream_slug = 'apollo_scrape' AND ws.status = 'COMPLETED' LIMIT 1"
+    ).fetchone()[0]
+    dconn.execute(
+        "UPDATE workflow_states SET status = 'DISPATCHING',"
+        " lease_expires_at = now() + interval '10 minutes' WHERE id = %s",
+        (sid,),
+    )
+    try:
+        page.reload()
+        row = page.locator("#limits tr[data-limit='demo:apollo_scrape']")
+        assert row.get_attribute("data-in-flight") == str(want + 1)
+        assert row.get_attribute("data-max-in-flight") == "50"
+        assert row.get_attribute("data-burst") == "10"
+        assert 0 <= float(row.get_attribute("data-tokens")) <= 10
+        assert "5/s" in row.inner_text()
+        idle = page.locator("#limits tr[data-limit='idle-key']")
+        assert idle.get_attribute("data-in-flight") == "0"
+        assert idle.get_attribute("data-tokens") == "" and "no rate" in idle.inner_text()
+        assert page.locator("#limits tr[data-limit]").count() == 2
+    finally:
+        dconn.execute("UPDATE workflow_states SET status = 'COMPLETED' WHERE id = %s", (sid,))
+
+
+def test_dashboard_shows_clay_webhook_capacity_left(page, ui, dconn, demo, run_cli):
+    page.reload()
+    card = page.locator(f"[data-webhook-capacity='apollo_scrape/{CLAY_STEP}']")
+    doc = run_cli("stats", "--json", url=demo).json()["clay_webhooks"]
+    want = next(
+        c for c in doc["by_step"] if (c["workstream"], c["step"]) == ("apollo_scrape", CLAY_STEP)
+    )
+    hook = [w for w in doc["webhooks"] if w["client"] == HOOK_CLIENT]
+    assert [(w["index"], w["left"]) for w in hook] == [(0, 0), (1, 10)]
+    assert card.get_attribute("data-left") == str(want["left"])
+    assert card.get_attribute("data-min-left") == "10" == str(want["min_config_left"])
+    assert card.get_attribute("data-exhausted") == "0"
+    assert "warn" in (card.get_attribute("class") or "")  # 10 left: under 20 % of a cap
+    assert page.locator("[data-webhook-capacity]").count() == len(doc["by_step"])
+    assert SECRETS[1] not in page.content()
+
+
+def _pruned_batch(dconn, demo: str, run_cli) -> tuple[str, str]:
+    """A batch of the demo's client, finished 40 days ago, pruned by the real `wsctl prune`."""
+    from tests.support import factories as f
+
+    client = dconn.execute("SELECT id FROM clients WHERE name = 'Demo Client'").fetchone()[0]
+    steps = ["normalize_company_name", CLAY_STEP]
+    b = f.add_batch(dconn, client, steps, 3, "apollo_scrape", first_status="COMPLETED")
+    dconn.execute(
+        "INSERT INTO workflow_states (item_id, batch_id, step_name, status)"
+        " SELECT item_id, batch_id, %s, 'COMPLETED' FROM workflow_states WHERE batch_id = %s",
+        (steps[1], b),
+    )
+    dconn.execute(
+        "UPDATE workflow_states SET status = 'FAILED', reason_code = 'payload_refused',"
+        " error_class = 'permanent' WHERE id = (SELECT id FROM workflow_states"
+        " WHERE batch_id = %s AND step_name = %s LIMIT 1)",
+        (b, steps[1]),
+    )
+    dconn.execute(
+        "UPDATE workflow_states SET updated_at = now() - interval '40 days' WHERE batch_id = %s",
+        (b,),
+    )
+    dconn.execute(
+        "UPDATE batches SET created_at = now() - interval '41 days', status = 'COMPLETED'"
+        " WHERE id = %s",
+        (b,),
+    )
+    item = dconn.execute("SELECT id FROM batch_items WHERE batch_id = %s LIMIT 1", (b,)).fetchone()
+    r = run_cli("prune", "--older-than", "30d", "--batch", str(b), "--json", url=demo)
+    assert r.code == 0, r.err
+    gone = dconn.execute("SELECT count(*) FROM workflow_states WHERE batch_id = %s", (b,))
+    assert gone.fetchone()[0] == 0
+    return str(b), str(item[0])
+
+
+def test_a_pruned_batch_shows_its_summary_and_its_items_say_pruned(page, ui, dconn, demo, run_cli):
+    batch_id, item_id = _pruned_batch(dconn, demo, run_cli)
+    summary = dconn.execute(
+        "SELECT counts, states_pruned FROM wsctl.pruned_batches WHERE batch_id = %s", (batch_id,)
+    ).fetchone()
+    assert summary[1] == 6
+    page.goto(f"{ui.base}/batch/{batch_id}")
+    assert "were pruned" in page.locator("#pruned").inner_text()
+    assert page.locator("#pruned").get_attribute("data-states-pruned") == "6"
+    seen = {}
+    for row in page.locator(".batch .steprow").all():
+        for seg in row.locator("[data-status]").all():
+            seen.setdefault(row.get_attribute("data-step"), {})[
+                seg.get_attribute("data-status")
+            ] = int(seg.get_attribute("data-count"))
+    assert (
+        seen
+        == summary[0]
+        == {
+            "normalize_company_name": {"COMPLETED": 3},
+            CLAY_STEP: {"COMPLETED": 2, "FAILED": 1},
+        }
+    )
+    assert "3" in page.locator("dl").inner_text()  # the items: the summary's, not 0
+    # `batch status` says the same
+    st = run_cli("batch", "status", batch_id, "--json", url=demo).json()
+    assert {s["step"]: s["counts"] for s in st["steps"]} == seen
+    # the dashboard's bar of the batch: the summary's counts, marked pruned
+    page.goto(f"{ui.base}/?refresh=0")
+    head = page.locator(f".batch[data-batch-id='{batch_id}'] .head")
+    assert head.count() == 1 and "pruned" in head.inner_text()  # (the demo has < 50 batches)
+    # the item page: every step PRUNED, as `item show` says, with the summary's line
+    page.goto(f"{ui.base}/item/{item_id}")
+    for step in ("normalize_company_name", CLAY_STEP):
+        status = page.locator(f".step[data-step={step}] h2 .status")
+        assert status.inner_text() == "PRUNED"
+    assert "were pruned" in page.locator(".warning").first.inner_text()
+    shown = run_cli("item", "show", item_id, "--json", url=demo).json()
+    assert [s["status"] for s in shown["steps"]] == ["PRUNED", "PRUNED"]
+
+
+def test_every_operator_and_permanent_reason_code_has_a_fix():
+    from wsctl import clay
+    from wsctl.states import REASONS
+    from wsctl.ui.fixes import FIXES, fix_commands
+
+    needs = {c for c, r in REASONS.items() if r.error_class in ("operator", "permanent")}
+    clay_codes = {
+        cls.reason_code
+        for cls in (clay.WebhookCapacityExhausted, clay.RecordTooLarge, clay.BadWebhookURL)
+    }
+    assert needs and needs | clay_codes <= set(FIXES)
+    assert set(FIXES) <= set(REASONS) | clay_codes  # no guessed code
+    for code in needs | clay_codes:
+        cmds = fix_commands(
+            reason=code,
+            status="BLOCKED",
+            batch_id="B",
+            step="s",
+            workstream="w",
+            client="O'Brien & Co",
+            sample_item_id="I",
+        )
+        assert len(cmds) >= 2 and cmds[-1] == "wsctl retry --batch B --step s --status BLOCKED"
+        for c in cmds[:-1]:
+            assert c.split()[0] in ("wsctl", "modal") and "{" not in c, (code, c)
+            if "--client" in c:
+                assert "'O'\"'\"'Brien & Co'" in c  # shell-quoted
+    # a transient code (FAILED at max attempts), an unknown one and none: the item's page
+    for code in ("rate_limited", "made_up", None):
+        cmds = fix_commands(
+            reason=code,
+            status="FAILED",
+            batch_id="B",
+            step="s",
+            workstream="w",
+            client="c",
+            sample_item_id="I",
+        )
+        assert cmds == ["wsctl item show I", "wsctl retry --batch B --step s --status FAILED"]
+    legacy = fix_commands(
+        reason="missing_secret",
+        status="BLOCKED",
+        batch_id="B",
+        step="s",
+        workstream=None,
+        client="c",
+        sample_item_id=None,
+    )
+    assert legacy[0] == "wsctl backfill workstream-slug"

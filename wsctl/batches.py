@@ -29,7 +29,8 @@ be attached under that lock): the role may set the parameter (found by
 trying a plain ``SET LOCAL`` in a savepoint, as Supabase allows it); no enabled
 trigger fires on INSERT into batch_items or workflow_states (or their
 partitions) but the three foreign keys' own checks, ALWAYS triggers included
-(their writes would run under the replica role too); no enabled rule; their
+(their writes would run under the replica role too), a deferrable
+constraint's internal trigger included; no enabled rule; their
 only foreign keys are those three. Otherwise, or with ``fk_checks="server"``,
 the server checks every row as usual. The COPY's and the INSERT's row counts
 are checked against the items counted either way.

@@ -253,11 +253,16 @@ class _MigrationLock:
     def acquire(self, lock_timeout: float) -> float:
         start = time.monotonic()
         delay = 0.05
-        # The lock lives as long as this transaction: a server-side idle timeout must not end it.
-        self.conn.execute(q("migrations_lock_transaction_settings"))
         while True:
+            # The lock lives as long as this transaction: a server-side idle timeout must
+            # not end it.
+            self.conn.execute(q("migrations_lock_transaction_settings"))
             if scalar(self.conn.execute(q("migrations_try_lock"), (LOCK_KEY,))):
                 return time.monotonic() - start
+            # Not held: end this try's transaction before waiting. A waiter's transaction
+            # left open would be one the holder's CREATE INDEX CONCURRENTLY waits for
+            # (it waits for every transaction that had a snapshot when it began).
+            self.conn.rollback()
             if time.monotonic() - start >= lock_timeout:
                 raise OperationalError(
                     f"another `wsctl migrate` held the migration lock for over {lock_timeout:g}s",

@@ -87,9 +87,10 @@ _Q_DOUBLE = r'"(?P<dq>(?:[^"\\\n]|\\.)*)"'
 _Q_SINGLE = r"'(?P<sq>[^'\\\n]*)'(?=[\s,;)}\]]|$)"
 
 _RULES: list[re.Pattern[str]] = [
-    # name: value, name=value, "name": "value", name = 'value' (header lines, libpq, JSON text)
+    # name: value, name=value, "name": "value", name = 'value' (header lines, libpq, JSON text);
+    # never a URL's user name ("https://pwd:...@host": its user info has its own rule)
     re.compile(
-        rf"(?<![A-Za-z0-9_.$-])(?:{_CRED_NAME})[\"']?\s*[:=]\s*(?:{_SCHEME}\s+)?"
+        rf"(?<![A-Za-z0-9_.$/-])(?:{_CRED_NAME})[\"']?\s*[:=]\s*(?:{_SCHEME}\s+)?"
         rf"(?:{_Q_DOUBLE}|{_Q_SINGLE}|{_BARE_VALUE})",
         re.IGNORECASE,
     ),

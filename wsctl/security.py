@@ -160,6 +160,11 @@ OPERATOR_TABLES = (
     "wsctl.worker_roles",
     "wsctl.batch_dedupe_keys",
     "wsctl.backfill_progress",
+    # retention and the limits' definitions are the operator's (`wsctl prune`,
+    # `wsctl limit`, `wsctl registry`); a worker only counts Clay submissions
+    "wsctl.pruned_batches",
+    "wsctl.prune_archives",
+    "wsctl.registry_limit_keys",
 )
 
 

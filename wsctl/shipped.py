@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 from wsctl.errors import EnvError, OperationalError
+from wsctl.queries import example_path
 
 
-@cache
 def examples_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "examples", here.parent / "examples"):
-        if (candidate / "registry.toml").is_file():
-            return candidate
-    raise EnvError("wsctl's examples/ directory is missing from the installation")
+    try:
+        return example_path("registry.toml").parent
+    except RuntimeError:
+        raise EnvError("wsctl's examples/ directory is missing from the installation") from None
 
 
 def example_files() -> list[Path]:

@@ -17,12 +17,22 @@ One READ ONLY transaction, a handful of index-backed queries (sql/queries/stats.
   ``last_error``'s free text: ``idx_workflow_states_needs_operator`` (migration 0016);
 * per config row, states of the last hour that ran with it, and how many ran with a
   version the row has since changed from (``used_resolution``, written by the worker helpers);
+* per limit (``wsctl.limits``), the states in flight under its key now against
+  ``max_in_flight`` and the tokens its bucket holds now against ``burst``: one query for
+  every limit, reading only the in-flight rows (the partial indexes of DISPATCHING and
+  DISPATCHED states);
+* per configured Clay webhook (client, step, workstream, index in the config's list), the
+  submissions counted against its cap (``wsctl.clay.usage``; never the URL, a digest);
 * the table's total row count is the planner's estimate (``pg_class.reltuples``),
   and is the only figure labelled as an estimate.
 
 ``render_prometheus`` prints the text exposition format (node_exporter's textfile
 collector reads it), every metric prefixed ``wsctl_``, labels bounded to
-``workstream``, ``step``, ``status`` and ``reason``. Nothing here prints.
+``workstream``, ``step``, ``status`` and ``reason``, and ``key`` on the limit metrics
+(bounded by the number of rows of ``wsctl.limits``, which an operator defines one by one).
+Webhook capacity is per (workstream, step): the sum left over every client's webhooks and
+the least any one client config has left (its URLs together); clients and URLs are no
+labels (clients grow with the business, URLs carry secrets). Nothing here prints.
 """
 
 from __future__ import annotations
@@ -109,6 +119,68 @@ class ConfigUse:
     config_id: str
     states: int
     changed_since: int
+
+
+@dataclass(frozen=True)
+class LimitUse:
+    """One limit and what is under its key now."""
+
+    key: str
+    rate_per_second: float | None
+    burst: int | None
+    max_in_flight: int | None
+    in_flight: int
+    tokens_now: float | None  # None: the limit has no rate
+
+    def to_json(self) -> dict[str, Any]:
+        from wsctl.limits import format_rate
+
+        return {
+            "key": self.key,
+            "rate": format_rate(self.rate_per_second),
+            "rate_per_second": self.rate_per_second,
+            "burst": self.burst,
+            "tokens_now": None if self.tokens_now is None else round(self.tokens_now, 3),
+            "max_in_flight": self.max_in_flight,
+            "in_flight": self.in_flight,
+        }
+
+
+@dataclass(frozen=True)
+class WebhookCapacity:
+    """Clay webhook capacity of one (workstream, step): every client config together."""
+
+    workstream: str
+    step: str
+    configs: int  # client configs that name webhooks
+    webhooks: int  # webhook entries over those configs
+    left: int  # submissions left, summed over every webhook
+    min_config_left: int  # the least any one client config has left (its webhooks together)
+    exhausted_configs: int  # configs with nothing left: their states end BLOCKED
+
+
+def webhook_capacity(entries: list) -> list[WebhookCapacity]:
+    """Per (workstream, step), from ``wsctl.clay.usage`` entries."""
+    per_config: dict[tuple[str, str], dict[str, int]] = {}
+    webhooks: dict[tuple[str, str], int] = {}
+    for e in entries:
+        key = (e.workstream, e.step)
+        left = max(e.cap - e.submitted, 0)
+        cfgs = per_config.setdefault(key, {})
+        cfgs[e.client] = cfgs.get(e.client, 0) + left
+        webhooks[key] = webhooks.get(key, 0) + 1
+    return [
+        WebhookCapacity(
+            workstream=ws,
+            step=step,
+            configs=len(cfgs),
+            webhooks=webhooks[(ws, step)],
+            left=sum(cfgs.values()),
+            min_config_left=min(cfgs.values()),
+            exhausted_configs=sum(1 for v in cfgs.values() if v == 0),
+        )
+        for (ws, step), cfgs in sorted(per_config.items())
+    ]
 
 
 @dataclass(frozen=True)
@@ -203,6 +275,8 @@ class Stats:
     overdue: list[OverdueCount] = field(default_factory=list)
     reasons: list[ReasonCount] = field(default_factory=list)
     config_use: list[ConfigUse] = field(default_factory=list)
+    limits: list[LimitUse] = field(default_factory=list)
+    webhooks: list = field(default_factory=list)  # wsctl.clay.WebhookUsage, one per webhook
     states_total_estimate: int | None = None
     seconds: float = 0.0
 
@@ -228,6 +302,9 @@ class Stats:
     def recent_totals(self) -> dict[str, int]:
         keys = [k for k in RecentCount.__dataclass_fields__ if k != "workstream"]
         return {k: sum(getattr(r, k) for r in self.recent) for k in keys}
+
+    def webhook_capacity(self) -> list[WebhookCapacity]:
+        return webhook_capacity(self.webhooks)
 
     def to_json(self) -> dict[str, Any]:
         """The documented ``wsctl stats --json`` document."""
@@ -264,6 +341,11 @@ class Stats:
             "dispatched_past_callback_timeout": rows(self.overdue),
             "needs_operator": reasons,
             "config_use_last_hour": rows(self.config_use),
+            "limits": [lim.to_json() for lim in self.limits],
+            "clay_webhooks": {
+                "by_step": rows(self.webhook_capacity()),
+                "webhooks": [w.to_json() for w in self.webhooks],
+            },
             "states_total_estimate": self.states_total_estimate,
             "estimates": list(ESTIMATED),
         }
@@ -303,6 +385,13 @@ def collect(
         out.recent, out.config_use = _recent(fetch("stats_recent", _RecentRow))
         out.overdue = fetch("stats_overdue", OverdueCount)
         out.reasons = fetch("stats_reasons", ReasonCount)
+        with conn.cursor(row_factory=class_row(LimitUse)) as limits_cur:
+            out.limits = limits_cur.execute(q("stats_limits")).fetchall()  # fleet-wide: every limit
+        from wsctl import clay
+
+        out.webhooks = [
+            w for w in clay.usage(conn) if workstream is None or w.workstream == workstream
+        ]
         with conn.cursor(row_factory=dict_row) as cur:
             est = one(cur.execute(q("stats_total_estimate")))["estimate"]
         out.states_total_estimate = int(est) if est is not None and est >= 0 else None
@@ -400,6 +489,47 @@ def render_prometheus(st: Stats) -> str:
         lines.append(
             _sample("wsctl_config_changed_since_used_states", {"workstream": ws, "step": step}, n)
         )
+    family("wsctl_limit_in_flight", "States in flight now under a limit key.")
+    for lim in st.limits:
+        lines.append(_sample("wsctl_limit_in_flight", {"key": lim.key}, lim.in_flight))
+    family("wsctl_limit_max_in_flight", "A limit's max_in_flight (limits with a cap only).")
+    for lim in st.limits:
+        if lim.max_in_flight is not None:
+            lines.append(_sample("wsctl_limit_max_in_flight", {"key": lim.key}, lim.max_in_flight))
+    family("wsctl_limit_tokens", "Tokens a limit's bucket holds now (limits with a rate only).")
+    for lim in st.limits:
+        if lim.tokens_now is not None:
+            lines.append(_sample("wsctl_limit_tokens", {"key": lim.key}, float(lim.tokens_now)))
+    family("wsctl_limit_burst", "A limit's burst: its bucket's size (limits with a rate only).")
+    for lim in st.limits:
+        if lim.burst is not None:
+            lines.append(_sample("wsctl_limit_burst", {"key": lim.key}, lim.burst))
+    family("wsctl_limit_rate_per_second", "A limit's rate (limits with a rate only).")
+    for lim in st.limits:
+        if lim.rate_per_second is not None:
+            lines.append(
+                _sample("wsctl_limit_rate_per_second", {"key": lim.key}, float(lim.rate_per_second))
+            )
+    caps = st.webhook_capacity()
+    for name, attr, help_ in (
+        ("wsctl_clay_webhook_left", "left", "Clay webhook submissions left, every client's."),
+        (
+            "wsctl_clay_webhook_min_config_left",
+            "min_config_left",
+            "The least Clay webhook submissions any one client config has left.",
+        ),
+        (
+            "wsctl_clay_webhook_exhausted_configs",
+            "exhausted_configs",
+            "Client configs whose Clay webhooks are all at their cap.",
+        ),
+        ("wsctl_clay_webhooks", "webhooks", "Clay webhook URLs configured."),
+    ):
+        family(name, help_ + " Per workstream and step.")
+        for cap in caps:
+            lines.append(
+                _sample(name, {"workstream": cap.workstream, "step": cap.step}, getattr(cap, attr))
+            )
     family("wsctl_states_total_estimate", "Rows of workflow_states: the planner's estimate.")
     if st.states_total_estimate is not None:  # none before the table's first ANALYZE
         lines.append(_sample("wsctl_states_total_estimate", {}, st.states_total_estimate))
@@ -410,7 +540,9 @@ def render_prometheus(st: Stats) -> str:
 
 __all__ = [
     "UNCLASSIFIED",
+    "LimitUse",
     "Stats",
+    "WebhookCapacity",
     "collect",
     "read_only",
     "render_prometheus",

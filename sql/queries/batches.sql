@@ -47,13 +47,9 @@ LOCK TABLE public.batch_items, public.workflow_states IN ROW EXCLUSIVE MODE;
 
 -- batch_fk_skip_is_safe --
 -- Whether session_replication_role = replica would skip nothing on an INSERT into
--- batch_items or workflow_states (their partitions included) but the checks of the three
--- foreign keys a create satisfies by construction: batch_items.batch_id -> batches(id),
--- workflow_states.item_id -> batch_items(id), workflow_states.batch_id -> batches(id).
--- So: no other foreign key on them; no enabled trigger firing on INSERT (a user trigger of
--- any kind, ALWAYS ones included, whose own writes would run under the replica role; a
--- deferrable constraint's internal trigger) but those three keys' own check triggers; no
--- enabled rule. Also the current role setting, to restore.
+-- batch_items or workflow_states (partitions included) but the three foreign keys' own
+-- checks, and the current setting, to restore. Why and what exactly: the module
+-- docstring of wsctl/batches.py (the one copy of that explanation).
 WITH rels (relid) AS (  -- pg_partition_tree gives no row for a table that is not partitioned
     SELECT unnest(ARRAY['public.batch_items'::regclass, 'public.workflow_states'::regclass])
     UNION

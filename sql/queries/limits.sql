@@ -13,7 +13,7 @@ ORDER BY key;
 -- limits_upsert --
 -- Define or redefine a limit; a redefined rate refills its bucket from full.
 INSERT INTO wsctl.limits AS l (key, rate_per_second, burst, max_in_flight, tokens, refilled_at)
-VALUES (%(key)s, %(rate)s, %(burst)s, %(max_in_flight)s, %(burst)s, now())
+VALUES (%(key)s, %(rate)s, %(burst)s::integer, %(max_in_flight)s, %(burst)s::integer, now())
 ON CONFLICT (key) DO UPDATE
 SET rate_per_second = EXCLUDED.rate_per_second,
     burst = EXCLUDED.burst,

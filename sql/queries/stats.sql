@@ -160,3 +160,48 @@ LEFT JOIN public.client_workflow_configs cwc
 LEFT JOIN public.enrichment_registry er
        ON er.id = (ws.used_resolution ->> 'registry_id')::uuid
 WHERE ws.item_id = %(item_id)s AND ws.used_resolution IS NOT NULL;
+
+-- stats_limits --
+-- Every limit with what is under its key now, in one statement: states in flight (claimed with
+-- a live lease, or DISPATCHED) over the registry rows bound to a key, and the rate's bucket
+-- refilled to now. Only the in-flight rows are read: the partial indexes
+-- idx_workflow_states_claim_lease (DISPATCHING) and idx_workflow_states_dispatched (DISPATCHED),
+-- never the rest of workflow_states. They are counted per (batch, step) first, so a key is
+-- rendered once per group, not once per state (a key depends on the batch's client and
+-- workstream, the step and its config: all the same within a group).
+WITH live AS (
+    SELECT f.batch_id, f.step_name, count(*) AS n
+    FROM (
+        SELECT ws.batch_id, ws.step_name
+        FROM public.workflow_states ws
+        WHERE ws.status = 'DISPATCHING' AND ws.lease_expires_at > now()
+        UNION ALL
+        SELECT ws.batch_id, ws.step_name
+        FROM public.workflow_states ws
+        WHERE ws.status = 'DISPATCHED'
+    ) f
+    GROUP BY f.batch_id, f.step_name
+), in_flight AS (
+    SELECT wsctl.render_limit_key(k.key_template, c.name, er.modal_sender_fn,
+                                  b.workstream_slug, lv.step_name, cfg.config) AS key,
+           sum(lv.n) AS n
+    FROM live lv
+    JOIN public.batches b ON b.id = lv.batch_id
+    JOIN public.enrichment_registry er
+      ON er.slug = lv.step_name AND er.workstream_slug = b.workstream_slug
+    JOIN wsctl.registry_limit_keys k ON k.registry_id = er.id
+    JOIN public.clients c ON c.id = b.client_id
+    LEFT JOIN public.client_workflow_configs cfg
+           ON cfg.client_id = b.client_id AND cfg.workflow_slug = lv.step_name
+          AND cfg.workstream_slug = b.workstream_slug
+    GROUP BY 1
+)
+SELECT l.key, l.rate_per_second, l.burst, l.max_in_flight,
+       coalesce(f.n, 0)::bigint AS in_flight,
+       CASE WHEN l.rate_per_second IS NOT NULL THEN
+           least(l.burst, coalesce(l.tokens, l.burst) + l.rate_per_second
+                 * greatest(0, extract(epoch FROM now() - coalesce(l.refilled_at, now()))))
+       END::double precision AS tokens_now
+FROM wsctl.limits l
+LEFT JOIN in_flight f ON f.key = l.key
+ORDER BY l.key;

@@ -61,3 +61,11 @@ LIMIT %(limit)s;
 -- Search: is the id an item's or a batch's?
 SELECT EXISTS (SELECT 1 FROM public.batch_items WHERE id = %(id)s) AS item,
        EXISTS (SELECT 1 FROM public.batches WHERE id = %(id)s) AS batch;
+
+-- ui_pruned_summaries --
+-- The summary rows of the shown batches that `wsctl prune` pruned: their counts stand in for the
+-- states that are gone (as `batch status` answers).
+SELECT batch_id, finished_at, counts, items, states_pruned, items_pruned, include_items,
+       archive, started_at, states_pruned_at, items_pruned_at
+FROM wsctl.pruned_batches
+WHERE batch_id = ANY (%(batch_ids)s::uuid[]);

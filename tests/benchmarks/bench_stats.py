@@ -89,6 +89,24 @@ def load(conn, items: int, batches: int) -> None:
         """,
         (REASONS, STEPS),
     )
+    # every (step, workstream) registered and bound to a limit per (workstream, step), and one
+    # per client: stats_limits counts the in-flight states under each
+    conn.execute(
+        "INSERT INTO enrichment_registry (slug, workstream_slug, type, modal_sender_fn)"
+        " SELECT s, w, 'async', 'fn_' || s FROM unnest(%s::text[]) s,"
+        " unnest(ARRAY['apollo_scrape', 'linkedin_scrape']) w",
+        (STEPS,),
+    )
+    conn.execute(
+        "INSERT INTO wsctl.registry_limit_keys (registry_id, key_template)"
+        " SELECT id, t FROM enrichment_registry,"
+        " unnest(ARRAY['bench:{workstream}:{step}', 'client:{client}']) t"
+    )
+    conn.execute(
+        "INSERT INTO wsctl.limits (key, max_in_flight)"
+        " SELECT DISTINCT 'bench:' || workstream_slug || ':' || slug, 100000"
+        " FROM enrichment_registry UNION ALL SELECT 'client:bench', 100000"
+    )
     conn.execute("VACUUM ANALYZE workflow_states")
     conn.execute("VACUUM ANALYZE batches")
 
@@ -141,6 +159,7 @@ def main() -> int:
                     "stats_recent",
                     "stats_overdue",
                     "stats_reasons",
+                    "stats_limits",
                 )
             }
             ws = []
@@ -159,6 +178,7 @@ def main() -> int:
             "prometheus_lines": text.count("\n"),
             "due": st.due_total,
             "needs_operator_groups": len(st.reasons),
+            "limits_in_flight": {lim.key: lim.in_flight for lim in st.limits},
         }
         print(json.dumps(doc, indent=2))
         if not args.keep and not args.reuse:

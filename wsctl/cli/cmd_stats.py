@@ -43,6 +43,41 @@ def _render(st) -> None:
             f"config {u.config_id} ({u.workstream}/{u.step}) changed since "
             f"{u.changed_since} of {u.states} state(s) of the last hour used it"
         )
+    if st.limits:
+        from wsctl.limits import format_rate
+
+        output.table(
+            ["limit", "in flight", "max in flight", "tokens now", "burst", "rate"],
+            [
+                (
+                    lim.key,
+                    lim.in_flight,
+                    lim.max_in_flight if lim.max_in_flight is not None else "-",
+                    f"{lim.tokens_now:.1f}" if lim.tokens_now is not None else "-",
+                    lim.burst if lim.burst is not None else "-",
+                    format_rate(lim.rate_per_second) or "-",
+                )
+                for lim in st.limits
+            ],
+            title="limits",
+        )
+    if st.webhooks:
+        output.table(
+            ["client", "workstream", "step", "webhook", "submitted", "cap", "left"],
+            [
+                (
+                    w.client,
+                    w.workstream,
+                    w.step,
+                    w.index,
+                    w.submitted,
+                    w.cap,
+                    max(w.cap - w.submitted, 0),
+                )
+                for w in st.webhooks
+            ],
+            title="Clay webhooks",
+        )
     est = st.states_total_estimate
     output.line(f"states in the table: about {est} (estimate)" if est is not None else "states: -")
 

@@ -36,6 +36,7 @@ from wsctl.errors import EnvError, OperationalError, WsctlError
 from wsctl.queries import one, q
 from wsctl.redact import redact, redact_text
 from wsctl.states import ORDER
+from wsctl.ui.fixes import fix_commands
 
 if TYPE_CHECKING:
     import psycopg
@@ -179,38 +180,6 @@ async def _plain(send: Callable, status: int, body: str, headers: list) -> None:
 # --- what the pages show -----------------------------------------------------------------
 
 
-def fix_commands(
-    *,
-    reason: str | None,
-    status: str,
-    batch_id: Any,
-    step: str,
-    workstream: str | None,
-    client: str,
-    sample_item_id: Any,
-) -> list[str]:
-    """The commands an operator runs for a group of BLOCKED/FAILED states: the fix, then retry."""
-    r = (reason or "").lower()
-    ws = workstream or "WORKSTREAM"
-    cmds: list[str] = []
-    if workstream is None or "workstream" in r or "legacy" in r:
-        cmds.append("wsctl backfill workstream-slug")
-    elif "registry" in r or "function" in r or "unregistered" in r:
-        cmds.append(
-            f"wsctl registry add --workflow {step} --workstream {ws} --type sync --sender FUNCTION"
-        )
-    elif "config" in r:
-        quoted = client.replace("'", "'\\''")
-        cmds.append(
-            f"wsctl config set --client '{quoted}' --workflow {step} --workstream {ws} "
-            "--set KEY=VALUE"
-        )
-    elif sample_item_id is not None:
-        cmds.append(f"wsctl item show {sample_item_id}")
-    cmds.append(f"wsctl retry --batch {batch_id} --step {step} --status {status}")
-    return cmds
-
-
 def _segments(counts: dict[str, int]) -> list[dict[str, Any]]:
     total = sum(counts.values())
     out = []
@@ -238,10 +207,15 @@ def _batches(conn: psycopg.Connection, limit: int, batch_id: uuid.UUID | None = 
             counts.setdefault(c["batch_id"], {}).setdefault(c["step"], {})[c["status"]] = c[
                 "states"
             ]
+    summaries = _pruned_summaries(conn, ids)
     for r in rows:
         per_step = counts.get(r["id"], {})
         steps = list(r["blueprint"] or [])
         r["items"] = sum(per_step.get(steps[0], {}).values()) if steps else 0
+        r["pruned"] = summaries.get(r["id"])
+        if r["pruned"] is not None:  # the states are gone (or going): the summary row's counts
+            per_step = {step: dict(by) for step, by in r["pruned"].counts.items()}
+            r["items"] = max(r["items"], r["pruned"].items)
         steps += sorted(s for s in per_step if s not in steps)
         r["steps"] = [
             {
@@ -252,6 +226,16 @@ def _batches(conn: psycopg.Connection, limit: int, batch_id: uuid.UUID | None = 
             for s in steps
         ]
     return rows
+
+
+def _pruned_summaries(conn: psycopg.Connection, ids: list) -> dict[Any, Any]:
+    from psycopg.rows import class_row
+
+    from wsctl.prune import PruneSummary
+
+    with conn.cursor(row_factory=class_row(PruneSummary)) as cur:
+        found = cur.execute(q("ui_pruned_summaries"), {"batch_ids": ids}).fetchall()
+    return {p.batch_id: p for p in found}
 
 
 def _reasons(conn: psycopg.Connection, batch_id: uuid.UUID | None, limit: int = 100) -> list:
@@ -349,6 +333,8 @@ class _Pages:
             groups=sorted(groups.items()),
             reasons=reasons,
             changed=[u for u in st.config_use if u.changed_since],
+            limits=[_limit_row(lim) for lim in st.limits],
+            webhooks=[_webhook_card(c) for c in st.webhook_capacity()],
             refresh=refresh,
         )
 
@@ -413,6 +399,22 @@ class _Pages:
         from wsctl.stats import render_prometheus
 
         return PlainResponse(render_prometheus(self.stats()), media_type=PROMETHEUS_CONTENT_TYPE)
+
+
+def _limit_row(lim: Any) -> dict[str, Any]:
+    from wsctl.limits import format_rate
+
+    return {**lim.to_json(), "tokens_now": lim.tokens_now, "rate": format_rate(lim.rate_per_second)}
+
+
+def _webhook_card(c: Any) -> dict[str, Any]:
+    """A (workstream, step)'s webhook capacity; it warns when one config has less than 20 %
+    of one webhook's default cap left (doctor warns at 80 % used)."""
+    from dataclasses import asdict
+
+    from wsctl import clay
+
+    return {**asdict(c), "warn_below": int(clay.DEFAULT_SUBMISSION_CAP * (1 - clay.WARN_AT))}
 
 
 def _age_text(seconds: float | None) -> str:
