@@ -28,7 +28,7 @@ the dashboard) is never overwritten, and no other column is touched.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import first_line, settings_of, tx
 from wsctl.domain import Inference, infer_workstreams, parse_uuid, validate_slug
 from wsctl.errors import OperationalError
-from wsctl.queries import q
+from wsctl.queries import q, scalar
 
 if TYPE_CHECKING:
     import psycopg
@@ -142,7 +142,7 @@ def _check_default(conn: psycopg.Connection, default: str | None) -> str | None:
 
 
 def _check_scope(
-    conn: psycopg.Connection, batch_ids: list[str | uuid.UUID] | None, report: BackfillReport
+    conn: psycopg.Connection, batch_ids: Sequence[str | uuid.UUID] | None, report: BackfillReport
 ) -> list[uuid.UUID] | None:
     if not batch_ids:
         return None
@@ -152,7 +152,9 @@ def _check_scope(
         if bid not in ids:
             ids.append(bid)
     with tx(conn):
-        found = dict(conn.execute(q("backfill_existing_ids"), (ids,)).fetchall())
+        found: dict[uuid.UUID, bool] = dict(
+            conn.execute(q("backfill_existing_ids"), (ids,)).fetchall()
+        )
     missing = [str(b) for b in ids if b not in found]
     if missing:
         raise OperationalError(f"no batch with id {', '.join(missing)}")
@@ -216,7 +218,7 @@ def backfill_workstream_slug(
     conn: psycopg.Connection,
     *,
     default: str | None = None,
-    batch_ids: list[str | uuid.UUID] | None = None,
+    batch_ids: Sequence[str | uuid.UUID] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     dry_run: bool = False,
     enforce: bool = False,
@@ -318,9 +320,7 @@ def _walk(
     import psycopg
 
     with tx(conn):  # the count scans the batches table: give it the statement timeout
-        total = conn.execute(
-            q("backfill_count_null"), {"after": cursor, "scope": scope}
-        ).fetchone()[0]
+        total = scalar(conn.execute(q("backfill_count_null"), {"after": cursor, "scope": scope}))
     while True:
         try:
             with tx(conn, lock_timeout=lock_timeout):
@@ -388,7 +388,7 @@ def _refuse_before_writing(
         on_chunk=on_chunk,
     )
     with tx(conn, lock_timeout=lock_timeout):
-        remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
+        remaining = scalar(conn.execute(q("backfill_null_total")))
     remaining = max(remaining - probe.inferred - probe.defaulted, len(unresolved))
     if not remaining:
         return False
@@ -471,7 +471,7 @@ def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str
     import psycopg
 
     with tx(conn, lock_timeout=lock_timeout):
-        remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
+        remaining = scalar(conn.execute(q("backfill_null_total")))
         row = conn.execute(q("backfill_check_state")).fetchone()
     if report.dry_run:
         remaining = max(remaining - report.inferred - report.defaulted, 0)
@@ -499,7 +499,7 @@ def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str
             conn.execute(q("backfill_validate_check"))
     except psycopg.errors.CheckViolation:
         with tx(conn, lock_timeout=lock_timeout):
-            remaining = conn.execute(q("backfill_null_total")).fetchone()[0]
+            remaining = scalar(conn.execute(q("backfill_null_total")))
         return EnforceResult(
             "refused",
             remaining,

@@ -54,7 +54,7 @@ from wsctl.domain import Client, find_client, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.itemfiles import item_line, open_items
 from wsctl.prune import PruneSummary, get_summary
-from wsctl.queries import q
+from wsctl.queries import one, q, scalar
 from wsctl.redact import first_line
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ def _existing_for_key_in_tx(
             f"(client {existing.client}, workstream {existing.workstream_slug}, "
             f"blueprint {','.join(existing.blueprint)}), not this request"
         )
-    items = conn.execute(q("batch_item_count"), (existing.batch_id,)).fetchone()[0]
+    items = scalar(conn.execute(q("batch_item_count"), (existing.batch_id,)))
     return CreateResult(
         batch_id=existing.batch_id,
         items=items,
@@ -316,7 +316,7 @@ def create_batch(
                 if restore is not None:
                     # A partition attached while the rows went in is not covered by the
                     # lock: check again before anything is committed.
-                    if not conn.execute(q("batch_fk_skip_is_safe")).fetchone()[0]:
+                    if not scalar(conn.execute(q("batch_fk_skip_is_safe"))):
                         raise OperationalError(
                             "batch_items or workflow_states changed during the create (a "
                             "trigger, rule or partition appeared); nothing written: run it again"
@@ -327,6 +327,7 @@ def create_batch(
                         f"internal error: {n} items but {states} first-step states; nothing written"
                     )
         except _DedupeTaken:
+            assert key is not None  # raised only when the dedupe key was claimed
             found = _existing_for_key(conn, key, plan, dry_run=False)
             if found is None:  # pragma: no cover - the holder was deleted meanwhile
                 raise OperationalError(f"dedupe key {key!r} is taken; try again") from None
@@ -372,7 +373,7 @@ def _skip_fk_triggers(conn: psycopg.Connection) -> str | None:
     import psycopg
 
     conn.execute(q("batch_lock_item_tables"))  # the inserts' own lock mode, before the check
-    safe, current = conn.execute(q("batch_fk_skip_is_safe")).fetchone()
+    safe, current = one(conn.execute(q("batch_fk_skip_is_safe")))
     if not safe:
         return None
     try:
@@ -524,7 +525,7 @@ def batch_status(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchSt
     """
     with tx(conn):  # read only; the transaction carries the statement timeout
         info = get_batch(conn, batch_id)
-        items = conn.execute(q("batch_item_count"), (info.batch_id,)).fetchone()[0]
+        items = scalar(conn.execute(q("batch_item_count"), (info.batch_id,)))
         states = conn.execute(q("batch_state_counts"), (info.batch_id,)).fetchall()
         pruned = get_summary(conn, info.batch_id)
     counts: dict[str, dict[str, int]] = {}
@@ -606,7 +607,7 @@ def cancel_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> CancelR
             raise OperationalError(f"batch {info.batch_id} is COMPLETED: nothing to cancel")
         cancelled = conn.execute(q("batch_cancel_states"), (info.batch_id,)).rowcount
         conn.execute(q("batch_cancel"), (info.batch_id,))
-        in_flight = conn.execute(q("batch_in_flight"), (info.batch_id,)).fetchone()[0]
+        in_flight = scalar(conn.execute(q("batch_in_flight"), (info.batch_id,)))
     return CancelResult(
         batch_id=info.batch_id,
         cancelled_states=cancelled,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import Client, find_client, validate_slug
 from wsctl.errors import OperationalError, UsageError
-from wsctl.queries import q
+from wsctl.queries import one, q
 from wsctl.redact import first_line, key_path, remember
 from wsctl.secret_refs import check_references, plaintext_credentials
 
@@ -89,7 +89,7 @@ def add_client(conn: psycopg.Connection, name: str) -> tuple[ClientRow, bool]:
         row = conn.execute(q("catalog_client_insert"), (value,)).fetchone()
         created = row is not None
         if row is None:
-            row = conn.execute(q("catalog_client_get"), (value,)).fetchone()
+            row = one(conn.execute(q("catalog_client_get"), (value,)))
     return ClientRow(id=row[0], name=row[1], created_at=row[2]), created
 
 
@@ -129,6 +129,13 @@ class RegistryRow:
             receiver=row[5],
             created_at=row[6],
         )
+
+    @property
+    def stored_id(self) -> uuid.UUID:
+        """The id of a row read from the database (a row parsed from a file has none yet)."""
+        if self.id is None:
+            raise RuntimeError("a registry row not read from the database has no id")
+        return self.id
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -210,16 +217,16 @@ def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrit
 
     if before is not None:
         same = RegistryRow.from_db(before)
-        bound = tuple(registry_bindings(conn, [same.id])[same.id])
+        bound = tuple(registry_bindings(conn, [same.stored_id])[same.stored_id])
         same = replace(same, limit_keys=bound)
         if (same.type, same.sender, same.receiver) == (row.type, row.sender, row.receiver) and (
             row.limit_keys is None or row.limit_keys == bound
         ):
             return RegistryWrite(same, created=False, changed=False)
-    after = RegistryRow.from_db(conn.execute(q("catalog_registry_upsert"), params).fetchone())
+    after = RegistryRow.from_db(one(conn.execute(q("catalog_registry_upsert"), params)))
     if row.limit_keys is not None:
-        bind_registry(conn, after.id, list(row.limit_keys))
-    keys = tuple(registry_bindings(conn, [after.id])[after.id])
+        bind_registry(conn, after.stored_id, list(row.limit_keys))
+    keys = tuple(registry_bindings(conn, [after.stored_id])[after.stored_id])
     return RegistryWrite(replace(after, limit_keys=keys), created=before is None)
 
 
@@ -260,7 +267,7 @@ def list_registry(
             ).fetchall()
         ]
         bound = registry_bindings(conn, [r.id for r in rows if r.id is not None])
-    return [replace(r, limit_keys=tuple(bound.get(r.id, ()))) for r in rows]
+    return [replace(r, limit_keys=tuple(bound.get(r.stored_id, ()))) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -689,7 +696,7 @@ def set_config(
         key = (found.id, workflow, workstream)
         before = conn.execute(q("catalog_config_get_for_update"), key).fetchone()
         name = "catalog_config_replace" if config is not None else "catalog_config_merge"
-        row = conn.execute(q(name), (*key, Jsonb(doc))).fetchone()
+        row = one(conn.execute(q(name), (*key, Jsonb(doc))))
     return ConfigWrite(_config_row(found, row), created=before is None, warnings=warnings)
 
 
@@ -737,7 +744,7 @@ def unset_config(
         missing = [k for k in keys if k not in before[4]]
         after = before
         if present:
-            after = conn.execute(q("catalog_config_remove_keys"), (present, before[0])).fetchone()
+            after = one(conn.execute(q("catalog_config_remove_keys"), (present, before[0])))
     return ConfigRemoval(
         _config_row(found, after), deleted=False, removed_keys=present, missing_keys=missing
     )

@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from wsctl.errors import OperationalError
-from wsctl.queries import example_path, q
+from wsctl.queries import example_path, one, q, scalar
 
 if TYPE_CHECKING:
     import psycopg
@@ -351,7 +351,7 @@ def _worker_env(
 
 def check_target(conn: psycopg.Connection) -> None:
     """Refuse a database that holds other clients' data (the demo writes registry rows)."""
-    if not conn.execute(q("demo_clients_table")).fetchone()[0]:
+    if not scalar(conn.execute(q("demo_clients_table"))):
         return
     others = [r[0] for r in conn.execute(q("demo_other_clients"), (DEMO_CLIENT,)).fetchall()]
     if others:
@@ -418,7 +418,7 @@ def _progress(conn: psycopg.Connection, batch_ids: list[uuid.UUID]) -> dict[str,
 
 def _all_done(conn: psycopg.Connection, batch_ids: list[uuid.UUID]) -> bool:
     """Every item has completed every step (counted on the states, not on batches.status)."""
-    done, total = conn.execute(q("demo_steps_done"), (batch_ids, batch_ids)).fetchone()
+    done, total = one(conn.execute(q("demo_steps_done"), (batch_ids, batch_ids)))
     return total > 0 and done == total
 
 
@@ -497,6 +497,7 @@ def run_demo(
     app_path = str(example_path("enrichment_app.py"))
     backend = LocalBackend(app_path)
     backend.setup()  # imports the app (and its enrichment_logic) before anything is written
+    assert backend.module is not None  # setup() imported it
     logic = backend.module.logic
     receivers = {receiver: step for (step, _ws), (_t, _s, receiver) in REGISTRY.items() if receiver}
     clay = ClayStandIn()

@@ -11,6 +11,7 @@ a bounded sample (``top`` rows). Nothing here prints or exits.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsctl.db import tx
 from wsctl.errors import WsctlError
-from wsctl.queries import q
+from wsctl.queries import one, q, scalar
 from wsctl.redact import first_line, mask_url
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def _more(shown: int, total: int) -> str:
 
 
 def _check_database(conn: psycopg.Connection) -> Check:
-    version = conn.execute(q("server_version")).fetchone()[0]
+    version = scalar(conn.execute(q("server_version")))
     info = conn.info
     where = f"{info.user}@{info.host}:{info.port}/{info.dbname}"
     return Check(DATABASE, OK, f"connected to {where} (PostgreSQL {version})")
@@ -155,7 +156,11 @@ def _check_schema(conn: psycopg.Connection) -> tuple[Check, bool]:
 
 
 def _check_legacy_batches(conn: psycopg.Connection, top: int) -> Check:
-    total, active, sample = conn.execute(q("doctor_legacy_batches"), {"top": top}).fetchone()
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = one(cur.execute(q("doctor_legacy_batches"), {"top": top}))
+    total, active, sample = row["total"], row["active"], row["sample"]
     if not total:
         return Check(LEGACY_BATCHES, OK, "every batch has a workstream_slug")
     return Check(
@@ -261,7 +266,7 @@ def _check_plaintext_credentials(conn: psycopg.Connection, top: int) -> Check:
 
 
 def _check_expired_leases(conn: psycopg.Connection) -> Check:
-    n, oldest = conn.execute(q("doctor_expired_leases")).fetchone()
+    n, oldest = one(conn.execute(q("doctor_expired_leases")))
     if not n:
         return Check(EXPIRED_LEASES, OK, "no DISPATCHING state holds an expired lease")
     return Check(
@@ -361,8 +366,12 @@ def _mb(n: int) -> str:
 
 
 def _check_states_bloat(conn: psycopg.Connection) -> Check:
-    row = conn.execute(q("prune_doctor_bloat")).fetchone()
-    live, dead, total, heap, last, options = row
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = one(cur.execute(q("prune_doctor_bloat")))
+    live, dead, last = row["live"], row["dead"], row["last_vacuum"]
+    total, heap, options = row["total_bytes"], row["heap_bytes"], row["reloptions"]
     ratio = dead / live if live else (1.0 if dead else 0.0)
     when = f"last vacuumed {_age(last)} ago" if last else "never vacuumed"
     detail = (
@@ -735,19 +744,19 @@ def doctor(
         else:
             add(_skip(SCHEMA, "no database connection"))
 
-        data_checks: list[tuple[str, Callable[[], Check]]] = [
-            (LEGACY_BATCHES, lambda: _check_legacy_batches(conn, top)),
-            (UNREGISTERED_STATES, lambda: _check_unregistered(conn, top)),
-            (MISSING_CONFIGS, lambda: _check_missing_configs(conn, top)),
-            (PLAINTEXT_CREDENTIALS, lambda: _check_plaintext_credentials(conn, top)),
-            (EXPIRED_LEASES, lambda: _check_expired_leases(conn)),
-            (STALE_DISPATCHED, lambda: _check_stale_dispatched(conn, top, callback_timeout)),
-            (LIMIT_KEYS, lambda: _check_limit_keys(conn, top)),
-            (CLAY_WEBHOOKS, lambda: _check_clay_webhooks(conn, top)),
-            (STATES_BLOAT, lambda: _check_states_bloat(conn)),
-            (VACUUM_HORIZON, lambda: _check_vacuum_horizon(conn, xmin_threshold)),
-            (PRUNE_CANDIDATES, lambda: _check_prune_candidates(conn, prune_after, top)),
-            (API_EXPOSURE, lambda: _check_api_exposure(conn)),
+        data_checks: list[tuple[str, Callable[[psycopg.Connection], Check]]] = [
+            (LEGACY_BATCHES, lambda c: _check_legacy_batches(c, top)),
+            (UNREGISTERED_STATES, lambda c: _check_unregistered(c, top)),
+            (MISSING_CONFIGS, lambda c: _check_missing_configs(c, top)),
+            (PLAINTEXT_CREDENTIALS, lambda c: _check_plaintext_credentials(c, top)),
+            (EXPIRED_LEASES, lambda c: _check_expired_leases(c)),
+            (STALE_DISPATCHED, lambda c: _check_stale_dispatched(c, top, callback_timeout)),
+            (LIMIT_KEYS, lambda c: _check_limit_keys(c, top)),
+            (CLAY_WEBHOOKS, lambda c: _check_clay_webhooks(c, top)),
+            (STATES_BLOAT, lambda c: _check_states_bloat(c)),
+            (VACUUM_HORIZON, lambda c: _check_vacuum_horizon(c, xmin_threshold)),
+            (PRUNE_CANDIDATES, lambda c: _check_prune_candidates(c, prune_after, top)),
+            (API_EXPOSURE, lambda c: _check_api_exposure(c)),
         ]
         for name, fn in data_checks:
             if conn is None:
@@ -755,7 +764,7 @@ def doctor(
             elif not schema_ok:
                 add(_skip(name, "the schema is not migrated (`wsctl migrate`)"))
             else:
-                add(_guarded(conn, name, fn))
+                add(_guarded(conn, name, functools.partial(fn, conn)))
 
         credentials, have_credentials = _check_modal_credentials(
             backend, backend_source, check_modal

@@ -24,7 +24,7 @@ from wsctl.db import tx
 from wsctl.domain import parse_uuid
 from wsctl.errors import OperationalError
 from wsctl.prune import PruneSummary, get_summary
-from wsctl.queries import q
+from wsctl.queries import one, q
 from wsctl.redact import redact_text
 from wsctl.resolve import Resolution, resolve_config
 
@@ -210,7 +210,7 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
     iid = item_id if isinstance(item_id, uuid.UUID) else parse_uuid(item_id, "item id")
     row = conn.execute(q("inspect_item"), (iid,)).fetchone()
     if row is None:
-        batches, last = conn.execute(q("prune_pruned_count")).fetchone()
+        batches, last = one(conn.execute(q("prune_pruned_count")))
         if batches:
             raise OperationalError(
                 f"no batch item with id {iid}",

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from wsctl import security
 from wsctl.errors import EnvError, OperationalError
-from wsctl.queries import q, sql_dir
+from wsctl.queries import q, scalar, sql_dir
 from wsctl.redact import first_line
 
 if TYPE_CHECKING:
@@ -125,7 +125,8 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
 
 def split_statements(sql: str) -> list[str]:
     """Statements of a non-transactional file: ``;`` at a line's end ends a statement."""
-    statements, current = [], []
+    statements: list[str] = []
+    current: list[str] = []
     for line in sql.splitlines():
         if line.strip().startswith("--") and not current:
             continue
@@ -145,7 +146,7 @@ def _applied_rows(conn: psycopg.Connection) -> list[tuple]:
     from wsctl.db import tx
 
     with tx(conn):  # the schema check too waits for a lock only as long as lock_timeout
-        exists = conn.execute(q("migrations_table_exists")).fetchone()[0]
+        exists = scalar(conn.execute(q("migrations_table_exists")))
         if not exists:
             return []
         return conn.execute(q("migrations_applied")).fetchall()
@@ -256,7 +257,7 @@ class _MigrationLock:
             # The lock lives as long as this transaction: a server-side idle timeout must
             # not end it.
             self.conn.execute(q("migrations_lock_transaction_settings"))
-            if self.conn.execute(q("migrations_try_lock"), (LOCK_KEY,)).fetchone()[0]:
+            if scalar(self.conn.execute(q("migrations_try_lock"), (LOCK_KEY,))):
                 return time.monotonic() - start
             # Not held: end this try's transaction before waiting. A waiter's transaction
             # left open would be one the holder's CREATE INDEX CONCURRENTLY waits for

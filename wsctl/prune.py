@@ -36,7 +36,7 @@ from typing import IO, TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import parse_uuid
 from wsctl.errors import OperationalError, UsageError
-from wsctl.queries import q
+from wsctl.queries import one, q, scalar
 
 if TYPE_CHECKING:
     import psycopg
@@ -226,7 +226,7 @@ class _Archive:
         size = os.fstat(self.file.fileno()).st_size
         with tx(conn):
             conn.execute(q("prune_archive_register"), (self.path, size))
-            committed, _ = conn.execute(q("prune_archive_get"), (self.path,)).fetchone()
+            committed, _ = one(conn.execute(q("prune_archive_get"), (self.path,)))
         if size < committed:
             self.file.close()
             raise OperationalError(
@@ -353,6 +353,11 @@ def prune(
         if arch is not None:
             report.archive_truncated_bytes = arch.truncated
         for result in found:
+
+            def progress(table: str, n: int, bid: uuid.UUID = result.batch_id) -> None:
+                if on_chunk:
+                    on_chunk(ChunkProgress(bid, table, n, total))
+
             _prune_batch(
                 conn,
                 result,
@@ -360,9 +365,7 @@ def prune(
                 include_items=include_items,
                 chunk_size=chunk_size,
                 lock_timeout=lock_timeout,
-                progress=lambda table, n, bid=result.batch_id: (
-                    on_chunk and on_chunk(ChunkProgress(bid, table, n, total))
-                ),
+                progress=progress,
             )
     finally:
         if arch is not None:
@@ -378,7 +381,7 @@ def _refuse_ineligible(
             continue
         if conn.execute(q("batch_get"), (bid,)).fetchone() is None:
             raise OperationalError(f"no batch with id {bid}", hint="see `wsctl batch list`")
-        states, unfinished, finished_at = conn.execute(q("prune_explain_batch"), (bid,)).fetchone()
+        states, unfinished, finished_at = one(conn.execute(q("prune_explain_batch"), (bid,)))
         if unfinished:
             raise OperationalError(
                 f"batch {bid} is active: {unfinished} of its {states} state(s) are not "
@@ -482,25 +485,25 @@ def _chunk(
     outcome: "more", "states done", "items done", "locked" (every row left is
     locked by another transaction), "unfinished" (no longer finished), "gone".
     """
+    from psycopg.rows import dict_row
     from psycopg.types.json import Jsonb
 
     new_length = None
     with tx(conn, lock_timeout=lock_timeout):
         if conn.execute(q("prune_lock_batch"), (bid,)).fetchone() is None:
             return "gone", 0
-        if conn.execute(q("prune_batch_unfinished"), (bid,)).fetchone()[0]:
+        if scalar(conn.execute(q("prune_batch_unfinished"), (bid,))):
             return "unfinished", 0
         if get_summary(conn, bid) is None:
-            counts, finished_at, items = conn.execute(
-                q("prune_batch_snapshot"), {"batch_id": bid}
-            ).fetchone()
+            with conn.cursor(row_factory=dict_row) as cur:
+                snapshot = one(cur.execute(q("prune_batch_snapshot"), {"batch_id": bid}))
             conn.execute(
                 q("prune_summary_insert"),
                 {
                     "batch_id": bid,
-                    "finished_at": finished_at,
-                    "counts": Jsonb(counts),
-                    "items": items,
+                    "finished_at": snapshot["finished_at"],
+                    "counts": Jsonb(snapshot["counts"]),
+                    "items": snapshot["items"],
                     "include_items": include_items,
                     "archive": arch.path if arch else None,
                 },
@@ -519,7 +522,7 @@ def _chunk(
             if table == "workflow_states"
             else ("prune_select_items", "prune_delete_items")
         )
-        if table == "batch_items" and conn.execute(q("prune_states_left"), (bid,)).fetchone()[0]:
+        if table == "batch_items" and scalar(conn.execute(q("prune_states_left"), (bid,))):
             return "unfinished", 0  # a state appeared: its item must stay
         rows = conn.execute(q(select), {"batch_id": bid, "limit": chunk_size}).fetchall()
         ids = [r[0] for r in rows]
@@ -532,7 +535,7 @@ def _chunk(
             if deleted != len(ids):  # the rows were locked: cannot happen
                 raise OperationalError(f"deleted {deleted} of {len(ids)} locked rows; rolled back")
         left = q("prune_states_left") if table == "workflow_states" else q("prune_items_left")
-        done = not conn.execute(left, (bid,)).fetchone()[0]
+        done = not scalar(conn.execute(left, (bid,)))
         conn.execute(
             q("prune_summary_add"),
             {

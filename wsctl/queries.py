@@ -16,6 +16,12 @@ from __future__ import annotations
 import re
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import psycopg
+
+Row = TypeVar("Row")
 
 _BLOCK = re.compile(r"^-- ([a-z0-9_]+) --\s*$", re.MULTILINE)
 
@@ -61,6 +67,25 @@ def q(name: str) -> str:
         return _all()[name]
     except KeyError:
         raise RuntimeError(f"no SQL query named {name!r} under sql/queries") from None
+
+
+def one(cur: psycopg.Cursor[Row]) -> Row:
+    """The one row a statement returns (an aggregate, or ``RETURNING`` of a row known to exist).
+
+    psycopg's ``fetchone()`` says ``None`` when there is no row; for these
+    statements that is a broken invariant (a row deleted under us), reported
+    as such instead of a ``TypeError`` further on.
+    """
+    row = cur.fetchone()
+    if row is None:
+        raise RuntimeError("a statement that returns one row returned none")
+    return row
+
+
+def scalar(cur: psycopg.Cursor[Any]) -> Any:
+    """The single value of a one-row, one-column result (``SELECT count(*) ...``)."""
+    row = one(cur)
+    return row[0] if isinstance(row, tuple | list) else next(iter(row.values()))
 
 
 def names() -> list[str]:

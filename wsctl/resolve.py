@@ -186,6 +186,7 @@ def _item(conn: psycopg.Connection, res: Resolution, item_id: uuid.UUID) -> None
 
 
 def _infer_for_item(conn: psycopg.Connection, res: Resolution) -> Resolution:
+    assert res.batch_id is not None  # _item() set it from the item's batch
     inference = infer_workstream(conn, res.batch_id)
     res.candidates = list(inference.candidates)
     res.backfill_workstream_slug = inference.workstream
@@ -243,6 +244,7 @@ def _settle_candidates(conn: psycopg.Connection, res: Resolution, *, backfill: b
             f"`wsctl backfill workstream-slug` would set {only}; nothing acts on an inference"
         )
     else:
+        assert res.client is not None  # known before any candidate is looked for
         res.warnings.append(
             f"workstream {only} is inferred (the only one where {res.client.name} has a config "
             f"for {res.workflow_slug}); pass --workstream {only} to make it explicit"
@@ -290,6 +292,7 @@ def _resolve(
         res.item_id = item_id if isinstance(item_id, uuid.UUID) else parse_uuid(item_id, "item id")
         _item(conn, res, res.item_id)
     else:
+        assert client is not None  # resolve_config() takes exactly one of item_id and client
         res.client = find_client(conn, client)
         res.trace.append(
             TraceStep(
@@ -313,6 +316,7 @@ def _resolve(
             )
             return res
         if res.item_id is not None and carried is None:
+            assert res.batch_id is not None  # _item() set it from the item's batch
             inference = infer_workstream(conn, res.batch_id)
             res.backfill_workstream_slug = inference.workstream
             res.warnings.append(

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wsctl.errors import OperationalError, UsageError
-from wsctl.queries import q
+from wsctl.queries import one, q, scalar
 
 if TYPE_CHECKING:
     import psycopg
@@ -80,7 +80,7 @@ def api_roles(conn: psycopg.Connection) -> ApiRoles:
     from psycopg.rows import dict_row
 
     with conn.cursor(row_factory=dict_row) as cur:
-        names = cur.execute(q("security_api_roles")).fetchone()
+        names = one(cur.execute(q("security_api_roles")))
     present = existing_roles(conn, [names["anon"], names["authenticated"]])
     return ApiRoles(names["anon"], names["authenticated"], tuple(present))
 
@@ -145,7 +145,7 @@ def wsctl_objects(conn: psycopg.Connection) -> list[WsctlObject]:
 
 
 def worker_roles(conn: psycopg.Connection) -> list[str]:
-    if not conn.execute(q("security_worker_roles_exists")).fetchone()[0]:
+    if not scalar(conn.execute(q("security_worker_roles_exists"))):
         return []
     from psycopg.rows import dict_row
 
@@ -372,7 +372,7 @@ class SecureReport:
 def _created_tables(conn: psycopg.Connection) -> list[str]:
     from psycopg.rows import dict_row
 
-    if not conn.execute(q("security_created_tables_exists")).fetchone()[0]:
+    if not scalar(conn.execute(q("security_created_tables_exists"))):
         return []
     with conn.cursor(row_factory=dict_row) as cur:
         return [r["table_name"] for r in cur.execute(q("security_created_list")).fetchall()]
@@ -576,7 +576,7 @@ def _wsctl_reach(conn: psycopg.Connection, role: str) -> list[str]:
     from psycopg.rows import dict_row
 
     with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(q("security_role_wsctl_reach"), {"role": role}).fetchone()
+        row = one(cur.execute(q("security_role_wsctl_reach"), {"role": role}))
     if not row["schema_usage"]:
         return []
     return list(row["tables"]) + list(row["routines"])

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,7 @@ _PG_INT_MAX = 2**31 - 1  # statement_timeout's upper bound, in ms
 def _duration(value: Any) -> str:
     """A statement_timeout: ``"5min"``, ``"30s"``, ``"500ms"``, ``"0"`` or an integer of ms."""
     why = "a PostgreSQL duration such as '5min', '30s', '500ms' or '0' (units ms, s, min, h, d)"
+    ms: float
     if isinstance(value, int) and not isinstance(value, bool):
         ms, text = value, str(value)
     elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())):
@@ -321,7 +322,7 @@ def check_database_url(url: str, source: str) -> None:
     raise error(f"invalid database URL {mask_url(url)} (from {source}): {problem}")
 
 
-def load(database_url: str | None = None, *, env: dict[str, str] | None = None) -> Settings:
+def load(database_url: str | None = None, *, env: Mapping[str, str] | None = None) -> Settings:
     """Read settings; ``database_url`` is the command-line option (highest precedence).
 
     Every key of every file is checked for its type and range here, so a bad
@@ -330,10 +331,10 @@ def load(database_url: str | None = None, *, env: dict[str, str] | None = None) 
     """
     env = os.environ if env is None else env
     layers: list[tuple[str, dict[str, Any]]] = []
-    for path in (user_config_path(), local_config_path()):
-        data = _read_toml(path)
+    for config_file in (user_config_path(), local_config_path()):
+        data = _read_toml(config_file)
         if data:
-            layers.append((str(path), data))
+            layers.append((str(config_file), data))
 
     db: dict[str, Any] = dict(DATABASE_DEFAULTS)
     dispatch: dict[str, Any] = dict(DISPATCH_DEFAULTS)

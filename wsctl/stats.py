@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from wsctl.queries import q
+from wsctl.queries import one, q
 from wsctl.states import ORDER, Status
 
 if TYPE_CHECKING:
@@ -371,10 +371,10 @@ def collect(
     params = {"workstream": workstream, "timeout": int(callback_timeout)}
     with read_only(conn, statement_timeout=statement_timeout):
         with conn.cursor(row_factory=dict_row) as cur:
-            now = cur.execute(q("stats_now")).fetchone()["now"]
+            now = one(cur.execute(q("stats_now")))["now"]
         out = Stats(generated_at=now, workstream=workstream, callback_timeout=callback_timeout)
 
-        def fetch(name: str, cls: type) -> list:
+        def fetch(name: str, cls: type[Any]) -> list[Any]:
             with conn.cursor(row_factory=class_row(cls)) as cur:
                 return cur.execute(q(name), params).fetchall()
 
@@ -385,15 +385,15 @@ def collect(
         out.recent, out.config_use = _recent(fetch("stats_recent", _RecentRow))
         out.overdue = fetch("stats_overdue", OverdueCount)
         out.reasons = fetch("stats_reasons", ReasonCount)
-        with conn.cursor(row_factory=class_row(LimitUse)) as cur:
-            out.limits = cur.execute(q("stats_limits")).fetchall()  # fleet-wide: every limit
+        with conn.cursor(row_factory=class_row(LimitUse)) as limits_cur:
+            out.limits = limits_cur.execute(q("stats_limits")).fetchall()  # fleet-wide: every limit
         from wsctl import clay
 
         out.webhooks = [
             w for w in clay.usage(conn) if workstream is None or w.workstream == workstream
         ]
         with conn.cursor(row_factory=dict_row) as cur:
-            est = cur.execute(q("stats_total_estimate")).fetchone()["estimate"]
+            est = one(cur.execute(q("stats_total_estimate")))["estimate"]
         out.states_total_estimate = int(est) if est is not None and est >= 0 else None
     out.seconds = round(time.perf_counter() - started, 4)
     return out
@@ -466,9 +466,9 @@ def render_prometheus(st: Stats) -> str:
         )
     family("wsctl_needs_operator_states", "BLOCKED and FAILED states per reason code.")
     merged: dict[tuple[str, str, str, str], int] = {}
-    for r in st.reasons:
-        key = (_label_value(r.workstream), r.step, r.status, r.reason_label)
-        merged[key] = merged.get(key, 0) + r.states
+    for rc in st.reasons:
+        key = (_label_value(rc.workstream), rc.step, rc.status, rc.reason_label)
+        merged[key] = merged.get(key, 0) + rc.states
     for (ws, step, status, reason), n in merged.items():
         lines.append(
             _sample(
@@ -483,8 +483,8 @@ def render_prometheus(st: Stats) -> str:
     )
     changed: dict[tuple[str, str], int] = {}
     for u in st.config_use:
-        key = (_label_value(u.workstream), u.step)
-        changed[key] = changed.get(key, 0) + u.changed_since
+        use_key = (_label_value(u.workstream), u.step)
+        changed[use_key] = changed.get(use_key, 0) + u.changed_since
     for (ws, step), n in changed.items():
         lines.append(
             _sample("wsctl_config_changed_since_used_states", {"workstream": ws, "step": step}, n)
@@ -526,9 +526,9 @@ def render_prometheus(st: Stats) -> str:
         ("wsctl_clay_webhooks", "webhooks", "Clay webhook URLs configured."),
     ):
         family(name, help_ + " Per workstream and step.")
-        for c in caps:
+        for cap in caps:
             lines.append(
-                _sample(name, {"workstream": c.workstream, "step": c.step}, getattr(c, attr))
+                _sample(name, {"workstream": cap.workstream, "step": cap.step}, getattr(cap, attr))
             )
     family("wsctl_states_total_estimate", "Rows of workflow_states: the planner's estimate.")
     if st.states_total_estimate is not None:  # none before the table's first ANALYZE

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from wsctl.db import tx
-from wsctl.queries import q
+from wsctl.queries import q, scalar
 
 if TYPE_CHECKING:
     import psycopg
@@ -64,7 +64,7 @@ class TuneReport:
 
 
 def _current(conn: psycopg.Connection) -> dict[str, str]:
-    options = conn.execute(q("tune_current")).fetchone()[0]
+    options = scalar(conn.execute(q("tune_current")))
     return dict(o.split("=", 1) for o in options)
 
 

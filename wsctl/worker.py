@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsctl.domain import parse_uuid
 from wsctl.errors import EnvError, OperationalError
-from wsctl.queries import q
+from wsctl.queries import q, scalar
 from wsctl.redact import RedactingFilter, redact_text, remember
 from wsctl.secret_refs import MissingSecret, resolve
 
@@ -214,7 +214,7 @@ def complete_step(state_id: str, *, conn: psycopg.Connection | None = None) -> b
     """Mark a state COMPLETED and enqueue the next blueprint step; False if it already was."""
     sid = parse_uuid(state_id, "state id")
     with _connection(conn) as c:
-        return bool(c.execute(q("worker_complete_step"), (sid,)).fetchone()[0])
+        return bool(scalar(c.execute(q("worker_complete_step"), (sid,))))
 
 
 def fail_step(state_id: str, error: str, *, conn: psycopg.Connection | None = None) -> bool:
@@ -222,7 +222,7 @@ def fail_step(state_id: str, error: str, *, conn: psycopg.Connection | None = No
     sid = parse_uuid(state_id, "state id")
     with _connection(conn) as c:
         reason = redact_text(str(error))  # an exception text may quote a secret
-        return bool(c.execute(q("worker_fail_step"), (sid, reason)).fetchone()[0])
+        return bool(scalar(c.execute(q("worker_fail_step"), (sid, reason))))
 
 
 __all__ = [

@@ -185,8 +185,8 @@ def dispatch(
                 stop_reason=lambda: received[0].name if received else "stop",
             )
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
+        for s, previous in old.items():
+            signal.signal(s, previous)
         chosen.close()
         journal.close()
     render_summary(summary, as_json=as_json)

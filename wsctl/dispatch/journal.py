@@ -148,7 +148,7 @@ class Journal:
                 if path == self.path:
                     continue
                 try:
-                    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115
+                    fh: IO[str] = open(path, "a+", encoding="utf-8")  # noqa: SIM115
                 except FileNotFoundError:
                     continue
                 try:

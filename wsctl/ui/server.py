@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
 from wsctl.errors import EnvError, OperationalError, WsctlError
-from wsctl.queries import q
+from wsctl.queries import one, q
 from wsctl.redact import redact, redact_text
 from wsctl.states import ORDER
 from wsctl.ui.fixes import fix_commands
@@ -187,9 +187,9 @@ def _segments(counts: dict[str, int]) -> list[dict[str, Any]]:
         n = counts.get(s, 0)
         if n:
             out.append({"status": str(s), "n": n, "pct": round(100.0 * n / total, 3)})
-    for s, n in sorted(counts.items()):  # a status the dashboard invented
-        if s not in ORDER and n:
-            out.append({"status": s, "n": n, "pct": round(100.0 * n / total, 3)})
+    for status, n in sorted(counts.items()):  # a status the dashboard invented
+        if status not in ORDER and n:
+            out.append({"status": status, "n": n, "pct": round(100.0 * n / total, 3)})
     return out
 
 
@@ -384,7 +384,7 @@ class _Pages:
             from psycopg.rows import dict_row
 
             with conn.cursor(row_factory=dict_row) as cur:
-                return cur.execute(q("ui_find_id"), {"id": found_id}).fetchone()
+                return one(cur.execute(q("ui_find_id"), {"id": found_id}))
 
         hit = self.read(find)
         if hit["item"]:
@@ -472,7 +472,8 @@ def create_app(cfg: UiConfig) -> Starlette:
 
         return endpoint
 
-    async def not_found(request: Request, exc: HTTPException) -> Response:
+    async def not_found(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)  # registered for HTTPException only
         return pages.error(exc.status_code, exc.detail or "not found")
 
     async def server_error(request: Request, exc: Exception) -> Response:
