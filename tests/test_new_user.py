@@ -315,3 +315,11 @@ def test_a_local_backend_without_a_python_app_says_why_and_what_to_pass(cli, con
     r = cli(*args)
     assert r.code == 3 and len(r.err.strip().splitlines()) == 1
     assert reason in r.err and "pass --app FILE.py" in r.err
+
+
+def test_a_connection_error_names_where_the_url_came_from(run_cli, monkeypatch):
+    """A DATABASE_URL set for another application silently beat ./wsctl.toml."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql://other:s3cretpw@127.0.0.1:1/theirs")
+    r = run_cli("batch", "list")
+    assert r.code == 3 and len(r.err.strip().splitlines()) == 1
+    assert "(from env DATABASE_URL)" in r.err and "s3cretpw" not in r.err

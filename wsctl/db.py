@@ -95,7 +95,10 @@ def connect(
         conn = psycopg.connect(url, **kwargs)
     except psycopg.OperationalError as exc:
         msg = first_line(exc).replace(url, mask_url(url))
-        raise DatabaseUnavailable(f"cannot connect to {mask_url(url)}: {msg}") from None
+        # which setting gave the URL: a DATABASE_URL set for another application, say
+        source = getattr(settings, "url_source", None)
+        where = f" (from {source})" if source and url == settings.database_url else ""  # type: ignore[union-attr]
+        raise DatabaseUnavailable(f"cannot connect to {mask_url(url)}{where}: {msg}") from None
     except psycopg.ProgrammingError as exc:  # malformed conninfo
         raise EnvError(f"invalid database URL {mask_url(url)}: {first_line(exc)}") from None
     if not cs.prepared_statements:
