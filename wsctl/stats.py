@@ -413,6 +413,37 @@ def _sample(name: str, labels: dict[str, Any], value: float | int | None) -> str
     return f"{name}{{{body}}} {shown}" if body else f"{name} {shown}"
 
 
+# One gauge per limit field: (metric, help, LimitUsage attribute, printed as a float).
+# A limit without a cap or a rate has no sample for those fields.
+_LIMIT_METRICS = (
+    ("wsctl_limit_in_flight", "States in flight now under a limit key.", "in_flight", False),
+    (
+        "wsctl_limit_max_in_flight",
+        "A limit's max_in_flight (limits with a cap only).",
+        "max_in_flight",
+        False,
+    ),
+    (
+        "wsctl_limit_tokens",
+        "Tokens a limit's bucket holds now (limits with a rate only).",
+        "tokens_now",
+        True,
+    ),
+    (
+        "wsctl_limit_burst",
+        "A limit's burst: its bucket's size (limits with a rate only).",
+        "burst",
+        False,
+    ),
+    (
+        "wsctl_limit_rate_per_second",
+        "A limit's rate (limits with a rate only).",
+        "rate_per_second",
+        True,
+    ),
+)
+
+
 def render_prometheus(st: Stats) -> str:
     """The figures as Prometheus text (version 0.0.4); a legacy batch's workstream is ""."""
     lines: list[str] = []
@@ -489,27 +520,12 @@ def render_prometheus(st: Stats) -> str:
         lines.append(
             _sample("wsctl_config_changed_since_used_states", {"workstream": ws, "step": step}, n)
         )
-    family("wsctl_limit_in_flight", "States in flight now under a limit key.")
-    for lim in st.limits:
-        lines.append(_sample("wsctl_limit_in_flight", {"key": lim.key}, lim.in_flight))
-    family("wsctl_limit_max_in_flight", "A limit's max_in_flight (limits with a cap only).")
-    for lim in st.limits:
-        if lim.max_in_flight is not None:
-            lines.append(_sample("wsctl_limit_max_in_flight", {"key": lim.key}, lim.max_in_flight))
-    family("wsctl_limit_tokens", "Tokens a limit's bucket holds now (limits with a rate only).")
-    for lim in st.limits:
-        if lim.tokens_now is not None:
-            lines.append(_sample("wsctl_limit_tokens", {"key": lim.key}, float(lim.tokens_now)))
-    family("wsctl_limit_burst", "A limit's burst: its bucket's size (limits with a rate only).")
-    for lim in st.limits:
-        if lim.burst is not None:
-            lines.append(_sample("wsctl_limit_burst", {"key": lim.key}, lim.burst))
-    family("wsctl_limit_rate_per_second", "A limit's rate (limits with a rate only).")
-    for lim in st.limits:
-        if lim.rate_per_second is not None:
-            lines.append(
-                _sample("wsctl_limit_rate_per_second", {"key": lim.key}, float(lim.rate_per_second))
-            )
+    for name, help_text, attr, as_float in _LIMIT_METRICS:
+        family(name, help_text)
+        for lim in st.limits:
+            value = getattr(lim, attr)
+            if value is not None:
+                lines.append(_sample(name, {"key": lim.key}, float(value) if as_float else value))
     caps = st.webhook_capacity()
     for name, attr, help_ in (
         ("wsctl_clay_webhook_left", "left", "Clay webhook submissions left, every client's."),
