@@ -87,13 +87,13 @@ def test_only_accepted_submissions_count(conn, stand_in):
     stand_in.answers = [(503, {}), (429, {"Retry-After": "7"}), (400, {})]
     with pytest.raises(clay.ClayAnswer) as e503:
         _send(conn, config, {"n": 1})
-    assert (e503.value.error_class, e503.value.reason_code) == ("transient", "http_503")
+    assert (e503.value.error_class, e503.value.reason_code) == ("transient", "server_error")
     with pytest.raises(clay.ClayAnswer) as e429:
         _send(conn, config, {"n": 1})
     assert e429.value.error_class == "transient" and e429.value.retry_after == 7.0
     with pytest.raises(clay.ClayAnswer) as e400:
         _send(conn, config, {"n": 1})
-    assert (e400.value.error_class, e400.value.reason_code) == ("permanent", "http_400")
+    assert (e400.value.error_class, e400.value.reason_code) == ("permanent", "client_error")
     assert _count(conn, config["clay_table_webhook_url"]) == 0
     _send(conn, config, {"n": 1})
     assert _count(conn, config["clay_table_webhook_url"]) == 1

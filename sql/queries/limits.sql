@@ -24,6 +24,10 @@ SET rate_per_second = EXCLUDED.rate_per_second,
     refilled_at = CASE WHEN l.rate_per_second IS DISTINCT FROM EXCLUDED.rate_per_second
                          OR l.burst IS DISTINCT FROM EXCLUDED.burst
                        THEN now() ELSE l.refilled_at END,
+    -- the point-of-call bucket (NULL: full) likewise
+    call_tokens = CASE WHEN l.rate_per_second IS DISTINCT FROM EXCLUDED.rate_per_second
+                         OR l.burst IS DISTINCT FROM EXCLUDED.burst
+                       THEN NULL ELSE l.call_tokens END,
     updated_at = now()
 RETURNING key, rate_per_second, burst, max_in_flight, created_at, updated_at,
           (xmax = 0) AS created;
@@ -95,3 +99,9 @@ SELECT (SELECT count(*) FROM in_flight WHERE key = %(key)s) AS in_flight,
        (SELECT least(l.burst, l.tokens + l.rate_per_second
                      * extract(epoch FROM now() - l.refilled_at))
         FROM wsctl.limits l WHERE l.key = %(key)s) AS tokens_now;
+
+-- limits_keys_of_item --
+-- The limit keys an item's state of one step is under (wsctl.limit_keys_of of its batch).
+SELECT wsctl.limit_keys_of(bi.batch_id, %(step)s::text) AS keys
+FROM public.batch_items bi
+WHERE bi.id = %(item_id)s;

@@ -23,6 +23,9 @@ def _tail(summary) -> list[str]:
     more = summary.failures_total - len(summary.errors)
     if more > 0:
         lines.append(f"  ... and {more} more")
+    if summary.deferred:
+        keys = ", ".join(f"{key}={n}" for key, n in summary.deferred.items())
+        lines.append(f"  held back by limits (still PENDING, no attempt counted): {keys}")
     if summary.reason_counts:
         counted = ", ".join(f"{code}={n}" for code, n in sorted(summary.reason_counts.items()))
         lines.append(f"  by reason: {counted}")

@@ -234,6 +234,10 @@ class PassSummary:
     #: functions still running when the grace ended (their claims wait for their lease)
     stopped_by: str | None = None
     left_to_lease: int = 0
+    #: states the limits held back, per limit key (distinct states, still PENDING)
+    deferred: dict[str, int] = field(default_factory=dict)
+    #: seconds the pass waited for limits (tokens, free slots)
+    paced_seconds: float = 0.0
 
     def __getattr__(self, name: str) -> int:
         try:
@@ -289,6 +293,8 @@ class PassSummary:
             notices=self.notices,
             stopped_by=self.stopped_by,
             left_to_lease=self.left_to_lease,
+            deferred=dict(sorted(self.deferred.items())),
+            paced_seconds=round(self.paced_seconds, 3),
         )
         return doc
 
@@ -569,7 +575,9 @@ def _run_chunk(
             out.pass_failure = out.pass_failure or res
             out.add(Outcome.RELEASED, Entry(row.id, row.dispatch_generation))
         else:
-            delay = backoff_seconds(row.attempts)
+            delay = (
+                res.retry_after if res.retry_after is not None else backoff_seconds(row.attempts)
+            )
             out.add(
                 _failure_outcome(res),
                 Entry(row.id, row.dispatch_generation, job.item_id, res.message, res.reason, delay),
@@ -585,6 +593,7 @@ def _retry_params(entries: list[Entry], token: uuid.UUID | None, opts: PassOptio
         "classes": [e.reason.error_class if e.reason else None for e in entries],
         "codes": [e.reason.code if e.reason else None for e in entries],
         "delays": [e.delay for e in entries],
+        "counted": [e.reason.counts_attempt if e.reason else True for e in entries],
         "token": token,
         "max_attempts": opts.max_attempts,
     }
@@ -1014,9 +1023,48 @@ def run_pass(
 
     remaining = opts.limit
     failure: Failure | None = None
+    function_cap = getattr(backend, "function_cap", None)
+    limited = False  # decided after replay and reconciliation, once per pass
+    skip: set[tuple[uuid.UUID, str]] = set()  # groups held back by limits this round
+    held: dict[str, set[uuid.UUID]] = {}  # per key, the states held back (not claimed since)
+    round_wait: float | None = None  # the shortest wait a held-back limit gave this round
+    examine = 0  # candidates a limited claim locks: small while paced, a chunk otherwise
     recorder = _Recorder(writer_conn or conn, opts, connect, journal)
     recorder.claim_conn = conn
     own: list[psycopg.Connection] = []  # claim connections this pass opened after a loss
+
+    def claim_once(n: int, token: uuid.UUID) -> list[ClaimRow]:
+        nonlocal round_wait, examine
+        if not limited:
+            return _claim(conn, opts, n, token)
+        from wsctl.dispatch import pacing
+
+        got = pacing.claim_limited(
+            conn,
+            n=min(n, examine or n),
+            token=token,
+            lease_seconds=opts.lease_seconds,
+            claimed_by=opts.claimed_by,
+            workstream=opts.workstream,
+            function_cap=function_cap,
+            skip=skip,
+        )
+        adm = got.admission
+        for key, deferred_ids in adm.deferred.items():
+            held.setdefault(key, set()).update(deferred_ids)
+        if not adm.deferred:
+            examine = 0
+        else:
+            skip.update(adm.held_groups)
+            wait = pacing.wait_seconds(adm)
+            if wait is not None:
+                round_wait = wait if round_wait is None else min(round_wait, wait)
+            # paced: the next claims need only a few candidates
+            examine = max(32, 2 * len(adm.admitted) + 16)
+        for r in got.rows:
+            for held_ids in held.values():
+                held_ids.discard(r.id)
+        return got.rows
 
     def claim(n: int, token: uuid.UUID) -> list[ClaimRow]:
         """A claim; once, on a fresh connection when the claim connection was lost."""
@@ -1024,7 +1072,7 @@ def run_pass(
         import psycopg
 
         try:
-            return _claim(conn, opts, n, token)
+            return claim_once(n, token)
         except (psycopg.OperationalError, psycopg.InterfaceError):
             if connect is None or not (conn.closed or conn.broken):
                 raise
@@ -1033,7 +1081,27 @@ def run_pass(
         conn = connect()
         own.append(conn)
         summary.notices.append("the claim connection was lost: reconnected")
-        return _claim(conn, opts, n, token)
+        return claim_once(n, token)
+
+    def pace() -> bool:
+        """Held back by limits with nothing else due: wait for a token or a free slot
+        (never past --max-seconds or a stop); False when the pass should end instead."""
+        nonlocal round_wait, examine
+        if not skip:
+            return False
+        wait = round_wait if round_wait is not None else 0.2
+        skip.clear()
+        round_wait = None
+        if time.monotonic() + wait >= claim_until:
+            summary.stopped_by = summary.stopped_by or "max_seconds"
+            return False
+        began = time.monotonic()
+        if stop is not None:
+            stop.wait(wait)
+        else:
+            time.sleep(wait)
+        summary.paced_seconds += time.monotonic() - began
+        return not stopping()
 
     writer = (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsctl-record")
@@ -1054,6 +1122,12 @@ def run_pass(
             # First, so that steps completed by reconciliation have their next
             # step enqueued and dispatched in this same pass.
             reconcile(conn, backend, opts, summary)
+        if function_cap is not None:
+            limited = True
+        else:
+            from wsctl.dispatch.pacing import limits_bound
+
+            limited = limits_bound(conn)
         tail = False
         while remaining > 0 and not stopping():
             if tail:
@@ -1067,6 +1141,9 @@ def run_pass(
                 settle()
                 rows = claim(n, token)
             if not rows:
+                if limited and pace():
+                    tail = False
+                    continue
                 break
             summary.claimed += len(rows)
             remaining -= len(rows)
@@ -1087,7 +1164,7 @@ def run_pass(
             # A short chunk means nothing more is due, unless completions just
             # enqueued next steps: those are due now, in this same pass.
             tail = len(rows) < n
-            if tail and not out.groups.get(Outcome.COMPLETED):
+            if tail and not out.groups.get(Outcome.COMPLETED) and not skip:
                 break
         settle()
     finally:
@@ -1097,6 +1174,7 @@ def run_pass(
         for c in own:
             c.close()
         summary.seconds = round(time.perf_counter() - started, 6)
+        summary.deferred = {k: len(v) for k, v in sorted(held.items()) if v}
     if failure is not None:
         raise EnvError(
             f"dispatch stopped: {failure.message}; {summary.released} unspawned claim(s) "

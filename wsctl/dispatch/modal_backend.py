@@ -51,6 +51,11 @@ def credentials_present() -> bool:
     return bool(config.get("token_id") and config.get("token_secret"))
 
 
+#: Modal queues at most 2,000 pending inputs per function and answers RESOURCE_EXHAUSTED
+#: beyond: the default cap of calls at Modal at once, per function (wsctl.dispatch.pacing).
+MODAL_FUNCTION_CAP = 2000
+
+
 class ModalBackend:
     name = "modal"
     runs_inline = False
@@ -62,8 +67,12 @@ class ModalBackend:
         environment: str | None = None,
         spawn_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
         lookup_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
+        function_cap: int | None = MODAL_FUNCTION_CAP,
     ):
         self.app = app
+        #: calls at Modal at once per function unless a limit `modal:FUNCTION` says
+        #: otherwise (Modal queues at most 2,000 pending inputs per function)
+        self.function_cap = function_cap
         self.environment = environment or None
         self.spawn_timeout = spawn_timeout
         self.lookup_timeout = lookup_timeout
