@@ -4,51 +4,18 @@ and how answers are classified, against a real PostgreSQL and a loopback Clay st
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import threading
 
 import pytest
 
+from tests.support.clay_standin import ClayStandIn
 from wsctl import clay
-
-
-class _Clay:
-    """A Clay webhook on 127.0.0.1 that records what arrives and answers as told."""
-
-    def __init__(self):
-        self.arrivals: list[tuple[str, dict]] = []
-        self.answers: list[tuple[int, dict]] = []  # popped per request; 200 when empty
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status, headers = outer.answers.pop(0) if outer.answers else (200, {})
-                if 200 <= status < 300:
-                    outer.arrivals.append((self.path, json.loads(body)))
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
 def stand_in():
-    s = _Clay()
+    s = ClayStandIn()
     yield s
     s.close()
 

@@ -69,6 +69,14 @@ def _connection(conn: psycopg.Connection | None) -> Iterator[psycopg.Connection]
         yield c
 
 
+@contextmanager
+def connection(conn: psycopg.Connection | None = None) -> Iterator[psycopg.Connection]:
+    """The worker helpers' connection (``WSCTL_DATABASE_URL``), for a function's own calls
+    such as ``wsctl.clay.send``; ``conn`` when given (tests, one connection per call)."""
+    with _connection(conn) as c:
+        yield c
+
+
 def _short(item_id: Any) -> str:
     # The whole id: ids share a time-ordered prefix, so 8 characters tell none apart.
     return str(item_id)
