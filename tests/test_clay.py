@@ -156,3 +156,53 @@ def test_doctor_warns_at_80_percent_of_a_webhook_cap(cli, conn, stand_in):
     assert "SECRETPATH" not in r.out + r.err
     clay.record_prior(conn, url, 45_000)
     assert "1 full (their states are BLOCKED)" in check()[0]["detail"]
+
+
+def test_through_the_dispatcher_cap_size_and_retry_after_end_as_the_table_says(
+    db_url, conn, stand_in
+):
+    """A pass over senders that use clay.send: the cap BLOCKS (nothing posted), a record
+    over 100 KB FAILS with its size, and a 429's Retry-After is the backoff."""
+    import psycopg
+
+    from tests.support import factories as f
+    from wsctl.dispatch import PassOptions, run_pass
+    from wsctl.dispatch.memory import MemoryBackend
+
+    step = "enrich_company_via_waterfall_in_clay"
+    f.register(conn, step, "apollo_scrape", "async", "start_clay", "receive_clay")
+    client = f.add_client(conn)
+    batch = f.add_batch(conn, client, [step], 3)
+    items = [r[0] for r in conn.execute(
+        "SELECT item_id FROM workflow_states WHERE batch_id = %s ORDER BY item_id", (batch,)
+    )]  # fmt: skip
+    config = {"clay_table_webhook_url": f"{stand_in.url}/hook/A", "clay_webhook_submission_cap": 1}
+    clay.record_prior(conn, config["clay_table_webhook_url"], 1)  # already at its cap
+    big, capped, throttled = (str(i) for i in items)
+    stand_in.answers = [(429, {"Retry-After": "90"})]
+
+    def start_clay(item_id, workstream_slug=None):
+        with psycopg.connect(db_url, autocommit=True) as c:
+            if item_id == big:
+                clay.send(c, {**config, "clay_webhook_submission_cap": 5},
+                          {"blob": "x" * 200_000}, post=clay.http_post)  # fmt: skip
+            elif item_id == capped:
+                clay.send(c, config, {"item": item_id}, post=clay.http_post)
+            else:
+                clay.send(c, {**config, "clay_webhook_submission_cap": 5}, {"item": item_id},
+                          post=clay.http_post)  # fmt: skip
+
+    run_pass(conn, MemoryBackend({"start_clay": start_clay}), PassOptions())
+    rows = {
+        str(r[0]): r[1:]
+        for r in conn.execute(
+            "SELECT item_id, status, reason_code, last_error,"
+            " extract(epoch FROM available_at - now()) FROM workflow_states"
+        )
+    }
+    assert rows[capped][:2] == ("BLOCKED", "clay_webhook_cap")
+    assert "at their submission cap" in rows[capped][2]
+    assert rows[big][:2] == ("FAILED", "clay_record_too_large") and "bytes" in rows[big][2]
+    assert rows[throttled][:2] == ("PENDING", "rate_limited")
+    assert 80 < float(rows[throttled][3]) <= 91  # Retry-After 90 s as the backoff
+    assert len(stand_in.times) == 1 and stand_in.arrivals == []  # only the throttled one posted

@@ -296,3 +296,41 @@ def test_the_point_of_call_token_waits_and_gives_up(conn, burst):
     with pytest.raises(LimitWait):
         take_call_token(conn, ["slow"], max_wait=0.1)
     assert take_call_token(conn, ["undefined-key"], max_wait=0) < 0.05  # took nothing
+
+
+def test_dry_run_and_item_show_say_what_a_limit_holds_back(cli, conn):
+    _, batch = _world(conn, n=6)
+    _bind(conn, STEP, "clay")
+    limits.set_limit(conn, "clay", rate="1/h", burst=3)  # 2 tokens now
+    before = conn.execute("SELECT tokens FROM wsctl.limits").fetchone()
+    r = cli("dispatch", "--dry-run", "--backend", "modal", "--app", "x", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["deferred"] == {"clay": 4}
+    assert [p["held_by"] for p in doc["plan"]].count("clay") == 4
+    assert [p["held_by"] for p in doc["plan"]][:2] == [None, None]
+    text = cli("dispatch", "--dry-run", "--backend", "modal", "--app", "x")
+    assert "held back by limits now (would stay PENDING): clay=4" in text.out
+    # the plan drew nothing from the bucket
+    assert conn.execute("SELECT tokens FROM wsctl.limits").fetchone() == before
+    # Take the two tokens: then every PENDING state waits for the limit.
+    conn.execute("UPDATE wsctl.limits SET tokens = 0, refilled_at = now()")
+    item = conn.execute(
+        "SELECT item_id FROM workflow_states WHERE batch_id = %s LIMIT 1", (batch,)
+    ).fetchone()[0]
+    shown = cli("item", "show", str(item), "--json").json()
+    (step,) = [s for s in shown["steps"] if s["step"] == STEP]
+    assert len(step["waiting_for"]) == 1
+    assert step["waiting_for"][0].startswith("waiting for limit clay: no token now (rate")
+    human = cli("item", "show", str(item))
+    assert "waiting for limit clay: no token now" in human.out
+    # An in-flight cap that is full says so too.
+    limits.set_limit(conn, "clay", max_in_flight=1, clear=frozenset({"rate"}))
+    conn.execute(
+        "UPDATE workflow_states SET status = 'DISPATCHED' WHERE id = ("
+        " SELECT id FROM workflow_states WHERE item_id <> %s LIMIT 1)",
+        (item,),
+    )
+    shown = cli("item", "show", str(item), "--json").json()
+    (step,) = [s for s in shown["steps"] if s["step"] == STEP]
+    assert step["waiting_for"] == ["waiting for limit clay: 1 of 1 in flight"]

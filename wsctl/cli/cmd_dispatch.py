@@ -133,7 +133,9 @@ def dispatch(
             inspect_app.setup()
         try:
             with st.connect() as conn:
-                rows = plan(conn, opts, inspect_app)
+                rows = plan(
+                    conn, opts, inspect_app, function_cap=getattr(chosen, "function_cap", None)
+                )
                 # all of them fit: the plan is the total; else count them (one index scan)
                 total = due_total(conn, opts.workstream) if len(rows) >= opts.limit else len(rows)
         finally:

@@ -1192,6 +1192,8 @@ class PlanRow:
     function: str | None
     type: str | None
     blocked_reason: str | None
+    #: the limit key that would hold it back (it would stay PENDING), if any
+    held_by: str | None = None
 
 
 def due_total(conn: psycopg.Connection, workstream: str | None) -> int:
@@ -1202,14 +1204,34 @@ def due_total(conn: psycopg.Connection, workstream: str | None) -> int:
 
 
 def plan(
-    conn: psycopg.Connection, opts: PassOptions, backend: Backend | None = None
+    conn: psycopg.Connection,
+    opts: PassOptions,
+    backend: Backend | None = None,
+    *,
+    function_cap: int | None = None,
 ) -> list[PlanRow]:
-    """What a pass would do (``--dry-run``): nothing is claimed or written."""
+    """What a pass would do (``--dry-run``): nothing is claimed or written.
+
+    Rows a limit would hold back now (no token, no free slot) name the key in
+    ``held_by``: the limits are read as they stand, not locked or drawn from.
+    """
+    from wsctl.dispatch import pacing
+
     with tx(conn), conn.cursor(row_factory=by_name(ClaimRow)) as cur:
         cur.execute(q("dispatch_plan"), {"limit": opts.limit, "workstream": opts.workstream})
         rows = cur.fetchall()
         unresolved = [r for r in rows if r.workstream_slug is None or r.type is None]
         reasons = _blocked_reasons(conn, unresolved) if unresolved else {}
+        held: dict[uuid.UUID, str] = {}
+        if rows and (function_cap is not None or pacing.limits_bound(conn)):
+            groups = pacing.load_groups(conn, {(r.batch_id, r.step_name) for r in rows})
+            limits = pacing.load_limits(conn, groups, function_cap, lock=False)
+            adm = limits.admit(
+                [pacing.Candidate(r.id, r.batch_id, r.step_name, r.reclaimed) for r in rows]
+            )
+            for key in sorted(adm.deferred):
+                for state_id in adm.deferred[key]:
+                    held.setdefault(state_id, key)
     out = []
     for r in rows:
         reason: str | None = (
@@ -1233,6 +1255,7 @@ def plan(
                 r.modal_sender_fn,
                 r.type,
                 reason,
+                held.get(r.id),
             )
         )
     return out

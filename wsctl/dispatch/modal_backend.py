@@ -15,6 +15,7 @@ from typing import Any
 
 from wsctl import states
 from wsctl.dispatch.backend import NOT_STARTED, Failure, Job, Poll, Result, Stopping
+from wsctl.dispatch.pacing import MODAL_FUNCTION_CAP
 from wsctl.errors import EnvError
 from wsctl.redact import first_line
 from wsctl.settings import DISPATCH_DEFAULTS
@@ -49,11 +50,6 @@ def credentials_present() -> bool:
     from modal.config import config
 
     return bool(config.get("token_id") and config.get("token_secret"))
-
-
-#: Modal queues at most 2,000 pending inputs per function and answers RESOURCE_EXHAUSTED
-#: beyond: the default cap of calls at Modal at once, per function (wsctl.dispatch.pacing).
-MODAL_FUNCTION_CAP = 2000
 
 
 class ModalBackend:

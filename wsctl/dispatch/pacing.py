@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 #: The prefix of a key that counts calls at Modal (until the call returns) rather than
 #: states in flight (until they finish); the backend's per-function cap uses it.
 MODAL_PREFIX = "modal:"
+#: Modal queues at most 2,000 pending inputs per function and answers RESOURCE_EXHAUSTED
+#: beyond: the modal backend's default cap of calls at Modal at once, per function.
+MODAL_FUNCTION_CAP = 2000
 #: How long a pass held back only by in-flight caps waits before it looks again.
 IN_FLIGHT_POLL = 0.2
 
@@ -390,3 +393,35 @@ def wait_seconds(admission: Admission, *, floor: float = 0.005) -> float | None:
     if admission.capped:
         return IN_FLIGHT_POLL
     return None
+
+
+def holding_back(
+    conn: psycopg.Connection,
+    batch_id: uuid.UUID,
+    step: str,
+    *,
+    function_cap: int | None = None,
+) -> list[str]:
+    """Why a due state of ``step`` in ``batch_id`` would be held back by a limit now: one
+    line per key without a token or a free slot (empty when none holds it). Read only."""
+    groups = load_groups(conn, {(batch_id, step)})
+    group = groups.get((batch_id, step))
+    if group is None:
+        return []
+    limits = load_limits(conn, groups, function_cap, lock=False)
+    out = []
+    for key in limits.keys_of(group):
+        b = limits.buckets.get(key)
+        avail = b.available() if b is not None else None
+        if b is not None and avail is not None and avail < 1.0 and b.rate_per_second:
+            wait = (1.0 - avail) / b.rate_per_second
+            out.append(
+                f"waiting for limit {key}: no token now (rate {b.rate_per_second:g}/s, "
+                f"burst {b.burst}; the next in {wait:.2f} s)"
+            )
+            continue
+        cap = limits.cap_of(key)
+        used = limits.in_flight.get(key, 0)
+        if cap is not None and used >= cap:
+            out.append(f"waiting for limit {key}: {used} of {cap} in flight")
+    return out
