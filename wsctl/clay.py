@@ -132,6 +132,7 @@ class Reservation:
     entry: Any  # the config's entry (a URL or a secret reference)
     digest: str
     submitted: int  # counted so far, this one included
+    http_status: int | None = None  # Clay's answer, once posted (2xx)
 
 
 def reserve(
@@ -199,7 +200,9 @@ def send(
     if not 200 <= status < 300:
         release(conn, reservation)
         raise ClayAnswer(status, retry_after)
-    return reservation
+    from dataclasses import replace
+
+    return replace(reservation, http_status=status)
 
 
 def http_post(
