@@ -206,3 +206,28 @@ def test_through_the_dispatcher_cap_size_and_retry_after_end_as_the_table_says(
     assert rows[throttled][:2] == ("PENDING", "rate_limited")
     assert 80 < float(rows[throttled][3]) <= 91  # Retry-After 90 s as the backoff
     assert len(stand_in.times) == 1 and stand_in.arrivals == []  # only the throttled one posted
+
+
+def test_config_set_submitted_records_earlier_submissions_of_added_urls(cli, conn):
+    from tests.support import factories as f
+
+    f.register(conn, "enrich_company_via_waterfall_in_clay", "apollo_scrape", "async", "s", "r")
+    f.add_client(conn, "acme")
+    base = ["config", "set", "--client", "acme", "--workflow",
+            "enrich_company_via_waterfall_in_clay", "--workstream", "apollo_scrape"]  # fmt: skip
+    a, b = "http://127.0.0.1:9/hook/A", "http://127.0.0.1:9/hook/B"
+    r = cli(*base, "--set", f'clay_table_webhook_urls=["{a}"]', "--submitted", "44000")
+    assert r.code == 0, r.err
+    assert "recorded 44,000 earlier submission(s) for 1 added webhook URL(s)" in r.err
+    assert _count(conn, a) == 44000
+    # Adding a second URL counts only the new one; the first keeps its count.
+    r = cli(*base, "--set", f'clay_table_webhook_urls=["{a}", "{b}"]', "--submitted", "10")
+    assert r.code == 0, r.err
+    assert (_count(conn, a), _count(conn, b)) == (44000, 10)
+    # Nothing added: refused, and nothing written (the config is unchanged).
+    before = conn.execute("SELECT config FROM client_workflow_configs").fetchone()
+    r = cli(*base, "--set", "note=x", "--submitted", "5")
+    assert r.code == 2 and "adds none" in r.err and len(r.err.strip().splitlines()) == 1
+    assert conn.execute("SELECT config FROM client_workflow_configs").fetchone() == before
+    r = cli(*base, "--set", f'clay_table_webhook_url="{a}x"', "--submitted", "-1")
+    assert r.code == 2 and "zero or more" in r.err
