@@ -103,7 +103,7 @@ class Bucket:
 
 
 @dataclass(slots=True)
-class _InFlight:
+class InFlight:
     key: str
     in_flight: int
     at_modal: int
@@ -232,7 +232,7 @@ def load_limits(
     capped = [k for k in wanted if probe_cap(buckets, k, function_cap) is not None]
     in_flight: dict[str, int] = {}
     if capped:
-        for r in _read(conn, _InFlight, "dispatch_limits_in_flight", {"keys": capped}):
+        for r in _read(conn, InFlight, "dispatch_limits_in_flight", {"keys": capped}):
             in_flight[r.key] = r.at_modal if r.key.startswith(MODAL_PREFIX) else r.in_flight
     return Limits(groups, buckets, in_flight, function_cap)
 
