@@ -231,3 +231,16 @@ def test_config_set_submitted_records_earlier_submissions_of_added_urls(cli, con
     assert conn.execute("SELECT config FROM client_workflow_configs").fetchone() == before
     r = cli(*base, "--set", f'clay_table_webhook_url="{a}x"', "--submitted", "-1")
     assert r.code == 2 and "zero or more" in r.err
+
+
+def test_a_url_resolved_from_a_reference_is_counted_under_the_reference(conn, stand_in):
+    """The dispatcher side (doctor, stats) sees `$secret:NAME`; the function sees the URL.
+    Both count the same webhook."""
+    from wsctl.secret_refs import resolve
+
+    raw = {"clay_table_webhook_url": {"$secret": "CLAY_HOOK"}}
+    config = resolve(raw, {"CLAY_HOOK": f"{stand_in.url}/hook/S"})
+    assert config["clay_table_webhook_url"] == f"{stand_in.url}/hook/S"
+    _send(conn, config, {"n": 1})
+    assert _count(conn, raw["clay_table_webhook_url"]) == 1
+    assert json.loads(json.dumps(config))["clay_table_webhook_url"].endswith("/hook/S")

@@ -99,6 +99,9 @@ def digest(entry: Any) -> str:
     """The counter key of a webhook entry: a URL's SHA-256, or a secret reference's."""
     if isinstance(entry, dict) and isinstance(entry.get("$secret"), str):
         text = f"$secret:{entry['$secret']}"
+    elif isinstance(getattr(entry, "secret_name", None), str):
+        # resolved from a reference inside the function: counted under the reference
+        text = f"$secret:{entry.secret_name}"
     elif isinstance(entry, str):
         text = entry.strip()
     else:
