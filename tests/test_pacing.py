@@ -334,3 +334,38 @@ def test_dry_run_and_item_show_say_what_a_limit_holds_back(cli, conn):
     shown = cli("item", "show", str(item), "--json").json()
     (step,) = [s for s in shown["steps"] if s["step"] == STEP]
     assert step["waiting_for"] == ["waiting for limit clay: 1 of 1 in flight"]
+
+
+def test_a_limit_row_locked_elsewhere_fails_the_pass_in_one_line_claiming_nothing(
+    cli, conn, db_url, tmp_path
+):
+    import psycopg
+
+    from tests.conftest import table_snapshot
+
+    _world(conn, n=5)
+    _bind(conn, STEP, "clay")
+    limits.set_limit(conn, "clay", rate="10/s", burst=5)
+    app = tmp_path / "app.py"
+    app.write_text(f"def fn_{STEP}(item_id, workstream_slug=None):\n    return None\n")
+    (tmp_path / "wsctl.toml").write_text('[database]\nlock_timeout = "1s"\n')
+    before = table_snapshot(conn)
+    with psycopg.connect(db_url) as holder:
+        holder.execute("SELECT 1 FROM wsctl.limits WHERE key = 'clay' FOR UPDATE")
+        import os
+
+        cwd = os.getcwd()
+        os.chdir(tmp_path)
+        try:
+            r = cli("dispatch", "--once", "--backend", "local", "--app", str(app))
+        finally:
+            os.chdir(cwd)
+        holder.rollback()
+    assert r.code == 1, (r.out, r.err)
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and "lock" in lines[0] and "limits" in lines[0], r.err
+    assert table_snapshot(conn) == before  # nothing claimed, no token taken
+    # Once the lock is gone the same pass claims them.
+    rec = Recorder()
+    run_pass(conn, _backend([f"fn_{STEP}"], rec), PassOptions(max_seconds=1))
+    assert len(rec.calls) == 5  # 4 at once (burst 5 keeps one back), the fifth 0.1 s later
