@@ -1028,13 +1028,15 @@ def run_pass(
     skip: set[tuple[uuid.UUID, str]] = set()  # groups held back by limits this round
     held: dict[str, set[uuid.UUID]] = {}  # per key, the states held back (not claimed since)
     round_wait: float | None = None  # the shortest wait a held-back limit gave this round
+    round_rated = False  # whether a rate (not only an in-flight cap) held something back
+    idle_paces = 0  # consecutive waits for free slots that claimed nothing since
     examine = 0  # candidates a limited claim locks: small while paced, a chunk otherwise
     recorder = _Recorder(writer_conn or conn, opts, connect, journal)
     recorder.claim_conn = conn
     own: list[psycopg.Connection] = []  # claim connections this pass opened after a loss
 
     def claim_once(n: int, token: uuid.UUID) -> list[ClaimRow]:
-        nonlocal round_wait, examine
+        nonlocal round_wait, examine, round_rated, idle_paces
         if not limited:
             return _claim(conn, opts, n, token)
         from wsctl.dispatch import pacing
@@ -1059,8 +1061,11 @@ def run_pass(
             wait = pacing.wait_seconds(adm)
             if wait is not None:
                 round_wait = wait if round_wait is None else min(round_wait, wait)
+            round_rated = round_rated or adm.rate_wait is not None
             # paced: the next claims need only a few candidates
             examine = max(32, 2 * len(adm.admitted) + 16)
+        if got.rows:
+            idle_paces = 0
         for r in got.rows:
             for held_ids in held.values():
                 held_ids.discard(r.id)
@@ -1086,12 +1091,18 @@ def run_pass(
     def pace() -> bool:
         """Held back by limits with nothing else due: wait for a token or a free slot
         (never past --max-seconds or a stop); False when the pass should end instead."""
-        nonlocal round_wait, examine
+        nonlocal round_wait, examine, round_rated, idle_paces
         if not skip:
             return False
         wait = round_wait if round_wait is not None else 0.2
+        if not round_rated:
+            # only full in-flight caps: their slots free when callbacks come, so looking
+            # again backs off (0.2 s doubling to 2 s) while nothing gets claimed
+            wait = min(2.0, wait * 2**idle_paces)
+            idle_paces += 1
         skip.clear()
         round_wait = None
+        round_rated = False
         if time.monotonic() + wait >= claim_until:
             summary.stopped_by = summary.stopped_by or "max_seconds"
             return False
