@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 from tests.support import factories as f
+from tests.support.clay_standin import max_in_window
 from wsctl import limits
 from wsctl.dispatch import PassOptions, run_pass
 from wsctl.dispatch.memory import MemoryBackend
@@ -70,16 +71,6 @@ def _statuses(conn, step=STEP):
     )
 
 
-def _max_in_window(times: list[float], window: float) -> int:
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] < t - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
-
-
 def test_a_rate_limit_spreads_a_once_pass_and_holds_back_the_rest(conn):
     _world(conn, n=40)
     _bind(conn, STEP, "clay:{client}")
@@ -94,7 +85,7 @@ def test_a_rate_limit_spreads_a_once_pass_and_holds_back_the_rest(conn):
     # spread over the pass, not at its start: within rate x t + burst in every window
     times = [t for t, _ in rec.calls]
     for window in (0.1, 0.3, 0.5, 1.0):
-        assert _max_in_window(times, window) <= 10 * window + 5
+        assert max_in_window(times, window) <= 10 * window + 5
     assert times[-1] - times[0] >= 0.9
     assert summary.deferred == {"clay:acme": 40 - ran}
     assert summary.to_json()["deferred"] == {"clay:acme": 40 - ran}
@@ -234,7 +225,7 @@ def test_two_dispatchers_at_once_share_one_bucket(db_url, conn):
     assert len({i for _, i in rec.calls}) == len(rec.calls)  # none twice
     assert 9 + 20 * 1.5 <= len(times) <= 9 + 20 * 2.2, len(times)
     for window in (0.05, 0.2, 0.5, 1.0, 1.5):
-        assert _max_in_window(times, window) <= 20 * window + 10, window
+        assert max_in_window(times, window) <= 20 * window + 10, window
 
 
 def test_a_retry_after_is_the_backoff_and_a_full_queue_counts_no_attempt(conn):

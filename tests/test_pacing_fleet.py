@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from tests.support import factories as f
-from tests.support.clay_standin import ClayStandIn
+from tests.support.clay_standin import ClayStandIn, max_in_window
 
 STEP = "enrich_company_via_waterfall_in_clay"
 
@@ -78,16 +78,6 @@ def _wait_for(cond, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def _max_in_window(times, window):
-    times = sorted(times)
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] < t - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
-
-
 @pytest.fixture
 def app(tmp_path):
     path = tmp_path / "clay_app.py"
@@ -129,7 +119,7 @@ def test_three_loop_dispatchers_keep_clay_within_10_per_second_burst_20(cli, con
     assert len(times) == 600
     # at most 10 x t + 20 arrivals in every window of t seconds
     for t in (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60):
-        assert _max_in_window(times, t) <= 10 * t + 20, (t, _max_in_window(times, t))
+        assert max_in_window(times, t) <= 10 * t + 20, (t, max_in_window(times, t))
     # a mean rate of at least 9/s over the run
     rate = (len(times) - 1) / (times[-1] - times[0])
     assert rate >= 9.0, rate
@@ -187,4 +177,4 @@ def test_a_once_pass_paces_to_max_seconds_and_reaches_90_percent(cli, conn, db_u
     times = sorted(stand_in.times)
     assert times[-1] - times[0] >= 3.0  # spread over the pass
     for t in (0.1, 0.5, 1, 2):
-        assert _max_in_window(times, t) <= 20 * t + 10
+        assert max_in_window(times, t) <= 20 * t + 10

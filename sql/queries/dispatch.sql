@@ -26,27 +26,37 @@ WITH expired AS MATERIALIZED (
     FOR UPDATE OF ws SKIP LOCKED
 ), claimed AS (
     UPDATE public.workflow_states ws
-    SET status = 'DISPATCHING',
-        claim_token = %(token)s,
-        lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
-        claimed_by = %(claimed_by)s,
-        -- a lease that expired means its dispatcher died mid-run: that counts
-        -- as an attempt, so an item that kills its dispatcher ends FAILED
-        attempts = ws.attempts + (ws.status = 'DISPATCHING')::int,
-        -- the dispatch generation: every claim increments it, nothing resets it
-        dispatch_generation = ws.dispatch_generation + 1,
-        updated_at = now()
+    {flip}
     WHERE ws.id IN (SELECT id FROM expired UNION ALL SELECT id FROM pending)
     RETURNING ws.id, ws.item_id, ws.batch_id, ws.step_name, ws.attempts,
               ws.dispatch_generation, ws.id IN (SELECT id FROM expired) AS reclaimed
 )
+{rows};
+
+-- dispatch_claim_flip --
+-- The claim's transition, one text for dispatch_claim and dispatch_claim_admitted (composed in
+-- as {flip}): DISPATCHING under this claim's token and lease.
+SET status = 'DISPATCHING',
+    claim_token = %(token)s,
+    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+    claimed_by = %(claimed_by)s,
+    -- a lease that expired means its dispatcher died mid-run: that counts
+    -- as an attempt, so an item that kills its dispatcher ends FAILED
+    attempts = ws.attempts + (ws.status = 'DISPATCHING')::int,
+    -- the dispatch generation: every claim increments it, nothing resets it
+    dispatch_generation = ws.dispatch_generation + 1,
+    updated_at = now()
+
+-- dispatch_claim_rows --
+-- What a claim returns ({rows}): the claimed rows with the batch's workstream and the registry
+-- row for (step_name, workstream_slug), NULL when there is none (engine.ClaimRow).
 SELECT c.id, c.item_id, c.batch_id, c.step_name, c.attempts, c.dispatch_generation,
        b.workstream_slug, er.type, er.modal_sender_fn, er.modal_receiver_fn,
        b.status = 'CANCELLED' AS batch_cancelled, c.reclaimed
 FROM claimed c
 JOIN public.batches b ON b.id = c.batch_id
 LEFT JOIN public.enrichment_registry er
-       ON er.slug = c.step_name AND er.workstream_slug = b.workstream_slug;
+       ON er.slug = c.step_name AND er.workstream_slug = b.workstream_slug
 
 -- dispatch_claim_scope_workstream --
 -- The --workstream filter of dispatch_claim: only states of batches in that workstream.
@@ -388,26 +398,14 @@ WHERE l.key = u.key;
 
 -- dispatch_claim_admitted --
 -- The claim under limits, last step: the admitted candidates (still locked by this
--- transaction) flipped to DISPATCHING exactly as dispatch_claim does; %(reclaimed)s are those
--- whose lease had expired.
+-- transaction) flipped to DISPATCHING by the same {flip} as dispatch_claim; %(reclaimed)s are
+-- those whose lease had expired.
 WITH claimed AS (
     UPDATE public.workflow_states ws
-    SET status = 'DISPATCHING',
-        claim_token = %(token)s,
-        lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
-        claimed_by = %(claimed_by)s,
-        attempts = ws.attempts + (ws.status = 'DISPATCHING')::int,
-        dispatch_generation = ws.dispatch_generation + 1,
-        updated_at = now()
+    {flip}
     WHERE ws.id = ANY (%(ids)s::uuid[])
       AND (ws.status = 'PENDING' OR (ws.status = 'DISPATCHING' AND ws.lease_expires_at < now()))
     RETURNING ws.id, ws.item_id, ws.batch_id, ws.step_name, ws.attempts,
               ws.dispatch_generation, ws.id = ANY (%(reclaimed)s::uuid[]) AS reclaimed
 )
-SELECT c.id, c.item_id, c.batch_id, c.step_name, c.attempts, c.dispatch_generation,
-       b.workstream_slug, er.type, er.modal_sender_fn, er.modal_receiver_fn,
-       b.status = 'CANCELLED' AS batch_cancelled, c.reclaimed
-FROM claimed c
-JOIN public.batches b ON b.id = c.batch_id
-LEFT JOIN public.enrichment_registry er
-       ON er.slug = c.step_name AND er.workstream_slug = b.workstream_slug;
+{rows};

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.benchmarks.benchdb import admin_url, connect, fresh_db  # noqa: E402
 from tests.support import factories as f  # noqa: E402
-from tests.support.clay_standin import ClayStandIn  # noqa: E402
+from tests.support.clay_standin import ClayStandIn, max_in_window  # noqa: E402
 from wsctl import limits  # noqa: E402
 from wsctl.dispatch import PassOptions, run_pass  # noqa: E402
 from wsctl.dispatch.journal import Journal  # noqa: E402
@@ -61,15 +61,6 @@ def _registry_id(c, step: str):
         "SELECT id FROM enrichment_registry WHERE slug = %s AND workstream_slug = 'apollo_scrape'",
         (step,),
     ).fetchone()[0]
-
-
-def _max_in_window(times: list[float], window: float) -> int:
-    best, j = 0, 0
-    for i, t in enumerate(times):
-        while times[j] < t - window:
-            j += 1
-        best = max(best, i - j + 1)
-    return best
 
 
 def bench_rate(admin: str, app: Path, n: int, rate: int, burst: int, dispatchers: int) -> dict:
@@ -119,7 +110,7 @@ def bench_rate(admin: str, app: Path, n: int, rate: int, burst: int, dispatchers
     times = sorted(stand_in.times)
     span = times[-1] - times[0]
     worst = max(
-        (_max_in_window(times, t) - (rate * t + burst), t) for t in (0.1, 0.5, 1, 2, 5, 10, 30)
+        (max_in_window(times, t) - (rate * t + burst), t) for t in (0.1, 0.5, 1, 2, 5, 10, 30)
     )
     mean = (len(times) - 1) / span
     return {

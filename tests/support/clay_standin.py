@@ -58,3 +58,14 @@ class ClayStandIn:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """The most of ``times`` that fall in any window of ``window`` seconds."""
+    times = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] < t - window:
+            j += 1
+        best = max(best, i - j + 1)
+    return best

@@ -334,11 +334,18 @@ def _blocked_reasons(
     return reasons
 
 
+def claim_parts() -> dict[str, Any]:
+    """The fragments every claim statement is composed with: its transition and its rows."""
+    from psycopg import sql
+
+    return {"flip": sql.SQL(q("dispatch_claim_flip")), "rows": sql.SQL(q("dispatch_claim_rows"))}
+
+
 def _claim_statement(workstream: str | None):
     from psycopg import sql
 
     scope = sql.SQL(q("dispatch_claim_scope_workstream") if workstream else "")
-    return sql.SQL(q("dispatch_claim")).format(scope=scope)
+    return sql.SQL(q("dispatch_claim")).format(scope=scope, **claim_parts())
 
 
 def _claim(conn: psycopg.Connection, opts: PassOptions, n: int, token: uuid.UUID) -> list[ClaimRow]:

@@ -268,7 +268,7 @@ def claim_limited(
     """Claim up to ``n`` due states that the limits admit (one transaction)."""
     from psycopg import sql
 
-    from wsctl.dispatch.engine import ClaimRow, by_name
+    from wsctl.dispatch.engine import ClaimRow, by_name, claim_parts
 
     scope = sql.SQL(q("dispatch_claim_scope_workstream") if workstream else "")
     skip_sql = sql.SQL(q("dispatch_claim_skip_groups") if skip else "")
@@ -306,7 +306,7 @@ def claim_limited(
         if admission.admitted:
             with conn.cursor(row_factory=by_name(ClaimRow)) as cur:
                 cur.execute(
-                    q("dispatch_claim_admitted"),
+                    sql.SQL(q("dispatch_claim_admitted")).format(**claim_parts()),
                     {
                         "ids": [c.id for c in admission.admitted],
                         "reclaimed": [c.id for c in admission.admitted if c.reclaimed],
