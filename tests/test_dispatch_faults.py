@@ -657,6 +657,108 @@ def test_a_chunk_run_while_the_previous_recording_failed_is_journaled_too(
     assert st == {"COMPLETED": 30}
 
 
+class _SlowJournal(Journal):
+    """A journal whose line takes ``delay`` seconds to write; logs what happened when."""
+
+    def __init__(self, directory, delay: float, fail: bool = False):
+        super().__init__(directory)
+        self.delay, self.fail = delay, fail
+        self.events: list[str] = []
+
+    def write(self, token, groups, *, sync=False):
+        self.events.append("write")
+        time.sleep(self.delay)
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        super().write(token, groups, sync=sync)
+        self.events.append("written")
+
+    def sync(self):
+        self.events.append("sync")
+        super().sync()
+
+    def done(self, token):
+        self.events.append("done")
+        super().done(token)
+
+
+def test_a_recording_that_fails_fsyncs_only_after_the_line_is_written(
+    wconn, conns, db_url, tmp_path
+):
+    """The line is written beside the recording (its own thread): a failed attempt waits for
+    it, then fsyncs, and the pass gives up only with every outcome in the file."""
+    client = f.add_client(wconn)
+    batch = f.add_batch(wconn, client, TWO, 20)
+    holder = _hold_batch_lock(db_url, batch, 2)
+    journal = _SlowJournal(tmp_path / "journal", delay=0.6)  # longer than the 300ms timeout
+    opts = PassOptions(lease_seconds=1, record_retry_seconds=0.2, limit=20)
+    with pytest.raises(RecordingFailed, match="kept in the journal"):
+        run_pass(
+            conns("300ms"),
+            MemoryBackend({FN: lambda item_id, ws: None}),
+            opts,
+            writer_conn=conns("300ms"),
+            connect=lambda: conns("300ms"),
+            journal=journal,
+        )
+    holder.join()
+    assert journal.events[:3] == ["write", "written", "sync"] and "done" not in journal.events
+    journal.close()
+    lines = [json.loads(x) for x in journal.path.read_text().splitlines()]
+    assert len(lines) == 1 and len(_chunk_ids(lines[0])) == 20
+
+
+def _chunk_ids(line: dict) -> list[uuid.UUID]:
+    import base64
+
+    raw = base64.b64decode(line["groups"]["completed"]["ids"])
+    return [uuid.UUID(bytes=raw[i : i + 16]) for i in range(0, len(raw), 16)]
+
+
+def test_a_slow_journal_still_has_every_line_and_done_line_when_the_pass_returns(
+    wconn, conns, tmp_path
+):
+    """Recording may commit before its line is written; the pass returns only once every
+    line and every done line is in the file (nothing outstanding, the file removed)."""
+    client = f.add_client(wconn)
+    batch = f.add_batch(wconn, client, [STEP], 30)
+    journal = _SlowJournal(tmp_path / "journal", delay=0.2)
+    s = run_pass(
+        conns(),
+        MemoryBackend({FN: lambda item_id, ws: None}),
+        PassOptions(limit=30, chunk_size=10, reconcile=False),
+        writer_conn=conns(),
+        journal=journal,
+    )
+    assert s.completed == 30 and f.states(wconn, batch) == [(STEP, "COMPLETED", 30)]
+    # two chunks: 10, then the last 20 in one (a short tail goes with the chunk before)
+    assert journal.events == ["write", "written", "done"] * 2
+    assert journal.outstanding == 0
+    text = journal.path.read_text().splitlines()
+    assert len(text) == 4 and sum('"done"' in x for x in text) == 2
+    journal.close()
+    assert not list((tmp_path / "journal").glob("journal-*.jsonl"))
+
+
+def test_a_journal_that_cannot_be_written_stops_the_pass(wconn, conns, tmp_path):
+    """Disk full: the pass fails with the journal's error (the chunk it was writing is
+    recorded meanwhile, nothing runs twice); it never carries on without a journal."""
+    client = f.add_client(wconn)
+    batch = f.add_batch(wconn, client, [STEP], 10)
+    calls: Counter = Counter()
+    journal = _SlowJournal(tmp_path / "journal", delay=0.0, fail=True)
+    with pytest.raises(OSError, match="No space left"):
+        run_pass(
+            conns(),
+            MemoryBackend({FN: _counting(calls)}),
+            PassOptions(limit=10, reconcile=False),
+            writer_conn=conns(),
+            journal=journal,
+        )
+    assert journal.events == ["write"] and sum(calls.values()) == 10
+    assert f.states(wconn, batch) == [(STEP, "COMPLETED", 10)]
+
+
 def test_a_chunk_survives_the_journal_unchanged(tmp_path):
     from wsctl.dispatch.engine import Entry, _Chunk
 
