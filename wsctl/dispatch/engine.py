@@ -393,10 +393,7 @@ class _Chunk:
         out: dict[str, dict[str, Any]] = {}
         for outcome, entries in self.groups.items():
             col: dict[str, Any] = {
-                # .int.to_bytes is what UUID.bytes does, without the property's lookup
-                "ids": base64.b64encode(
-                    b"".join([e.state_id.int.to_bytes(16, "big") for e in entries])
-                ).decode(),
+                "ids": base64.b64encode(b"".join([e.state_id.bytes for e in entries])).decode(),
                 "gens": [e.generation for e in entries],
             }
             if outcome is Outcome.DISPATCHED:
@@ -699,20 +696,6 @@ class _Recorder:
     the chunk's lease renewed before each retry. When the budget runs out the
     outcomes stay in the journal and ``RecordingFailed`` stops the pass; the
     next pass replays them before it claims.
-
-    The journal line is written by a thread of its own, handed the chunk as
-    recording starts, while the recording's statements go to the server: the
-    recording thread, which bounds the pass, no longer serializes and writes
-    ~60 kB per chunk before its first statement. ``record`` returns or raises
-    only once the line is written; a failed attempt waits for it and fsyncs it
-    before anything else (no retry, no ``RecordingFailed``, no return before
-    the line is in the file). A recording that commits before the line is
-    written loses nothing: the chunk is recorded, and its line is then marked
-    done (replaying a recorded chunk changes nothing, as ever). What moved: a
-    dispatcher killed outright in the first milliseconds of a recording (the
-    journal thread waiting for the interpreter lock) may leave neither the
-    line nor the recording, as one killed while the line was being written
-    always could; its states run again once their lease expires.
     """
 
     def __init__(
@@ -725,8 +708,6 @@ class _Recorder:
         self.conn, self.opts, self.connect, self.journal = conn, opts, connect, journal
         self.claim_conn: psycopg.Connection | None = None
         self._opened: list[psycopg.Connection] = []
-        self._journal_thread: ThreadPoolExecutor | None = None
-        self._done: Future | None = None  # the last chunk's done line, being written
 
     def _fresh(self) -> psycopg.Connection:
         import contextlib
@@ -739,42 +720,11 @@ class _Recorder:
         self._opened.append(self.conn)
         return self.conn
 
-    def _write_journal(self, out: _Chunk) -> Future | None:
-        """Start appending the chunk's line (FIFO: one thread, lines in hand-over order)."""
-        journal = self.journal
-        if journal is None:
-            return None
-        if self._journal_thread is None:
-            self._journal_thread = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="wsctl-journal"
-            )
-        return self._journal_thread.submit(lambda: journal.write(out.token, out.to_journal()))
-
     def record(self, out: _Chunk) -> PassSummary:
-        writing = self._write_journal(out)
-        try:
-            delta = self._record_retried(out, writing)
-        except BaseException:
-            if writing is not None:
-                writing.result()  # whatever the recording did, the outcomes are in the file
-            raise
-        if writing is not None and self.journal is not None and self._journal_thread:
-            writing.result()  # a journal that cannot be written fails the pass, as before
-            # The done line needs no wait either (a chunk recorded but not marked done is
-            # replayed as a no-op); its own write would cost this thread the lock again.
-            self._check_done()
-            self._done = self._journal_thread.submit(self.journal.done, out.token)
-        return delta
-
-    def _check_done(self) -> None:
-        """Raise what writing the last done line raised (a journal gone bad stops the pass)."""
-        done, self._done = self._done, None
-        if done is not None:
-            done.result()
-
-    def _record_retried(self, out: _Chunk, writing: Future | None) -> PassSummary:
         import psycopg
 
+        if self.journal is not None:
+            self.journal.write(out.token, out.to_journal())
         started = time.monotonic()
         attempt = 0
         while True:
@@ -789,8 +739,6 @@ class _Recorder:
                 break
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 if self.journal is not None and attempt == 0:
-                    if writing is not None:
-                        writing.result()  # the line is in the file before anything else
                     self.journal.sync()  # from now on the outcomes survive this host too
                 attempt += 1
                 first = _first_line(exc)
@@ -816,6 +764,8 @@ class _Recorder:
                 f"recording {out.size()} outcome(s) failed {attempt} time(s); recorded on a "
                 "fresh connection"
             )
+        if self.journal is not None:
+            self.journal.done(out.token)
         return delta
 
     def keep(self, out: _Chunk) -> None:
@@ -862,14 +812,8 @@ class _Recorder:
             )
 
     def close(self) -> None:
-        try:
-            if self._journal_thread is not None:
-                self._journal_thread.shutdown(wait=True)  # every line written, done lines too
-                self._journal_thread = None
-                self._check_done()
-        finally:
-            for c in self._opened:
-                c.close()
+        for c in self._opened:
+            c.close()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,14 +1,12 @@
 """A local journal of chunk outcomes: what ran is never forgotten, even when the
 database is away for longer than the lease.
 
-As a chunk's outcomes go to be recorded, they are appended to this process's
+Before a chunk's outcomes are recorded, they are appended to this process's
 journal file as one JSON line (a write to the page cache: it survives the
-dispatcher being killed), by a thread of the recorder's own while the
-recording's statements run (``engine._Recorder``); the recording returns or
-fails only once the line is written. When a recording attempt fails, the
-file is fsynced at once (it then survives the host too) before the recording
-is retried. Once the recording transaction commits, a ``done`` line follows
-(no fsync needed: replaying a recorded chunk changes nothing). An fsync before every
+dispatcher being killed); when a recording attempt fails, the file is fsynced
+at once (it then survives the host too) before the recording is retried.
+Once the recording transaction commits, a ``done`` line follows (no fsync
+needed: replaying a recorded chunk changes nothing). An fsync before every
 recording would cost each pass one disk flush per chunk for the rare case
 of the host itself crashing mid-recording. The next pass, of this process or of any later one on the
 same host, replays every chunk without its ``done`` line before it claims,
