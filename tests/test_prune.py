@@ -130,6 +130,34 @@ def test_prunes_only_finished_batches_and_never_active_ones(conn, client, cli):
     assert again.code == 0 and again.json()["batches"] == []
 
 
+@pytest.mark.parametrize(
+    "status",
+    # one of each range the "not finished" probes read (status < 'CANCELLED', between
+    # 'CANCELLED' and 'COMPLETED', between 'COMPLETED' and 'FAILED', > 'FAILED')
+    ["AWAITING", "BLOCKED", "CHECKING", "DISPATCHED", "DISPATCHING", "PENDING", "needs review"],
+)
+def test_a_state_in_any_unfinished_status_range_keeps_its_batch(conn, client, status):
+    from wsctl import prune
+    from wsctl.queries import q, scalar
+
+    kept = _finished_batch(conn, client, 3)
+    conn.execute(
+        "UPDATE workflow_states SET status = %s WHERE id = (SELECT id FROM"
+        " workflow_states WHERE batch_id = %s ORDER BY id LIMIT 1)",
+        (status, kept),
+    )
+    done = _finished_batch(conn, client, 3)  # COMPLETED and FAILED; one CANCELLED too
+    conn.execute(
+        "UPDATE workflow_states SET status = 'CANCELLED' WHERE id = (SELECT id FROM"
+        " workflow_states WHERE batch_id = %s AND status = 'COMPLETED' ORDER BY id LIMIT 1)",
+        (done,),
+    )
+    assert scalar(conn.execute(q("prune_batch_unfinished"), {"batch_id": kept})) is True
+    assert scalar(conn.execute(q("prune_batch_unfinished"), {"batch_id": done})) is False
+    report = prune.prune(conn, older_than="30d", dry_run=True)
+    assert [b.batch_id for b in report.batches] == [done]
+
+
 def test_explicit_batch_that_is_active_or_recent_is_refused(conn, client, cli):
     active = f.add_batch(conn, client, STEPS, 2)
     _age(conn, active)

@@ -492,7 +492,7 @@ def _chunk(
     with tx(conn, lock_timeout=lock_timeout):
         if conn.execute(q("prune_lock_batch"), (bid,)).fetchone() is None:
             return "gone", 0
-        if scalar(conn.execute(q("prune_batch_unfinished"), (bid,))):
+        if scalar(conn.execute(q("prune_batch_unfinished"), {"batch_id": bid})):
             return "unfinished", 0
         if get_summary(conn, bid) is None:
             with conn.cursor(row_factory=dict_row) as cur:

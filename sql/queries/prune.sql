@@ -13,13 +13,16 @@ WITH finished AS MATERIALIZED (
     LEFT JOIN wsctl.pruned_batches pb ON pb.batch_id = b.id
     WHERE (%(batch_ids)s::uuid[] IS NULL OR b.id = ANY (%(batch_ids)s::uuid[]))
       AND (b.created_at < now() - %(older_than)s::interval OR pb.batch_id IS NOT NULL)
-      AND NOT EXISTS (
-          SELECT 1 FROM public.workflow_states s
-          WHERE s.batch_id = b.id
-            AND (s.status < 'CANCELLED'
-                 OR (s.status > 'CANCELLED' AND s.status < 'COMPLETED')
-                 OR (s.status > 'COMPLETED' AND s.status < 'FAILED')
-                 OR s.status > 'FAILED'))
+      -- one NOT EXISTS per range: ORed in one subquery they became a Filter over every
+      -- index entry of the batch (0.9 s for 269 batches with 10,000,000 states)
+      AND NOT EXISTS (SELECT 1 FROM public.workflow_states s
+                      WHERE s.batch_id = b.id AND s.status < 'CANCELLED')
+      AND NOT EXISTS (SELECT 1 FROM public.workflow_states s
+                      WHERE s.batch_id = b.id AND s.status > 'CANCELLED' AND s.status < 'COMPLETED')
+      AND NOT EXISTS (SELECT 1 FROM public.workflow_states s
+                      WHERE s.batch_id = b.id AND s.status > 'COMPLETED' AND s.status < 'FAILED')
+      AND NOT EXISTS (SELECT 1 FROM public.workflow_states s
+                      WHERE s.batch_id = b.id AND s.status > 'FAILED')
     ORDER BY b.created_at, b.id
     LIMIT %(max_batches)s
 )
@@ -64,13 +67,14 @@ SELECT id FROM public.batches WHERE id = %s FOR UPDATE;
 -- prune_batch_unfinished --
 -- Whether the batch has a state that is not finished (the same four range probes), re-read in
 -- every chunk's transaction after the batch is locked.
-SELECT EXISTS (
-    SELECT 1 FROM public.workflow_states s
-    WHERE s.batch_id = %s
-      AND (s.status < 'CANCELLED'
-           OR (s.status > 'CANCELLED' AND s.status < 'COMPLETED')
-           OR (s.status > 'COMPLETED' AND s.status < 'FAILED')
-           OR s.status > 'FAILED'));
+SELECT EXISTS (SELECT 1 FROM public.workflow_states s
+               WHERE s.batch_id = %(batch_id)s AND s.status < 'CANCELLED')
+    OR EXISTS (SELECT 1 FROM public.workflow_states s
+               WHERE s.batch_id = %(batch_id)s AND s.status > 'CANCELLED' AND s.status < 'COMPLETED')
+    OR EXISTS (SELECT 1 FROM public.workflow_states s
+               WHERE s.batch_id = %(batch_id)s AND s.status > 'COMPLETED' AND s.status < 'FAILED')
+    OR EXISTS (SELECT 1 FROM public.workflow_states s
+               WHERE s.batch_id = %(batch_id)s AND s.status > 'FAILED') AS unfinished;
 
 -- prune_batch_snapshot --
 -- What the summary row keeps, read once before the first chunk: states per step and status,

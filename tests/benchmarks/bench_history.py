@@ -6,9 +6,13 @@ migrated database:
 
 1. the no-op dispatch pass over 20,000 due items (the bench_dispatch.py pass)
    on a database with no history, then with 2,000,000 and 10,000,000
-   COMPLETED history states (``--sizes``), as items/s and the ratio to fresh;
+   COMPLETED history states (``--sizes``), as items/s and the ratio to fresh
+   (best pass to best pass, and median to median), with the due items' ids as
+   the column defaults give them (UUIDv7), from gen_random_uuid(), and with
+   complete_steps' completion check as migration 0008 had it (``--due-ids``);
 2. at each size, `batch status` of a history batch, `doctor` (every check but
-   Modal's) and `wsctl prune --dry-run` (the candidate scan), in seconds.
+   Modal's), `wsctl stats` (``wsctl.stats.collect``, median of 3) and `wsctl
+   prune --dry-run` (the candidate scan), in seconds.
 
 The history is four COMPLETED steps per item in batches of 10,000 items,
 finished 40 days ago, ids from gen_random_uuid() (the dashboard's default,
@@ -18,7 +22,7 @@ indexes dropped around the load and rebuilt after (as the migrations define
 them), then VACUUM ANALYZE: old history is vacuumed and all-visible. The
 tables stay logged. ``--explain`` also prints EXPLAIN (ANALYZE, BUFFERS) of
 the claim and of wsctl.complete_steps' statements (auto_explain, nested) at
-each size.
+each size, with the completion check of 0023 and of 0008.
 
 Benchmarks report numbers; the tests assert behaviour.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -110,9 +115,32 @@ def load_history(url: str, states: int) -> float:
     return time.perf_counter() - t
 
 
+# The batch-completion check as migration 0008 defined it (a NOT EXISTS over the batch's
+# items, planned as an anti join over all of batch_items) and as it stands now.
+OLD_CHECK = ROOT / "sql" / "migrations" / "0008_complete_clears_reasons.sql"
+NEW_CHECK = ROOT / "sql" / "migrations" / "0023_batch_completion_by_counts.sql"
+
+
+def set_check(url: str, migration: Path) -> None:
+    """Define wsctl.complete_steps as ``migration`` does (an A/B of the completion check)."""
+    with connect(url) as c:
+        c.execute(migration.read_text())
+
+
 def noop_pass(url: str, app: str, n: int, ids: str = "default") -> dict:
     """The no-op pass over ``n`` new due items; ``ids`` "random": the items and states get
-    gen_random_uuid() ids (as before migration 0014), "default": the column defaults."""
+    gen_random_uuid() ids (as before migration 0014), "default": the column defaults,
+    "old_check": the column defaults, with complete_steps' completion check as 0008 had it."""
+    if ids == "old_check":
+        set_check(url, OLD_CHECK)
+    try:
+        return _noop_pass(url, app, n, ids)
+    finally:
+        if ids == "old_check":
+            set_check(url, NEW_CHECK)
+
+
+def _noop_pass(url: str, app: str, n: int, ids: str) -> dict:
     from wsctl.dispatch import PassOptions, run_pass
     from wsctl.dispatch.local import LocalBackend
 
@@ -182,7 +210,7 @@ def timed(fn) -> float:
 
 
 def read_side(url: str) -> dict:
-    from wsctl import batches, prune
+    from wsctl import batches, prune, stats
     from wsctl.doctor import doctor
 
     with connect(url) as c:
@@ -194,12 +222,12 @@ def read_side(url: str) -> dict:
         out = {"batch_status_s": timed(lambda: batches.batch_status(c, row[0]))}
         out["prune_dry_run_s"] = timed(lambda: prune.prune(c, older_than="30d", dry_run=True))
     out["doctor_s"] = timed(lambda: doctor(lambda: connect(url), backend="local"))
-    try:
-        from wsctl import stats  # noqa: F401  (the coming `wsctl stats`)
-
-        out["stats_s"] = None  # present but not wired here yet
-    except ImportError:
-        out["stats_s"] = "no wsctl stats on this branch"
+    # `wsctl stats` is `wsctl.stats.collect` plus printing: the median of 3 runs (the
+    # first one reads the indexes in from disk), and the runs themselves.
+    with connect(url) as c:
+        runs = sorted(timed(lambda: stats.collect(c)) for _ in range(3))
+    out["stats_s"] = runs[1]
+    out["stats_runs_s"] = runs
     return out
 
 
@@ -217,7 +245,7 @@ def explain(url: str) -> None:
         params = {"limit": 1000, "token": uuid.uuid4(), "lease_seconds": 300, "claimed_by": "x"}
         plan = c.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT TEXT) " + claim, params).fetchall()
         print("--- claim", file=sys.stderr)
-        print("\n".join(r[0] for r in plan), file=sys.stderr)
+        print("\n".join(_short(r[0]) for r in plan), file=sys.stderr)
         ids = [
             r[0]
             for r in c.execute(
@@ -240,7 +268,19 @@ def explain(url: str) -> None:
             c.add_notice_handler(lambda d: notices.append(d.message_primary))
             c.execute(q("dispatch_complete_claimed"), (ids, params["token"]))
         print("--- complete_steps (auto_explain, nested)", file=sys.stderr)
-        print("\n\n".join(n for n in notices if "FOR KEY SHARE" not in n), file=sys.stderr)
+        print(
+            "\n\n".join(
+                "\n".join(_short(line) for line in n.splitlines())
+                for n in notices
+                if "FOR KEY SHARE" not in n
+            ),
+            file=sys.stderr,
+        )
+
+
+def _short(line: str, width: int = 240) -> str:
+    """A plan line with its 1,000-id array literal cut short."""
+    return line if len(line) <= width else line[:width] + " ...'"
 
 
 def main() -> None:
@@ -249,11 +289,12 @@ def main() -> None:
     ap.add_argument("--sizes", default="0,2000000,10000000", help="history states per database")
     ap.add_argument(
         "--due-ids",
-        default="default,random",
+        default="default,random,old_check",
         help="ids of the due items: default (the column defaults, UUIDv7 since migration "
-        "0014, as `wsctl batch create` writes) and/or random (gen_random_uuid(), before 0014)",
+        "0014, as `wsctl batch create` writes), random (gen_random_uuid(), before 0014), "
+        "old_check (default ids, complete_steps' completion check as migration 0008 had it)",
     )
-    ap.add_argument("--rounds", type=int, default=3, help="passes per size and id kind (best kept)")
+    ap.add_argument("--rounds", type=int, default=3, help="passes per size and id kind")
     ap.add_argument("--explain", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the databases")
     args = ap.parse_args()
@@ -273,20 +314,28 @@ def main() -> None:
                 results[str(size)] = {"history_states": size, "load_s": round(load_s, 1)}
                 print(f"loaded {size} in {load_s:.0f}s", file=sys.stderr)
             # Rounds interleave the sizes, so that a neighbour's load on a shared machine
-            # falls on every size alike; the best pass of each is kept.
+            # falls on every size alike, and each round starts at the next size (the first
+            # pass after a change of database ran slower); every rate is kept.
             for rnd in range(args.rounds):
+                order = sizes[rnd % len(sizes) :] + sizes[: rnd % len(sizes)]
                 for kind in kinds:
-                    for size in sizes:
+                    for size in order:
                         r = noop_pass(urls[size], str(app), args.items, kind)
                         print(f"round {rnd} {kind} {size}: {r}", file=sys.stderr)
-                        best = results[str(size)].setdefault(f"noop_{kind}", r)
+                        res = results[str(size)]
+                        res.setdefault(f"rates_{kind}", []).append(r["items_per_s"])
+                        best = res.setdefault(f"noop_{kind}", r)
                         if r["items_per_s"] > best["items_per_s"]:
-                            results[str(size)][f"noop_{kind}"] = r
+                            res[f"noop_{kind}"] = r
             for size in sizes:
                 results[str(size)].update(read_side(urls[size]))
                 if args.explain:
                     print(f"=== history {size}", file=sys.stderr)
                     explain(urls[size])
+                    print(f"=== history {size}, the check as 0008 had it", file=sys.stderr)
+                    set_check(urls[size], OLD_CHECK)
+                    explain(urls[size])
+                    set_check(urls[size], NEW_CHECK)
     finally:
         if not args.keep:
             for size in urls:
@@ -298,7 +347,12 @@ def main() -> None:
         for kind in kinds:
             key = f"noop_{kind}"
             if key in r and key in base:
+                # the best pass against the best, and the median against the median
                 r[f"ratio_{kind}"] = round(r[key]["items_per_s"] / base[key]["items_per_s"], 3)
+                rates = f"rates_{kind}"
+                r[f"ratio_{kind}_median"] = round(
+                    statistics.median(r[rates]) / statistics.median(base[rates]), 3
+                )
     print(json.dumps({"noop_pass_with_history": results}, indent=2))
 
 
