@@ -241,9 +241,14 @@ def explain(url: str) -> None:
         client = f.add_client(c, f"explain-{time.monotonic_ns()}")
         f.add_batch(c, client, [STEP], 1000)
         c.execute("VACUUM ANALYZE workflow_states")
-        claim = q("dispatch_claim").replace("{scope}", "")
+        from psycopg import sql
+
+        from wsctl.dispatch.engine import _claim_statement
+
+        claim = _claim_statement(None)  # the claim a pass runs, composed as it composes it
         params = {"limit": 1000, "token": uuid.uuid4(), "lease_seconds": 300, "claimed_by": "x"}
-        plan = c.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT TEXT) " + claim, params).fetchall()
+        explain = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, FORMAT TEXT) ") + claim
+        plan = c.execute(explain, params).fetchall()
         print("--- claim", file=sys.stderr)
         print("\n".join(_short(r[0]) for r in plan), file=sys.stderr)
         ids = [
