@@ -51,9 +51,9 @@ def test_dispatch_defaults_layered(tmp_path):
     user_file.write_text("[dispatch]\nconcurrency = 8\nlimit = 50\n")
     (tmp_path / "wsctl.toml").write_text("[dispatch]\nconcurrency = 16\n")
     s = settings.load()
-    assert s.dispatch["concurrency"] == 16
-    assert s.dispatch["limit"] == 50
-    assert s.dispatch["lease_seconds"] == 300
+    assert s.dispatch.concurrency == 16
+    assert s.dispatch.limit == 50
+    assert s.dispatch.lease_seconds == 300
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_init_writes_commented_toml_and_refuses_overwrite(run_cli, tmp_path):
     assert r.code == 0
     assert "url" not in tomllib.loads((tmp_path / "wsctl.toml").read_text())["database"]
     # The file it wrote is read back by settings.load().
-    assert settings.load().dispatch["lease_seconds"] == 300
+    assert settings.load().dispatch.lease_seconds == 300
 
 
 @pytest.mark.parametrize(
@@ -229,10 +229,10 @@ def test_good_values_are_kept_with_their_types(tmp_path):
         "[database]\nconnect_timeout = 3\n"
     )
     s = settings.load()
-    assert s.dispatch["limit"] == 7
-    assert s.dispatch["spawn_timeout"] == 2.0 and isinstance(s.dispatch["spawn_timeout"], float)
-    assert s.dispatch["interval"] == 0.5 and s.dispatch["backend"] == "local"
-    assert s.dispatch["modal_environment"] is None  # empty: Modal's default environment
+    assert s.dispatch.limit == 7
+    assert s.dispatch.spawn_timeout == 2.0 and isinstance(s.dispatch.spawn_timeout, float)
+    assert s.dispatch.interval == 0.5 and s.dispatch.backend == "local"
+    assert s.dispatch.modal_environment is None  # empty: Modal's default environment
     assert s.connect_timeout == 3
 
 
@@ -271,3 +271,66 @@ def test_init_refuses_an_existing_file_with_exit_1_and_leaves_it_alone(run_cli, 
         f"wsctl: error: {Path('wsctl.toml')} already exists; pass --force to overwrite it"
     ]
     assert target.read_text() == "# mine\n" and _mode(target) == 0o644
+
+
+# --- typed dispatch settings: one source for each default, and where each value came from ----
+
+
+def test_dispatch_settings_are_typed_and_say_where_each_value_came_from(tmp_path):
+    user_file = settings.user_config_path()
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text("[dispatch]\nconcurrency = 8\nlimit = 50\n")
+    (tmp_path / "wsctl.toml").write_text("[dispatch]\nconcurrency = 16\ngrace = 3\n")
+    d = settings.load().dispatch
+    assert isinstance(d, settings.DispatchSettings)
+    assert (d.concurrency, d.limit, d.grace) == (16, 50, 3.0) and isinstance(d.grace, float)
+    assert d.source("concurrency") == f"file:{tmp_path / 'wsctl.toml'}"  # the later file wins
+    assert d.source("limit") == f"file:{user_file}"
+    assert d.source("lease_seconds") == "default"
+    with pytest.raises(KeyError):
+        d.source("sources")  # not a setting
+
+    r = d.resolve(limit=None, concurrency=4, spawn_timeout=2)
+    assert r.limit == 50 and r.source("limit") == f"file:{user_file}"  # None: not given
+    assert r.concurrency == 4 and r.source("concurrency") == "option --concurrency"
+    assert r.spawn_timeout == 2.0 and isinstance(r.spawn_timeout, float)
+    assert d.concurrency == 16  # frozen: resolve returns a new value
+    with pytest.raises(TypeError, match="bogus"):
+        d.resolve(bogus=1)
+
+
+def test_pass_options_come_from_the_resolved_settings(tmp_path):
+    from wsctl.dispatch.engine import PassOptions
+
+    (tmp_path / "wsctl.toml").write_text("[dispatch]\nmax_attempts = 2\nrecord_retry_seconds = 4\n")
+    opts = (
+        settings.load()
+        .dispatch.resolve(limit=9)
+        .pass_options(workstream="apollo_scrape", reconcile=False)
+    )
+    assert isinstance(opts, PassOptions)
+    assert (opts.limit, opts.max_attempts, opts.record_retry_seconds) == (9, 2, 4.0)
+    assert opts.workstream == "apollo_scrape" and opts.reconcile is False
+    # PassOptions' own defaults are the DispatchSettings defaults (one source).
+    bare, defaults = PassOptions(), settings.DispatchSettings()
+    for key in ("limit", "concurrency", "lease_seconds", "max_attempts", "callback_timeout"):
+        assert (
+            getattr(bare, key) == getattr(defaults, key) == settings.DispatchSettings.default(key)
+        )
+    assert (bare.max_seconds, bare.grace) == (defaults.max_seconds, defaults.grace)
+
+
+def test_dispatch_help_shows_the_defaults_of_the_settings(run_cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    r = run_cli("dispatch", "--help")
+    assert r.code == 0
+    d = settings.DEFAULT_DISPATCH
+    text = " ".join(r.out.split())
+    assert f"else: {d.limit})" in text and f"else: {d.concurrency})" in text
+    assert f"else: {d.max_seconds:g})" in text and f"else: {d.grace:g})" in text
+
+
+def test_journal_path_defaults_to_the_user_data_dir(tmp_path):
+    assert settings.load().dispatch.journal_path() == settings.user_data_dir() / "dispatch-journal"
+    (tmp_path / "wsctl.toml").write_text(f'[dispatch]\njournal_dir = "{tmp_path / "j"}"\n')
+    assert settings.load().dispatch.journal_path() == tmp_path / "j"

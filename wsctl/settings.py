@@ -14,32 +14,14 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsctl.errors import EnvError, OperationalError, UsageError
 
-DISPATCH_DEFAULTS: dict[str, Any] = {
-    "backend": "modal",
-    "app": "enrichment-worker",
-    "modal_environment": None,
-    "limit": 1000,
-    "concurrency": 32,
-    "lease_seconds": 300,
-    "spawn_timeout": 30.0,
-    "max_attempts": 5,
-    "callback_timeout": 3600,
-    "interval": 10.0,
-    # recording a chunk's outcomes is retried on fresh connections this long
-    "record_retry_seconds": 30.0,
-    # the local journal of outcomes not yet recorded (None: the user data dir)
-    "journal_dir": None,
-    # a pass stops claiming after max_seconds; running functions then get grace
-    # seconds (45 + 10 < cron's minute, with `timeout -s TERM 55` as the backstop)
-    "max_seconds": 45.0,
-    "grace": 10.0,
-}
+if TYPE_CHECKING:
+    from wsctl.dispatch.engine import PassOptions
 
 DATABASE_DEFAULTS: dict[str, Any] = {
     "pooler": "session",
@@ -62,8 +44,13 @@ class Settings:
     # Server-side prepared statements: off by default, so that a transaction-mode pooler
     # on any port works undeclared; only ever on for a direct or session connection.
     prepared_statements: bool = False
-    dispatch: dict[str, Any] = field(default_factory=lambda: dict(DISPATCH_DEFAULTS))
+    dispatch: DispatchSettings = field(default_factory=lambda: DispatchSettings())
     files: tuple[str, ...] = ()
+    #: where each ``[database]`` key's value came from (absent: the default)
+    database_sources: Mapping[str, str] = field(default_factory=dict)
+
+    def database_source(self, key: str) -> str:
+        return self.database_sources.get(key, DEFAULT_SOURCE)
 
     @property
     def transaction_pooler(self) -> bool:
@@ -224,27 +211,122 @@ DATABASE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "prepared_statements": _boolean,
 }
 
-DISPATCH_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "backend": _one_of("modal", "local"),
-    "app": _text,
-    "modal_environment": _optional_text,
-    "limit": _whole_number,
-    "concurrency": _whole_number,
-    "lease_seconds": _whole_number,
-    "spawn_timeout": _positive_seconds,
-    "max_attempts": _whole_number,
-    "callback_timeout": _whole_number,
-    "interval": _positive_seconds,
-    "record_retry_seconds": _positive_seconds,
-    "journal_dir": _optional_text,
-    "max_seconds": _positive_seconds,
-    "grace": _positive_seconds,
+DEFAULT_SOURCE = "default"
+
+
+def _setting(default: Any, check: Callable[[Any], Any]) -> Any:
+    """A ``[dispatch]`` field: its default and the check a wsctl.toml value must pass."""
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    """The ``[dispatch]`` settings, typed: each field's default is the one source of it.
+
+    ``load`` lays wsctl.toml's ``[dispatch]`` tables over the defaults
+    (``with_file``); a command lays its options over that (``resolve``) and
+    hands the engine ``pass_options()``. Help texts, ``wsctl init`` and
+    ``PassOptions`` read their defaults from here. ``sources`` says where each
+    value not at its default came from: ``file:PATH`` or ``option --NAME``.
+    """
+
+    backend: str = _setting("modal", _one_of("modal", "local"))
+    app: str = _setting("enrichment-worker", _text)
+    modal_environment: str | None = _setting(None, _optional_text)
+    limit: int = _setting(1000, _whole_number)
+    concurrency: int = _setting(32, _whole_number)
+    lease_seconds: int = _setting(300, _whole_number)
+    spawn_timeout: float = _setting(30.0, _positive_seconds)
+    max_attempts: int = _setting(5, _whole_number)
+    callback_timeout: int = _setting(3600, _whole_number)
+    interval: float = _setting(10.0, _positive_seconds)
+    #: recording a chunk's outcomes is retried on fresh connections this long
+    record_retry_seconds: float = _setting(30.0, _positive_seconds)
+    #: the local journal of outcomes not yet recorded (None: the user data dir)
+    journal_dir: str | None = _setting(None, _optional_text)
+    #: a pass stops claiming after max_seconds; running functions then get grace
+    #: seconds (45 + 10 < cron's minute, with `timeout -s TERM 55` as the backstop)
+    max_seconds: float = _setting(45.0, _positive_seconds)
+    grace: float = _setting(10.0, _positive_seconds)
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The setting names, in declaration order (``sources`` is not one)."""
+        return tuple(f.name for f in fields(cls) if "check" in f.metadata)
+
+    @classmethod
+    def default(cls, key: str) -> Any:
+        return _DISPATCH_FIELDS[key].default
+
+    def source(self, key: str) -> str:
+        """Where ``key``'s value came from: ``default``, ``file:PATH`` or ``option --NAME``."""
+        if key not in _DISPATCH_FIELDS:
+            raise KeyError(key)
+        return self.sources.get(key, DEFAULT_SOURCE)
+
+    def values(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.keys()}
+
+    def with_file(self, path: str, table: Mapping[str, Any]) -> DispatchSettings:
+        """This file's ``[dispatch]`` table over these values, each value checked
+        (``UsageError`` naming the file and key)."""
+        checked = {key: check_value(path, "dispatch", key, v) for key, v in table.items()}
+        sources = {**self.sources, **dict.fromkeys(checked, f"file:{path}")}
+        return replace(self, **checked, sources=sources)
+
+    def resolve(self, **options: Any) -> DispatchSettings:
+        """The command-line options (``None``: not given) over these values.
+
+        A float setting given as an int is made a float; ranges are checked
+        where the values are used (``PassOptions.validate``, ``make_backend``).
+        """
+        unknown = sorted(set(options) - set(_DISPATCH_FIELDS))
+        if unknown:
+            raise TypeError(f"unknown dispatch setting(s): {', '.join(unknown)}")
+        given: dict[str, Any] = {
+            key: float(v) if isinstance(_DISPATCH_FIELDS[key].default, float) else v
+            for key, v in options.items()
+            if v is not None
+        }
+        sources = {**self.sources, **{k: f"option --{k.replace('_', '-')}" for k in given}}
+        return replace(self, **given, sources=sources)
+
+    def pass_options(self, *, workstream: str | None = None, reconcile: bool = True) -> PassOptions:
+        """What the engine takes for one pass (``wsctl.dispatch.engine.PassOptions``)."""
+        from wsctl.dispatch.engine import PassOptions
+
+        return PassOptions(
+            limit=self.limit,
+            concurrency=self.concurrency,
+            workstream=workstream,
+            lease_seconds=self.lease_seconds,
+            max_attempts=self.max_attempts,
+            callback_timeout=self.callback_timeout,
+            reconcile=reconcile,
+            record_retry_seconds=self.record_retry_seconds,
+            max_seconds=self.max_seconds,
+            grace=self.grace,
+        )
+
+    def journal_path(self) -> Path:
+        """Where unrecorded outcomes are journaled: journal_dir, else the user data dir."""
+        if self.journal_dir:
+            return Path(self.journal_dir)
+        return user_data_dir() / "dispatch-journal"
+
+
+_DISPATCH_FIELDS = {f.name: f for f in fields(DispatchSettings) if "check" in f.metadata}
+_DISPATCH_CHECKS: dict[str, Callable[[Any], Any]] = {
+    name: f.metadata["check"] for name, f in _DISPATCH_FIELDS.items()
 }
+#: the defaults, typed (``DEFAULT_DISPATCH.spawn_timeout``)
+DEFAULT_DISPATCH = DispatchSettings()
 
 
 def check_value(path: str, table: str, key: str, value: Any) -> Any:
     """``value`` of ``[table] key`` as wsctl uses it; ``UsageError`` naming file and key if not."""
-    checks = DATABASE_CHECKS if table == "database" else DISPATCH_CHECKS
+    checks = DATABASE_CHECKS if table == "database" else _DISPATCH_CHECKS
     if key not in checks:
         raise UsageError(f"{path}: unknown key {table}.{key}")
     try:
@@ -337,7 +419,8 @@ def load(database_url: str | None = None, *, env: Mapping[str, str] | None = Non
             layers.append((str(config_file), data))
 
     db: dict[str, Any] = dict(DATABASE_DEFAULTS)
-    dispatch: dict[str, Any] = dict(DISPATCH_DEFAULTS)
+    db_sources: dict[str, str] = {}
+    dispatch = DispatchSettings()
     file_url: tuple[str, str] | None = None
     for path, data in layers:  # lowest first, so later layers win
         for name in data:
@@ -360,11 +443,11 @@ def load(database_url: str | None = None, *, env: Mapping[str, str] | None = Non
                     file_url = (value, f"file:{path}")
             else:
                 db[key] = check_value(path, "database", key, value)
+                db_sources[key] = f"file:{path}"
         section = data.get("dispatch", {})
         if not isinstance(section, dict):
             raise UsageError(f"{path}: [dispatch] must be a table")
-        for key, value in section.items():
-            dispatch[key] = check_value(path, "dispatch", key, value)
+        dispatch = dispatch.with_file(path, section)
 
     url, source = None, "embedded"
     if database_url:
@@ -388,6 +471,7 @@ def load(database_url: str | None = None, *, env: Mapping[str, str] | None = Non
         prepared_statements=db["prepared_statements"],
         dispatch=dispatch,
         files=tuple(p for p, _ in layers),
+        database_sources=db_sources,
     )
 
 
@@ -413,7 +497,7 @@ def write_init_file(path: Path, database_url: str | None, *, force: bool) -> Pat
     if database_url:
         database["url"] = database_url
     database.update(DATABASE_DEFAULTS)
-    dispatch = {k: v for k, v in DISPATCH_DEFAULTS.items() if v is not None}
+    dispatch = {k: v for k, v in DEFAULT_DISPATCH.values().items() if v is not None}
     body = tomli_w.dumps({"database": database, "dispatch": dispatch})
     if not database_url:  # a placeholder to fill in, commented out until then
         body = body.replace(

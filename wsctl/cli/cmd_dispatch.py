@@ -5,14 +5,14 @@ from __future__ import annotations
 import typer
 
 from wsctl.cli.common import JSON_OPTION, state
-from wsctl.settings import DISPATCH_DEFAULTS
+from wsctl.settings import DispatchSettings
 
 _FROM_CONFIG = "default: the dispatch table of wsctl.toml, else"
 
 
 def _d(key: str) -> str:
-    """A dispatch default as the help shows it (from settings.DISPATCH_DEFAULTS, the one source)."""
-    value = DISPATCH_DEFAULTS[key]
+    """A dispatch default as the help shows it (from settings.DispatchSettings, the one source)."""
+    value = DispatchSettings.default(key)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -82,7 +82,7 @@ def dispatch(
 ) -> None:
     """Claim due workflow states and run them on their (step, workstream) function."""
     from wsctl.cli.dispatch_render import render_plan, render_summary
-    from wsctl.dispatch.engine import PassOptions, due_total, plan, run_pass
+    from wsctl.dispatch.engine import due_total, plan, run_pass
     from wsctl.dispatch.loop import make_backend
     from wsctl.domain import validate_slug
     from wsctl.errors import UsageError
@@ -90,31 +90,29 @@ def dispatch(
     if once and loop:
         raise UsageError("--once and --loop exclude each other")
     st = state(ctx)
-    cfg = st.settings().dispatch
-
-    def pick(value, key):
-        return cfg[key] if value is None else value
-
     if workstream is not None:
         validate_slug(workstream, "workstream")
-    opts = PassOptions(
-        limit=int(pick(limit, "limit")),
-        concurrency=int(pick(concurrency, "concurrency")),
-        workstream=workstream,
-        lease_seconds=int(pick(lease_seconds, "lease_seconds")),
-        max_attempts=int(pick(max_attempts, "max_attempts")),
-        callback_timeout=int(pick(callback_timeout, "callback_timeout")),
-        reconcile=not no_reconcile,
-        record_retry_seconds=float(cfg["record_retry_seconds"]),
-        max_seconds=float(pick(max_seconds, "max_seconds")),
-        grace=float(pick(grace, "grace")),
+    cfg = st.settings().dispatch.resolve(
+        interval=interval,
+        limit=limit,
+        concurrency=concurrency,
+        backend=backend,
+        app=app,
+        modal_environment=modal_environment,
+        lease_seconds=lease_seconds,
+        spawn_timeout=spawn_timeout,
+        max_attempts=max_attempts,
+        callback_timeout=callback_timeout,
+        max_seconds=max_seconds,
+        grace=grace,
     )
+    opts = cfg.pass_options(workstream=workstream, reconcile=not no_reconcile)
     opts.validate()
     chosen = make_backend(
-        str(pick(backend, "backend")),
-        app=pick(app, "app"),
-        environment=pick(modal_environment, "modal_environment"),
-        spawn_timeout=float(pick(spawn_timeout, "spawn_timeout")),
+        cfg.backend,
+        app=cfg.app,
+        environment=cfg.modal_environment,
+        spawn_timeout=cfg.spawn_timeout,
     )
     if verbose:
         import logging
@@ -150,10 +148,10 @@ def dispatch(
 
     from wsctl.dispatch.journal import Journal
 
-    journal = Journal(_journal_dir(cfg))
+    journal = Journal(str(cfg.journal_path()))
     if loop:
         try:
-            _run_loop(st, chosen, opts, float(pick(interval, "interval")), as_json, journal)
+            _run_loop(st, chosen, opts, cfg.interval, as_json, journal)
         finally:
             journal.close()
         return
@@ -207,15 +205,6 @@ def stop_line(summary) -> str:
         f"{summary.released} claim(s) never started released to PENDING, "
         f"{summary.left_to_lease} still running left to their lease"
     )
-
-
-def _journal_dir(cfg: dict) -> str:
-    """Where unrecorded outcomes are journaled: dispatch.journal_dir, else the user data dir."""
-    if cfg.get("journal_dir"):
-        return str(cfg["journal_dir"])
-    from wsctl.settings import user_data_dir
-
-    return str(user_data_dir() / "dispatch-journal")
 
 
 def _run_loop(st, backend, opts, interval: float, as_json: bool, journal) -> None:

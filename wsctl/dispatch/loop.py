@@ -15,7 +15,7 @@ from wsctl.dispatch.backend import Backend
 from wsctl.dispatch.engine import PassOptions, PassSummary, RecordingFailed, run_pass
 from wsctl.errors import DatabaseUnavailable, UsageError
 from wsctl.redact import first_line
-from wsctl.settings import DISPATCH_DEFAULTS
+from wsctl.settings import DEFAULT_DISPATCH
 
 if TYPE_CHECKING:
     import psycopg
@@ -28,7 +28,7 @@ def make_backend(
     *,
     app: str | None,
     environment: str | None = None,
-    spawn_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
+    spawn_timeout: float = DEFAULT_DISPATCH.spawn_timeout,
 ) -> Backend:
     if kind == "local":
         from wsctl.dispatch.local import LocalBackend

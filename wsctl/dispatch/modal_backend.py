@@ -17,7 +17,7 @@ from wsctl import states
 from wsctl.dispatch.backend import NOT_STARTED, Failure, Job, Poll, Result, Stopping
 from wsctl.errors import EnvError
 from wsctl.redact import first_line
-from wsctl.settings import DISPATCH_DEFAULTS
+from wsctl.settings import DEFAULT_DISPATCH
 
 
 def classify(exc: BaseException) -> Failure:
@@ -60,8 +60,8 @@ class ModalBackend:
         app: str,
         *,
         environment: str | None = None,
-        spawn_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
-        lookup_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
+        spawn_timeout: float = DEFAULT_DISPATCH.spawn_timeout,
+        lookup_timeout: float = DEFAULT_DISPATCH.spawn_timeout,
     ):
         self.app = app
         self.environment = environment or None
