@@ -334,3 +334,73 @@ def test_journal_path_defaults_to_the_user_data_dir(tmp_path):
     assert settings.load().dispatch.journal_path() == settings.user_data_dir() / "dispatch-journal"
     (tmp_path / "wsctl.toml").write_text(f'[dispatch]\njournal_dir = "{tmp_path / "j"}"\n')
     assert settings.load().dispatch.journal_path() == tmp_path / "j"
+
+
+# --- wsctl settings: the effective values and where each came from --------------------------
+
+
+def _by_key(doc):
+    return {r["key"]: (r["value"], r["source"]) for r in doc["settings"]}
+
+
+def test_settings_command_names_each_source_and_masks_the_password(run_cli, tmp_path, monkeypatch):
+    user_file = settings.user_config_path()
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text("[dispatch]\nlimit = 50\n")
+    local = tmp_path / "wsctl.toml"
+    local.write_text(
+        '[database]\nurl = "postgresql://app:hunter2@db:5432/x"\npooler = "transaction"\n'
+        '[dispatch]\nbackend = "local"\n'
+    )
+    r = run_cli("settings", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["files"] == [str(user_file), str(local)]  # lowest precedence first
+    got = _by_key(doc)
+    assert got["database.url"] == ("postgresql://app:***@db:5432/x", f"file:{local}")
+    assert got["database.pooler"] == ("transaction", f"file:{local}")
+    assert got["database.lock_timeout"] == ("5s", "default")
+    assert got["dispatch.limit"] == (50, f"file:{user_file}")
+    assert got["dispatch.backend"] == ("local", f"file:{local}")
+    assert got["dispatch.concurrency"] == (32, "default")
+    journal = str(settings.user_data_dir() / "dispatch-journal")
+    assert got["dispatch.journal_dir"] == (journal, "default")
+    # every setting is listed, once
+    keys = [row["key"] for row in doc["settings"]]
+    assert (
+        len(keys)
+        == len(set(keys))
+        == 1 + len(settings.DATABASE_DEFAULTS) + len(settings.DispatchSettings.keys())
+    )
+    assert "hunter2" not in r.out + r.err
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://env:pw-env@db/x")
+    got = _by_key(run_cli("settings", "--json").json())
+    assert got["database.url"] == ("postgresql://env:***@db/x", "env DATABASE_URL")
+    monkeypatch.setenv("WSCTL_DATABASE_URL", "postgresql://w:pw-wsctl@db/x")
+    assert _by_key(run_cli("settings", "--json").json())["database.url"][1] == (
+        "env WSCTL_DATABASE_URL"
+    )
+    r = run_cli("settings", url="host=db user=app password=pw-option dbname=x")
+    assert r.code == 0, r.err
+    assert "host=db user=app password=*** dbname=x\toption --database-url" in r.out
+    assert "dispatch.limit\t50\tfile:" in r.out and "pw-" not in r.out + r.err
+
+
+def test_settings_command_without_any_configuration(run_cli):
+    r = run_cli("settings", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["files"] == []
+    got = _by_key(doc)
+    assert got["database.url"] == (None, "embedded")  # nothing is started to show it
+    assert all(source == "default" for k, (_v, source) in got.items() if k != "database.url")
+    r = run_cli("settings")
+    assert r.code == 0 and "none (no wsctl.toml found)" in r.err
+
+
+def test_settings_command_refuses_a_bad_file_with_exit_2(run_cli, tmp_path):
+    (tmp_path / "wsctl.toml").write_text("[dispatch]\nlimit = 0\n")
+    r = run_cli("settings", "--json")
+    assert r.code == 2 and "dispatch.limit must be a whole number >= 1, not 0" in r.err
+    assert r.out == ""

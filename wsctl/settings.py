@@ -475,6 +475,39 @@ def load(database_url: str | None = None, *, env: Mapping[str, str] | None = Non
     )
 
 
+@dataclass(frozen=True)
+class EffectiveSetting:
+    """One setting as a command would use it, and where its value came from."""
+
+    key: str  # "database.url", "dispatch.limit", ...
+    value: Any
+    source: str  # default, file:PATH, env NAME, option --NAME, embedded
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "value": self.value, "source": self.source}
+
+
+def effective(s: Settings) -> list[EffectiveSetting]:
+    """Every setting of ``s`` with its source, the database URL masked (never a password).
+
+    An unset URL is shown as ``None`` from ``embedded``: nothing is started to
+    find the embedded server's address. ``dispatch.journal_dir`` is the
+    directory used (by default under the user data dir).
+    """
+    from wsctl.redact import mask_url
+
+    url = mask_url(s.database_url) if s.database_url else None
+    rows = [EffectiveSetting("database.url", url, s.url_source)]
+    for key in DATABASE_DEFAULTS:
+        rows.append(EffectiveSetting(f"database.{key}", getattr(s, key), s.database_source(key)))
+    for key in s.dispatch.keys():
+        value = getattr(s.dispatch, key)
+        if key == "journal_dir":  # the directory the journal is in, default or not
+            value = str(s.dispatch.journal_path())
+        rows.append(EffectiveSetting(f"dispatch.{key}", value, s.dispatch.source(key)))
+    return rows
+
+
 INIT_TEMPLATE_HEADER = """\
 # wsctl configuration. Precedence, highest first: --database-url,
 # WSCTL_DATABASE_URL, DATABASE_URL, ./wsctl.toml, the user config file,
