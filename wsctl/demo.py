@@ -325,15 +325,10 @@ class ReceiverServer:
 
 
 @contextmanager
-def _worker_env(
-    database_url: str, callback_secret: str, clay_secrets: dict[str, str]
-) -> Iterator[None]:
-    """What the Modal secrets provide in production, for the in-process worker functions."""
-    values = {
-        "WSCTL_DATABASE_URL": database_url,
-        "CLAY_CALLBACK_SECRET": callback_secret,
-        **clay_secrets,
-    }
+def _worker_env(callback_secret: str, clay_secrets: dict[str, str]) -> Iterator[None]:
+    """The secrets Modal provides in production, for the in-process worker functions: they
+    read them from their environment (``wsctl.secret_refs``), so the environment it is."""
+    values = {"CLAY_CALLBACK_SECRET": callback_secret, **clay_secrets}
     saved = {n: os.environ.get(n) for n in values}
     os.environ.update(values)
     try:
@@ -479,13 +474,16 @@ def run_demo(
     """Set up, create a batch per workstream, dispatch until done, and report.
 
     ``conn`` (autocommit) and ``database_url`` name the same database: the
-    worker functions connect through ``WSCTL_DATABASE_URL`` as on Modal.
+    worker functions connect to it through the worker helpers
+    (``settings.in_process_workers``), as they would on Modal through
+    ``WSCTL_DATABASE_URL``.
     Raises ``OperationalError`` when the batches do not finish within
     ``timeout`` seconds or a state FAILs or is BLOCKED.
     """
     from wsctl import migrations
     from wsctl.dispatch import PassOptions, run_pass
     from wsctl.dispatch.local import LocalBackend
+    from wsctl.settings import Settings, in_process_workers
 
     say = on_progress or (lambda _msg: None)
     started = time.monotonic()
@@ -519,7 +517,10 @@ def run_demo(
 
         opts = PassOptions(concurrency=8, max_attempts=2, callback_timeout=120)
         deadline = started + timeout
-        with _worker_env(database_url, secrets.token_hex(32), demo_secrets(clay.url)):
+        # The functions run here: they connect to the demo's database through the worker
+        # helpers (given explicitly, not through WSCTL_DATABASE_URL).
+        workers = in_process_workers(Settings(database_url=database_url, url_source="demo"))
+        with workers, _worker_env(secrets.token_hex(32), demo_secrets(clay.url)):
             while True:
                 summary = run_pass(conn, backend, opts)
                 result.passes += 1

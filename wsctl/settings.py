@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -404,13 +406,40 @@ def check_database_url(url: str, source: str) -> None:
     raise error(f"invalid database URL {mask_url(url)} (from {source}): {problem}")
 
 
+# The settings a bare ``load()`` returns while a dispatcher runs the app's functions
+# in this process (``--backend local``, the demo): the worker helpers call ``load()``
+# for their connection, and get the dispatcher's database (URL and [database] keys)
+# from here instead of through os.environ. See ``in_process_workers``.
+_in_process: list[Settings] = []
+_in_process_lock = threading.Lock()
+
+
+@contextmanager
+def in_process_workers(s: Settings) -> Iterator[None]:
+    """Within this block a bare ``load()`` (what the worker helpers call, from any
+    thread) returns ``s``: the dispatcher hands its own database to the functions it
+    runs in-process, scoped to the run, with os.environ untouched. Nested blocks stack."""
+    if not s.database_url:
+        raise ValueError("in_process_workers needs settings with a database URL")
+    with _in_process_lock:
+        _in_process.append(s)
+    try:
+        yield
+    finally:
+        with _in_process_lock:
+            _in_process.remove(s)
+
+
 def load(database_url: str | None = None, *, env: Mapping[str, str] | None = None) -> Settings:
     """Read settings; ``database_url`` is the command-line option (highest precedence).
 
     Every key of every file is checked for its type and range here, so a bad
     value is a usage error (exit 2) naming the file and key, never a traceback
-    in the command that uses it.
+    in the command that uses it. Inside ``in_process_workers`` a call without
+    arguments returns the settings given there.
     """
+    if database_url is None and env is None and _in_process:
+        return _in_process[-1]
     env = os.environ if env is None else env
     layers: list[tuple[str, dict[str, Any]]] = []
     for config_file in (user_config_path(), local_config_path()):

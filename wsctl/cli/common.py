@@ -47,6 +47,11 @@ class CliState:
             self._embedded_url = server.url
         return server.url
 
+    def resolved_settings(self) -> Settings:
+        """The settings with the URL resolved (the embedded server started on demand)."""
+        s = self.settings()
+        return s if s.database_url else s.with_url(self.resolved_url(), s.url_source)
+
     def connect(
         self, *, require_schema: bool = True, autocommit: bool = True
     ) -> psycopg.Connection:
