@@ -404,3 +404,18 @@ def test_settings_command_refuses_a_bad_file_with_exit_2(run_cli, tmp_path):
     r = run_cli("settings", "--json")
     assert r.code == 2 and "dispatch.limit must be a whole number >= 1, not 0" in r.err
     assert r.out == ""
+
+
+@pytest.mark.parametrize("command", ["dispatch", "doctor"])
+def test_backend_option_shows_and_takes_only_its_choices(run_cli, monkeypatch, command):
+    monkeypatch.setenv("COLUMNS", "200")
+    r = run_cli(command, "--help")
+    assert r.code == 0 and "--backend [modal|local]" in r.out and "--backend TEXT" not in r.out
+    r = run_cli(command, "--backend", "cloud")
+    assert r.code == 2 and "'cloud' is not one of 'modal', 'local'" in r.err
+
+
+def test_a_backend_given_as_the_enum_resolves_to_its_name():
+    d = settings.DispatchSettings().resolve(backend=settings.Backend.local)
+    assert d.backend == "local" and type(d.backend) is str
+    assert d.source("backend") == "option --backend"

@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -216,6 +217,13 @@ DATABASE_CHECKS: dict[str, Callable[[Any], Any]] = {
 DEFAULT_SOURCE = "default"
 
 
+class Backend(StrEnum):
+    """Where ``wsctl dispatch`` runs the functions (``--backend``, ``dispatch.backend``)."""
+
+    modal = "modal"
+    local = "local"
+
+
 def _setting(default: Any, check: Callable[[Any], Any]) -> Any:
     """A ``[dispatch]`` field: its default and the check a wsctl.toml value must pass."""
     return field(default=default, metadata={"check": check})
@@ -232,7 +240,7 @@ class DispatchSettings:
     value not at its default came from: ``file:PATH`` or ``option --NAME``.
     """
 
-    backend: str = _setting("modal", _one_of("modal", "local"))
+    backend: str = _setting(Backend.modal.value, _one_of(*(b.value for b in Backend)))
     app: str = _setting("enrichment-worker", _text)
     modal_environment: str | None = _setting(None, _optional_text)
     limit: int = _setting(1000, _whole_number)
@@ -280,14 +288,15 @@ class DispatchSettings:
     def resolve(self, **options: Any) -> DispatchSettings:
         """The command-line options (``None``: not given) over these values.
 
-        A float setting given as an int is made a float; ranges are checked
+        A float setting given as an int is made a float, an Enum (``Backend``)
+        its value; ranges are checked
         where the values are used (``PassOptions.validate``, ``make_backend``).
         """
         unknown = sorted(set(options) - set(_DISPATCH_FIELDS))
         if unknown:
             raise TypeError(f"unknown dispatch setting(s): {', '.join(unknown)}")
         given: dict[str, Any] = {
-            key: float(v) if isinstance(_DISPATCH_FIELDS[key].default, float) else v
+            key: _plain(v, float_=isinstance(_DISPATCH_FIELDS[key].default, float))
             for key, v in options.items()
             if v is not None
         }
@@ -316,6 +325,13 @@ class DispatchSettings:
         if self.journal_dir:
             return Path(self.journal_dir)
         return user_data_dir() / "dispatch-journal"
+
+
+def _plain(value: Any, *, float_: bool) -> Any:
+    """An option's value as the settings hold it: an Enum's value, a float for seconds."""
+    if isinstance(value, Enum):
+        return value.value
+    return float(value) if float_ else value
 
 
 _DISPATCH_FIELDS = {f.name: f for f in fields(DispatchSettings) if "check" in f.metadata}

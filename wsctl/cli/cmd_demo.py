@@ -76,7 +76,9 @@ def demo(
                     r.step,
                     r.status,
                     r.ran_function or r.function,
-                    f"{r.config_workstream} ({r.config_id[:8]})" if r.config_id else "-",
+                    f"{r.config_workstream} ({r.config_id})"
+                    if r.config_id
+                    else "-",  # whole, as item show prints it
                     r.detail,
                 )
                 for r in result.rows

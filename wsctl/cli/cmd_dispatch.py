@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
-from wsctl.settings import DispatchSettings
+from wsctl.cli.common import JSON_OPTION, choices, state
+from wsctl.settings import Backend, DispatchSettings
 
 _FROM_CONFIG = "default: the dispatch table of wsctl.toml, else"
 
@@ -33,8 +33,11 @@ def dispatch(
         "--concurrency",
         help=f"Concurrent spawns/calls ({_FROM_CONFIG}: {_d('concurrency')}).",
     ),
-    backend: str | None = typer.Option(
-        None, "--backend", help=f"modal or local ({_FROM_CONFIG}: {_d('backend')})."
+    backend: Backend | None = typer.Option(
+        None,
+        "--backend",
+        metavar=choices(Backend),
+        help=f"Where functions run ({_FROM_CONFIG}: {_d('backend')}).",
     ),
     app: str | None = typer.Option(
         None, "--app", help="Modal app name, or for --backend local a file path or module."

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
-from wsctl.settings import DispatchSettings
+from wsctl.cli.common import JSON_OPTION, choices, state
+from wsctl.settings import Backend, DispatchSettings
 
 item_app = typer.Typer(help="Batch items: where each one went and why.", no_args_is_help=True)
 
@@ -143,9 +143,10 @@ def doctor(
     modal_environment: str | None = typer.Option(
         None, "--modal-environment", help="Modal environment (default: dispatch.modal_environment)."
     ),
-    backend: str | None = typer.Option(
+    backend: Backend | None = typer.Option(
         None,
         "--backend",
+        metavar=choices(Backend),
         help="The dispatch backend to judge credentials for (default: dispatch.backend, else "
         f"{DispatchSettings.default('backend')}).",
     ),

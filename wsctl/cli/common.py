@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import typer
@@ -72,6 +73,11 @@ def state(ctx: typer.Context) -> CliState:
     if not isinstance(root.obj, CliState):
         root.obj = CliState()
     return root.obj
+
+
+def choices(enum: type[Enum]) -> str:
+    """The metavar of an option taking one of an Enum's values: ``[modal|local]``."""
+    return "[" + "|".join(str(member.value) for member in enum) + "]"
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout.")
