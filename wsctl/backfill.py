@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import first_line, settings_of, tx
 from wsctl.domain import Inference, infer_workstreams, parse_uuid, validate_slug
 from wsctl.errors import OperationalError
-from wsctl.queries import q, scalar
+from wsctl.queries import column, named, q, scalar
 
 if TYPE_CHECKING:
     import psycopg
@@ -189,7 +189,7 @@ def _process_chunk(
             unresolved[bid] = inf
     done = set(set_ids)  # a dry run counts what it would set
     if set_ids and not dry_run:
-        done = {r[0] for r in conn.execute(q("backfill_set"), (set_ids, set_values)).fetchall()}
+        done = set(column(named(conn).execute(q("backfill_set"), (set_ids, set_values)), "id"))
         # The UPDATE skips a batch the dashboard set meanwhile: it counts as neither.
         report.set_meanwhile += len(set_ids) - len(done)
     updated = 0 if dry_run else len(done)
@@ -259,9 +259,10 @@ def backfill_workstream_slug(
     cursor: uuid.UUID | None = None
     if resumable:
         with tx(conn):
-            row = conn.execute(q("backfill_checkpoint_get"), (JOB,)).fetchone()
-        if row is not None and row[0] is not None:
-            cursor, report.resumed_after, report.resumed_checkpoint_at = row[0], row[0], row[1]
+            row = named(conn).execute(q("backfill_checkpoint_get"), (JOB,)).fetchone()
+        if row is not None and row["last_id"] is not None:
+            cursor = report.resumed_after = row["last_id"]
+            report.resumed_checkpoint_at = row["updated_at"]
     unresolved: dict[uuid.UUID, Inference] = {}
     # The walk: from the checkpoint to the end, checkpointing each chunk.
     total = _walk(
@@ -324,13 +325,7 @@ def _walk(
     while True:
         try:
             with tx(conn, lock_timeout=lock_timeout):
-                ids = [
-                    r[0]
-                    for r in conn.execute(
-                        q("backfill_next_chunk"),
-                        {"after": cursor, "scope": scope, "limit": chunk_size},
-                    ).fetchall()
-                ]
+                ids = _next_chunk(conn, cursor, scope, chunk_size)
                 if not ids:
                     break
                 counts = _process_chunk(
@@ -352,6 +347,14 @@ def _walk(
     return total
 
 
+def _next_chunk(
+    conn: psycopg.Connection, after: uuid.UUID | None, scope: list[uuid.UUID] | None, size: int
+) -> list[uuid.UUID]:
+    """The ids of the next ``size`` batches without a workstream after ``after``, in order."""
+    params = {"after": after, "scope": scope, "limit": size}
+    return column(named(conn).execute(q("backfill_next_chunk"), params), "id")
+
+
 def _refuse_before_writing(
     conn: psycopg.Connection,
     scope: list[uuid.UUID] | None,
@@ -369,8 +372,8 @@ def _refuse_before_writing(
     returns True: the caller writes nothing.
     """
     with tx(conn, lock_timeout=lock_timeout):
-        row = conn.execute(q("backfill_check_state")).fetchone()
-    if row is not None and row[0]:
+        row = named(conn).execute(q("backfill_check_state")).fetchone()
+    if row is not None and row["convalidated"]:
         return False  # validated: no batch can lack a workstream
     probe = BackfillReport(dry_run=True, default=report.default)
     unresolved: dict[uuid.UUID, Inference] = {}
@@ -433,13 +436,7 @@ def _sweep(
     while True:
         try:
             with tx(conn, lock_timeout=lock_timeout):
-                ids = [
-                    r[0]
-                    for r in conn.execute(
-                        q("backfill_next_chunk"),
-                        {"after": cursor, "scope": scope, "limit": chunk_size},
-                    ).fetchall()
-                ]
+                ids = _next_chunk(conn, cursor, scope, chunk_size)
                 if not ids:
                     break
                 known = [b for b in ids if b in unresolved]
@@ -472,7 +469,7 @@ def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str
 
     with tx(conn, lock_timeout=lock_timeout):
         remaining = scalar(conn.execute(q("backfill_null_total")))
-        row = conn.execute(q("backfill_check_state")).fetchone()
+        row = named(conn).execute(q("backfill_check_state")).fetchone()
     if report.dry_run:
         remaining = max(remaining - report.inferred - report.defaulted, 0)
         if remaining:
@@ -482,7 +479,7 @@ def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str
                 f"--enforce would refuse: {remaining} batch(es) would still have no workstream_slug",
             )
         return EnforceResult("would add", 0, f"--enforce would add and validate {CHECK_NAME}")
-    if row is not None and row[0]:
+    if row is not None and row["convalidated"]:
         return EnforceResult("already", remaining, f"{CHECK_NAME} is already enforced")
     if remaining:
         return EnforceResult(
