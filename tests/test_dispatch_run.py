@@ -223,3 +223,92 @@ def test_in_process_workers_is_scoped_stacked_and_seen_from_threads(db_url, tmp_
     with pytest.raises(ValueError, match="database URL"):
         with settings.in_process_workers(settings.Settings(database_url=None, url_source="x")):
             pass
+
+
+# --- the loop's failure paths (wsctl.dispatch.loop.run_loop) ---------------------------------
+
+
+def _loop_world(conn, n=1):
+    from wsctl.dispatch.memory import MemoryBackend
+
+    f.register_seed(conn)
+    f.add_batch(conn, f.add_client(conn), [STEP], n)
+    calls = []
+    backend = MemoryBackend({"start_normalize_all_core_values": lambda i, w: calls.append(i)})
+    return backend, calls
+
+
+def _run_loop_until_a_pass(connect, backend, errors, passes):
+    from wsctl.dispatch.engine import PassOptions
+    from wsctl.dispatch.loop import run_loop
+
+    stop = threading.Event()
+
+    def on_pass(summary):
+        passes.append(summary)
+        stop.set()
+
+    return run_loop(
+        connect,
+        backend,
+        PassOptions(),
+        interval=0.01,
+        stop=stop,
+        on_pass=on_pass,
+        on_error=errors.append,
+    )
+
+
+def test_the_loop_retries_an_unreachable_database_then_runs(conn, connect):
+    from wsctl.errors import DatabaseUnavailable
+
+    backend, calls = _loop_world(conn)
+    attempts = []
+
+    def flaky(*, require_schema: bool = True):
+        attempts.append(require_schema)
+        if len(attempts) == 1:
+            raise DatabaseUnavailable("database unreachable: connection refused")
+        return connect(require_schema=require_schema)
+
+    errors: list[str] = []
+    passes: list = []
+    assert _run_loop_until_a_pass(flaky, backend, errors, passes) == 1
+    assert errors == ["database unreachable: connection refused; retrying in 0.5s"]
+    assert passes[0].completed == 1 and len(calls) == 1
+
+
+def test_the_loop_reconnects_after_a_connection_lost_mid_loop(conn, connect):
+    """The server ends the loop's connection: reported, closed, and a new one used."""
+    backend, calls = _loop_world(conn)
+    opened = []
+
+    def connect_then_lose_the_first(*, require_schema: bool = True):
+        c = connect(require_schema=require_schema)
+        opened.append(c)
+        if len(opened) == 1:  # terminated under the client: it only finds out on its next use
+            conn.execute("SELECT pg_terminate_backend(%s)", (c.info.backend_pid,))
+        return c
+
+    errors: list[str] = []
+    passes: list = []
+    assert _run_loop_until_a_pass(connect_then_lose_the_first, backend, errors, passes) == 1
+    assert len(errors) == 1 and errors[0].startswith("database connection lost: ")
+    assert errors[0].endswith("; retrying in 0.5s")
+    assert opened[0].closed and passes[0].completed == 1 and len(calls) == 1
+    for c in opened:
+        c.close()
+
+
+def test_an_environment_error_other_than_unreachable_stops_the_loop(conn):
+    from wsctl.errors import EnvError
+
+    backend, calls = _loop_world(conn)
+
+    def refused(*, require_schema: bool = True):
+        raise EnvError("password authentication failed")
+
+    errors: list[str] = []
+    with pytest.raises(EnvError, match="password authentication"):
+        _run_loop_until_a_pass(refused, backend, errors, [])
+    assert errors == [] and calls == []

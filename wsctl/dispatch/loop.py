@@ -41,6 +41,13 @@ def make_backend(
     raise UsageError(f"--backend must be 'modal' or 'local', not {kind!r}")
 
 
+def _why(exc: Exception) -> str:
+    """The one line a retried failure of the loop is reported with."""
+    if isinstance(exc, RecordingFailed | DatabaseUnavailable):
+        return exc.one_line()
+    return f"database connection lost: {first_line(exc)}"
+
+
 def _wait(interval: float, failures: int) -> float:
     """The pause before the next pass: the interval, doubled per consecutive failure (max 60 s)."""
     if failures == 0:
@@ -86,27 +93,20 @@ def run_loop(
                 on_pass(summary)
                 if stop.is_set() and on_stop is not None:
                     on_stop(summary)
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            except (
+                psycopg.OperationalError,
+                psycopg.InterfaceError,
+                RecordingFailed,
+                DatabaseUnavailable,
+            ) as exc:
+                # Retried after the wait, on a new connection. RecordingFailed: the outcomes
+                # stay journaled and the next pass records them first. DatabaseUnavailable:
+                # unreachable at reconnect; other environment errors (credentials, a missing
+                # app) would fail every pass: they stop the loop.
                 failures += 1
-                on_error(
-                    f"database connection lost: {first_line(exc)}; "
-                    f"retrying in {_wait(interval, failures):g}s"
-                )
+                on_error(f"{_why(exc)}; retrying in {_wait(interval, failures):g}s")
                 if conn is not None:
                     conn.close()
-                conn = None
-            except RecordingFailed as exc:
-                # The outcomes stay journaled: the next pass records them first.
-                failures += 1
-                on_error(f"{exc.one_line()}; retrying in {_wait(interval, failures):g}s")
-                if conn is not None:
-                    conn.close()
-                conn = None
-            except DatabaseUnavailable as exc:
-                # Unreachable at reconnect: retried. Other environment errors
-                # (credentials, a missing app) would fail every pass: they stop.
-                failures += 1
-                on_error(f"{exc.one_line()}; retrying in {_wait(interval, failures):g}s")
                 conn = None
             stop.wait(_wait(interval, failures))
     finally:
