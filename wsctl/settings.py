@@ -454,8 +454,10 @@ def load(database_url: str | None = None, *, env: Mapping[str, str] | None = Non
     in the command that uses it. Inside ``in_process_workers`` a call without
     arguments returns the settings given there.
     """
-    if database_url is None and env is None and _in_process:
-        return _in_process[-1]
+    if database_url is None and env is None:
+        handed = _in_process[-1:]  # one read: the block may end in another thread meanwhile
+        if handed:
+            return handed[0]
     env = os.environ if env is None else env
     layers: list[tuple[str, dict[str, Any]]] = []
     for config_file in (user_config_path(), local_config_path()):
