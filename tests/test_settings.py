@@ -419,3 +419,12 @@ def test_a_backend_given_as_the_enum_resolves_to_its_name():
     d = settings.DispatchSettings().resolve(backend=settings.Backend.local)
     assert d.backend == "local" and type(d.backend) is str
     assert d.source("backend") == "option --backend"
+
+
+def test_settings_command_refuses_a_malformed_url_without_showing_its_password(
+    run_cli, monkeypatch
+):
+    monkeypatch.setenv("WSCTL_DATABASE_URL", "app:hunter2@db/x")
+    r = run_cli("settings", "--json")
+    assert r.code == 3 and "(from env WSCTL_DATABASE_URL)" in r.err
+    assert "hunter2" not in r.out + r.err and r.out == ""
