@@ -35,8 +35,6 @@ import math
 import os
 import re
 import unicodedata
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -614,24 +612,6 @@ def verify_callback_token(state_id: Any, token: Any, secret: str) -> tuple[uuid.
     return sid, generation
 
 
-def post_json(url: str, doc: dict, *, headers: dict | None = None, timeout: float = 30.0) -> int:
-    """POST a JSON document; a non-2xx answer or a network error raises (the step is retried)."""
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise ValueError(f"not an http(s) URL: {url!r}")
-    body = json.dumps(doc, default=str).encode("utf-8")
-    request = urllib.request.Request(
-        url,
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json", **(headers or {})},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            return response.status
-    except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"Clay webhook answered HTTP {exc.code}") from None
-
-
 class AlreadySent(RuntimeError):
     """This dispatch generation was handed to a sender before whose POST did not succeed."""
 
@@ -698,20 +678,22 @@ def run_clay_sender(
     HTTP API column sends both back with the enriched values. Each generation is posted at
     most once (``claim_clay_send``): a second run of the same generation posts nothing.
     """
+    from wsctl import clay, worker
     from wsctl.db import tx
 
     config = config or {}
-    url = config.get("clay_table_webhook_url")
-    if not url:
+    entries = clay.webhook_entries(config)
+    if not entries:
         raise RuntimeError(
             f"the client's config for {step} in workstream {workstream_slug} has no "
-            "clay_table_webhook_url"
+            "clay_table_webhook_url (or clay_table_webhook_urls)"
         )
+    url = str(entries[0])
     key = callback_secret(secret)
     if not key:
         raise RuntimeError(f"{SECRET_ENV} is not set: Clay's callback could not prove itself")
     item = load_item(conn, item_id)
-    send = claim_clay_send(conn, item.item_id, step, str(url))
+    send = claim_clay_send(conn, item.item_id, step, url)
     if not send.posted:
         return url
     values = core_values(item.data, config)
@@ -729,9 +711,20 @@ def run_clay_sender(
     if config.get("clay_webhook_auth_token"):
         headers["x-clay-webhook-auth"] = str(config["clay_webhook_auth_token"])
     fence = {"state_id": send.state_id, "generation": send.generation}
+    timeout = float(config.get("timeout_seconds", 30))
     try:
-        status = post_json(
-            url, row, headers=headers, timeout=float(config.get("timeout_seconds", 30))
+        # wsctl.clay.send: the 100 KB check, a token under the step's limits just before
+        # the POST, the first webhook source with capacity left, counted only when accepted.
+        sent = clay.send(
+            conn,
+            config,
+            row,
+            post=lambda target, body: clay.http_post(
+                target, body, headers=headers, timeout=timeout
+            ),
+            where=f"(client {item.client_id}, {step}, {workstream_slug})",
+            limit_keys=worker.limit_keys(str(item.item_id), step, conn=conn),
+            limit_wait=float(config.get("limit_wait_seconds", 30)),
         )
     except Exception as exc:
         try:
@@ -740,9 +733,10 @@ def run_clay_sender(
         except Exception as record_exc:  # the POST's error is the one to report
             log.warning("[ASYNC SENDER] could not record the failed POST: %s", record_exc)
         raise
+    url = str(sent.entry)
     parsed = urlsplit(url)
     with tx(conn):
-        conn.execute(q("example_clay_send_posted"), {**fence, "http_status": status})
+        conn.execute(q("example_clay_send_posted"), {**fence, "http_status": sent.http_status})
         record_step(
             conn,
             item.item_id,

@@ -334,3 +334,5 @@ def test_dispatch_loop_logs_a_lock_timeout_and_goes_on(locked_world, db_url, tmp
     _, err = proc.communicate(timeout=20)
     assert left == 0, err
     assert "lock timeout" in err or "lock_timeout" in err, err
+    # said as what it is, not as a lost connection
+    assert "a lock wait timed out" in err and "connection lost" not in err, err

@@ -4,51 +4,18 @@ and how answers are classified, against a real PostgreSQL and a loopback Clay st
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import threading
 
 import pytest
 
+from tests.support.clay_standin import ClayStandIn
 from wsctl import clay
-
-
-class _Clay:
-    """A Clay webhook on 127.0.0.1 that records what arrives and answers as told."""
-
-    def __init__(self):
-        self.arrivals: list[tuple[str, dict]] = []
-        self.answers: list[tuple[int, dict]] = []  # popped per request; 200 when empty
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status, headers = outer.answers.pop(0) if outer.answers else (200, {})
-                if 200 <= status < 300:
-                    outer.arrivals.append((self.path, json.loads(body)))
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
 def stand_in():
-    s = _Clay()
+    s = ClayStandIn()
     yield s
     s.close()
 
@@ -87,13 +54,13 @@ def test_only_accepted_submissions_count(conn, stand_in):
     stand_in.answers = [(503, {}), (429, {"Retry-After": "7"}), (400, {})]
     with pytest.raises(clay.ClayAnswer) as e503:
         _send(conn, config, {"n": 1})
-    assert (e503.value.error_class, e503.value.reason_code) == ("transient", "http_503")
+    assert (e503.value.error_class, e503.value.reason_code) == ("transient", "server_error")
     with pytest.raises(clay.ClayAnswer) as e429:
         _send(conn, config, {"n": 1})
     assert e429.value.error_class == "transient" and e429.value.retry_after == 7.0
     with pytest.raises(clay.ClayAnswer) as e400:
         _send(conn, config, {"n": 1})
-    assert (e400.value.error_class, e400.value.reason_code) == ("permanent", "http_400")
+    assert (e400.value.error_class, e400.value.reason_code) == ("permanent", "client_error")
     assert _count(conn, config["clay_table_webhook_url"]) == 0
     _send(conn, config, {"n": 1})
     assert _count(conn, config["clay_table_webhook_url"]) == 1
@@ -189,3 +156,91 @@ def test_doctor_warns_at_80_percent_of_a_webhook_cap(cli, conn, stand_in):
     assert "SECRETPATH" not in r.out + r.err
     clay.record_prior(conn, url, 45_000)
     assert "1 full (their states are BLOCKED)" in check()[0]["detail"]
+
+
+def test_through_the_dispatcher_cap_size_and_retry_after_end_as_the_table_says(
+    db_url, conn, stand_in
+):
+    """A pass over senders that use clay.send: the cap BLOCKS (nothing posted), a record
+    over 100 KB FAILS with its size, and a 429's Retry-After is the backoff."""
+    import psycopg
+
+    from tests.support import factories as f
+    from wsctl.dispatch import PassOptions, run_pass
+    from wsctl.dispatch.memory import MemoryBackend
+
+    step = "enrich_company_via_waterfall_in_clay"
+    f.register(conn, step, "apollo_scrape", "async", "start_clay", "receive_clay")
+    client = f.add_client(conn)
+    batch = f.add_batch(conn, client, [step], 3)
+    items = [r[0] for r in conn.execute(
+        "SELECT item_id FROM workflow_states WHERE batch_id = %s ORDER BY item_id", (batch,)
+    )]  # fmt: skip
+    config = {"clay_table_webhook_url": f"{stand_in.url}/hook/A", "clay_webhook_submission_cap": 1}
+    clay.record_prior(conn, config["clay_table_webhook_url"], 1)  # already at its cap
+    big, capped, throttled = (str(i) for i in items)
+    stand_in.answers = [(429, {"Retry-After": "90"})]
+
+    def start_clay(item_id, workstream_slug=None):
+        with psycopg.connect(db_url, autocommit=True) as c:
+            if item_id == big:
+                clay.send(c, {**config, "clay_webhook_submission_cap": 5},
+                          {"blob": "x" * 200_000}, post=clay.http_post)  # fmt: skip
+            elif item_id == capped:
+                clay.send(c, config, {"item": item_id}, post=clay.http_post)
+            else:
+                clay.send(c, {**config, "clay_webhook_submission_cap": 5}, {"item": item_id},
+                          post=clay.http_post)  # fmt: skip
+
+    run_pass(conn, MemoryBackend({"start_clay": start_clay}), PassOptions())
+    rows = {
+        str(r[0]): r[1:]
+        for r in conn.execute(
+            "SELECT item_id, status, reason_code, last_error,"
+            " extract(epoch FROM available_at - now()) FROM workflow_states"
+        )
+    }
+    assert rows[capped][:2] == ("BLOCKED", "clay_webhook_cap")
+    assert "at their submission cap" in rows[capped][2]
+    assert rows[big][:2] == ("FAILED", "clay_record_too_large") and "bytes" in rows[big][2]
+    assert rows[throttled][:2] == ("PENDING", "rate_limited")
+    assert 80 < float(rows[throttled][3]) <= 91  # Retry-After 90 s as the backoff
+    assert len(stand_in.times) == 1 and stand_in.arrivals == []  # only the throttled one posted
+
+
+def test_config_set_submitted_records_earlier_submissions_of_added_urls(cli, conn):
+    from tests.support import factories as f
+
+    f.register(conn, "enrich_company_via_waterfall_in_clay", "apollo_scrape", "async", "s", "r")
+    f.add_client(conn, "acme")
+    base = ["config", "set", "--client", "acme", "--workflow",
+            "enrich_company_via_waterfall_in_clay", "--workstream", "apollo_scrape"]  # fmt: skip
+    a, b = "http://127.0.0.1:9/hook/A", "http://127.0.0.1:9/hook/B"
+    r = cli(*base, "--set", f'clay_table_webhook_urls=["{a}"]', "--submitted", "44000")
+    assert r.code == 0, r.err
+    assert "recorded 44,000 earlier submission(s) for 1 added webhook URL(s)" in r.err
+    assert _count(conn, a) == 44000
+    # Adding a second URL counts only the new one; the first keeps its count.
+    r = cli(*base, "--set", f'clay_table_webhook_urls=["{a}", "{b}"]', "--submitted", "10")
+    assert r.code == 0, r.err
+    assert (_count(conn, a), _count(conn, b)) == (44000, 10)
+    # Nothing added: refused, and nothing written (the config is unchanged).
+    before = conn.execute("SELECT config FROM client_workflow_configs").fetchone()
+    r = cli(*base, "--set", "note=x", "--submitted", "5")
+    assert r.code == 2 and "adds none" in r.err and len(r.err.strip().splitlines()) == 1
+    assert conn.execute("SELECT config FROM client_workflow_configs").fetchone() == before
+    r = cli(*base, "--set", f'clay_table_webhook_url="{a}x"', "--submitted", "-1")
+    assert r.code == 2 and "zero or more" in r.err
+
+
+def test_a_url_resolved_from_a_reference_is_counted_under_the_reference(conn, stand_in):
+    """The dispatcher side (doctor, stats) sees `$secret:NAME`; the function sees the URL.
+    Both count the same webhook."""
+    from wsctl.secret_refs import resolve
+
+    raw = {"clay_table_webhook_url": {"$secret": "CLAY_HOOK"}}
+    config = resolve(raw, {"CLAY_HOOK": f"{stand_in.url}/hook/S"})
+    assert config["clay_table_webhook_url"] == f"{stand_in.url}/hook/S"
+    _send(conn, config, {"n": 1})
+    assert _count(conn, raw["clay_table_webhook_url"]) == 1
+    assert json.loads(json.dumps(config))["clay_table_webhook_url"].endswith("/hook/S")

@@ -90,8 +90,11 @@ def test_function_missing_on_modal_blocks_the_item(wconn, standin):
     assert errs == {f"function start_normalize_all_core_values not found in Modal app {APP}"}
 
 
-@pytest.mark.parametrize("status", [Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED])
-def test_transient_errors_go_back_to_pending_with_backoff(wconn, standin, status):
+@pytest.mark.parametrize(
+    ("status", "attempts"), [(Status.UNAVAILABLE, 1), (Status.RESOURCE_EXHAUSTED, 0)]
+)
+def test_transient_errors_go_back_to_pending_with_backoff(wconn, standin, status, attempts):
+    """RESOURCE_EXHAUSTED (Modal's queue is full) backs off without counting an attempt."""
     standin.add_function(APP, "start_normalize_all_core_values")
     standin.inject("FunctionMap", status)
     client = f.add_client(wconn)
@@ -105,7 +108,27 @@ def test_transient_errors_go_back_to_pending_with_backoff(wconn, standin, status
     rows = wconn.execute(
         "SELECT status, attempts, available_at > now(), claim_token FROM workflow_states"
     ).fetchall()
-    assert rows == [("PENDING", 1, True, None)] * 3
+    assert rows == [("PENDING", attempts, True, None)] * 3
+    codes = {r[0] for r in wconn.execute("SELECT reason_code FROM workflow_states")}
+    assert codes == {
+        "modal_resource_exhausted" if status == Status.RESOURCE_EXHAUSTED else "modal_unavailable"
+    }
+
+
+def test_the_default_cap_of_calls_per_function_holds_spawns_back(wconn, standin):
+    fn = "start_normalize_all_core_values"
+    standin.add_function(APP, fn)
+    client = f.add_client(wconn)
+    f.add_batch(wconn, client, [STEP], 5)
+    b = backend(function_cap=2)  # 2,000 by default
+    try:
+        s = run_pass(wconn, b, PassOptions(max_seconds=0.5, reconcile=False))
+    finally:
+        b.close()
+    assert s.dispatched == 2 and s.deferred == {f"modal:{fn}": 3}
+    statuses = sorted(r[0] for r in wconn.execute("SELECT status FROM workflow_states"))
+    assert statuses == ["DISPATCHED"] * 2 + ["PENDING"] * 3
+    assert {r[0] for r in wconn.execute("SELECT attempts FROM workflow_states")} == {0}
 
 
 def test_hung_spawn_times_out_and_is_retried(wconn, standin):

@@ -169,6 +169,23 @@ def test_loop_stops_gracefully_with_exit_0_and_one_line(db_url, conn, app, tmp_p
     assert "DISPATCHING" not in st
 
 
+def test_loop_stopped_between_passes_says_so_with_the_counts(db_url, conn, app, tmp_path):
+    f.register_seed(conn)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "wsctl", "--database-url", db_url, "dispatch", "--loop",
+         "--interval", "30", "--backend", "local", "--app", str(app)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.0)  # the first (empty) pass is done: it waits for the next
+    p.send_signal(signal.SIGTERM)
+    _out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert (
+        "stopped by SIGTERM: 0 outcome(s) recorded, 0 claim(s) never started released to "
+        "PENDING, 0 still running left to their lease" in err
+    ), err
+
+
 # -- the crontab line, run as cron runs it ---------------------------------------------
 
 

@@ -433,7 +433,9 @@ def test_a_failed_post_is_never_posted_again_in_its_generation(conn, clay_item):
     item_id, state_id = clay_item
     clay = RecordingClay(status=503)
     try:
-        with pytest.raises(RuntimeError, match="HTTP 503"):
+        from wsctl.clay import ClayAnswer
+
+        with pytest.raises(ClayAnswer, match="HTTP 503"):  # transient: the step is retried
             _send(conn, item_id, clay)
         # Clay may have taken the row before it failed: this generation is not sent again.
         with pytest.raises(logic.AlreadySent, match="failed: Clay webhook answered HTTP 503"):
@@ -537,3 +539,31 @@ def test_the_web_endpoint_hands_the_raw_body_to_the_receiver(conn, worker_env, c
     assert (res.status_code, res.json()["completed"]) == (200, True)
     again = client.post("/receive", content=proven + '{"employees": 7}}')
     assert again.status_code == 409
+
+
+def test_the_example_sender_takes_a_token_under_its_limit_before_the_post(
+    conn, clay_item, recording_clay
+):
+    from wsctl import limits
+    from wsctl.dispatch.pacing import LimitWait
+
+    item_id, _state_id = clay_item
+    f.register(conn, logic.STEP_CLAY_COMPANY, APOLLO, "async", "sender", "receiver")
+    registry_id = conn.execute(
+        "SELECT id FROM enrichment_registry WHERE slug = %s AND workstream_slug = %s",
+        (logic.STEP_CLAY_COMPANY, APOLLO),
+    ).fetchone()[0]
+    limits.bind_registry(conn, registry_id, ["clay:{client}"])
+    limits.set_limit(conn, "clay:acme", rate="1/h", burst=2)
+    conn.execute("UPDATE wsctl.limits SET call_tokens = 0, call_refilled_at = now()")
+    config = {
+        "clay_table_webhook_url": recording_clay.url,
+        "callback_url": "http://127.0.0.1:9/cb",
+        "limit_wait_seconds": 0.2,
+    }
+    with pytest.raises(LimitWait, match="clay:acme"):
+        logic.run_clay_sender(
+            item_id, APOLLO, logic.STEP_CLAY_COMPANY, "sender", config, conn=conn, secret=SECRET
+        )
+    assert recording_clay.rows == []  # never posted without a token
+    assert _sends(conn)[0][3].startswith("no token under limit clay:acme")

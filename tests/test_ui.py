@@ -654,7 +654,10 @@ def test_dashboard_shows_each_limits_usage(page, ui, dconn):
         idle = page.locator("#limits tr[data-limit='idle-key']")
         assert idle.get_attribute("data-in-flight") == "0"
         assert idle.get_attribute("data-tokens") == "" and "no rate" in idle.inner_text()
-        assert page.locator("#limits tr[data-limit]").count() == 2
+        # and the demo's own: its Clay workspace at Clay's pace
+        demo_row = page.locator("#limits tr[data-limit='clay:demo-workspace']")
+        assert demo_row.get_attribute("data-burst") == "20" and "10/s" in demo_row.inner_text()
+        assert page.locator("#limits tr[data-limit]").count() == 3
     finally:
         dconn.execute("UPDATE workflow_states SET status = 'COMPLETED' WHERE id = %s", (sid,))
 

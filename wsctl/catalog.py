@@ -655,11 +655,14 @@ def set_config(
     config: dict[str, Any] | None = None,
     merge: dict[str, Any] | None = None,
     new_workstream: bool = False,
+    submitted: int | None = None,
 ) -> ConfigWrite:
     """Upsert a client config: ``config`` replaces the document, ``merge`` adds/overwrites keys.
 
     A workstream with no registry rows is refused (a typo would be stored and never
-    read) unless ``new_workstream`` says it is new.
+    read) unless ``new_workstream`` says it is new. ``submitted``: the Clay webhook URLs
+    this change adds already took that many submissions before wsctl counted them
+    (``wsctl.clay.record_prior``, in the same transaction).
     """
     from psycopg.types.json import Jsonb
 
@@ -698,7 +701,33 @@ def set_config(
         before = named(conn).execute(q("catalog_config_get_for_update"), key).fetchone()
         name = "catalog_config_replace" if config is not None else "catalog_config_merge"
         row = one(named(conn).execute(q(name), (*key, Jsonb(doc))))
-    return ConfigWrite(_config_row(found, row), created=before is None, warnings=warnings)
+        result = ConfigWrite(_config_row(found, row), created=before is None, warnings=warnings)
+        if submitted is not None:
+            was = _config_row(found, before).config if before is not None else {}
+            _record_prior_submissions(conn, was, result, submitted)
+    return result
+
+
+def _record_prior_submissions(
+    conn: psycopg.Connection, was: dict[str, Any], result: ConfigWrite, submitted: int
+) -> None:
+    """``config set --submitted N``: count N earlier submissions for each webhook URL added."""
+    from wsctl import clay
+
+    if submitted < 0:
+        raise UsageError("--submitted must be zero or more")
+    old = {clay.digest(e) for e in clay.webhook_entries(was)}
+    added = [e for e in clay.webhook_entries(result.row.config) if clay.digest(e) not in old]
+    if not added:
+        raise UsageError(
+            "--submitted N counts the submissions of webhook URLs this change adds; it adds "
+            "none (set clay_table_webhook_urls or clay_table_webhook_url)"
+        )
+    for entry in added:
+        clay.record_prior(conn, entry, submitted)
+    result.warnings.append(
+        f"recorded {submitted:,} earlier submission(s) for {len(added)} added webhook URL(s)"
+    )
 
 
 @dataclass(frozen=True)

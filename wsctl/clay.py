@@ -71,12 +71,15 @@ class ClayAnswer(ClayError):
     def __init__(self, status: int, retry_after: float | None = None):
         self.status = status
         self.retry_after = retry_after
+        # the one error table's HTTP reasons (wsctl.states.http_reason)
         if status == 429:
-            self.error_class, self.reason_code = "transient", "http_429"
-        elif status >= 500 or status == 408:
-            self.error_class, self.reason_code = "transient", f"http_{status}"
+            self.error_class, self.reason_code = "transient", "rate_limited"
+        elif status == 408:
+            self.error_class, self.reason_code = "transient", "http_timeout"
+        elif status >= 500:
+            self.error_class, self.reason_code = "transient", "server_error"
         else:
-            self.error_class, self.reason_code = "permanent", f"http_{status}"
+            self.error_class, self.reason_code = "permanent", "client_error"
         wait = f" (Retry-After {retry_after:g} s)" if retry_after is not None else ""
         super().__init__(f"Clay webhook answered HTTP {status}{wait}")
 
@@ -96,6 +99,9 @@ def digest(entry: Any) -> str:
     """The counter key of a webhook entry: a URL's SHA-256, or a secret reference's."""
     if isinstance(entry, dict) and isinstance(entry.get("$secret"), str):
         text = f"$secret:{entry['$secret']}"
+    elif isinstance(getattr(entry, "secret_name", None), str):
+        # resolved from a reference inside the function: counted under the reference
+        text = f"$secret:{entry.secret_name}"
     elif isinstance(entry, str):
         text = entry.strip()
     else:
@@ -129,6 +135,7 @@ class Reservation:
     entry: Any  # the config's entry (a URL or a secret reference)
     digest: str
     submitted: int  # counted so far, this one included
+    http_status: int | None = None  # Clay's answer, once posted (2xx)
 
 
 def reserve(
@@ -166,14 +173,24 @@ def send(
     post: Callable[[str, bytes], tuple[int, float | None]],
     resolve: Callable[[Any], str] = lambda entry: entry,
     where: str = "this step",
+    limit_keys: list[str] | None = None,
+    limit_wait: float = 30.0,
 ) -> Reservation:
-    """Size-check, reserve a webhook, POST, and keep the count only for a 2xx answer.
+    """Size-check, take a token under the limits, reserve a webhook, POST, and keep the
+    count only for a 2xx answer.
 
     ``post(url, body)`` returns (HTTP status, Retry-After seconds or None) and raises
     ``OSError`` on network trouble; ``resolve`` turns an entry (a secret reference,
-    say) into its URL inside the function.
+    say) into its URL inside the function. ``limit_keys`` (``wsctl.worker.limit_keys``)
+    are the limits the state is under: a token is taken under each just before the
+    POST, waiting at most ``limit_wait`` seconds (``LimitWait``: transient, no attempt
+    counted).
     """
     body = encode_record(row, config)
+    if limit_keys:
+        from wsctl.dispatch.pacing import take_call_token
+
+        take_call_token(conn, limit_keys, max_wait=limit_wait)
     reservation = reserve(conn, config, where=where)
     try:
         status, retry_after = post(resolve(reservation.entry), body)
@@ -186,7 +203,9 @@ def send(
     if not 200 <= status < 300:
         release(conn, reservation)
         raise ClayAnswer(status, retry_after)
-    return reservation
+    from dataclasses import replace
+
+    return replace(reservation, http_status=status)
 
 
 def http_post(

@@ -87,6 +87,9 @@ def demo_secrets(clay_url: str) -> dict[str, str]:
     return values
 
 
+DEMO_CLAY_WORKSPACE = "demo-workspace"
+
+
 def demo_configs(clay_url: str, receiver_url: str) -> dict[tuple[str, str], dict[str, Any]]:
     """The client's config per (step, workstream): same slugs, different settings.
 
@@ -106,6 +109,8 @@ def demo_configs(clay_url: str, receiver_url: str) -> dict[tuple[str, str], dict
                 "clay_table_webhook_url": {"$secret": _secret_name("WEBHOOK_URL", ws, table)},
                 "clay_webhook_auth_token": {"$secret": _secret_name("WEBHOOK_AUTH", ws, table)},
                 "callback_url": f"{receiver_url}/{receiver}",
+                # the limit key examples/registry.toml binds: clay:{config.clay_workspace}
+                "clay_workspace": DEMO_CLAY_WORKSPACE,
                 **fields,
             }
     return configs
@@ -366,13 +371,15 @@ def apply_example_schema(conn: psycopg.Connection) -> None:
 
 
 def setup_catalog(conn: psycopg.Connection, configs: dict[tuple[str, str], dict]) -> None:
-    """The demo client, examples/registry.toml, and the client's configs (all upserts)."""
-    from wsctl import catalog
+    """The demo client, examples/registry.toml, the client's configs (all upserts), and
+    the limit of its Clay workspace at Clay's pace: 10 records/s, bursts of 20."""
+    from wsctl import catalog, limits
 
     catalog.add_client(conn, DEMO_CLIENT)
     catalog.import_registry(conn, example_path("registry.toml"))
     for (step, ws), config in configs.items():
         catalog.set_config(conn, client=DEMO_CLIENT, workflow=step, workstream=ws, config=config)
+    limits.set_limit(conn, f"clay:{DEMO_CLAY_WORKSPACE}", rate="10/s", burst=20)
 
 
 def cancel_earlier_runs(conn: psycopg.Connection) -> int:

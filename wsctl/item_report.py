@@ -112,6 +112,8 @@ class StepReport:
     resolution_error: str | None = None  # the step slug could not be resolved at all
     used: UsedResolution | None = None  # what the worker helpers recorded; None: nothing yet
     pruned: bool = False  # no state because `wsctl prune` removed it
+    #: for a PENDING state: the limits that would hold it back now ("waiting for limit KEY ...")
+    waiting_for: list[str] = field(default_factory=list)
 
     @property
     def shown_status(self) -> str:
@@ -146,6 +148,7 @@ class StepReport:
             "used": self.used.to_json() if self.used else None,
             "last_error": error,
             "claimed_by": self.claimed_by,
+            "waiting_for": list(self.waiting_for),
             **{k: _iso(v) for k, v in self.times.items()},
         }
 
@@ -278,4 +281,17 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
         except OperationalError as exc:  # a legacy step name that is not a slug
             s.resolution_error = exc.one_line()
         report.steps.append(s)
+    _limit_waits(conn, report)
     return report
+
+
+def _limit_waits(conn: psycopg.Connection, report: ItemReport) -> None:
+    """For each PENDING step: the limits that would hold it back now (Modal's default cap of
+    calls per function counted, as the modal backend does)."""
+    from wsctl.dispatch import pacing
+
+    for s in report.steps:
+        if s.status == "PENDING" and s.registry is not None:
+            s.waiting_for = pacing.holding_back(
+                conn, report.batch_id, s.step, function_cap=pacing.MODAL_FUNCTION_CAP
+            )

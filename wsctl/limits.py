@@ -237,12 +237,6 @@ def bound_keys(conn: psycopg.Connection) -> list[BoundKey]:
 
 
 @dataclass(frozen=True)
-class _Usage:
-    in_flight: int
-    tokens_now: float | None
-
-
-@dataclass(frozen=True)
 class LimitReport:
     """``wsctl limit show``: the limit, what is under it now, and what binds it."""
 
@@ -263,16 +257,29 @@ class LimitReport:
         }
 
 
+def _usage(conn: psycopg.Connection, key: str) -> tuple[int, float | None]:
+    """What is in flight under ``key`` now and the tokens its bucket holds, counted as the
+    claim counts them (``wsctl.dispatch.pacing``)."""
+    from wsctl.dispatch import pacing
+
+    with _cursor(conn, pacing.Bucket) as cur:
+        buckets = cur.execute(q("dispatch_limits_buckets"), {"keys": [key]}).fetchall()
+    with _cursor(conn, pacing.InFlight) as cur:
+        counted = cur.execute(q("dispatch_limits_in_flight"), {"keys": [key]}).fetchall()
+    in_flight = 0
+    for r in counted:
+        in_flight = r.at_modal if key.startswith(pacing.MODAL_PREFIX) else r.in_flight
+    return in_flight, (buckets[0].available() if buckets else None)
+
+
 def show_limit(conn: psycopg.Connection, key: str) -> LimitReport:
     validate_key(key)
     with tx(conn):
         with _cursor(conn, Limit) as cur:
             limit = cur.execute(q("limits_get"), {"key": key}).fetchone()
-        with _cursor(conn, _Usage) as cur:
-            usage = cur.execute(q("limits_usage"), {"key": key}).fetchone()
+        in_flight, tokens_now = _usage(conn, key)
         with _cursor(conn, BoundKey) as cur:
             bound = [b for b in cur.execute(q("limits_bound_keys")).fetchall() if b.key == key]
-    assert usage is not None
     if limit is None and not bound:
         raise OperationalError(
             f"no limit {key!r} and no registry row bound to it", hint="see `wsctl limit list`"
@@ -280,8 +287,8 @@ def show_limit(conn: psycopg.Connection, key: str) -> LimitReport:
     return LimitReport(
         key=key,
         limit=limit,
-        in_flight=usage.in_flight,
-        tokens_now=usage.tokens_now,
+        in_flight=in_flight,
+        tokens_now=tokens_now,
         bound_by=bound,
     )
 

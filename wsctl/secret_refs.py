@@ -128,7 +128,19 @@ def resolve(doc: Any, env: Mapping[str, str] | None = None, *, where: str = "the
     if missing:
         raise MissingSecret(missing, where=where)
     remember_values(env[name] for _, name in refs)
-    return _replace(doc, lambda name: env[name])
+    return _replace(doc, lambda name: Resolved(env[name], name))
+
+
+class Resolved(str):
+    """A secret reference's value: a plain ``str`` that still knows the reference's name
+    (``wsctl.clay`` counts a webhook by the reference, as the dispatcher side sees it)."""
+
+    secret_name: str
+
+    def __new__(cls, value: str, name: str) -> Resolved:
+        out = super().__new__(cls, value)
+        out.secret_name = name
+        return out
 
 
 def as_names(doc: Any) -> Any:

@@ -147,6 +147,9 @@ class Reason:
     code: str
     error_class: ErrorClass
     meaning: str
+    #: False for a transient refusal that says nothing about the item (a full queue at
+    #: Modal, no token under a limit): the state backs off without counting an attempt
+    counts_attempt: bool = True
 
     @property
     def outcome(self) -> Outcome:
@@ -173,7 +176,19 @@ REASONS: dict[str, Reason] = {
         Reason("http_timeout", _T, "HTTP 408 from a service"),
         Reason("rate_limited", _T, "HTTP 429 from a service"),
         Reason("server_error", _T, "HTTP 5xx from a service"),
-        Reason("modal_resource_exhausted", _T, "Modal answered RESOURCE_EXHAUSTED"),
+        Reason(
+            "modal_resource_exhausted",
+            _T,
+            "Modal answered RESOURCE_EXHAUSTED (its queue is full): no attempt counted",
+            counts_attempt=False,
+        ),
+        Reason(
+            "limit_wait",
+            _T,
+            "no token under a limit at the point of call in time: no attempt counted",
+            counts_attempt=False,
+        ),
+        Reason("clay_error", _T, "the Clay webhook could not be reached"),
         Reason("modal_unavailable", _T, "Modal answered UNAVAILABLE"),
         Reason("unexpected_error", _T, "an exception no rule classifies: retried"),
         Reason("no_workstream", _O, "the batch has no workstream_slug"),
@@ -186,10 +201,17 @@ REASONS: dict[str, Reason] = {
         Reason(
             "worker_environment", _O, "the worker helpers lack their database URL: the pass stops"
         ),
+        Reason(
+            "clay_webhook_cap",
+            _O,
+            "every Clay webhook source of the table is at its submission cap: add one",
+        ),
         Reason("missing_relation", _P, "a table or view the function uses does not exist"),
         Reason("missing_column", _P, "a column the function uses does not exist"),
         Reason("client_error", _P, "HTTP 4xx other than 408 and 429 from a service"),
         Reason("payload_refused", _P, "the service refused the payload"),
+        Reason("clay_record_too_large", _P, "the record is larger than Clay takes (100 KB)"),
+        Reason("clay_bad_url", _P, "the Clay webhook URL is not an http(s) URL"),
         Reason("lease_expired", _P, "its dispatcher died with it, attempts used up"),
         Reason("callback_timeout", _P, "no completion within the callback timeout"),
     )

@@ -69,6 +69,14 @@ def _connection(conn: psycopg.Connection | None) -> Iterator[psycopg.Connection]
         yield c
 
 
+@contextmanager
+def connection(conn: psycopg.Connection | None = None) -> Iterator[psycopg.Connection]:
+    """The worker helpers' connection (``WSCTL_DATABASE_URL``), for a function's own calls
+    such as ``wsctl.clay.send``; ``conn`` when given (tests, one connection per call)."""
+    with _connection(conn) as c:
+        yield c
+
+
 def _short(item_id: Any) -> str:
     # The whole id: ids share a time-ordered prefix, so 8 characters tell none apart.
     return str(item_id)
@@ -265,3 +273,42 @@ def current_dispatch(
 
 
 __all__ += ["CurrentDispatch", "current_dispatch"]
+
+
+def limit_keys(
+    item_id: str, workflow_slug: str, *, conn: psycopg.Connection | None = None
+) -> list[str]:
+    """The limit keys the item's state of ``workflow_slug`` is under (``wsctl limit``)."""
+    item = parse_uuid(item_id, "item id")
+    with _connection(conn) as c:
+        from psycopg.rows import dict_row
+
+        from wsctl.db import tx
+
+        with tx(c), c.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                q("limits_keys_of_item"), {"item_id": item, "step": workflow_slug}
+            ).fetchone()
+    return list(row["keys"] or []) if row is not None else []
+
+
+def take_limit_token(
+    item_id: str,
+    workflow_slug: str,
+    *,
+    max_wait: float = 30.0,
+    conn: psycopg.Connection | None = None,
+) -> float:
+    """Take a token under each of the item's limit keys just before calling the service,
+    waiting at most ``max_wait`` seconds; returns the seconds waited.
+
+    The dispatcher paces its spawns by the same limits, but Modal may run queued inputs
+    in a burst (cold starts): this keeps what reaches the service within the limit.
+    Raises ``wsctl.dispatch.pacing.LimitWait`` (transient, no attempt counted: the
+    state goes back to PENDING) when no token came in time.
+    """
+    from wsctl.dispatch.pacing import take_call_token
+
+    with _connection(conn) as c:
+        keys = limit_keys(item_id, workflow_slug, conn=c)
+        return take_call_token(c, keys, max_wait=max_wait) if keys else 0.0

@@ -24,6 +24,10 @@ SET rate_per_second = EXCLUDED.rate_per_second,
     refilled_at = CASE WHEN l.rate_per_second IS DISTINCT FROM EXCLUDED.rate_per_second
                          OR l.burst IS DISTINCT FROM EXCLUDED.burst
                        THEN now() ELSE l.refilled_at END,
+    -- the point-of-call bucket (NULL: full) likewise
+    call_tokens = CASE WHEN l.rate_per_second IS DISTINCT FROM EXCLUDED.rate_per_second
+                         OR l.burst IS DISTINCT FROM EXCLUDED.burst
+                       THEN NULL ELSE l.call_tokens END,
     updated_at = now()
 RETURNING key, rate_per_second, burst, max_in_flight, created_at, updated_at,
           (xmax = 0) AS created;
@@ -71,27 +75,8 @@ FROM rendered r
 LEFT JOIN wsctl.limits l ON l.key = r.key
 ORDER BY r.key, r.workstream, r.step;
 
--- limits_usage --
--- What is under one key now: states in flight (claimed with a live lease, or DISPATCHED
--- and not yet finished) over the registry rows bound to it, and the rate's bucket.
-WITH bound AS (
-    SELECT k.key_template, er.slug, er.workstream_slug, er.modal_sender_fn
-    FROM wsctl.registry_limit_keys k
-    JOIN public.enrichment_registry er ON er.id = k.registry_id
-), in_flight AS (
-    SELECT wsctl.render_limit_key(bd.key_template, c.name, bd.modal_sender_fn,
-                                  b.workstream_slug, ws.step_name, cfg.config) AS key
-    FROM public.workflow_states ws
-    JOIN public.batches b ON b.id = ws.batch_id
-    JOIN bound bd ON bd.slug = ws.step_name AND bd.workstream_slug = b.workstream_slug
-    JOIN public.clients c ON c.id = b.client_id
-    LEFT JOIN public.client_workflow_configs cfg
-           ON cfg.client_id = b.client_id AND cfg.workflow_slug = ws.step_name
-          AND cfg.workstream_slug = b.workstream_slug
-    WHERE (ws.status = 'DISPATCHING' AND ws.lease_expires_at > now())
-       OR ws.status = 'DISPATCHED'
-)
-SELECT (SELECT count(*) FROM in_flight WHERE key = %(key)s) AS in_flight,
-       (SELECT least(l.burst, l.tokens + l.rate_per_second
-                     * extract(epoch FROM now() - l.refilled_at))
-        FROM wsctl.limits l WHERE l.key = %(key)s) AS tokens_now;
+-- limits_keys_of_item --
+-- The limit keys an item's state of one step is under (wsctl.limit_keys_of of its batch).
+SELECT wsctl.limit_keys_of(bi.batch_id, %(step)s::text) AS keys
+FROM public.batch_items bi
+WHERE bi.id = %(item_id)s;

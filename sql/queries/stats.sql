@@ -199,7 +199,9 @@ WITH live AS (
 SELECT l.key, l.rate_per_second, l.burst, l.max_in_flight,
        coalesce(f.n, 0)::bigint AS in_flight,
        CASE WHEN l.rate_per_second IS NOT NULL THEN
-           least(l.burst, coalesce(l.tokens, l.burst) + l.rate_per_second
+           -- a bucket holds burst - 1 tokens at most (wsctl.dispatch.pacing.capacity)
+           least(greatest(l.burst - 1, 1),
+                 coalesce(l.tokens, l.burst) + l.rate_per_second
                  * greatest(0, extract(epoch FROM now() - coalesce(l.refilled_at, now()))))
        END::double precision AS tokens_now
 FROM wsctl.limits l

@@ -230,6 +230,13 @@ def config_set(
         "--new-workstream",
         help="The workstream has no registry rows yet: store the config anyway.",
     ),
+    submitted: int | None = typer.Option(
+        None,
+        "--submitted",
+        metavar="N",
+        help="Clay webhook URLs this change adds already took N submissions (of Clay's "
+        "50,000 per source) before wsctl counted them.",
+    ),
     reveal: bool = REVEAL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -252,6 +259,7 @@ def config_set(
             config=doc,
             merge=merge,
             new_workstream=new_workstream,
+            submitted=submitted,
         )
     if as_json:
         output.emit_json(w.to_json(reveal=reveal))

@@ -105,6 +105,8 @@ def _render_item(report, *, reveal: bool) -> None:
         if error and not reveal:
             error = redact_text(error)
         output.line(f"   last error  {' '.join(error.split()) if error else '-'}")
+        for waiting in s.waiting_for:
+            output.line(f"   {waiting}")
         output.line(f"   times       {_times(s)}")
     for warning in report.warnings:
         output.warn(warning)

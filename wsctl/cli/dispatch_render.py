@@ -23,6 +23,9 @@ def _tail(summary) -> list[str]:
     more = summary.failures_total - len(summary.errors)
     if more > 0:
         lines.append(f"  ... and {more} more")
+    if summary.deferred:
+        keys = ", ".join(f"{key}={n}" for key, n in summary.deferred.items())
+        lines.append(f"  held back by limits (still PENDING, no attempt counted): {keys}")
     if summary.reason_counts:
         counted = ", ".join(f"{code}={n}" for code, n in sorted(summary.reason_counts.items()))
         lines.append(f"  by reason: {counted}")
@@ -72,8 +75,17 @@ _ALWAYS = frozenset(
 
 
 def render_plan(rows, *, total: int, as_json: bool) -> None:
+    from collections import Counter
+
+    deferred = Counter(r.held_by for r in rows if r.held_by)
     if as_json:
-        output.emit_json({"due": total, "plan": [r.__dict__ for r in rows]})
+        output.emit_json(
+            {
+                "due": total,
+                "deferred": dict(sorted(deferred.items())),
+                "plan": [r.__dict__ for r in rows],
+            }
+        )
         return
     shown = (
         f"{len(rows):,} state(s) due"
@@ -81,7 +93,13 @@ def render_plan(rows, *, total: int, as_json: bool) -> None:
         else f"the first {len(rows):,} of {total:,} states due"
     )
     output.table(
-        ["item", "step", "workstream", "function", "type", "blocked because"],
-        [(r.item_id, r.step, r.workstream, r.function, r.type, r.blocked_reason) for r in rows],
+        ["item", "step", "workstream", "function", "type", "blocked because", "held back by"],
+        [
+            (r.item_id, r.step, r.workstream, r.function, r.type, r.blocked_reason, r.held_by)
+            for r in rows
+        ],
         title=f"dispatch plan: {shown}",
     )
+    if deferred:
+        keys = ", ".join(f"{key}={n}" for key, n in sorted(deferred.items()))
+        output.line(f"held back by limits now (would stay PENDING): {keys}")

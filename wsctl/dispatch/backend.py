@@ -27,10 +27,22 @@ class Failure:
     reason: Reason
     message: str
     stops_pass: bool = False
+    #: the service's Retry-After (seconds), honoured as the backoff when given
+    retry_after: float | None = None
 
     @classmethod
     def of(cls, code: str, message: str, *, stops_pass: bool = False) -> Failure:
         return cls(REASONS[code], message, stops_pass)
+
+    @classmethod
+    def of_exception(cls, exc: BaseException, message: str, *, stops_pass: bool = False):
+        """The failure for what a function raised: classified, its Retry-After kept."""
+        from wsctl.states import classify
+
+        after = getattr(exc, "retry_after", None)
+        if not isinstance(after, int | float) or isinstance(after, bool) or after < 0:
+            after = None
+        return cls(classify(exc), message, stops_pass, None if after is None else float(after))
 
 
 @dataclass(frozen=True, slots=True)

@@ -234,6 +234,10 @@ class PassSummary:
     #: functions still running when the grace ended (their claims wait for their lease)
     stopped_by: str | None = None
     left_to_lease: int = 0
+    #: states the limits held back, per limit key (distinct states, still PENDING)
+    deferred: dict[str, int] = field(default_factory=dict)
+    #: seconds the pass waited for limits (tokens, free slots)
+    paced_seconds: float = 0.0
 
     def __getattr__(self, name: str) -> int:
         try:
@@ -289,6 +293,8 @@ class PassSummary:
             notices=self.notices,
             stopped_by=self.stopped_by,
             left_to_lease=self.left_to_lease,
+            deferred=dict(sorted(self.deferred.items())),
+            paced_seconds=round(self.paced_seconds, 3),
         )
         return doc
 
@@ -328,11 +334,18 @@ def _blocked_reasons(
     return reasons
 
 
+def claim_parts() -> dict[str, Any]:
+    """The fragments every claim statement is composed with: its transition and its rows."""
+    from psycopg import sql
+
+    return {"flip": sql.SQL(q("dispatch_claim_flip")), "rows": sql.SQL(q("dispatch_claim_rows"))}
+
+
 def _claim_statement(workstream: str | None):
     from psycopg import sql
 
     scope = sql.SQL(q("dispatch_claim_scope_workstream") if workstream else "")
-    return sql.SQL(q("dispatch_claim")).format(scope=scope)
+    return sql.SQL(q("dispatch_claim")).format(scope=scope, **claim_parts())
 
 
 def _claim(conn: psycopg.Connection, opts: PassOptions, n: int, token: uuid.UUID) -> list[ClaimRow]:
@@ -569,7 +582,9 @@ def _run_chunk(
             out.pass_failure = out.pass_failure or res
             out.add(Outcome.RELEASED, Entry(row.id, row.dispatch_generation))
         else:
-            delay = backoff_seconds(row.attempts)
+            delay = (
+                res.retry_after if res.retry_after is not None else backoff_seconds(row.attempts)
+            )
             out.add(
                 _failure_outcome(res),
                 Entry(row.id, row.dispatch_generation, job.item_id, res.message, res.reason, delay),
@@ -585,6 +600,7 @@ def _retry_params(entries: list[Entry], token: uuid.UUID | None, opts: PassOptio
         "classes": [e.reason.error_class if e.reason else None for e in entries],
         "codes": [e.reason.code if e.reason else None for e in entries],
         "delays": [e.delay for e in entries],
+        "counted": [e.reason.counts_attempt if e.reason else True for e in entries],
         "token": token,
         "max_attempts": opts.max_attempts,
     }
@@ -1014,9 +1030,53 @@ def run_pass(
 
     remaining = opts.limit
     failure: Failure | None = None
+    function_cap = getattr(backend, "function_cap", None)
+    limited = False  # decided after replay and reconciliation, once per pass
+    skip: set[tuple[uuid.UUID, str]] = set()  # groups held back by limits this round
+    held: dict[str, set[uuid.UUID]] = {}  # per key, the states held back (not claimed since)
+    round_wait: float | None = None  # the shortest wait a held-back limit gave this round
+    round_rated = False  # whether a rate (not only an in-flight cap) held something back
+    idle_paces = 0  # consecutive waits for free slots that claimed nothing since
+    examine = 0  # candidates a limited claim locks: small while paced, a chunk otherwise
     recorder = _Recorder(writer_conn or conn, opts, connect, journal)
     recorder.claim_conn = conn
     own: list[psycopg.Connection] = []  # claim connections this pass opened after a loss
+
+    def claim_once(n: int, token: uuid.UUID) -> list[ClaimRow]:
+        nonlocal round_wait, examine, round_rated, idle_paces
+        if not limited:
+            return _claim(conn, opts, n, token)
+        from wsctl.dispatch import pacing
+
+        got = pacing.claim_limited(
+            conn,
+            n=min(n, examine or n),
+            token=token,
+            lease_seconds=opts.lease_seconds,
+            claimed_by=opts.claimed_by,
+            workstream=opts.workstream,
+            function_cap=function_cap,
+            skip=skip,
+        )
+        adm = got.admission
+        for key, deferred_ids in adm.deferred.items():
+            held.setdefault(key, set()).update(deferred_ids)
+        if not adm.deferred:
+            examine = 0
+        else:
+            skip.update(adm.held_groups)
+            wait = pacing.wait_seconds(adm)
+            if wait is not None:
+                round_wait = wait if round_wait is None else min(round_wait, wait)
+            round_rated = round_rated or adm.rate_wait is not None
+            # paced: the next claims need only a few candidates
+            examine = max(32, 2 * len(adm.admitted) + 16)
+        if got.rows:
+            idle_paces = 0
+        for r in got.rows:
+            for held_ids in held.values():
+                held_ids.discard(r.id)
+        return got.rows
 
     def claim(n: int, token: uuid.UUID) -> list[ClaimRow]:
         """A claim; once, on a fresh connection when the claim connection was lost."""
@@ -1024,7 +1084,7 @@ def run_pass(
         import psycopg
 
         try:
-            return _claim(conn, opts, n, token)
+            return claim_once(n, token)
         except (psycopg.OperationalError, psycopg.InterfaceError):
             if connect is None or not (conn.closed or conn.broken):
                 raise
@@ -1033,7 +1093,33 @@ def run_pass(
         conn = connect()
         own.append(conn)
         summary.notices.append("the claim connection was lost: reconnected")
-        return _claim(conn, opts, n, token)
+        return claim_once(n, token)
+
+    def pace() -> bool:
+        """Held back by limits with nothing else due: wait for a token or a free slot
+        (never past --max-seconds or a stop); False when the pass should end instead."""
+        nonlocal round_wait, examine, round_rated, idle_paces
+        if not skip:
+            return False
+        wait = round_wait if round_wait is not None else 0.2
+        if not round_rated:
+            # only full in-flight caps: their slots free when callbacks come, so looking
+            # again backs off (0.2 s doubling to 2 s) while nothing gets claimed
+            wait = min(2.0, wait * 2**idle_paces)
+            idle_paces += 1
+        skip.clear()
+        round_wait = None
+        round_rated = False
+        if time.monotonic() + wait >= claim_until:
+            summary.stopped_by = summary.stopped_by or "max_seconds"
+            return False
+        began = time.monotonic()
+        if stop is not None:
+            stop.wait(wait)
+        else:
+            time.sleep(wait)
+        summary.paced_seconds += time.monotonic() - began
+        return not stopping()
 
     writer = (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsctl-record")
@@ -1054,6 +1140,12 @@ def run_pass(
             # First, so that steps completed by reconciliation have their next
             # step enqueued and dispatched in this same pass.
             reconcile(conn, backend, opts, summary)
+        if function_cap is not None:
+            limited = True
+        else:
+            from wsctl.dispatch.pacing import limits_bound
+
+            limited = limits_bound(conn)
         tail = False
         while remaining > 0 and not stopping():
             if tail:
@@ -1067,6 +1159,9 @@ def run_pass(
                 settle()
                 rows = claim(n, token)
             if not rows:
+                if limited and pace():
+                    tail = False
+                    continue
                 break
             summary.claimed += len(rows)
             remaining -= len(rows)
@@ -1087,7 +1182,7 @@ def run_pass(
             # A short chunk means nothing more is due, unless completions just
             # enqueued next steps: those are due now, in this same pass.
             tail = len(rows) < n
-            if tail and not out.groups.get(Outcome.COMPLETED):
+            if tail and not out.groups.get(Outcome.COMPLETED) and not skip:
                 break
         settle()
     finally:
@@ -1097,6 +1192,7 @@ def run_pass(
         for c in own:
             c.close()
         summary.seconds = round(time.perf_counter() - started, 6)
+        summary.deferred = {k: len(v) for k, v in sorted(held.items()) if v}
     if failure is not None:
         raise EnvError(
             f"dispatch stopped: {failure.message}; {summary.released} unspawned claim(s) "
@@ -1114,6 +1210,8 @@ class PlanRow:
     function: str | None
     type: str | None
     blocked_reason: str | None
+    #: the limit key that would hold it back (it would stay PENDING), if any
+    held_by: str | None = None
 
 
 def due_total(conn: psycopg.Connection, workstream: str | None) -> int:
@@ -1124,14 +1222,34 @@ def due_total(conn: psycopg.Connection, workstream: str | None) -> int:
 
 
 def plan(
-    conn: psycopg.Connection, opts: PassOptions, backend: Backend | None = None
+    conn: psycopg.Connection,
+    opts: PassOptions,
+    backend: Backend | None = None,
+    *,
+    function_cap: int | None = None,
 ) -> list[PlanRow]:
-    """What a pass would do (``--dry-run``): nothing is claimed or written."""
+    """What a pass would do (``--dry-run``): nothing is claimed or written.
+
+    Rows a limit would hold back now (no token, no free slot) name the key in
+    ``held_by``: the limits are read as they stand, not locked or drawn from.
+    """
+    from wsctl.dispatch import pacing
+
     with tx(conn), conn.cursor(row_factory=by_name(ClaimRow)) as cur:
         cur.execute(q("dispatch_plan"), {"limit": opts.limit, "workstream": opts.workstream})
         rows = cur.fetchall()
         unresolved = [r for r in rows if r.workstream_slug is None or r.type is None]
         reasons = _blocked_reasons(conn, unresolved) if unresolved else {}
+        held: dict[uuid.UUID, str] = {}
+        if rows and (function_cap is not None or pacing.limits_bound(conn)):
+            groups = pacing.load_groups(conn, {(r.batch_id, r.step_name) for r in rows})
+            limits = pacing.load_limits(conn, groups, function_cap, lock=False)
+            adm = limits.admit(
+                [pacing.Candidate(r.id, r.batch_id, r.step_name, r.reclaimed) for r in rows]
+            )
+            for key in sorted(adm.deferred):
+                for state_id in adm.deferred[key]:
+                    held.setdefault(state_id, key)
     out = []
     for r in rows:
         reason: str | None = (
@@ -1155,6 +1273,7 @@ def plan(
                 r.modal_sender_fn,
                 r.type,
                 reason,
+                held.get(r.id),
             )
         )
     return out

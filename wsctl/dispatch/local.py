@@ -22,7 +22,6 @@ from types import ModuleType
 from wsctl.dispatch.backend import NOT_STARTED, STILL_RUNNING, Failure, Job, Poll, Result, Stopping
 from wsctl.errors import EnvError
 from wsctl.redact import first_line
-from wsctl.states import classify
 
 # Functions that finish this fast gain nothing from threads (only GIL hand-offs):
 # run_threaded keeps calling them inline and starts the pool only for the rest
@@ -214,7 +213,7 @@ class LocalBackend:
                     "worker_environment", f"{job.function}: {exc.one_line()}", stops_pass=True
                 )
             except Exception as exc:  # a MissingSecret carries its reason code: BLOCKED
-                return Failure(classify(exc), first_line(exc, typed=True))
+                return Failure.of_exception(exc, first_line(exc, typed=True))
             return None
 
         # What the app prints (the seed's functions log with print) goes to

@@ -73,6 +73,7 @@ def run_loop(
 
     conn: psycopg.Connection | None = None
     passes = 0
+    reported = False  # whether on_stop said how the stop ended
     failures = 0  # consecutive: the wait doubles (to a minute) while the database is away
     try:
         while not stop.is_set():
@@ -93,6 +94,20 @@ def run_loop(
                 on_pass(summary)
                 if stop.is_set() and on_stop is not None:
                     on_stop(summary)
+                    reported = True
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+                # a lock held elsewhere (the dashboard, a migration) or a statement timeout:
+                # the connection is fine, the next pass tries again
+                failures += 1
+                what = (
+                    "a lock wait timed out"
+                    if isinstance(exc, psycopg.errors.LockNotAvailable)
+                    else "a statement timed out"
+                )
+                on_error(f"{what}: {first_line(exc)}; retrying in {_wait(interval, failures):g}s")
+                if conn is not None and conn.broken:
+                    conn.close()
+                    conn = None
             except (
                 psycopg.OperationalError,
                 psycopg.InterfaceError,
@@ -109,6 +124,11 @@ def run_loop(
                     conn.close()
                 conn = None
             stop.wait(_wait(interval, failures))
+        if on_stop is not None and not reported:
+            # stopped between passes: nothing was claimed, say so in the same words
+            idle = PassSummary(backend=backend.name)
+            idle.stopped_by = stop_reason() if stop_reason else "stop"
+            on_stop(idle)
     finally:
         if conn is not None:
             conn.close()

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from wsctl.dispatch.backend import Failure, Job, Poll, Result, Stopping
 from wsctl.dispatch.local import run_threaded
-from wsctl.states import classify
 
 
 class MemoryBackend:
@@ -65,7 +64,7 @@ class MemoryBackend:
                 out = fn(job.item_id, job.workstream_slug)
             except Exception as exc:
                 stops = bool(getattr(exc, "stops_pass", False))
-                return Failure(classify(exc), f"{type(exc).__name__}: {exc}", stops)
+                return Failure.of_exception(exc, f"{type(exc).__name__}: {exc}", stops_pass=stops)
             if self.runs_inline:
                 return None
             call_id = out if isinstance(out, str) else f"fc-mem-{next(self._ids)}"

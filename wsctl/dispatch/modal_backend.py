@@ -15,6 +15,7 @@ from typing import Any
 
 from wsctl import states
 from wsctl.dispatch.backend import NOT_STARTED, Failure, Job, Poll, Result, Stopping
+from wsctl.dispatch.pacing import MODAL_FUNCTION_CAP
 from wsctl.errors import EnvError
 from wsctl.redact import first_line
 from wsctl.settings import DEFAULT_DISPATCH
@@ -62,8 +63,12 @@ class ModalBackend:
         environment: str | None = None,
         spawn_timeout: float = DEFAULT_DISPATCH.spawn_timeout,
         lookup_timeout: float = DEFAULT_DISPATCH.spawn_timeout,
+        function_cap: int | None = MODAL_FUNCTION_CAP,
     ):
         self.app = app
+        #: calls at Modal at once per function unless a limit `modal:FUNCTION` says
+        #: otherwise (Modal queues at most 2,000 pending inputs per function)
+        self.function_cap = function_cap
         self.environment = environment or None
         self.spawn_timeout = spawn_timeout
         self.lookup_timeout = lookup_timeout

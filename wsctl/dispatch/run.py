@@ -79,7 +79,9 @@ def dry_run(connect: Connect, cfg: DispatchSettings, opts: PassOptions) -> Plan:
         if inspect_app is not None:
             inspect_app.setup()
         with connect() as conn:
-            rows = plan(conn, opts, inspect_app)
+            rows = plan(
+                conn, opts, inspect_app, function_cap=getattr(backend, "function_cap", None)
+            )
             # all of them fit: the plan is the total; else count them (one index scan)
             total = due_total(conn, opts.workstream) if len(rows) >= opts.limit else len(rows)
     finally:
