@@ -173,7 +173,9 @@ def test_a_once_pass_paces_to_max_seconds_and_reaches_90_percent(cli, conn, db_u
     # 90 % of rate x max-seconds + burst at least; never more than the limit allows
     assert 0.9 * (20 * 4 + 10) <= n <= 20 * 4.5 + 10, n
     assert doc["dispatched"] == n and doc["stopped_by"] == "max_seconds"
-    assert doc["deferred"] == {"clay:ws1": 200 - n}
+    # the states it examined and held back (not every remaining one: a paced claim looks
+    # at a few dozen at a time)
+    assert list(doc["deferred"]) == ["clay:ws1"] and 0 < doc["deferred"]["clay:ws1"] <= 200 - n
     times = sorted(stand_in.times)
     assert times[-1] - times[0] >= 3.0  # spread over the pass
     for t in (0.1, 0.5, 1, 2):
