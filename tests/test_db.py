@@ -84,3 +84,31 @@ def test_no_startup_options_are_sent(db_url, tmp_path):
             "options" not in conn.info.get_parameters() or not conn.info.get_parameters()["options"]
         )
         assert conn.execute("SHOW statement_timeout").fetchone()[0] in ("0", "0ms")
+
+
+def test_rows_are_read_by_column_name(db_url):
+    """queries.named / rows_as / column: the row readers the library uses instead of r[0]."""
+    from dataclasses import dataclass
+
+    from wsctl.queries import column, named, one, rows_as
+
+    @dataclass
+    class Pair:
+        b: int
+        a: str
+
+    s = settings.Settings(database_url=db_url, url_source="test")
+    with db.connect(db_url, s) as conn:
+        row = one(named(conn).execute("SELECT 1 AS a, 'x' AS b"))
+        assert row == {"a": 1, "b": "x"}
+        # by name whatever the order of the columns
+        assert rows_as(conn, Pair).execute("SELECT 'y' AS a, 2 AS b").fetchall() == [Pair(2, "y")]
+        assert column(named(conn).execute("SELECT g AS n FROM generate_series(1, 3) g"), "n") == [
+            1,
+            2,
+            3,
+        ]
+        with pytest.raises(TypeError):  # a column the class has no field for is an error
+            rows_as(conn, Pair).execute("SELECT 1 AS a, 2 AS b, 3 AS c").fetchall()
+        with pytest.raises(KeyError):
+            column(named(conn).execute("SELECT 1 AS a"), "b")

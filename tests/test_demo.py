@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -104,10 +105,17 @@ def test_demo_table_output(run_cli, db_url):
         "detail",
     ]
     assert len(lines) == 1 + N_ITEMS * len(demo.BLUEPRINT)
+    used_ids = set()
     for line in lines[1:]:
         cells = line.split("\t")
         assert cells[3] == "COMPLETED"
-        assert cells[5].startswith(cells[1] + " (")  # config used: the item's own workstream
+        # config used: the item's own workstream and the config row's whole id (not 8 chars)
+        ws, _, rest = cells[5].partition(" (")
+        assert ws == cells[1] and rest.endswith(")")
+        used_ids.add(str(uuid.UUID(rest[:-1])))
+    with psycopg.connect(db_url) as c:
+        ids = {str(r[0]) for r in c.execute("SELECT id FROM client_workflow_configs")}
+    assert used_ids and used_ids <= ids
     assert "every step ran with its own workstream's config" in res.err
 
 

@@ -285,4 +285,4 @@ def test_crontab_line_is_one_line_with_the_budget():
     assert words[:3] == ["flock", "-n", "/tmp/wsctl-dispatch.lock"]
     assert words[3:9] == ["timeout", "-s", "TERM", "-k", "5", "55"]
     assert words[9:] == ["wsctl", "dispatch", "--once"]
-    assert settings.DISPATCH_DEFAULTS["max_seconds"] + settings.DISPATCH_DEFAULTS["grace"] <= 55
+    assert settings.DEFAULT_DISPATCH.max_seconds + settings.DEFAULT_DISPATCH.grace <= 55

@@ -124,6 +124,7 @@ def _outputs(cli, run_cli, empty_url: str, conn: psycopg.Connection, tmp: Path) 
         return docs[name]
 
     run("demo", "demo")  # first: it refuses a database with other clients
+    run("settings", "settings")
     run("registry import", "registry", "import", str(EXAMPLES / "registry.toml"))
     run("client add", "client", "add", "acme")
     run("client list", "client", "list")

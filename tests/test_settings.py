@@ -51,9 +51,9 @@ def test_dispatch_defaults_layered(tmp_path):
     user_file.write_text("[dispatch]\nconcurrency = 8\nlimit = 50\n")
     (tmp_path / "wsctl.toml").write_text("[dispatch]\nconcurrency = 16\n")
     s = settings.load()
-    assert s.dispatch["concurrency"] == 16
-    assert s.dispatch["limit"] == 50
-    assert s.dispatch["lease_seconds"] == 300
+    assert s.dispatch.concurrency == 16
+    assert s.dispatch.limit == 50
+    assert s.dispatch.lease_seconds == 300
 
 
 @pytest.mark.parametrize(
@@ -100,7 +100,7 @@ def test_init_writes_commented_toml_and_refuses_overwrite(run_cli, tmp_path):
     assert r.code == 0
     assert "url" not in tomllib.loads((tmp_path / "wsctl.toml").read_text())["database"]
     # The file it wrote is read back by settings.load().
-    assert settings.load().dispatch["lease_seconds"] == 300
+    assert settings.load().dispatch.lease_seconds == 300
 
 
 @pytest.mark.parametrize(
@@ -229,10 +229,10 @@ def test_good_values_are_kept_with_their_types(tmp_path):
         "[database]\nconnect_timeout = 3\n"
     )
     s = settings.load()
-    assert s.dispatch["limit"] == 7
-    assert s.dispatch["spawn_timeout"] == 2.0 and isinstance(s.dispatch["spawn_timeout"], float)
-    assert s.dispatch["interval"] == 0.5 and s.dispatch["backend"] == "local"
-    assert s.dispatch["modal_environment"] is None  # empty: Modal's default environment
+    assert s.dispatch.limit == 7
+    assert s.dispatch.spawn_timeout == 2.0 and isinstance(s.dispatch.spawn_timeout, float)
+    assert s.dispatch.interval == 0.5 and s.dispatch.backend == "local"
+    assert s.dispatch.modal_environment is None  # empty: Modal's default environment
     assert s.connect_timeout == 3
 
 
@@ -271,3 +271,160 @@ def test_init_refuses_an_existing_file_with_exit_1_and_leaves_it_alone(run_cli, 
         f"wsctl: error: {Path('wsctl.toml')} already exists; pass --force to overwrite it"
     ]
     assert target.read_text() == "# mine\n" and _mode(target) == 0o644
+
+
+# --- typed dispatch settings: one source for each default, and where each value came from ----
+
+
+def test_dispatch_settings_are_typed_and_say_where_each_value_came_from(tmp_path):
+    user_file = settings.user_config_path()
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text("[dispatch]\nconcurrency = 8\nlimit = 50\n")
+    (tmp_path / "wsctl.toml").write_text("[dispatch]\nconcurrency = 16\ngrace = 3\n")
+    d = settings.load().dispatch
+    assert isinstance(d, settings.DispatchSettings)
+    assert (d.concurrency, d.limit, d.grace) == (16, 50, 3.0) and isinstance(d.grace, float)
+    assert d.source("concurrency") == f"file:{tmp_path / 'wsctl.toml'}"  # the later file wins
+    assert d.source("limit") == f"file:{user_file}"
+    assert d.source("lease_seconds") == "default"
+    with pytest.raises(KeyError):
+        d.source("sources")  # not a setting
+
+    r = d.resolve(limit=None, concurrency=4, spawn_timeout=2)
+    assert r.limit == 50 and r.source("limit") == f"file:{user_file}"  # None: not given
+    assert r.concurrency == 4 and r.source("concurrency") == "option --concurrency"
+    assert r.spawn_timeout == 2.0 and isinstance(r.spawn_timeout, float)
+    assert d.concurrency == 16  # frozen: resolve returns a new value
+    with pytest.raises(TypeError, match="bogus"):
+        d.resolve(bogus=1)
+
+
+def test_pass_options_come_from_the_resolved_settings(tmp_path):
+    from wsctl.dispatch.engine import PassOptions
+
+    (tmp_path / "wsctl.toml").write_text("[dispatch]\nmax_attempts = 2\nrecord_retry_seconds = 4\n")
+    opts = (
+        settings.load()
+        .dispatch.resolve(limit=9)
+        .pass_options(workstream="apollo_scrape", reconcile=False)
+    )
+    assert isinstance(opts, PassOptions)
+    assert (opts.limit, opts.max_attempts, opts.record_retry_seconds) == (9, 2, 4.0)
+    assert opts.workstream == "apollo_scrape" and opts.reconcile is False
+    # PassOptions' own defaults are the DispatchSettings defaults (one source).
+    bare, defaults = PassOptions(), settings.DispatchSettings()
+    for key in ("limit", "concurrency", "lease_seconds", "max_attempts", "callback_timeout"):
+        assert (
+            getattr(bare, key) == getattr(defaults, key) == settings.DispatchSettings.default(key)
+        )
+    assert (bare.max_seconds, bare.grace) == (defaults.max_seconds, defaults.grace)
+
+
+def test_dispatch_help_shows_the_defaults_of_the_settings(run_cli, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    r = run_cli("dispatch", "--help")
+    assert r.code == 0
+    d = settings.DEFAULT_DISPATCH
+    text = " ".join(r.out.split())
+    assert f"else: {d.limit})" in text and f"else: {d.concurrency})" in text
+    assert f"else: {d.max_seconds:g})" in text and f"else: {d.grace:g})" in text
+
+
+def test_journal_path_defaults_to_the_user_data_dir(tmp_path):
+    assert settings.load().dispatch.journal_path() == settings.user_data_dir() / "dispatch-journal"
+    (tmp_path / "wsctl.toml").write_text(f'[dispatch]\njournal_dir = "{tmp_path / "j"}"\n')
+    assert settings.load().dispatch.journal_path() == tmp_path / "j"
+
+
+# --- wsctl settings: the effective values and where each came from --------------------------
+
+
+def _by_key(doc):
+    return {r["key"]: (r["value"], r["source"]) for r in doc["settings"]}
+
+
+def test_settings_command_names_each_source_and_masks_the_password(run_cli, tmp_path, monkeypatch):
+    user_file = settings.user_config_path()
+    user_file.parent.mkdir(parents=True)
+    user_file.write_text("[dispatch]\nlimit = 50\n")
+    local = tmp_path / "wsctl.toml"
+    local.write_text(
+        '[database]\nurl = "postgresql://app:hunter2@db:5432/x"\npooler = "transaction"\n'
+        '[dispatch]\nbackend = "local"\n'
+    )
+    r = run_cli("settings", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["files"] == [str(user_file), str(local)]  # lowest precedence first
+    got = _by_key(doc)
+    assert got["database.url"] == ("postgresql://app:***@db:5432/x", f"file:{local}")
+    assert got["database.pooler"] == ("transaction", f"file:{local}")
+    assert got["database.lock_timeout"] == ("5s", "default")
+    assert got["dispatch.limit"] == (50, f"file:{user_file}")
+    assert got["dispatch.backend"] == ("local", f"file:{local}")
+    assert got["dispatch.concurrency"] == (32, "default")
+    journal = str(settings.user_data_dir() / "dispatch-journal")
+    assert got["dispatch.journal_dir"] == (journal, "default")
+    # every setting is listed, once
+    keys = [row["key"] for row in doc["settings"]]
+    assert (
+        len(keys)
+        == len(set(keys))
+        == 1 + len(settings.DATABASE_DEFAULTS) + len(settings.DispatchSettings.keys())
+    )
+    assert "hunter2" not in r.out + r.err
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://env:pw-env@db/x")
+    got = _by_key(run_cli("settings", "--json").json())
+    assert got["database.url"] == ("postgresql://env:***@db/x", "env DATABASE_URL")
+    monkeypatch.setenv("WSCTL_DATABASE_URL", "postgresql://w:pw-wsctl@db/x")
+    assert _by_key(run_cli("settings", "--json").json())["database.url"][1] == (
+        "env WSCTL_DATABASE_URL"
+    )
+    r = run_cli("settings", url="host=db user=app password=pw-option dbname=x")
+    assert r.code == 0, r.err
+    assert "host=db user=app password=*** dbname=x\toption --database-url" in r.out
+    assert "dispatch.limit\t50\tfile:" in r.out and "pw-" not in r.out + r.err
+
+
+def test_settings_command_without_any_configuration(run_cli):
+    r = run_cli("settings", "--json")
+    assert r.code == 0, r.err
+    doc = r.json()
+    assert doc["files"] == []
+    got = _by_key(doc)
+    assert got["database.url"] == (None, "embedded")  # nothing is started to show it
+    assert all(source == "default" for k, (_v, source) in got.items() if k != "database.url")
+    r = run_cli("settings")
+    assert r.code == 0 and "none (no wsctl.toml found)" in r.err
+
+
+def test_settings_command_refuses_a_bad_file_with_exit_2(run_cli, tmp_path):
+    (tmp_path / "wsctl.toml").write_text("[dispatch]\nlimit = 0\n")
+    r = run_cli("settings", "--json")
+    assert r.code == 2 and "dispatch.limit must be a whole number >= 1, not 0" in r.err
+    assert r.out == ""
+
+
+@pytest.mark.parametrize("command", ["dispatch", "doctor"])
+def test_backend_option_shows_and_takes_only_its_choices(run_cli, monkeypatch, command):
+    monkeypatch.setenv("COLUMNS", "200")
+    r = run_cli(command, "--help")
+    assert r.code == 0 and "--backend [modal|local]" in r.out and "--backend TEXT" not in r.out
+    r = run_cli(command, "--backend", "cloud")
+    assert r.code == 2 and "'cloud' is not one of 'modal', 'local'" in r.err
+
+
+def test_a_backend_given_as_the_enum_resolves_to_its_name():
+    d = settings.DispatchSettings().resolve(backend=settings.Backend.local)
+    assert d.backend == "local" and type(d.backend) is str
+    assert d.source("backend") == "option --backend"
+
+
+def test_settings_command_refuses_a_malformed_url_without_showing_its_password(
+    run_cli, monkeypatch
+):
+    monkeypatch.setenv("WSCTL_DATABASE_URL", "app:hunter2@db/x")
+    r = run_cli("settings", "--json")
+    assert r.code == 3 and "(from env WSCTL_DATABASE_URL)" in r.err
+    assert "hunter2" not in r.out + r.err and r.out == ""

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import first_line, settings_of, tx
 from wsctl.domain import Inference, infer_workstreams, parse_uuid, validate_slug
 from wsctl.errors import OperationalError
-from wsctl.queries import q, scalar
+from wsctl.queries import column, named, q, scalar
 
 if TYPE_CHECKING:
     import psycopg
@@ -164,15 +164,18 @@ def _check_scope(
 
 def _process_chunk(
     conn: psycopg.Connection,
+    phase: str,
     ids: list[uuid.UUID],
-    inferences: dict[uuid.UUID, Inference],
     *,
-    default: str | None,
+    total: int,
     dry_run: bool,
     report: BackfillReport,
     unresolved: dict[uuid.UUID, Inference],
-) -> tuple[int, int, int]:
-    """Decide and (unless dry run) set the chunk's workstreams; returns (inferred, defaulted, updated)."""
+) -> ChunkReport:
+    """Infer, decide and (unless dry run) set the chunk's workstreams (``report.default`` for
+    a batch nothing infers); adds to ``report`` and says what the chunk did."""
+    inferences = infer_workstreams(conn, ids)
+    default = report.default
     set_ids: list[uuid.UUID] = []
     set_values: list[str] = []
     defaulted_ids: set[uuid.UUID] = set()
@@ -189,7 +192,7 @@ def _process_chunk(
             unresolved[bid] = inf
     done = set(set_ids)  # a dry run counts what it would set
     if set_ids and not dry_run:
-        done = {r[0] for r in conn.execute(q("backfill_set"), (set_ids, set_values)).fetchall()}
+        done = set(column(named(conn).execute(q("backfill_set"), (set_ids, set_values)), "id"))
         # The UPDATE skips a batch the dashboard set meanwhile: it counts as neither.
         report.set_meanwhile += len(set_ids) - len(done)
     updated = 0 if dry_run else len(done)
@@ -204,7 +207,7 @@ def _process_chunk(
     report.defaulted += defaulted
     report.updated += updated
     report.scanned += len(ids)
-    return inferred, defaulted, updated
+    return ChunkReport(phase, ids, inferred, defaulted, updated, total=total)
 
 
 def _lock_error(exc: Exception, after: uuid.UUID | None) -> OperationalError:
@@ -259,9 +262,10 @@ def backfill_workstream_slug(
     cursor: uuid.UUID | None = None
     if resumable:
         with tx(conn):
-            row = conn.execute(q("backfill_checkpoint_get"), (JOB,)).fetchone()
-        if row is not None and row[0] is not None:
-            cursor, report.resumed_after, report.resumed_checkpoint_at = row[0], row[0], row[1]
+            row = named(conn).execute(q("backfill_checkpoint_get"), (JOB,)).fetchone()
+        if row is not None and row["last_id"] is not None:
+            cursor = report.resumed_after = row["last_id"]
+            report.resumed_checkpoint_at = row["updated_at"]
     unresolved: dict[uuid.UUID, Inference] = {}
     # The walk: from the checkpoint to the end, checkpointing each chunk.
     total = _walk(
@@ -317,39 +321,56 @@ def _walk(
     transaction. Returns how many batches lacked a workstream ahead of the
     walk when it started.
     """
-    import psycopg
-
     with tx(conn):  # the count scans the batches table: give it the statement timeout
         total = scalar(conn.execute(q("backfill_count_null"), {"after": cursor, "scope": scope}))
+
+    def process(ids: list[uuid.UUID]) -> ChunkReport:
+        chunk = _process_chunk(
+            conn, phase, ids, total=total, dry_run=dry_run, report=report, unresolved=unresolved
+        )
+        if checkpoint:
+            conn.execute(q("backfill_checkpoint_set"), (JOB, ids[-1]))
+        return chunk
+
+    _chunks(conn, scope, cursor, chunk_size, lock_timeout, process, on_chunk)
+    return total
+
+
+def _chunks(
+    conn: psycopg.Connection,
+    scope: list[uuid.UUID] | None,
+    cursor: uuid.UUID | None,
+    chunk_size: int,
+    lock_timeout: str,
+    process: Callable[[list[uuid.UUID]], ChunkReport | None],
+    on_chunk: Callable[[ChunkReport], None] | None,
+) -> None:
+    """The batches without a workstream after ``cursor``, ``chunk_size`` at a time, each
+    chunk in a transaction of its own: ``process(ids)`` runs inside it (its writes commit
+    with the chunk), and the report it returns goes to ``on_chunk`` once committed. A
+    lock wait past ``lock_timeout`` stops the walk, naming the last committed chunk."""
+    import psycopg
+
     while True:
         try:
             with tx(conn, lock_timeout=lock_timeout):
-                ids = [
-                    r[0]
-                    for r in conn.execute(
-                        q("backfill_next_chunk"),
-                        {"after": cursor, "scope": scope, "limit": chunk_size},
-                    ).fetchall()
-                ]
+                ids = _next_chunk(conn, cursor, scope, chunk_size)
                 if not ids:
-                    break
-                counts = _process_chunk(
-                    conn,
-                    ids,
-                    infer_workstreams(conn, ids),
-                    default=report.default,
-                    dry_run=dry_run,
-                    report=report,
-                    unresolved=unresolved,
-                )
-                if checkpoint:
-                    conn.execute(q("backfill_checkpoint_set"), (JOB, ids[-1]))
+                    return
+                chunk = process(ids)
         except psycopg.errors.LockNotAvailable as exc:
             raise _lock_error(exc, cursor) from None
         cursor = ids[-1]
-        if on_chunk:
-            on_chunk(ChunkReport(phase, ids, *counts, total=total))
-    return total
+        if on_chunk and chunk is not None:
+            on_chunk(chunk)
+
+
+def _next_chunk(
+    conn: psycopg.Connection, after: uuid.UUID | None, scope: list[uuid.UUID] | None, size: int
+) -> list[uuid.UUID]:
+    """The ids of the next ``size`` batches without a workstream after ``after``, in order."""
+    params = {"after": after, "scope": scope, "limit": size}
+    return column(named(conn).execute(q("backfill_next_chunk"), params), "id")
 
 
 def _refuse_before_writing(
@@ -369,8 +390,8 @@ def _refuse_before_writing(
     returns True: the caller writes nothing.
     """
     with tx(conn, lock_timeout=lock_timeout):
-        row = conn.execute(q("backfill_check_state")).fetchone()
-    if row is not None and row[0]:
+        row = named(conn).execute(q("backfill_check_state")).fetchone()
+    if row is not None and row["convalidated"]:
         return False  # validated: no batch can lack a workstream
     probe = BackfillReport(dry_run=True, default=report.default)
     unresolved: dict[uuid.UUID, Inference] = {}
@@ -426,42 +447,20 @@ def _sweep(
     an interrupted run before a resume) is inferred and set now. What is still
     unresolved at the end is exactly what the table still lacks.
     """
-    import psycopg
-
     still: dict[uuid.UUID, Inference] = {}
-    cursor: uuid.UUID | None = None
-    while True:
-        try:
-            with tx(conn, lock_timeout=lock_timeout):
-                ids = [
-                    r[0]
-                    for r in conn.execute(
-                        q("backfill_next_chunk"),
-                        {"after": cursor, "scope": scope, "limit": chunk_size},
-                    ).fetchall()
-                ]
-                if not ids:
-                    break
-                known = [b for b in ids if b in unresolved]
-                for b in known:
-                    still[b] = unresolved[b]
-                new = [b for b in ids if b not in unresolved]
-                counts = (0, 0, 0)
-                if new:
-                    counts = _process_chunk(
-                        conn,
-                        new,
-                        infer_workstreams(conn, new),
-                        default=report.default,
-                        dry_run=False,
-                        report=report,
-                        unresolved=still,
-                    )
-        except psycopg.errors.LockNotAvailable as exc:
-            raise _lock_error(exc, cursor) from None
-        cursor = ids[-1]
-        if on_chunk and new:
-            on_chunk(ChunkReport("sweep", new, *counts, total=total))
+
+    def process(ids: list[uuid.UUID]) -> ChunkReport | None:
+        for b in ids:
+            if b in unresolved:
+                still[b] = unresolved[b]
+        new = [b for b in ids if b not in unresolved]
+        if not new:
+            return None
+        return _process_chunk(
+            conn, "sweep", new, total=total, dry_run=False, report=report, unresolved=still
+        )
+
+    _chunks(conn, scope, None, chunk_size, lock_timeout, process, on_chunk)
     unresolved.clear()
     unresolved.update(still)
 
@@ -472,7 +471,7 @@ def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str
 
     with tx(conn, lock_timeout=lock_timeout):
         remaining = scalar(conn.execute(q("backfill_null_total")))
-        row = conn.execute(q("backfill_check_state")).fetchone()
+        row = named(conn).execute(q("backfill_check_state")).fetchone()
     if report.dry_run:
         remaining = max(remaining - report.inferred - report.defaulted, 0)
         if remaining:
@@ -482,7 +481,7 @@ def _enforce(conn: psycopg.Connection, report: BackfillReport, lock_timeout: str
                 f"--enforce would refuse: {remaining} batch(es) would still have no workstream_slug",
             )
         return EnforceResult("would add", 0, f"--enforce would add and validate {CHECK_NAME}")
-    if row is not None and row[0]:
+    if row is not None and row["convalidated"]:
         return EnforceResult("already", remaining, f"{CHECK_NAME} is already enforced")
     if remaining:
         return EnforceResult(

@@ -54,7 +54,7 @@ from wsctl.domain import Client, find_client, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.itemfiles import item_line, open_items
 from wsctl.prune import PruneSummary, get_summary
-from wsctl.queries import one, q, scalar
+from wsctl.queries import column, named, one, q, scalar
 from wsctl.redact import first_line
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class BatchPlan:
 
 def known_workstreams(conn: psycopg.Connection) -> list[str]:
     """Workstreams that have registry rows."""
-    return [r[0] for r in conn.execute(q("batch_known_workstreams")).fetchall()]
+    return column(named(conn).execute(q("batch_known_workstreams")), "workstream_slug")
 
 
 def plan_batch(
@@ -125,19 +125,21 @@ def _plan_batch(
         raise OperationalError(
             f"unknown workstream {workstream!r} (no registry rows); known workstreams: {listed}"
         )
-    registered = {
-        r[0] for r in conn.execute(q("batch_registered_steps"), (workstream, steps)).fetchall()
-    }
+    registered = set(
+        column(named(conn).execute(q("batch_registered_steps"), (workstream, steps)), "slug")
+    )
     missing = [s for s in steps if s not in registered]
     if missing:
         raise OperationalError(
             f"blueprint step(s) not registered in workstream {workstream}: {', '.join(missing)}",
             hint=f"see `wsctl registry list --workstream {workstream}`",
         )
-    configured = {
-        r[0]
-        for r in conn.execute(q("batch_configured_steps"), (found.id, workstream, steps)).fetchall()
-    }
+    configured = set(
+        column(
+            named(conn).execute(q("batch_configured_steps"), (found.id, workstream, steps)),
+            "workflow_slug",
+        )
+    )
     warnings = [
         f"client {found.name} has no config for step {s} in workstream {workstream}"
         for s in steps
@@ -213,10 +215,10 @@ def _existing_for_key(
 def _existing_for_key_in_tx(
     conn: psycopg.Connection, key: str, plan: BatchPlan, *, dry_run: bool
 ) -> CreateResult | None:
-    row = conn.execute(q("batch_dedupe_lookup"), (key,)).fetchone()
+    row = named(conn).execute(q("batch_dedupe_lookup"), (key,)).fetchone()
     if row is None:
         return None
-    existing = get_batch(conn, row[0])
+    existing = get_batch(conn, row["batch_id"])
     if (
         existing.client_id != plan.client.id
         or existing.workstream_slug != plan.workstream
@@ -316,7 +318,7 @@ def create_batch(
                 if restore is not None:
                     # A partition attached while the rows went in is not covered by the
                     # lock: check again before anything is committed.
-                    if not scalar(conn.execute(q("batch_fk_skip_is_safe"))):
+                    if not one(named(conn).execute(q("batch_fk_skip_is_safe")))["safe"]:
                         raise OperationalError(
                             "batch_items or workflow_states changed during the create (a "
                             "trigger, rule or partition appeared); nothing written: run it again"
@@ -373,15 +375,15 @@ def _skip_fk_triggers(conn: psycopg.Connection) -> str | None:
     import psycopg
 
     conn.execute(q("batch_lock_item_tables"))  # the inserts' own lock mode, before the check
-    safe, current = one(conn.execute(q("batch_fk_skip_is_safe")))
-    if not safe:
+    check = one(named(conn).execute(q("batch_fk_skip_is_safe")))
+    if not check["safe"]:
         return None
     try:
         with conn.transaction():  # a savepoint: a refusal leaves the create's transaction usable
             conn.execute(q("batch_replication_role_replica"))
     except psycopg.errors.InsufficientPrivilege:
         return None
-    return current
+    return check["role"]
 
 
 def _restore_replication_role(conn: psycopg.Connection, role: str) -> None:
@@ -460,15 +462,16 @@ class BatchInfo:
         }
 
 
-def _info(row) -> BatchInfo:
+def _info(row: dict[str, Any]) -> BatchInfo:
+    """A ``batch_get``/``batch_list`` row (read by ``queries.named``)."""
     return BatchInfo(
-        batch_id=row[0],
-        client_id=row[1],
-        client=row[2],
-        workstream_slug=row[3],
-        blueprint=list(row[4] or []),
-        status=row[5],
-        created_at=row[6],
+        batch_id=row["id"],
+        client_id=row["client_id"],
+        client=row["name"],
+        workstream_slug=row["workstream_slug"],
+        blueprint=list(row["blueprint"] or []),
+        status=row["status"],
+        created_at=row["created_at"],
     )
 
 
@@ -476,7 +479,7 @@ def get_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchInfo:
     """One batch; exit 1 when the id is malformed or unknown."""
     bid = batch_id if isinstance(batch_id, uuid.UUID) else parse_uuid(batch_id, "batch id")
     with tx(conn):  # a savepoint inside a caller's transaction
-        row = conn.execute(q("batch_get"), (bid,)).fetchone()
+        row = named(conn).execute(q("batch_get"), (bid,)).fetchone()
     if row is None:
         raise OperationalError(f"no batch with id {bid}", hint="see `wsctl batch list`")
     return _info(row)
@@ -526,16 +529,16 @@ def batch_status(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchSt
     with tx(conn):  # read only; the transaction carries the statement timeout
         info = get_batch(conn, batch_id)
         items = scalar(conn.execute(q("batch_item_count"), (info.batch_id,)))
-        states = conn.execute(q("batch_state_counts"), (info.batch_id,)).fetchall()
+        states = named(conn).execute(q("batch_state_counts"), (info.batch_id,)).fetchall()
         pruned = get_summary(conn, info.batch_id)
     counts: dict[str, dict[str, int]] = {}
     if pruned is not None:  # the states are gone (or going): answer from the summary row
         items = max(items, pruned.items)
         for step, by_status in pruned.counts.items():
             counts[step] = dict(by_status)
-    for step, status, n in states:
+    for r in states:
         if pruned is None:
-            counts.setdefault(step, {})[status] = n
+            counts.setdefault(r["step_name"], {})[r["status"]] = r["n"]
     steps = [
         StepCounts(step=s, position=i, counts=counts.pop(s, {}))
         for i, s in enumerate(info.blueprint, start=1)
@@ -561,15 +564,19 @@ def list_batches(
         raise UsageError("--limit must be at least 1")
     with tx(conn):  # read only; the transaction carries the statement timeout
         client_id = find_client(conn, client).id if client is not None else None
-        rows = conn.execute(
-            q("batch_list"),
-            {
-                "client_id": client_id,
-                "workstream": workstream,
-                "missing": missing_workstream,
-                "limit": limit,
-            },
-        ).fetchall()
+        rows = (
+            named(conn)
+            .execute(
+                q("batch_list"),
+                {
+                    "client_id": client_id,
+                    "workstream": workstream,
+                    "missing": missing_workstream,
+                    "limit": limit,
+                },
+            )
+            .fetchall()
+        )
     return [_info(r) for r in rows]
 
 
@@ -599,10 +606,10 @@ def cancel_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> CancelR
     """
     info = get_batch(conn, batch_id)
     with tx(conn):
-        row = conn.execute(q("batch_lock"), (info.batch_id,)).fetchone()
+        row = named(conn).execute(q("batch_lock"), (info.batch_id,)).fetchone()
         if row is None:  # deleted since get_batch
             raise OperationalError(f"no batch with id {info.batch_id}")
-        previous = row[0]
+        previous = row["status"]
         if previous == "COMPLETED":
             raise OperationalError(f"batch {info.batch_id} is COMPLETED: nothing to cancel")
         cancelled = conn.execute(q("batch_cancel_states"), (info.batch_id,)).rowcount

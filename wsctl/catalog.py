@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import Client, find_client, validate_slug
 from wsctl.errors import OperationalError, UsageError
-from wsctl.queries import one, q
+from wsctl.queries import named, one, q, rows_as
 from wsctl.redact import first_line, key_path, remember
 from wsctl.secret_refs import check_references, plaintext_credentials
 
@@ -86,19 +86,16 @@ def add_client(conn: psycopg.Connection, name: str) -> tuple[ClientRow, bool]:
     """Add a client; returns ``(row, created)`` (an existing name is returned as is)."""
     value = validate_client_name(name)
     with tx(conn):
-        row = conn.execute(q("catalog_client_insert"), (value,)).fetchone()
+        row = rows_as(conn, ClientRow).execute(q("catalog_client_insert"), (value,)).fetchone()
         created = row is not None
         if row is None:
-            row = one(conn.execute(q("catalog_client_get"), (value,)))
-    return ClientRow(id=row[0], name=row[1], created_at=row[2]), created
+            row = one(rows_as(conn, ClientRow).execute(q("catalog_client_get"), (value,)))
+    return row, created
 
 
 def list_clients(conn: psycopg.Connection) -> list[ClientRow]:
     with tx(conn):  # read only; the transaction carries the statement timeout
-        rows = conn.execute(q("catalog_client_list")).fetchall()
-    return [
-        ClientRow(id=r[0], name=r[1], created_at=r[2], configs=r[3], batches=r[4]) for r in rows
-    ]
+        return rows_as(conn, ClientRow).execute(q("catalog_client_list")).fetchall()
 
 
 # --- registry --------------------------------------------------------------
@@ -119,15 +116,16 @@ class RegistryRow:
     limit_keys: tuple[str, ...] | None = None
 
     @classmethod
-    def from_db(cls, row: tuple) -> RegistryRow:
+    def from_db(cls, row: dict[str, Any]) -> RegistryRow:
+        """A row of ``enrichment_registry`` read by ``queries.named`` (its column names)."""
         return cls(
-            id=row[0],
-            workflow_slug=row[1],
-            workstream_slug=row[2],
-            type=row[3],
-            sender=row[4],
-            receiver=row[5],
-            created_at=row[6],
+            id=row["id"],
+            workflow_slug=row["slug"],
+            workstream_slug=row["workstream_slug"],
+            type=row["type"],
+            sender=row["modal_sender_fn"],
+            receiver=row["modal_receiver_fn"],
+            created_at=row["created_at"],
         )
 
     @property
@@ -203,9 +201,11 @@ class RegistryWrite:
 
 
 def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrite:
-    before = conn.execute(
-        q("catalog_registry_get_for_update"), (row.workflow_slug, row.workstream_slug)
-    ).fetchone()
+    before = (
+        named(conn)
+        .execute(q("catalog_registry_get_for_update"), (row.workflow_slug, row.workstream_slug))
+        .fetchone()
+    )
     params = {
         "workflow": row.workflow_slug,
         "workstream": row.workstream_slug,
@@ -223,7 +223,7 @@ def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrit
             row.limit_keys is None or row.limit_keys == bound
         ):
             return RegistryWrite(same, created=False, changed=False)
-    after = RegistryRow.from_db(one(conn.execute(q("catalog_registry_upsert"), params)))
+    after = RegistryRow.from_db(one(named(conn).execute(q("catalog_registry_upsert"), params)))
     if row.limit_keys is not None:
         bind_registry(conn, after.stored_id, list(row.limit_keys))
     keys = tuple(registry_bindings(conn, [after.stored_id])[after.stored_id])
@@ -262,9 +262,9 @@ def list_registry(
     with tx(conn):  # read only; the transaction carries the statement timeout
         rows = [
             RegistryRow.from_db(r)
-            for r in conn.execute(
-                q("catalog_registry_list"), {"workstream": workstream, "workflow": workflow}
-            ).fetchall()
+            for r in named(conn)
+            .execute(q("catalog_registry_list"), {"workstream": workstream, "workflow": workflow})
+            .fetchall()
         ]
         bound = registry_bindings(conn, [r.id for r in rows if r.id is not None])
     return [replace(r, limit_keys=tuple(bound.get(r.stored_id, ()))) for r in rows]
@@ -320,8 +320,8 @@ def remove_registry(
     validate_slug(workflow, "workflow slug")
     validate_slug(workstream, "workstream slug")
     with tx(conn):
-        found = conn.execute(
-            q("catalog_registry_get_for_update"), (workflow, workstream)
+        found = (
+            named(conn).execute(q("catalog_registry_get_for_update"), (workflow, workstream))
         ).fetchone()
         if found is None:
             raise OperationalError(
@@ -465,14 +465,15 @@ class ConfigRow:
         }
 
 
-def _config_row(client: Client, r: tuple) -> ConfigRow:
+def _config_row(client: Client, r: dict[str, Any]) -> ConfigRow:
+    """A ``client_workflow_configs`` row read by ``queries.named``."""
     return ConfigRow(
-        id=r[0],
+        id=r["id"],
         client=client,
-        workflow_slug=r[2],
-        workstream_slug=r[3],
-        config=r[4],
-        updated_at=r[5],
+        workflow_slug=r["workflow_slug"],
+        workstream_slug=r["workstream_slug"],
+        config=r["config"],
+        updated_at=r["updated_at"],
     )
 
 
@@ -697,9 +698,9 @@ def set_config(
                 "(see `wsctl registry list`); the config is stored anyway"
             )
         key = (found.id, workflow, workstream)
-        before = conn.execute(q("catalog_config_get_for_update"), key).fetchone()
+        before = named(conn).execute(q("catalog_config_get_for_update"), key).fetchone()
         name = "catalog_config_replace" if config is not None else "catalog_config_merge"
-        row = one(conn.execute(q(name), (*key, Jsonb(doc))))
+        row = one(named(conn).execute(q(name), (*key, Jsonb(doc))))
         result = ConfigWrite(_config_row(found, row), created=before is None, warnings=warnings)
         if submitted is not None:
             was = _config_row(found, before).config if before is not None else {}
@@ -758,22 +759,26 @@ def unset_config(
     validate_slug(workstream, "workstream slug")
     with tx(conn):
         found = find_client(conn, client)
-        before = conn.execute(
-            q("catalog_config_get_for_update"), (found.id, workflow, workstream)
-        ).fetchone()
+        before = (
+            named(conn)
+            .execute(q("catalog_config_get_for_update"), (found.id, workflow, workstream))
+            .fetchone()
+        )
         if before is None:
             raise OperationalError(
                 f"client {found.name} has no config for {workflow} in workstream {workstream}",
                 hint="see `wsctl config list`",
             )
         if not keys:
-            conn.execute(q("catalog_config_delete"), (before[0],))
+            conn.execute(q("catalog_config_delete"), (before["id"],))
             return ConfigRemoval(_config_row(found, before), deleted=True)
-        present = [k for k in keys if k in before[4]]
-        missing = [k for k in keys if k not in before[4]]
+        present = [k for k in keys if k in before["config"]]
+        missing = [k for k in keys if k not in before["config"]]
         after = before
         if present:
-            after = one(conn.execute(q("catalog_config_remove_keys"), (present, before[0])))
+            after = one(
+                named(conn).execute(q("catalog_config_remove_keys"), (present, before["id"]))
+            )
     return ConfigRemoval(
         _config_row(found, after), deleted=False, removed_keys=present, missing_keys=missing
     )
@@ -792,18 +797,12 @@ def list_configs(
         validate_slug(workflow, "workflow slug")
     with tx(conn):  # read only; the transaction carries the statement timeout
         client_id = find_client(conn, client).id if client is not None else None
-        rows = conn.execute(
-            q("catalog_config_list"),
-            {"client_id": client_id, "workstream": workstream, "workflow": workflow},
-        ).fetchall()
-    return [
-        ConfigRow(
-            id=r[0],
-            client=Client(id=r[1], name=r[2]),
-            workflow_slug=r[3],
-            workstream_slug=r[4],
-            config=r[5],
-            updated_at=r[6],
+        rows = (
+            named(conn)
+            .execute(
+                q("catalog_config_list"),
+                {"client_id": client_id, "workstream": workstream, "workflow": workflow},
+            )
+            .fetchall()
         )
-        for r in rows
-    ]
+    return [_config_row(Client(id=r["client_id"], name=r["name"]), r) for r in rows]

@@ -118,15 +118,15 @@ def locked_relation(conn: psycopg.Connection, exc: BaseException) -> str | None:
     found = _RELATION_IN_CONTEXT.search(getattr(diag, "context", None) or "")
     if found:
         return found.group(1)
-    from wsctl.queries import q
+    from wsctl.queries import named, q
 
     try:
         with conn.transaction():
             conn.execute(q("set_local_timeouts"), ("2s", "1s"))
-            rows = conn.execute(q("waits_strong_locks_held")).fetchall()
+            rows = named(conn).execute(q("waits_strong_locks_held")).fetchall()
     except Exception:  # the lookup is a courtesy: never hide the original error
         return None
-    names = sorted({r[0] for r in rows})
+    names = sorted({r["relation"] for r in rows})
     return ", ".join(names) if names else None
 
 

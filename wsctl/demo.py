@@ -29,7 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from wsctl.errors import OperationalError
-from wsctl.queries import example_path, one, q, scalar
+from wsctl.queries import column, example_path, named, one, q, scalar
 
 if TYPE_CHECKING:
     import psycopg
@@ -330,15 +330,10 @@ class ReceiverServer:
 
 
 @contextmanager
-def _worker_env(
-    database_url: str, callback_secret: str, clay_secrets: dict[str, str]
-) -> Iterator[None]:
-    """What the Modal secrets provide in production, for the in-process worker functions."""
-    values = {
-        "WSCTL_DATABASE_URL": database_url,
-        "CLAY_CALLBACK_SECRET": callback_secret,
-        **clay_secrets,
-    }
+def _worker_env(callback_secret: str, clay_secrets: dict[str, str]) -> Iterator[None]:
+    """The secrets Modal provides in production, for the in-process worker functions: they
+    read them from their environment (``wsctl.secret_refs``), so the environment it is."""
+    values = {"CLAY_CALLBACK_SECRET": callback_secret, **clay_secrets}
     saved = {n: os.environ.get(n) for n in values}
     os.environ.update(values)
     try:
@@ -358,7 +353,7 @@ def check_target(conn: psycopg.Connection) -> None:
     """Refuse a database that holds other clients' data (the demo writes registry rows)."""
     if not scalar(conn.execute(q("demo_clients_table"))):
         return
-    others = [r[0] for r in conn.execute(q("demo_other_clients"), (DEMO_CLIENT,)).fetchall()]
+    others = column(named(conn).execute(q("demo_other_clients"), (DEMO_CLIENT,)), "name")
     if others:
         raise OperationalError(
             f"refusing to run the demo in a database with other clients ({', '.join(others)}): "
@@ -391,7 +386,7 @@ def cancel_earlier_runs(conn: psycopg.Connection) -> int:
     """Cancel the demo client's batches that still have states to finish (an interrupted run)."""
     from wsctl import batches
 
-    ids = [r[0] for r in conn.execute(q("demo_unfinished_batches"), (DEMO_CLIENT,)).fetchall()]
+    ids = column(named(conn).execute(q("demo_unfinished_batches"), (DEMO_CLIENT,)), "id")
     for batch_id in ids:
         batches.cancel_batch(conn, batch_id)
     return len(ids)
@@ -420,13 +415,13 @@ def create_batches(conn: psycopg.Connection, items: dict[str, list[dict]]) -> li
 
 
 def _progress(conn: psycopg.Connection, batch_ids: list[uuid.UUID]) -> dict[str, int]:
-    return dict(conn.execute(q("demo_progress"), (batch_ids,)).fetchall())
+    return {r["status"]: r["n"] for r in named(conn).execute(q("demo_progress"), (batch_ids,))}
 
 
 def _all_done(conn: psycopg.Connection, batch_ids: list[uuid.UUID]) -> bool:
     """Every item has completed every step (counted on the states, not on batches.status)."""
-    done, total = one(conn.execute(q("demo_steps_done"), (batch_ids, batch_ids)))
-    return total > 0 and done == total
+    steps = one(named(conn).execute(q("demo_steps_done"), (batch_ids, batch_ids)))
+    return steps["total"] > 0 and steps["done"] == steps["total"]
 
 
 IN_FLIGHT = ("DISPATCHING", "DISPATCHED")
@@ -445,31 +440,31 @@ def _wait_for_callbacks(
 
 
 def _problems(conn: psycopg.Connection, batch_ids: list[uuid.UUID]) -> str | None:
-    rows = conn.execute(q("demo_problems"), (batch_ids,)).fetchall()
+    rows = named(conn).execute(q("demo_problems"), (batch_ids,)).fetchall()
     if not rows:
         return None
-    return "; ".join(f"{step} {status}: {err}" for step, status, err in rows)
+    return "; ".join(f"{r['step_name']} {r['status']}: {r['last_error']}" for r in rows)
 
 
 def report(conn: psycopg.Connection, batch_ids: list[uuid.UUID]) -> list[DemoRow]:
     """Per item and blueprint step: status, function, and the config row the worker used."""
-    rows = conn.execute(q("demo_report"), (batch_ids, batch_ids)).fetchall()
+    rows = named(conn).execute(q("demo_report"), (batch_ids, batch_ids)).fetchall()
     out = []
-    for item_id, ws, step, status, fn, trace, config_id, config_ws, clay in rows:
-        trace = trace or {}
+    for r in rows:
+        trace = r["trace"] or {}
         out.append(
             DemoRow(
-                item_id=str(item_id),
-                workstream=ws,
-                step=step,
-                status=status,
-                function=fn,
+                item_id=str(r["item_id"]),
+                workstream=r["workstream"],
+                step=r["step"],
+                status=r["status"],
+                function=r["function"],
                 ran_function=trace.get("function"),
                 ran_workstream=trace.get("workstream"),
-                config_id=str(config_id) if config_id else None,
-                config_workstream=config_ws,
+                config_id=str(r["config_id"]) if r["config_id"] else None,
+                config_workstream=r["config_workstream"],
                 detail=trace.get("detail"),
-                clay=clay,
+                clay=r["clay"],
             )
         )
     return out
@@ -486,13 +481,16 @@ def run_demo(
     """Set up, create a batch per workstream, dispatch until done, and report.
 
     ``conn`` (autocommit) and ``database_url`` name the same database: the
-    worker functions connect through ``WSCTL_DATABASE_URL`` as on Modal.
+    worker functions connect to it through the worker helpers
+    (``settings.in_process_workers``), as they would on Modal through
+    ``WSCTL_DATABASE_URL``.
     Raises ``OperationalError`` when the batches do not finish within
     ``timeout`` seconds or a state FAILs or is BLOCKED.
     """
     from wsctl import migrations
     from wsctl.dispatch import PassOptions, run_pass
     from wsctl.dispatch.local import LocalBackend
+    from wsctl.settings import Settings, in_process_workers
 
     say = on_progress or (lambda _msg: None)
     started = time.monotonic()
@@ -526,7 +524,10 @@ def run_demo(
 
         opts = PassOptions(concurrency=8, max_attempts=2, callback_timeout=120)
         deadline = started + timeout
-        with _worker_env(database_url, secrets.token_hex(32), demo_secrets(clay.url)):
+        # The functions run here: they connect to the demo's database through the worker
+        # helpers (given explicitly, not through WSCTL_DATABASE_URL).
+        workers = in_process_workers(Settings(database_url=database_url, url_source="demo"))
+        with workers, _worker_env(secrets.token_hex(32), demo_secrets(clay.url)):
             while True:
                 summary = run_pass(conn, backend, opts)
                 result.passes += 1

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsctl.db import tx
 from wsctl.errors import WsctlError
-from wsctl.queries import one, q, scalar
+from wsctl.queries import named, one, q, scalar
 from wsctl.redact import first_line, mask_url
 
 if TYPE_CHECKING:
@@ -174,13 +174,16 @@ def _check_legacy_batches(conn: psycopg.Connection, top: int) -> Check:
 
 
 def _check_unregistered(conn: psycopg.Connection, top: int) -> Check:
-    rows = conn.execute(q("doctor_unregistered_states"), {"top": top}).fetchall()
+    rows = named(conn).execute(q("doctor_unregistered_states"), {"top": top}).fetchall()
     if not rows:
         return Check(UNREGISTERED_STATES, OK, "every PENDING/BLOCKED state has a registry row")
-    pairs = rows[0][3]
-    out = [{"step": s, "workstream": w, "states": n} for s, w, n, _ in rows]
-    listed = ", ".join(f"({s}, {_ws(w)}): {n}" for s, w, n, _ in rows)
-    known = [(s, w) for s, w, _, _ in rows if w is not None]
+    pairs = rows[0]["pairs"]
+    out = [
+        {"step": r["step_name"], "workstream": r["workstream_slug"], "states": r["states"]}
+        for r in rows
+    ]
+    listed = ", ".join(f"({r['step']}, {_ws(r['workstream'])}): {r['states']}" for r in out)
+    known = [(r["step"], r["workstream"]) for r in out if r["workstream"] is not None]
     hints = []
     if known:
         s, w = known[0]
@@ -201,23 +204,32 @@ def _check_unregistered(conn: psycopg.Connection, top: int) -> Check:
 
 
 def _check_missing_configs(conn: psycopg.Connection, top: int) -> Check:
-    rows = conn.execute(q("doctor_missing_configs"), {"top": top}).fetchall()
+    rows = named(conn).execute(q("doctor_missing_configs"), {"top": top}).fetchall()
     if not rows:
         return Check(
             MISSING_CONFIGS,
             OK,
             "every active batch's client has a config for each (step, workstream) of its blueprint",
         )
-    missing = rows[0][4]
-    out = [{"client": c, "step": s, "workstream": w, "batches": n} for c, s, w, n, _ in rows]
-    listed = ", ".join(f"({c}, {s}, {w})" for c, s, w, _, _ in rows)
+    missing = rows[0]["missing"]
+    out = [
+        {
+            "client": r["name"],
+            "step": r["step"],
+            "workstream": r["workstream_slug"],
+            "batches": r["batches"],
+        }
+        for r in rows
+    ]
+    listed = ", ".join(f"({r['client']}, {r['step']}, {r['workstream']})" for r in out)
+    first = out[0]
     return Check(
         MISSING_CONFIGS,
         WARN,
         f"{missing} (client, step, workstream) without a client config in active batches: "
         f"{listed}{_more(len(rows), missing)}",
-        f"wsctl config set --client {shlex.quote(rows[0][0])} --workflow {rows[0][1]} "
-        f"--workstream {rows[0][2]} --set key=value (for each step that needs a config)",
+        f"wsctl config set --client {shlex.quote(first['client'])} --workflow {first['step']} "
+        f"--workstream {first['workstream']} --set key=value (for each step that needs a config)",
         rows=out,
     )
 
@@ -266,7 +278,8 @@ def _check_plaintext_credentials(conn: psycopg.Connection, top: int) -> Check:
 
 
 def _check_expired_leases(conn: psycopg.Connection) -> Check:
-    n, oldest = one(conn.execute(q("doctor_expired_leases")))
+    leases = one(named(conn).execute(q("doctor_expired_leases")))
+    n, oldest = leases["states"], leases["oldest"]
     if not n:
         return Check(EXPIRED_LEASES, OK, "no DISPATCHING state holds an expired lease")
     return Check(
@@ -280,18 +293,28 @@ def _check_expired_leases(conn: psycopg.Connection) -> Check:
 
 
 def _check_stale_dispatched(conn: psycopg.Connection, top: int, timeout: int) -> Check:
-    rows = conn.execute(q("doctor_stale_dispatched"), {"top": top, "timeout": timeout}).fetchall()
+    params = {"top": top, "timeout": timeout}
+    rows = named(conn).execute(q("doctor_stale_dispatched"), params).fetchall()
     if not rows:
         return Check(
             STALE_DISPATCHED,
             OK,
             f"no DISPATCHED state is older than the {timeout}s callback timeout",
         )
-    total, undated, pairs = rows[0][4], rows[0][5], rows[0][6]
+    total, undated, pairs = rows[0]["total"], rows[0]["undated"], rows[0]["pairs"]
     out = [
-        {"step": r[0], "workstream": r[1], "states": r[2], "oldest": r[3].isoformat()} for r in rows
+        {
+            "step": r["step_name"],
+            "workstream": r["workstream_slug"],
+            "states": r["states"],
+            "oldest": r["oldest"].isoformat(),
+        }
+        for r in rows
     ]
-    listed = ", ".join(f"({r[0]}, {_ws(r[1])}): {r[2]}, oldest {_age(r[3])}" for r in rows)
+    listed = ", ".join(
+        f"({r['step_name']}, {_ws(r['workstream_slug'])}): {r['states']}, oldest {_age(r['oldest'])}"
+        for r in rows
+    )
     detail = (
         f"{total} DISPATCHED state(s) older than the {timeout}s callback timeout: "
         f"{listed}{_more(len(rows), pairs)}"
@@ -401,25 +424,29 @@ def _check_states_bloat(conn: psycopg.Connection) -> Check:
 
 
 def _check_vacuum_horizon(conn: psycopg.Connection, threshold: int) -> Check:
-    row = conn.execute(q("prune_doctor_oldest_xmin")).fetchone()
-    held = conn.execute(q("prune_doctor_held_xmin")).fetchall()
+    row = named(conn).execute(q("prune_doctor_oldest_xmin")).fetchone()
+    held = named(conn).execute(q("prune_doctor_held_xmin")).fetchall()
+    seconds = row["seconds"] if row is not None else None
     found = []
-    if row is not None and row[6] is not None and row[6] >= threshold:
-        pid, user, app, st, _, xmin_age, seconds, query = row
+    if row is not None and seconds is not None and seconds >= threshold:
         found.append(
             {
-                "pid": pid,
-                "user": user,
-                "application_name": app,
-                "state": st,
+                "pid": row["pid"],
+                "user": row["usename"],
+                "application_name": row["application_name"],
+                "state": row["state"],
                 "seconds": seconds,
-                "xmin_age": xmin_age,
-                "query": query,
+                "xmin_age": row["xmin_age"],
+                "query": row["query"],
             }
         )
-    old_held = [{"what": w, "seconds": sec} for w, sec in held if sec is None or sec >= threshold]
+    old_held = [
+        {"what": h["what"], "seconds": h["seconds"]}
+        for h in held
+        if h["seconds"] is None or h["seconds"] >= threshold
+    ]
     if not found and not old_held:
-        oldest = f"{_age_s(row[6])}" if row is not None and row[6] is not None else "none"
+        oldest = f"{_age_s(seconds)}" if seconds is not None else "none"
         return Check(
             VACUUM_HORIZON,
             OK,
@@ -465,27 +492,31 @@ PRUNE_SCAN_BATCHES = 5  # finished batches whose states doctor reads (oldest fir
 def _check_prune_candidates(conn: psycopg.Connection, older_than: str, top: int) -> Check:
     from wsctl.prune import parse_duration
 
-    rows = conn.execute(
-        q("prune_candidates"),
-        {
-            "batch_ids": None,
-            "older_than": parse_duration(older_than),
-            "include_items": False,
-            "max_batches": PRUNE_SCAN_BATCHES,
-        },
-    ).fetchall()
+    rows = (
+        named(conn)
+        .execute(
+            q("prune_candidates"),
+            {
+                "batch_ids": None,
+                "older_than": parse_duration(older_than),
+                "include_items": False,
+                "max_batches": PRUNE_SCAN_BATCHES,
+            },
+        )
+        .fetchall()
+    )
     if not rows:
         return Check(
             PRUNE_CANDIDATES, OK, f"no batch finished more than {older_than} ago keeps its states"
         )
-    states = sum(r[2] for r in rows)
-    interrupted = sum(1 for r in rows if r[3])
+    states = sum(r["states"] for r in rows)
+    interrupted = sum(1 for r in rows if r["resumed"])
     # Reading every finished batch's states costs a scan of the history: doctor reads
     # the oldest few only and says "at least" when there may be more.
-    least = "at least " if rows[0][4] >= PRUNE_SCAN_BATCHES else ""
+    least = "at least " if rows[0]["examined"] >= PRUNE_SCAN_BATCHES else ""
     detail = (
         f"{least}{len(rows)} batch(es) finished more than {older_than} ago keep "
-        f"{least}{states} state(s) (oldest finished {_age(rows[0][1])} ago)"
+        f"{least}{states} state(s) (oldest finished {_age(rows[0]['finished_at'])} ago)"
     )
     if interrupted:
         detail += f"; {interrupted} of them were partly pruned by an interrupted prune"
@@ -497,9 +528,9 @@ def _check_prune_candidates(conn: psycopg.Connection, older_than: str, top: int)
         "(add --archive FILE.jsonl to keep the rows); or cron it",
         rows=[
             {
-                "batch_id": str(r[0]),
-                "finished_at": r[1].isoformat() if r[1] else None,
-                "states": r[2],
+                "batch_id": str(r["batch_id"]),
+                "finished_at": r["finished_at"].isoformat() if r["finished_at"] else None,
+                "states": r["states"],
             }
             for r in rows[:top]
         ],
@@ -635,8 +666,8 @@ def _check_modal_functions(
 def _registry_functions(conn: psycopg.Connection) -> dict[str, list[str]]:
     """Each function the registry names, with the (step (workstream)) rows that use it."""
     with tx(conn):
-        rows = conn.execute(q("doctor_registry_functions")).fetchall()
-    return {fn: list(uses) for fn, uses in rows}
+        rows = named(conn).execute(q("doctor_registry_functions")).fetchall()
+    return {r["fn"]: list(r["uses"]) for r in rows}
 
 
 # --- the pass -------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from wsctl.errors import OperationalError
-from wsctl.queries import q
+from wsctl.queries import named, q, rows_as
 
 if TYPE_CHECKING:
     import psycopg
@@ -63,15 +63,15 @@ def find_client(conn: psycopg.Connection, name_or_id: str) -> Client:
     except ValueError:
         as_id = None
     if as_id is not None:
-        row = conn.execute(q("client_by_id"), (as_id,)).fetchone()
+        row = rows_as(conn, Client).execute(q("client_by_id"), (as_id,)).fetchone()
     if row is None:
-        row = conn.execute(q("client_by_name"), (value,)).fetchone()
+        row = rows_as(conn, Client).execute(q("client_by_name"), (value,)).fetchone()
     if row is None:
         shown = value if len(value) <= 80 else f"{value[:77]}..."
         raise OperationalError(
             f"no client named or with id {shown!r}", hint="see `wsctl client list`"
         )
-    return Client(id=row[0], name=row[1])
+    return row
 
 
 @dataclass(frozen=True)
@@ -119,11 +119,13 @@ def infer_workstreams(
     """Inference for many batches in one statement (one per backfill chunk)."""
     if not batch_ids:
         return {}
-    rows = conn.execute(q("infer_workstreams"), (list(batch_ids),)).fetchall()
+    rows = named(conn).execute(q("infer_workstreams"), (list(batch_ids),)).fetchall()
     out = {bid: Inference(batch_id=bid) for bid in batch_ids}
-    for batch_id, registered, narrowed in rows:
-        out[batch_id] = Inference(
-            batch_id=batch_id, registered=list(registered or []), narrowed=list(narrowed or [])
+    for r in rows:
+        out[r["batch_id"]] = Inference(
+            batch_id=r["batch_id"],
+            registered=list(r["registered"] or []),
+            narrowed=list(r["narrowed"] or []),
         )
     return out
 

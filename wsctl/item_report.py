@@ -24,7 +24,7 @@ from wsctl.db import tx
 from wsctl.domain import parse_uuid
 from wsctl.errors import OperationalError
 from wsctl.prune import PruneSummary, get_summary
-from wsctl.queries import one, q
+from wsctl.queries import named, one, q
 from wsctl.redact import redact_text
 from wsctl.resolve import Resolution, resolve_config
 
@@ -211,9 +211,10 @@ def item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepor
 
 def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemReport:
     iid = item_id if isinstance(item_id, uuid.UUID) else parse_uuid(item_id, "item id")
-    row = conn.execute(q("inspect_item"), (iid,)).fetchone()
+    row = named(conn).execute(q("inspect_item"), (iid,)).fetchone()
     if row is None:
-        batches, last = one(conn.execute(q("prune_pruned_count")))
+        pruned = one(named(conn).execute(q("prune_pruned_count")))
+        batches, last = pruned["batches"], pruned["last"]
         if batches:
             raise OperationalError(
                 f"no batch item with id {iid}",
@@ -222,14 +223,14 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
             )
         raise OperationalError(f"no batch item with id {iid}")
     report = ItemReport(
-        item_id=row[0],
-        batch_id=row[1],
-        client_id=row[2],
-        client=row[3],
-        batch_workstream_slug=row[4],
-        batch_status=row[5],
-        blueprint=list(row[6] or []),
-        created_at=row[7],
+        item_id=row["id"],
+        batch_id=row["batch_id"],
+        client_id=row["client_id"],
+        client=row["name"],
+        batch_workstream_slug=row["workstream_slug"],
+        batch_status=row["status"],
+        blueprint=list(row["blueprint"] or []),
+        created_at=row["created_at"],
     )
     if report.legacy:
         report.warnings.append(
@@ -249,26 +250,26 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
             f"the states of batch {report.batch_id} were {report.pruned.describe()}; "
             "`wsctl batch status` shows its counts as they were"
         )
-    for r in conn.execute(q("inspect_item_steps"), {"item_id": iid}).fetchall():
-        (pos, step, state_id, status, attempts, ws, typ, sender, receiver, call_id, error) = r[:11]
-        times = dict(zip(TIMESTAMPS[:5], r[11:16], strict=True))
-        times["lease_expires_at"] = r[16]
+    for r in named(conn).execute(q("inspect_item_steps"), {"item_id": iid}).fetchall():
+        pos, step, state_id, ws = r["pos"], r["step"], r["id"], r["workstream_slug"]
+        sender = r["modal_sender_fn"]
+        times = {name: r[name] for name in TIMESTAMPS}
         s = StepReport(
             position=pos,
             step=step,
             workstream_slug=ws,
             state_id=state_id,
-            status=status,
-            attempts=attempts,
-            modal_call_id=call_id,
-            last_error=error,
-            claimed_by=r[17],
+            status=r["status"],
+            attempts=r["attempts"],
+            modal_call_id=r["modal_call_id"],
+            last_error=r["last_error"],
+            claimed_by=r["claimed_by"],
             times=times,
             used=used.get(step) if state_id is not None else None,
             pruned=state_id is None and report.pruned is not None,
         )
         if sender is not None:
-            s.registry = {"type": typ, "sender": sender, "receiver": receiver}
+            s.registry = {"type": r["type"], "sender": sender, "receiver": r["modal_receiver_fn"]}
         else:
             s.registry_note = _registry_note(ws, step)
         if pos is None:

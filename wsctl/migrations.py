@@ -32,11 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wsctl import security
 from wsctl.errors import EnvError, OperationalError
-from wsctl.queries import q, scalar, sql_dir
+from wsctl.queries import named, q, scalar, sql_dir
 from wsctl.redact import first_line
 
 if TYPE_CHECKING:
@@ -142,14 +142,14 @@ def split_statements(sql: str) -> list[str]:
     return statements
 
 
-def _applied_rows(conn: psycopg.Connection) -> list[tuple]:
+def _applied_rows(conn: psycopg.Connection) -> list[dict[str, Any]]:
     from wsctl.db import tx
 
     with tx(conn):  # the schema check too waits for a lock only as long as lock_timeout
         exists = scalar(conn.execute(q("migrations_table_exists")))
         if not exists:
             return []
-        return conn.execute(q("migrations_applied")).fetchall()
+        return named(conn).execute(q("migrations_applied")).fetchall()
 
 
 def status(conn: psycopg.Connection, migrations: list[Migration] | None = None) -> MigrationStatus:
@@ -158,7 +158,9 @@ def status(conn: psycopg.Connection, migrations: list[Migration] | None = None) 
     by_version = {m.version: m for m in migrations}
     result = MigrationStatus()
     applied_versions = set()
-    for version, name, checksum, applied_at, _duration in _applied_rows(conn):
+    for applied in _applied_rows(conn):
+        version, name, checksum = applied["version"], applied["name"], applied["checksum"]
+        applied_at = applied["applied_at"]
         applied_versions.add(version)
         row = {
             "version": version,
@@ -292,11 +294,15 @@ class _MigrationLock:
 
         def watch() -> None:
             while not done.wait(0.1):
-                row = watch_conn.execute(
-                    q("migrations_cancel_lock_waiter"),
-                    {"query": stmt, "timeout_s": limit_ms / 1000.0},
-                ).fetchone()
-                if row is not None and row[0]:
+                row = (
+                    named(watch_conn)
+                    .execute(
+                        q("migrations_cancel_lock_waiter"),
+                        {"query": stmt, "timeout_s": limit_ms / 1000.0},
+                    )
+                    .fetchone()
+                )
+                if row is not None and row["cancelled"]:
                     cancelled.append(True)
                     return
 
@@ -336,9 +342,12 @@ def _rebuild_invalid_indexes(
     rebuilt = []
     for schema, name in _concurrent_indexes(m.sql):
         with tx(conn):
-            row = conn.execute(q("index_validity"), {"schema": schema, "name": name}).fetchone()
-        if row is not None and row[0] is False:
-            stmt = sql.SQL(q("drop_index_concurrently")).format(sql.Identifier(row[1], name))
+            params = {"schema": schema, "name": name}
+            row = named(conn).execute(q("index_validity"), params).fetchone()
+        if row is not None and row["indisvalid"] is False:
+            stmt = sql.SQL(q("drop_index_concurrently")).format(
+                sql.Identifier(row["nspname"], name)
+            )
             lock.run_bounded(conn, stmt.as_string(conn), ddl_lock_timeout)
             rebuilt.append(name)
     return rebuilt

@@ -36,7 +36,7 @@ from typing import IO, TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import parse_uuid
 from wsctl.errors import OperationalError, UsageError
-from wsctl.queries import one, q, scalar
+from wsctl.queries import named, one, q, scalar
 
 if TYPE_CHECKING:
     import psycopg
@@ -226,7 +226,9 @@ class _Archive:
         size = os.fstat(self.file.fileno()).st_size
         with tx(conn):
             conn.execute(q("prune_archive_register"), (self.path, size))
-            committed, _ = one(conn.execute(q("prune_archive_get"), (self.path,)))
+            committed = one(named(conn).execute(q("prune_archive_get"), (self.path,)))[
+                "committed_bytes"
+            ]
         if size < committed:
             self.file.close()
             raise OperationalError(
@@ -282,9 +284,9 @@ class _Archive:
         """
         try:
             with tx(self.conn):
-                row = self.conn.execute(q("prune_archive_get"), (self.path,)).fetchone()
+                row = named(self.conn).execute(q("prune_archive_get"), (self.path,)).fetchone()
             if row is not None:
-                self.committed = row[0]
+                self.committed = row["committed_bytes"]
                 self._cut(self.committed)
         except Exception:
             pass
@@ -335,12 +337,16 @@ def prune(
         "max_batches": None,
     }
     with tx(conn):
-        rows = conn.execute(q("prune_candidates"), params).fetchall()
+        rows = named(conn).execute(q("prune_candidates"), params).fetchall()
         if ids:
-            _refuse_ineligible(conn, ids, {r[0] for r in rows}, older_than)
+            _refuse_ineligible(conn, ids, {r["batch_id"] for r in rows}, older_than)
     found = [
         BatchResult(
-            batch_id=r[0], finished_at=r[1], states=r[2], status="would prune", resumed=r[3]
+            batch_id=r["batch_id"],
+            finished_at=r["finished_at"],
+            states=r["states"],
+            status="would prune",
+            resumed=r["resumed"],
         )
         for r in rows
     ]
@@ -381,7 +387,9 @@ def _refuse_ineligible(
             continue
         if conn.execute(q("batch_get"), (bid,)).fetchone() is None:
             raise OperationalError(f"no batch with id {bid}", hint="see `wsctl batch list`")
-        states, unfinished, finished_at = one(conn.execute(q("prune_explain_batch"), (bid,)))
+        explained = one(named(conn).execute(q("prune_explain_batch"), (bid,)))
+        states, unfinished = explained["states"], explained["unfinished"]
+        finished_at = explained["finished_at"]
         if unfinished:
             raise OperationalError(
                 f"batch {bid} is active: {unfinished} of its {states} state(s) are not "
@@ -524,10 +532,10 @@ def _chunk(
         )
         if table == "batch_items" and scalar(conn.execute(q("prune_states_left"), (bid,))):
             return "unfinished", 0  # a state appeared: its item must stay
-        rows = conn.execute(q(select), {"batch_id": bid, "limit": chunk_size}).fetchall()
-        ids = [r[0] for r in rows]
+        rows = named(conn).execute(q(select), {"batch_id": bid, "limit": chunk_size}).fetchall()
+        ids = [r["id"] for r in rows]
         if rows and arch is not None:
-            new_length = arch.write(table, [r[1] for r in rows])
+            new_length = arch.write(table, [r["doc"] for r in rows])
             _pause_for_tests()
             arch.commit_in_tx(new_length, len(rows))
         if ids:

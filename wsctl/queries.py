@@ -82,6 +82,26 @@ def one(cur: psycopg.Cursor[Row]) -> Row:
     return row
 
 
+def named(conn: psycopg.Connection) -> psycopg.Cursor[dict[str, Any]]:
+    """A cursor whose rows are read by column name (``psycopg.rows.dict_row``)."""
+    from psycopg.rows import dict_row
+
+    return conn.cursor(row_factory=dict_row)
+
+
+def rows_as(conn: psycopg.Connection, cls: type[Row]) -> psycopg.Cursor[Row]:
+    """A cursor whose rows are ``cls`` built from the columns of the same names
+    (``psycopg.rows.class_row``: a column ``cls`` has no field for is an error)."""
+    from psycopg.rows import class_row
+
+    return conn.cursor(row_factory=class_row(cls))
+
+
+def column(cur: psycopg.Cursor[dict[str, Any]], name: str) -> list[Any]:
+    """The values of the column ``name``, one per row, of a ``named`` cursor's result."""
+    return [r[name] for r in cur]
+
+
 def scalar(cur: psycopg.Cursor[Any]) -> Any:
     """The single value of a one-row, one-column result (``SELECT count(*) ...``)."""
     row = one(cur)

@@ -29,7 +29,7 @@ from wsctl.catalog import RegistryRow
 from wsctl.db import tx
 from wsctl.domain import Client, find_client, infer_workstream, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
-from wsctl.queries import q
+from wsctl.queries import column, named, q
 
 if TYPE_CHECKING:
     import psycopg
@@ -132,43 +132,43 @@ def _lookup(
     """The exact composite-key lookup shared by every rule; fills ``res`` and returns it."""
     client = res.client
     assert client is not None
-    row = conn.execute(
-        q("resolve_config_by_key"), (client.id, res.workflow_slug, workstream)
-    ).fetchone()
+    row = (
+        named(conn)
+        .execute(q("resolve_config_by_key"), (client.id, res.workflow_slug, workstream))
+        .fetchone()
+    )
     res.source = source
     res.workstream_slug = workstream
     if row is None:
-        elsewhere = [
-            r[0]
-            for r in conn.execute(
-                q("resolve_client_workstreams"), (client.id, res.workflow_slug)
-            ).fetchall()
-            if r[0] != workstream
-        ]
+        configured = named(conn).execute(
+            q("resolve_client_workstreams"), (client.id, res.workflow_slug)
+        )
+        elsewhere = [ws for ws in column(configured, "workstream_slug") if ws != workstream]
         why = f"no config for ({client.name}, {res.workflow_slug}, {workstream})"
         if elsewhere:
             why += f"; the client has one in other workstream(s) only: {', '.join(elsewhere)}"
         res.trace.append(TraceStep(rule, why, _key_row(client, res.workflow_slug, workstream)))
         res.status = NOT_FOUND
         return res
-    res.config_id, res.config, res.updated_at = row
+    res.config_id, res.config, res.updated_at = row["id"], row["config"], row["updated_at"]
     res.status = FOUND
     res.trace.append(
         TraceStep(
             rule,
             f"exact composite key ({client.name}, {res.workflow_slug}, {workstream}) found",
-            _key_row(client, res.workflow_slug, workstream, row[0]),
+            _key_row(client, res.workflow_slug, workstream, row["id"]),
         )
     )
     return res
 
 
 def _item(conn: psycopg.Connection, res: Resolution, item_id: uuid.UUID) -> None:
-    row = conn.execute(q("resolve_item"), (item_id,)).fetchone()
+    row = named(conn).execute(q("resolve_item"), (item_id,)).fetchone()
     if row is None:
         raise OperationalError(f"no batch item with id {item_id}")
-    _, res.batch_id, client_id, client_name, res.batch_workstream_slug = row
-    res.client = Client(id=client_id, name=client_name)
+    res.batch_id, res.batch_workstream_slug = row["batch_id"], row["workstream_slug"]
+    client_name = row["name"]
+    res.client = Client(id=row["client_id"], name=client_name)
     carried = res.batch_workstream_slug or "NULL (legacy batch)"
     res.trace.append(
         TraceStep(
@@ -203,8 +203,10 @@ def _infer_for_item(conn: psycopg.Connection, res: Resolution) -> Resolution:
 def _infer_for_client(conn: psycopg.Connection, res: Resolution) -> Resolution:
     client = res.client
     assert client is not None
-    rows = conn.execute(q("resolve_client_workstreams"), (client.id, res.workflow_slug)).fetchall()
-    res.candidates = [r[0] for r in rows]
+    configured = named(conn).execute(
+        q("resolve_client_workstreams"), (client.id, res.workflow_slug)
+    )
+    res.candidates = column(configured, "workstream_slug")
     listed = ", ".join(res.candidates) or "none"
     res.trace.append(
         TraceStep(
@@ -340,5 +342,5 @@ def resolve_registry(
     validate_slug(step_slug, "workflow slug")
     validate_slug(workstream_slug, "workstream slug")
     with tx(conn):
-        row = conn.execute(q("resolve_registry"), (step_slug, workstream_slug)).fetchone()
+        row = named(conn).execute(q("resolve_registry"), (step_slug, workstream_slug)).fetchone()
     return RegistryRow.from_db(row) if row else None

@@ -12,34 +12,19 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsctl.errors import EnvError, OperationalError, UsageError
 
-DISPATCH_DEFAULTS: dict[str, Any] = {
-    "backend": "modal",
-    "app": "enrichment-worker",
-    "modal_environment": None,
-    "limit": 1000,
-    "concurrency": 32,
-    "lease_seconds": 300,
-    "spawn_timeout": 30.0,
-    "max_attempts": 5,
-    "callback_timeout": 3600,
-    "interval": 10.0,
-    # recording a chunk's outcomes is retried on fresh connections this long
-    "record_retry_seconds": 30.0,
-    # the local journal of outcomes not yet recorded (None: the user data dir)
-    "journal_dir": None,
-    # a pass stops claiming after max_seconds; running functions then get grace
-    # seconds (45 + 10 < cron's minute, with `timeout -s TERM 55` as the backstop)
-    "max_seconds": 45.0,
-    "grace": 10.0,
-}
+if TYPE_CHECKING:
+    from wsctl.dispatch.engine import PassOptions
 
 DATABASE_DEFAULTS: dict[str, Any] = {
     "pooler": "session",
@@ -62,8 +47,13 @@ class Settings:
     # Server-side prepared statements: off by default, so that a transaction-mode pooler
     # on any port works undeclared; only ever on for a direct or session connection.
     prepared_statements: bool = False
-    dispatch: dict[str, Any] = field(default_factory=lambda: dict(DISPATCH_DEFAULTS))
+    dispatch: DispatchSettings = field(default_factory=lambda: DispatchSettings())
     files: tuple[str, ...] = ()
+    #: where each ``[database]`` key's value came from (absent: the default)
+    database_sources: Mapping[str, str] = field(default_factory=dict)
+
+    def database_source(self, key: str) -> str:
+        return self.database_sources.get(key, DEFAULT_SOURCE)
 
     @property
     def transaction_pooler(self) -> bool:
@@ -224,27 +214,137 @@ DATABASE_CHECKS: dict[str, Callable[[Any], Any]] = {
     "prepared_statements": _boolean,
 }
 
-DISPATCH_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "backend": _one_of("modal", "local"),
-    "app": _text,
-    "modal_environment": _optional_text,
-    "limit": _whole_number,
-    "concurrency": _whole_number,
-    "lease_seconds": _whole_number,
-    "spawn_timeout": _positive_seconds,
-    "max_attempts": _whole_number,
-    "callback_timeout": _whole_number,
-    "interval": _positive_seconds,
-    "record_retry_seconds": _positive_seconds,
-    "journal_dir": _optional_text,
-    "max_seconds": _positive_seconds,
-    "grace": _positive_seconds,
+DEFAULT_SOURCE = "default"
+
+
+class Backend(StrEnum):
+    """Where ``wsctl dispatch`` runs the functions (``--backend``, ``dispatch.backend``)."""
+
+    modal = "modal"
+    local = "local"
+
+
+def _setting(default: Any, check: Callable[[Any], Any]) -> Any:
+    """A ``[dispatch]`` field: its default and the check a wsctl.toml value must pass."""
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    """The ``[dispatch]`` settings, typed: each field's default is the one source of it.
+
+    ``load`` lays wsctl.toml's ``[dispatch]`` tables over the defaults
+    (``with_file``); a command lays its options over that (``resolve``) and
+    hands the engine ``pass_options()``. Help texts, ``wsctl init`` and
+    ``PassOptions`` read their defaults from here. ``sources`` says where each
+    value not at its default came from: ``file:PATH`` or ``option --NAME``.
+    """
+
+    backend: str = _setting(Backend.modal.value, _one_of(*(b.value for b in Backend)))
+    app: str = _setting("enrichment-worker", _text)
+    modal_environment: str | None = _setting(None, _optional_text)
+    limit: int = _setting(1000, _whole_number)
+    concurrency: int = _setting(32, _whole_number)
+    lease_seconds: int = _setting(300, _whole_number)
+    spawn_timeout: float = _setting(30.0, _positive_seconds)
+    max_attempts: int = _setting(5, _whole_number)
+    callback_timeout: int = _setting(3600, _whole_number)
+    interval: float = _setting(10.0, _positive_seconds)
+    #: recording a chunk's outcomes is retried on fresh connections this long
+    record_retry_seconds: float = _setting(30.0, _positive_seconds)
+    #: the local journal of outcomes not yet recorded (None: the user data dir)
+    journal_dir: str | None = _setting(None, _optional_text)
+    #: a pass stops claiming after max_seconds; running functions then get grace
+    #: seconds (45 + 10 < cron's minute, with `timeout -s TERM 55` as the backstop)
+    max_seconds: float = _setting(45.0, _positive_seconds)
+    grace: float = _setting(10.0, _positive_seconds)
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The setting names, in declaration order (``sources`` is not one)."""
+        return tuple(f.name for f in fields(cls) if "check" in f.metadata)
+
+    @classmethod
+    def default(cls, key: str) -> Any:
+        return _DISPATCH_FIELDS[key].default
+
+    def source(self, key: str) -> str:
+        """Where ``key``'s value came from: ``default``, ``file:PATH`` or ``option --NAME``."""
+        if key not in _DISPATCH_FIELDS:
+            raise KeyError(key)
+        return self.sources.get(key, DEFAULT_SOURCE)
+
+    def values(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.keys()}
+
+    def with_file(self, path: str, table: Mapping[str, Any]) -> DispatchSettings:
+        """This file's ``[dispatch]`` table over these values, each value checked
+        (``UsageError`` naming the file and key)."""
+        checked = {key: check_value(path, "dispatch", key, v) for key, v in table.items()}
+        sources = {**self.sources, **dict.fromkeys(checked, f"file:{path}")}
+        return replace(self, **checked, sources=sources)
+
+    def resolve(self, **options: Any) -> DispatchSettings:
+        """The command-line options (``None``: not given) over these values.
+
+        A float setting given as an int is made a float, an Enum (``Backend``)
+        its value; ranges are checked
+        where the values are used (``PassOptions.validate``, ``make_backend``).
+        """
+        unknown = sorted(set(options) - set(_DISPATCH_FIELDS))
+        if unknown:
+            raise TypeError(f"unknown dispatch setting(s): {', '.join(unknown)}")
+        given: dict[str, Any] = {
+            key: _plain(v, float_=isinstance(_DISPATCH_FIELDS[key].default, float))
+            for key, v in options.items()
+            if v is not None
+        }
+        sources = {**self.sources, **{k: f"option --{k.replace('_', '-')}" for k in given}}
+        return replace(self, **given, sources=sources)
+
+    def pass_options(self, *, workstream: str | None = None, reconcile: bool = True) -> PassOptions:
+        """What the engine takes for one pass (``wsctl.dispatch.engine.PassOptions``)."""
+        from wsctl.dispatch.engine import PassOptions
+
+        return PassOptions(
+            limit=self.limit,
+            concurrency=self.concurrency,
+            workstream=workstream,
+            lease_seconds=self.lease_seconds,
+            max_attempts=self.max_attempts,
+            callback_timeout=self.callback_timeout,
+            reconcile=reconcile,
+            record_retry_seconds=self.record_retry_seconds,
+            max_seconds=self.max_seconds,
+            grace=self.grace,
+        )
+
+    def journal_path(self) -> Path:
+        """Where unrecorded outcomes are journaled: journal_dir, else the user data dir."""
+        if self.journal_dir:
+            return Path(self.journal_dir)
+        return user_data_dir() / "dispatch-journal"
+
+
+def _plain(value: Any, *, float_: bool) -> Any:
+    """An option's value as the settings hold it: an Enum's value, a float for seconds."""
+    if isinstance(value, Enum):
+        return value.value
+    return float(value) if float_ else value
+
+
+_DISPATCH_FIELDS = {f.name: f for f in fields(DispatchSettings) if "check" in f.metadata}
+_DISPATCH_CHECKS: dict[str, Callable[[Any], Any]] = {
+    name: f.metadata["check"] for name, f in _DISPATCH_FIELDS.items()
 }
+#: the defaults, typed (``DEFAULT_DISPATCH.spawn_timeout``)
+DEFAULT_DISPATCH = DispatchSettings()
 
 
 def check_value(path: str, table: str, key: str, value: Any) -> Any:
     """``value`` of ``[table] key`` as wsctl uses it; ``UsageError`` naming file and key if not."""
-    checks = DATABASE_CHECKS if table == "database" else DISPATCH_CHECKS
+    checks = DATABASE_CHECKS if table == "database" else _DISPATCH_CHECKS
     if key not in checks:
         raise UsageError(f"{path}: unknown key {table}.{key}")
     try:
@@ -322,13 +422,42 @@ def check_database_url(url: str, source: str) -> None:
     raise error(f"invalid database URL {mask_url(url)} (from {source}): {problem}")
 
 
+# The settings a bare ``load()`` returns while a dispatcher runs the app's functions
+# in this process (``--backend local``, the demo): the worker helpers call ``load()``
+# for their connection, and get the dispatcher's database (URL and [database] keys)
+# from here instead of through os.environ. See ``in_process_workers``.
+_in_process: list[Settings] = []
+_in_process_lock = threading.Lock()
+
+
+@contextmanager
+def in_process_workers(s: Settings) -> Iterator[None]:
+    """Within this block a bare ``load()`` (what the worker helpers call, from any
+    thread) returns ``s``: the dispatcher hands its own database to the functions it
+    runs in-process, scoped to the run, with os.environ untouched. Nested blocks stack."""
+    if not s.database_url:
+        raise ValueError("in_process_workers needs settings with a database URL")
+    with _in_process_lock:
+        _in_process.append(s)
+    try:
+        yield
+    finally:
+        with _in_process_lock:
+            _in_process.remove(s)
+
+
 def load(database_url: str | None = None, *, env: Mapping[str, str] | None = None) -> Settings:
     """Read settings; ``database_url`` is the command-line option (highest precedence).
 
     Every key of every file is checked for its type and range here, so a bad
     value is a usage error (exit 2) naming the file and key, never a traceback
-    in the command that uses it.
+    in the command that uses it. Inside ``in_process_workers`` a call without
+    arguments returns the settings given there.
     """
+    if database_url is None and env is None:
+        handed = _in_process[-1:]  # one read: the block may end in another thread meanwhile
+        if handed:
+            return handed[0]
     env = os.environ if env is None else env
     layers: list[tuple[str, dict[str, Any]]] = []
     for config_file in (user_config_path(), local_config_path()):
@@ -337,7 +466,8 @@ def load(database_url: str | None = None, *, env: Mapping[str, str] | None = Non
             layers.append((str(config_file), data))
 
     db: dict[str, Any] = dict(DATABASE_DEFAULTS)
-    dispatch: dict[str, Any] = dict(DISPATCH_DEFAULTS)
+    db_sources: dict[str, str] = {}
+    dispatch = DispatchSettings()
     file_url: tuple[str, str] | None = None
     for path, data in layers:  # lowest first, so later layers win
         for name in data:
@@ -360,11 +490,11 @@ def load(database_url: str | None = None, *, env: Mapping[str, str] | None = Non
                     file_url = (value, f"file:{path}")
             else:
                 db[key] = check_value(path, "database", key, value)
+                db_sources[key] = f"file:{path}"
         section = data.get("dispatch", {})
         if not isinstance(section, dict):
             raise UsageError(f"{path}: [dispatch] must be a table")
-        for key, value in section.items():
-            dispatch[key] = check_value(path, "dispatch", key, value)
+        dispatch = dispatch.with_file(path, section)
 
     url, source = None, "embedded"
     if database_url:
@@ -388,7 +518,41 @@ def load(database_url: str | None = None, *, env: Mapping[str, str] | None = Non
         prepared_statements=db["prepared_statements"],
         dispatch=dispatch,
         files=tuple(p for p, _ in layers),
+        database_sources=db_sources,
     )
+
+
+@dataclass(frozen=True)
+class EffectiveSetting:
+    """One setting as a command would use it, and where its value came from."""
+
+    key: str  # "database.url", "dispatch.limit", ...
+    value: Any
+    source: str  # default, file:PATH, env NAME, option --NAME, embedded
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "value": self.value, "source": self.source}
+
+
+def effective(s: Settings) -> list[EffectiveSetting]:
+    """Every setting of ``s`` with its source, the database URL masked (never a password).
+
+    An unset URL is shown as ``None`` from ``embedded``: nothing is started to
+    find the embedded server's address. ``dispatch.journal_dir`` is the
+    directory used (by default under the user data dir).
+    """
+    from wsctl.redact import mask_url
+
+    url = mask_url(s.database_url) if s.database_url else None
+    rows = [EffectiveSetting("database.url", url, s.url_source)]
+    for key in DATABASE_DEFAULTS:
+        rows.append(EffectiveSetting(f"database.{key}", getattr(s, key), s.database_source(key)))
+    for key in s.dispatch.keys():
+        value = getattr(s.dispatch, key)
+        if key == "journal_dir":  # the directory the journal is in, default or not
+            value = str(s.dispatch.journal_path())
+        rows.append(EffectiveSetting(f"dispatch.{key}", value, s.dispatch.source(key)))
+    return rows
 
 
 INIT_TEMPLATE_HEADER = """\
@@ -413,7 +577,7 @@ def write_init_file(path: Path, database_url: str | None, *, force: bool) -> Pat
     if database_url:
         database["url"] = database_url
     database.update(DATABASE_DEFAULTS)
-    dispatch = {k: v for k, v in DISPATCH_DEFAULTS.items() if v is not None}
+    dispatch = {k: v for k, v in DEFAULT_DISPATCH.values().items() if v is not None}
     body = tomli_w.dumps({"database": database, "dispatch": dispatch})
     if not database_url:  # a placeholder to fill in, commented out until then
         body = body.replace(

@@ -79,8 +79,8 @@ SELECT NOT EXISTS (SELECT 1 FROM fks WHERE NOT fks.known)
              AND t.tgconstraint NOT IN (SELECT oid FROM fks WHERE fks.known))
    AND NOT EXISTS (
            SELECT 1 FROM pg_catalog.pg_rewrite r
-           WHERE r.ev_class IN (SELECT relid FROM rels) AND r.ev_enabled <> 'D'),
-       current_setting('session_replication_role');
+           WHERE r.ev_class IN (SELECT relid FROM rels) AND r.ev_enabled <> 'D') AS safe,
+       current_setting('session_replication_role') AS role;
 
 -- batch_replication_role_replica --
 -- For this transaction only, around the COPY and the states INSERT when
@@ -118,7 +118,7 @@ SELECT count(*) FROM public.batch_items WHERE batch_id = %s;
 
 -- batch_state_counts --
 -- States of one batch by step and status, whatever free-text status they carry.
-SELECT step_name, status, count(*)
+SELECT step_name, status, count(*) AS n
 FROM public.workflow_states
 WHERE batch_id = %s
 GROUP BY step_name, status

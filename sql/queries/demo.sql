@@ -11,7 +11,7 @@ SELECT name FROM public.clients WHERE name <> %s ORDER BY name LIMIT 5;
 
 -- demo_progress --
 -- How the demo's batches stand: states per status.
-SELECT status, count(*)::int
+SELECT status, count(*)::int AS n
 FROM public.workflow_states
 WHERE batch_id = ANY (%s::uuid[])
 GROUP BY status;
@@ -19,11 +19,11 @@ GROUP BY status;
 -- demo_steps_done --
 -- COMPLETED states of the demo's batches, and how many there are to complete (items x steps).
 SELECT (SELECT count(*) FROM public.workflow_states
-        WHERE batch_id = ANY (%s::uuid[]) AND status = 'COMPLETED')::int,
+        WHERE batch_id = ANY (%s::uuid[]) AND status = 'COMPLETED')::int AS done,
        (SELECT coalesce(sum(cardinality(b.blueprint)
                             * (SELECT count(*) FROM public.batch_items bi WHERE bi.batch_id = b.id)),
                         0)
-        FROM public.batches b WHERE b.id = ANY (%s::uuid[]))::int;
+        FROM public.batches b WHERE b.id = ANY (%s::uuid[]))::int AS total;
 
 -- demo_problems --
 -- A sample of FAILED or BLOCKED states of the demo's batches, with their reasons.
@@ -36,15 +36,15 @@ LIMIT 3;
 -- demo_report --
 -- Per item and blueprint step: its state, the registry function for (step, batch workstream),
 -- the trace the worker function wrote, and the config row that trace names (with its workstream).
-SELECT bi.id,
-       b.workstream_slug,
+SELECT bi.id AS item_id,
+       b.workstream_slug AS workstream,
        s.step,
        ws.status,
-       er.modal_sender_fn,
-       bi.data -> '_trace' -> s.step,
-       cwc.id,
-       cwc.workstream_slug,
-       bi.data -> 'clay' -> s.step
+       er.modal_sender_fn AS function,
+       bi.data -> '_trace' -> s.step AS trace,
+       cwc.id AS config_id,
+       cwc.workstream_slug AS config_workstream,
+       bi.data -> 'clay' -> s.step AS clay
 FROM public.batches b
 JOIN public.batch_items bi ON bi.batch_id = b.id
 CROSS JOIN LATERAL unnest(b.blueprint) WITH ORDINALITY AS s(step, ord)

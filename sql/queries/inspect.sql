@@ -86,7 +86,7 @@ LIMIT %(top)s;
 
 -- doctor_expired_leases --
 -- DISPATCHING states whose claim lease has expired (their dispatcher died), and the oldest expiry.
-SELECT count(*), min(lease_expires_at)
+SELECT count(*) AS states, min(lease_expires_at) AS oldest
 FROM public.workflow_states
 WHERE status = 'DISPATCHING' AND lease_expires_at < now();
 
@@ -112,7 +112,7 @@ LIMIT %(top)s;
 
 -- doctor_registry_functions --
 -- Every Modal function the registry names (senders and receivers), with where it is used.
-SELECT fn, array_agg(DISTINCT slug || ' (' || workstream_slug || ')' ORDER BY slug || ' (' || workstream_slug || ')')
+SELECT fn, array_agg(DISTINCT slug || ' (' || workstream_slug || ')' ORDER BY slug || ' (' || workstream_slug || ')') AS uses
 FROM (
     SELECT modal_sender_fn AS fn, slug, workstream_slug FROM public.enrichment_registry
     UNION ALL

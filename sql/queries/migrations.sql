@@ -39,7 +39,7 @@ SELECT pg_catalog.set_config('idle_in_transaction_session_timeout', '0', true),
 -- migrations_cancel_lock_waiter --
 -- The watchdog of a statement that cannot run in a transaction (CREATE INDEX CONCURRENTLY):
 -- cancel it once it has waited for a lock longer than the DDL lock timeout (PostgreSQL 14+).
-SELECT pg_catalog.pg_cancel_backend(a.pid)
+SELECT pg_catalog.pg_cancel_backend(a.pid) AS cancelled
 FROM pg_catalog.pg_stat_activity a
 JOIN pg_catalog.pg_locks l ON l.pid = a.pid AND NOT l.granted
 WHERE a.datname = pg_catalog.current_database()

@@ -32,11 +32,9 @@ def demo(
     configured database is never touched unless --database-url is given.
     Safe to run again.
     """
-    import logging
-    import sys
-
     from wsctl import db, demo
     from wsctl.cli import output
+    from wsctl.dispatch.run import stderr_log
     from wsctl.errors import UsageError
     from wsctl.settings import Settings
 
@@ -55,26 +53,17 @@ def demo(
         output.notice(f"using the embedded PostgreSQL (database {demo.DEMO_DBNAME})")
         server = embedded.ensure(user_data_dir(), demo.DEMO_DBNAME)
         url, label = server.url, db.mask_url(server.url)
-    handler = None
-    if verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("wsctl: worker: %(message)s"))
-        for name in ("enrichment_worker", "wsctl.worker"):
-            logging.getLogger(name).addHandler(handler)
-            logging.getLogger(name).setLevel(logging.INFO)
-    try:
-        with db.connect(url, Settings(database_url=url, url_source="demo")) as conn:
-            result = demo.run_demo(
-                conn,
-                database_url=url,
-                database_label=label,
-                timeout=timeout,
-                on_progress=output.notice,
-            )
-    finally:
-        if handler is not None:
-            for name in ("enrichment_worker", "wsctl.worker"):
-                logging.getLogger(name).removeHandler(handler)
+    worker_log = stderr_log(
+        verbose, ("enrichment_worker", "wsctl.worker"), "wsctl: worker: %(message)s"
+    )
+    with worker_log, db.connect(url, Settings(database_url=url, url_source="demo")) as conn:
+        result = demo.run_demo(
+            conn,
+            database_url=url,
+            database_label=label,
+            timeout=timeout,
+            on_progress=output.notice,
+        )
     if as_json:
         output.emit_json(result.to_json())
     else:
@@ -87,7 +76,9 @@ def demo(
                     r.step,
                     r.status,
                     r.ran_function or r.function,
-                    f"{r.config_workstream} ({r.config_id[:8]})" if r.config_id else "-",
+                    f"{r.config_workstream} ({r.config_id})"
+                    if r.config_id
+                    else "-",  # whole, as item show prints it
                     r.detail,
                 )
                 for r in result.rows

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
-from wsctl.settings import DISPATCH_DEFAULTS
+from wsctl.cli.common import JSON_OPTION, choices, state
+from wsctl.settings import Backend, DispatchSettings
 
 _FROM_CONFIG = "default: the dispatch table of wsctl.toml, else"
 
 
 def _d(key: str) -> str:
-    """A dispatch default as the help shows it (from settings.DISPATCH_DEFAULTS, the one source)."""
-    value = DISPATCH_DEFAULTS[key]
+    """A dispatch default as the help shows it (from settings.DispatchSettings, the one source)."""
+    value = DispatchSettings.default(key)
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -33,8 +33,11 @@ def dispatch(
         "--concurrency",
         help=f"Concurrent spawns/calls ({_FROM_CONFIG}: {_d('concurrency')}).",
     ),
-    backend: str | None = typer.Option(
-        None, "--backend", help=f"modal or local ({_FROM_CONFIG}: {_d('backend')})."
+    backend: Backend | None = typer.Option(
+        None,
+        "--backend",
+        metavar=choices(Backend),
+        help=f"Where functions run ({_FROM_CONFIG}: {_d('backend')}).",
     ),
     app: str | None = typer.Option(
         None, "--app", help="Modal app name, or for --backend local a file path or module."
@@ -81,122 +84,63 @@ def dispatch(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Claim due workflow states and run them on their (step, workstream) function."""
+    from wsctl.cli import output
     from wsctl.cli.dispatch_render import render_plan, render_summary
-    from wsctl.dispatch.engine import PassOptions, due_total, plan, run_pass
-    from wsctl.dispatch.loop import make_backend
+    from wsctl.dispatch import run
+    from wsctl.dispatch.engine import PassStopped
     from wsctl.domain import validate_slug
     from wsctl.errors import UsageError
 
     if once and loop:
         raise UsageError("--once and --loop exclude each other")
     st = state(ctx)
-    cfg = st.settings().dispatch
-
-    def pick(value, key):
-        return cfg[key] if value is None else value
-
     if workstream is not None:
         validate_slug(workstream, "workstream")
-    opts = PassOptions(
-        limit=int(pick(limit, "limit")),
-        concurrency=int(pick(concurrency, "concurrency")),
-        workstream=workstream,
-        lease_seconds=int(pick(lease_seconds, "lease_seconds")),
-        max_attempts=int(pick(max_attempts, "max_attempts")),
-        callback_timeout=int(pick(callback_timeout, "callback_timeout")),
-        reconcile=not no_reconcile,
-        record_retry_seconds=float(cfg["record_retry_seconds"]),
-        max_seconds=float(pick(max_seconds, "max_seconds")),
-        grace=float(pick(grace, "grace")),
+    cfg = st.settings().dispatch.resolve(
+        interval=interval,
+        limit=limit,
+        concurrency=concurrency,
+        backend=backend,
+        app=app,
+        modal_environment=modal_environment,
+        lease_seconds=lease_seconds,
+        spawn_timeout=spawn_timeout,
+        max_attempts=max_attempts,
+        callback_timeout=callback_timeout,
+        max_seconds=max_seconds,
+        grace=grace,
     )
-    opts.validate()
-    chosen = make_backend(
-        str(pick(backend, "backend")),
-        app=pick(app, "app"),
-        environment=pick(modal_environment, "modal_environment"),
-        spawn_timeout=float(pick(spawn_timeout, "spawn_timeout")),
-    )
-    if verbose:
-        import logging
-
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger = logging.getLogger("wsctl.dispatch")
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-
+    opts = cfg.pass_options(workstream=workstream, reconcile=not no_reconcile)
     if dry_run:
-        # The plan spawns nothing: Modal credentials are not needed for it; a
-        # local app is imported so that functions it lacks show in the plan.
-        inspect_app = chosen if chosen.name == "local" else None
-        if inspect_app is not None:
-            inspect_app.setup()
-        try:
-            with st.connect() as conn:
-                rows = plan(
-                    conn, opts, inspect_app, function_cap=getattr(chosen, "function_cap", None)
-                )
-                # all of them fit: the plan is the total; else count them (one index scan)
-                total = due_total(conn, opts.workstream) if len(rows) >= opts.limit else len(rows)
-        finally:
-            chosen.close()
-        render_plan(rows, total=total, as_json=as_json)
+        p = run.dry_run(st.connect, cfg, opts)
+        render_plan(p.rows, total=p.total, as_json=as_json)
         return
 
-    if chosen.name == "local":
-        # The app's functions run in this process and reach the database through
-        # the worker helpers, which read WSCTL_DATABASE_URL: give them this URL.
-        import os
+    def notice_signal(signum) -> None:
+        output.notice(f"received {signum.name}: stopping claims, finishing running functions")
 
-        os.environ["WSCTL_DATABASE_URL"] = st.resolved_url()
-
-    from wsctl.dispatch.journal import Journal
-
-    journal = Journal(_journal_dir(cfg))
+    result = run.run(
+        st.connect,
+        cfg,
+        opts,
+        # --backend local: the app's functions reach this database through the worker helpers
+        worker_settings=st.resolved_settings,
+        loop=loop,
+        log_items=verbose,
+        # --json in a loop: one compact document per pass (JSON Lines)
+        on_pass=lambda s: render_summary(s, as_json=as_json, compact=True, lines=True),
+        on_error=output.warn,
+        on_signal=notice_signal if loop else None,
+        on_stop=(lambda s: output.notice(stop_line(s))) if loop else None,
+    )
     if loop:
-        try:
-            _run_loop(st, chosen, opts, float(pick(interval, "interval")), as_json, journal)
-        finally:
-            journal.close()
         return
-
-    import signal
-    import threading
-
-    stop = threading.Event()
-    received: list[signal.Signals] = []
-
-    def request_stop(signum, _frame):
-        received.append(signal.Signals(signum))
-        stop.set()  # stop claiming now; running functions get --grace
-
-    old = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        # Two connections: claims on one, each chunk's outcomes recorded on the
-        # other while the next chunk is claimed and dispatched; a recording
-        # that fails is retried on a fresh one, the outcomes journaled meanwhile.
-        with st.connect() as conn, st.connect(require_schema=False) as writer:
-            summary = run_pass(
-                conn,
-                chosen,
-                opts,
-                writer_conn=writer,
-                connect=lambda: st.connect(require_schema=False),
-                journal=journal,
-                stop=stop,
-                stop_reason=lambda: received[0].name if received else "stop",
-            )
-    finally:
-        for s, previous in old.items():
-            signal.signal(s, previous)
-        chosen.close()
-        journal.close()
+    summary = result.summary
+    assert summary is not None  # one pass always has one
     render_summary(summary, as_json=as_json)
-    if received:
-        from wsctl.dispatch.engine import PassStopped
-
+    if result.exit_code is not None:
         # 143 for SIGTERM, 130 for SIGINT, with the one line that says what became of the claims
-        raise PassStopped(stop_line(summary), exit_code=128 + received[0].value)
+        raise PassStopped(stop_line(summary), exit_code=result.exit_code)
     if not summary.ok:
         raise typer.Exit(1)
 
@@ -209,57 +153,6 @@ def stop_line(summary) -> str:
         f"{summary.released} claim(s) never started released to PENDING, "
         f"{summary.left_to_lease} still running left to their lease"
     )
-
-
-def _journal_dir(cfg: dict) -> str:
-    """Where unrecorded outcomes are journaled: dispatch.journal_dir, else the user data dir."""
-    if cfg.get("journal_dir"):
-        return str(cfg["journal_dir"])
-    from wsctl.settings import user_data_dir
-
-    return str(user_data_dir() / "dispatch-journal")
-
-
-def _run_loop(st, backend, opts, interval: float, as_json: bool, journal) -> None:
-    import signal
-    import threading
-
-    from wsctl.cli import output
-    from wsctl.cli.dispatch_render import render_summary
-    from wsctl.dispatch.loop import run_loop
-
-    if interval < 0:
-        from wsctl.errors import UsageError
-
-        raise UsageError("--interval must be zero or more seconds")
-    stop = threading.Event()
-    received: list[signal.Signals] = []
-
-    def request_stop(signum, _frame):
-        output.notice(
-            f"received {signal.Signals(signum).name}: stopping claims, finishing running functions"
-        )
-        received.append(signal.Signals(signum))
-        stop.set()
-
-    old = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        run_loop(
-            st.connect,
-            backend,
-            opts,
-            interval=interval,
-            stop=stop,
-            # --json in a loop: one compact document per pass (JSON Lines)
-            on_pass=lambda s: render_summary(s, as_json=as_json, compact=True, lines=True),
-            on_error=output.warn,
-            journal=journal,
-            on_stop=lambda s: output.notice(stop_line(s)),
-            stop_reason=lambda: received[0].name if received else "stop",
-        )
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 def retry(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import JSON_OPTION, choices, state
+from wsctl.settings import Backend, DispatchSettings
 
 item_app = typer.Typer(help="Batch items: where each one went and why.", no_args_is_help=True)
 
@@ -138,20 +139,24 @@ def doctor(
     app: str | None = typer.Option(
         None,
         "--app",
-        help="Modal app name (default: dispatch.app of wsctl.toml, else enrichment-worker).",
+        help="Modal app name (default: dispatch.app of wsctl.toml, else "
+        f"{DispatchSettings.default('app')}).",
     ),
     modal_environment: str | None = typer.Option(
         None, "--modal-environment", help="Modal environment (default: dispatch.modal_environment)."
     ),
-    backend: str | None = typer.Option(
+    backend: Backend | None = typer.Option(
         None,
         "--backend",
-        help="The dispatch backend to judge credentials for (default: dispatch.backend, else modal).",
+        metavar=choices(Backend),
+        help="The dispatch backend to judge credentials for (default: dispatch.backend, else "
+        f"{DispatchSettings.default('backend')}).",
     ),
     callback_timeout: int | None = typer.Option(
         None,
         "--callback-timeout",
-        help="Seconds a DISPATCHED state may wait (default: dispatch.callback_timeout, else 3600).",
+        help="Seconds a DISPATCHED state may wait (default: dispatch.callback_timeout, else "
+        f"{DispatchSettings.default('callback_timeout')}).",
     ),
     top: int = typer.Option(10, "--top", min=1, help="Most rows listed per check."),
     as_json: bool = JSON_OPTION,
@@ -163,20 +168,22 @@ def doctor(
 
     st = state(ctx)
     settings = st.settings()
-    cfg = settings.dispatch
-    timeout = int(cfg["callback_timeout"] if callback_timeout is None else callback_timeout)
-    if timeout < 1:
+    cfg = settings.dispatch.resolve(
+        backend=backend,
+        app=app,
+        modal_environment=modal_environment,
+        callback_timeout=callback_timeout,
+    )
+    if cfg.callback_timeout < 1:
         raise UsageError("--callback-timeout must be at least 1 second")
     report = run_doctor(
         lambda: st.connect(require_schema=False),
-        backend=str(cfg["backend"] if backend is None else backend),
-        backend_source=_backend_source(backend, cfg["backend"]),
-        callback_timeout=timeout,
+        backend=cfg.backend,
+        backend_source=_backend_source(cfg.source("backend")),
+        callback_timeout=cfg.callback_timeout,
         check_modal=check_modal,
-        modal_app=cfg["app"] if app is None else app,
-        modal_environment=cfg["modal_environment"]
-        if modal_environment is None
-        else modal_environment,
+        modal_app=cfg.app,
+        modal_environment=cfg.modal_environment,
         top=top,
         url=settings.database_url,
     )
@@ -193,13 +200,11 @@ def doctor(
         raise typer.Exit(1)
 
 
-def _backend_source(option: str | None, configured: object) -> str:
-    """Where doctor's backend came from, for its messages."""
-    from wsctl.settings import DISPATCH_DEFAULTS
-
-    if option is not None:
+def _backend_source(source: str) -> str:
+    """Where doctor's backend came from (``DispatchSettings.source``), for its messages."""
+    if source.startswith("option"):
         return "--backend"
-    if configured != DISPATCH_DEFAULTS["backend"]:
+    if source.startswith("file:"):
         return "dispatch.backend in wsctl.toml"
     return "the default; --backend local if you dispatch locally"
 

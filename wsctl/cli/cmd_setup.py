@@ -1,4 +1,4 @@
-"""`wsctl init` and `wsctl migrate`."""
+"""`wsctl init`, `wsctl migrate` and `wsctl settings`."""
 
 from __future__ import annotations
 
@@ -24,6 +24,21 @@ def init(
     url = database_url or state(ctx).database_url
     written = write_init_file(path, url, force=force)
     line(f"wrote {written}")
+
+
+def show_settings(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+    """Show the effective settings and where each came from (the database URL masked)."""
+    from wsctl import settings
+    from wsctl.cli import output
+
+    s = state(ctx).settings()
+    rows = settings.effective(s)
+    if as_json:
+        output.emit_json({"files": list(s.files), "settings": [r.to_json() for r in rows]})
+        return
+    output.table(["setting", "value", "source"], [(r.key, r.value, r.source) for r in rows])
+    read = ", ".join(s.files) if s.files else "none (no wsctl.toml found)"
+    output.notice(f"files read, lowest precedence first: {read}")
 
 
 def migrate(
@@ -111,3 +126,4 @@ def migrate(
 def register(app: typer.Typer) -> None:
     app.command("init")(init)
     app.command("migrate")(migrate)
+    app.command("settings")(show_settings)

@@ -107,7 +107,7 @@ def stats(
     st_ = state(ctx)
     timeout = callback_timeout
     if timeout is None:
-        timeout = int(st_.settings().dispatch["callback_timeout"])
+        timeout = st_.settings().dispatch.callback_timeout
     if timeout < 1:
         raise UsageError("--callback-timeout must be at least 1 second")
     with st_.connect() as conn:

@@ -39,7 +39,7 @@ def ui(
     settings = st.settings()
     timeout = callback_timeout
     if timeout is None:
-        timeout = int(settings.dispatch["callback_timeout"])
+        timeout = settings.dispatch.callback_timeout
     if timeout < 1:
         raise UsageError("--callback-timeout must be at least 1 second")
     if token is not None and len(token) < 16:

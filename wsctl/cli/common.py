@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import typer
@@ -47,6 +48,11 @@ class CliState:
             self._embedded_url = server.url
         return server.url
 
+    def resolved_settings(self) -> Settings:
+        """The settings with the URL resolved (the embedded server started on demand)."""
+        s = self.settings()
+        return s if s.database_url else s.with_url(self.resolved_url(), s.url_source)
+
     def connect(
         self, *, require_schema: bool = True, autocommit: bool = True
     ) -> psycopg.Connection:
@@ -67,6 +73,11 @@ def state(ctx: typer.Context) -> CliState:
     if not isinstance(root.obj, CliState):
         root.obj = CliState()
     return root.obj
+
+
+def choices(enum: type[Enum]) -> str:
+    """The metavar of an option taking one of an Enum's values: ``[modal|local]``."""
+    return "[" + "|".join(str(member.value) for member in enum) + "]"
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout.")

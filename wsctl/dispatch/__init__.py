@@ -1,7 +1,9 @@
 """The dispatch pass: claim due states, resolve them by (step, workstream), run or
 spawn their Modal functions through a backend, record the outcomes set-based.
 
-``engine.run_pass`` is the library entry point; backends live beside it
+``engine.run_pass`` is the library entry point for one pass; ``run`` is what
+``wsctl dispatch`` calls around it (backend from the typed settings, journal,
+signals, ``--loop`` through ``loop.run_loop``). Backends live beside it
 (``local``, ``memory``, ``modal_backend``) behind the small interface in
 ``backend``.
 """

@@ -40,7 +40,7 @@ from wsctl.dispatch.backend import (
 from wsctl.domain import infer_workstreams
 from wsctl.errors import EnvError, OperationalError, WsctlError
 from wsctl.queries import q
-from wsctl.settings import DISPATCH_DEFAULTS
+from wsctl.settings import DEFAULT_DISPATCH
 from wsctl.states import (
     FAILURE_OUTCOMES,
     OUTCOME_STATUS,
@@ -61,26 +61,26 @@ log = logging.getLogger("wsctl.dispatch")
 Connect = Callable[[], "psycopg.Connection"]
 
 
-_D = DISPATCH_DEFAULTS  # the one source of the dispatch defaults (wsctl.toml's [dispatch])
+_D = DEFAULT_DISPATCH  # the one source of the dispatch defaults (settings.DispatchSettings)
 
 
 @dataclass
 class PassOptions:
-    limit: int = _D["limit"]
-    concurrency: int = _D["concurrency"]
+    limit: int = _D.limit
+    concurrency: int = _D.concurrency
     workstream: str | None = None
-    lease_seconds: int = _D["lease_seconds"]
-    max_attempts: int = _D["max_attempts"]
-    callback_timeout: int = _D["callback_timeout"]
+    lease_seconds: int = _D.lease_seconds
+    max_attempts: int = _D.max_attempts
+    callback_timeout: int = _D.callback_timeout
     reconcile: bool = True
     reconcile_limit: int = 1000
     chunk_size: int = 2500
     #: how long recording a chunk's outcomes is retried on fresh connections
-    record_retry_seconds: float = _D["record_retry_seconds"]
+    record_retry_seconds: float = _D.record_retry_seconds
     #: the pass stops claiming (and starting functions) this long after it began
-    max_seconds: float = _D["max_seconds"]
+    max_seconds: float = _D.max_seconds
     #: once stopping, running functions get this long to finish
-    grace: float = _D["grace"]
+    grace: float = _D.grace
     claimed_by: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     def validate(self) -> None:

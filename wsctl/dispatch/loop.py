@@ -15,7 +15,7 @@ from wsctl.dispatch.backend import Backend
 from wsctl.dispatch.engine import PassOptions, PassSummary, RecordingFailed, run_pass
 from wsctl.errors import DatabaseUnavailable, UsageError
 from wsctl.redact import first_line
-from wsctl.settings import DISPATCH_DEFAULTS
+from wsctl.settings import DEFAULT_DISPATCH
 
 if TYPE_CHECKING:
     import psycopg
@@ -28,7 +28,7 @@ def make_backend(
     *,
     app: str | None,
     environment: str | None = None,
-    spawn_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
+    spawn_timeout: float = DEFAULT_DISPATCH.spawn_timeout,
 ) -> Backend:
     if kind == "local":
         from wsctl.dispatch.local import LocalBackend
@@ -39,6 +39,13 @@ def make_backend(
 
         return ModalBackend(app or "", environment=environment, spawn_timeout=spawn_timeout)
     raise UsageError(f"--backend must be 'modal' or 'local', not {kind!r}")
+
+
+def _why(exc: Exception) -> str:
+    """The one line a retried failure of the loop is reported with."""
+    if isinstance(exc, RecordingFailed | DatabaseUnavailable):
+        return exc.one_line()
+    return f"database connection lost: {first_line(exc)}"
 
 
 def _wait(interval: float, failures: int) -> float:
@@ -101,27 +108,20 @@ def run_loop(
                 if conn is not None and conn.broken:
                     conn.close()
                     conn = None
-            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            except (
+                psycopg.OperationalError,
+                psycopg.InterfaceError,
+                RecordingFailed,
+                DatabaseUnavailable,
+            ) as exc:
+                # Retried after the wait, on a new connection. RecordingFailed: the outcomes
+                # stay journaled and the next pass records them first. DatabaseUnavailable:
+                # unreachable at reconnect; other environment errors (credentials, a missing
+                # app) would fail every pass: they stop the loop.
                 failures += 1
-                on_error(
-                    f"database connection lost: {first_line(exc)}; "
-                    f"retrying in {_wait(interval, failures):g}s"
-                )
+                on_error(f"{_why(exc)}; retrying in {_wait(interval, failures):g}s")
                 if conn is not None:
                     conn.close()
-                conn = None
-            except RecordingFailed as exc:
-                # The outcomes stay journaled: the next pass records them first.
-                failures += 1
-                on_error(f"{exc.one_line()}; retrying in {_wait(interval, failures):g}s")
-                if conn is not None:
-                    conn.close()
-                conn = None
-            except DatabaseUnavailable as exc:
-                # Unreachable at reconnect: retried. Other environment errors
-                # (credentials, a missing app) would fail every pass: they stop.
-                failures += 1
-                on_error(f"{exc.one_line()}; retrying in {_wait(interval, failures):g}s")
                 conn = None
             stop.wait(_wait(interval, failures))
         if on_stop is not None and not reported:

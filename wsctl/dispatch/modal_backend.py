@@ -18,7 +18,7 @@ from wsctl.dispatch.backend import NOT_STARTED, Failure, Job, Poll, Result, Stop
 from wsctl.dispatch.pacing import MODAL_FUNCTION_CAP
 from wsctl.errors import EnvError
 from wsctl.redact import first_line
-from wsctl.settings import DISPATCH_DEFAULTS
+from wsctl.settings import DEFAULT_DISPATCH
 
 
 def classify(exc: BaseException) -> Failure:
@@ -61,8 +61,8 @@ class ModalBackend:
         app: str,
         *,
         environment: str | None = None,
-        spawn_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
-        lookup_timeout: float = DISPATCH_DEFAULTS["spawn_timeout"],
+        spawn_timeout: float = DEFAULT_DISPATCH.spawn_timeout,
+        lookup_timeout: float = DEFAULT_DISPATCH.spawn_timeout,
         function_cap: int | None = MODAL_FUNCTION_CAP,
     ):
         self.app = app
