@@ -33,6 +33,7 @@ from wsctl.domain import parse_uuid
 from wsctl.errors import EnvError, OperationalError
 from wsctl.queries import q, scalar
 from wsctl.redact import RedactingFilter, redact_text, remember
+from wsctl.resolve import AMBIGUOUS, BATCH, EXPLICIT, MISMATCH, NOT_FOUND
 from wsctl.secret_refs import MissingSecret, resolve
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def get_workstream_slug(item_id: str, *, conn: psycopg.Connection | None = None)
 
 def _refusal(res: Resolution) -> str:
     what = f"item {res.item_id} workflow {res.workflow_slug}"
-    if res.status == "mismatch":
+    if res.status == MISMATCH:
         return (
             f"{what}: workstream {res.explicit_workstream_slug} was passed but the item's "
             f"batch carries {res.batch_workstream_slug}; refusing to choose"
@@ -111,7 +112,7 @@ def _refusal(res: Resolution) -> str:
         if res.backfill_workstream_slug
         else "`wsctl backfill workstream-slug` cannot infer one"
     )
-    if res.status == "ambiguous":
+    if res.status == AMBIGUOUS:
         return (
             f"{what}: the batch has no workstream_slug and several workstreams fit "
             f"({', '.join(res.candidates)}); {backfill}"
@@ -122,6 +123,11 @@ def _refusal(res: Resolution) -> str:
             f"inferred and is not used; {backfill}"
         )
     return f"{what}: the batch has no workstream_slug and none can be inferred; {backfill}"
+
+
+def _certainly_none(res: Resolution) -> bool:
+    """No config, for certain: the workstream is explicit or recorded and has none."""
+    return res.status == NOT_FOUND and res.source in (EXPLICIT, BATCH)
 
 
 def get_client_config(
@@ -149,7 +155,7 @@ def get_client_config(
         )
         # What the step goes on with (a config, or none for certain) is noted on its state;
         # a refusal writes nothing.
-        if res.trusted or (res.status == "not_found" and res.source in ("explicit", "batch")):
+        if res.trusted or _certainly_none(res):
             record_used_resolution(c, res)
     head = f"[CONFIG] item={_short(item)} workflow={workflow_slug} workstream={res.workstream_slug}"
     for warning in res.warnings:
@@ -164,12 +170,12 @@ def get_client_config(
             where=f"the config of {res.client.name if res.client else '?'} for {workflow_slug} "
             f"in workstream {res.workstream_slug}",
         )
-    if res.status == "not_found" and res.source in ("explicit", "batch"):
+    if _certainly_none(res):
         log.info("%s -> no config", head)
         return None
-    if res.status == "ambiguous":
+    if res.status == AMBIGUOUS:
         log.warning("%s -> ambiguous: %s", head, ", ".join(res.candidates))
-    elif res.status == "mismatch":
+    elif res.status == MISMATCH:
         log.warning(
             "%s -> mismatch: batch=%s explicit=%s",
             head,
