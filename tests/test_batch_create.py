@@ -109,7 +109,7 @@ def test_create_from_the_apollo_export_writes_batch_items_and_first_states(cli, 
     assert r.code == 0, r.err
     doc = r.json()
     assert doc["items"] == 200
-    assert doc["workstream_slug"] == "apollo_scrape"
+    assert doc["workstream"] == "apollo_scrape"
     assert doc["blueprint"] == BLUEPRINT.split(",")
     assert doc["deduplicated"] is False and doc["dry_run"] is False
     bid = uuid.UUID(doc["batch_id"])

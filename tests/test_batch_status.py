@@ -60,7 +60,7 @@ def test_status_counts_every_status_per_step(cli, conn, batch_id):
     assert r.code == 0, r.err
     doc = r.json()
     assert doc["batch_id"] == batch_id and doc["status"] == "PENDING"
-    assert doc["client"] == "acme" and doc["workstream_slug"] == "apollo_scrape"
+    assert doc["client"] == "acme" and doc["workstream"] == "apollo_scrape"
     assert doc["items"] == 200 and doc["blueprint"] == STEPS
     steps = {s["step"]: s for s in doc["steps"]}
     assert [s["step"] for s in doc["steps"]] == [*STEPS, "legacy_step"]
@@ -123,7 +123,7 @@ def test_list_filters(cli, conn, catalog):
     assert {b["batch_id"] for b in ws} == {a, g}
     missing = cli("batch", "list", "--missing-workstream", "--json").json()
     assert [b["batch_id"] for b in missing] == [str(legacy)]
-    assert missing[0]["workstream_slug"] is None and missing[0]["status"] == "RUNNING"
+    assert missing[0]["workstream"] is None and missing[0]["status"] == "RUNNING"
     assert len(cli("batch", "list", "--limit", "1", "--json").json()) == 1
 
     plain = cli("batch", "list", "--client", str(catalog["globex"]))

@@ -49,7 +49,7 @@ def _seed(conn: psycopg.Connection) -> dict[str, str]:
 def _commands(ids: dict[str, str], files: Path) -> dict[str, list[str]]:
     """Every one-shot command of `wsctl --help` that touches the database."""
     app = str(FIXTURES / "local_app.py")
-    step = ["--workflow", STEP, "--workstream", "apollo_scrape"]
+    step = ["--step", STEP, "--workstream", "apollo_scrape"]
     return {
         "migrate": ["migrate"],
         "migrate --status": ["migrate", "--status"],
@@ -62,7 +62,7 @@ def _commands(ids: dict[str, str], files: Path) -> dict[str, list[str]]:
         "registry add": [
             "registry",
             "add",
-            "--workflow",
+            "--step",
             "new_step",
             "--workstream",
             "apollo_scrape",
@@ -75,7 +75,7 @@ def _commands(ids: dict[str, str], files: Path) -> dict[str, list[str]]:
         "registry remove": [
             "registry",
             "remove",
-            "--workflow",
+            "--step",
             "enrich_company_via_waterfall_in_clay",
             "--workstream",
             "linkedin_scrape",
@@ -187,7 +187,7 @@ def locked_world(db_url, tmp_path, monkeypatch):
     files.mkdir()
     (files / "items.csv").write_text("company_name,company_domain\nAcme,acme.com\n")
     (files / "registry.toml").write_text(
-        '[[registry]]\nworkflow = "other_step"\nworkstream = "apollo_scrape"\n'
+        '[[registry]]\nstep = "other_step"\nworkstream = "apollo_scrape"\n'
         'type = "sync"\nsender = "start_other_step"\n'
     )
     (tmp_path / "wsctl.toml").write_text(

@@ -87,19 +87,19 @@ def test_client_list(cli, conn, world):
 
 def test_registry_add_and_upsert(cli, conn):
     r = cli(
-        "registry", "add", "--workflow", ENRICH, "--workstream", APOLLO, "--type", "async",
+        "registry", "add", "--step", ENRICH, "--workstream", APOLLO, "--type", "async",
         "--sender", "start_enrich", "--receiver", "receive_enrich",
     )  # fmt: skip
     assert r.code == 0, r.err
     assert r.out.strip() == f"registered {ENRICH} in {APOLLO}: async start_enrich -> receive_enrich"
     r = cli(
-        "registry", "add", "--workflow", ENRICH, "--workstream", APOLLO, "--type", "sync",
+        "registry", "add", "--step", ENRICH, "--workstream", APOLLO, "--type", "sync",
         "--sender", "run_enrich", "--json",
     )  # fmt: skip
     assert r.code == 0, r.err
     doc = r.json()
     assert doc["created"] is False
-    assert (doc["workflow"], doc["workstream"], doc["type"], doc["sender"], doc["receiver"]) == (
+    assert (doc["step"], doc["workstream"], doc["type"], doc["sender"], doc["receiver"]) == (
         ENRICH, APOLLO, "sync", "run_enrich", None,
     )  # fmt: skip
     rows = conn.execute(
@@ -111,12 +111,12 @@ def test_registry_add_and_upsert(cli, conn):
 @pytest.mark.parametrize(
     "args, text",
     [
-        (["--workflow", HOSTILE, "--workstream", APOLLO, "--type", "sync", "--sender", "f"], "invalid workflow slug"),
-        (["--workflow", ENRICH, "--workstream", HOSTILE, "--type", "sync", "--sender", "f"], "invalid workstream slug"),
-        (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "batch", "--sender", "f"], "invalid type"),
-        (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", HOSTILE], "invalid sender"),
-        (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "async", "--sender", "f"], "needs a receiver"),
-        (["--workflow", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", "f", "--receiver", "g"], "drop --receiver"),
+        (["--step", HOSTILE, "--workstream", APOLLO, "--type", "sync", "--sender", "f"], "invalid step slug"),
+        (["--step", ENRICH, "--workstream", HOSTILE, "--type", "sync", "--sender", "f"], "invalid workstream slug"),
+        (["--step", ENRICH, "--workstream", APOLLO, "--type", "batch", "--sender", "f"], "invalid type"),
+        (["--step", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", HOSTILE], "invalid sender"),
+        (["--step", ENRICH, "--workstream", APOLLO, "--type", "async", "--sender", "f"], "needs a receiver"),
+        (["--step", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", "f", "--receiver", "g"], "drop --receiver"),
     ],
 )  # fmt: skip
 def test_registry_add_refuses_bad_input(cli, conn, world, args, text):
@@ -130,14 +130,14 @@ def test_registry_list(cli, world):
     assert r.code == 0
     rows = r.json()
     assert len(rows) == 13
-    assert {"workflow", "workstream", "type", "sender", "receiver"} <= set(rows[0])
+    assert {"step", "workstream", "type", "sender", "receiver"} <= set(rows[0])
     r = cli("registry", "list", "--workstream", LINKEDIN, "--json")
     rows = r.json()
     assert len(rows) == 6 and {x["workstream"] for x in rows} == {LINKEDIN}
     text = cli("registry", "list", "--workstream", APOLLO)
     lines = text.out.splitlines()
     assert lines[0].split("\t") == [
-        "workflow",
+        "step",
         "workstream",
         "type",
         "sender",
@@ -156,14 +156,14 @@ def test_registry_remove_refused_while_states_need_it(cli, conn, world):
     batch, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], APOLLO)
     state = add_state(conn, item, batch, ENRICH, "PENDING")
     before = table_snapshot(conn)
-    args = ("registry", "remove", "--workflow", ENRICH, "--workstream", APOLLO)
+    args = ("registry", "remove", "--step", ENRICH, "--workstream", APOLLO)
     assert_refused(cli(*args), 1, "1 pending or dispatched state(s)")
     conn.execute("UPDATE workflow_states SET status = 'DISPATCHED' WHERE id = %s", (state,))
     before = table_snapshot(conn)
     assert_refused(cli(*args), 1, "still need this registry row")
     assert table_snapshot(conn) == before
     # the same step in the other workstream is not needed by that state
-    r = cli("registry", "remove", "--workflow", ENRICH, "--workstream", LINKEDIN, "--json")
+    r = cli("registry", "remove", "--step", ENRICH, "--workstream", LINKEDIN, "--json")
     assert r.code == 0, r.err
     assert r.json()["removed"] is True and r.json()["needed_by"] == 0
     # --force removes it anyway and says how many states needed it
@@ -178,7 +178,7 @@ def test_registry_remove_refused_while_states_need_it(cli, conn, world):
 def test_registry_remove_refused_while_blocked_states_or_unreached_batches_need_it(
     cli, conn, world
 ):
-    args = ("registry", "remove", "--workflow", ENRICH, "--workstream", APOLLO)
+    args = ("registry", "remove", "--step", ENRICH, "--workstream", APOLLO)
     batch, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], APOLLO)
     blocked = add_state(conn, item, batch, ENRICH, "BLOCKED")
     before = table_snapshot(conn)
@@ -198,21 +198,21 @@ def test_registry_remove_refused_while_blocked_states_or_unreached_batches_need_
 def test_registry_remove_allowed_when_states_are_done(cli, conn, world):
     batch, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], APOLLO)
     add_state(conn, item, batch, ENRICH, "COMPLETED")
-    r = cli("registry", "remove", "--workflow", ENRICH, "--workstream", APOLLO)
+    r = cli("registry", "remove", "--step", ENRICH, "--workstream", APOLLO)
     assert r.code == 0 and r.out.strip() == f"removed {ENRICH} from {APOLLO}"
 
 
 def test_registry_remove_unknown_row_and_hostile_input(cli, conn, world):
     before = table_snapshot(conn)
     assert_refused(
-        cli("registry", "remove", "--workflow", "score_lead", "--workstream", LINKEDIN),
+        cli("registry", "remove", "--step", "rank_lead", "--workstream", LINKEDIN),
         1,
         "is not registered in workstream linkedin_scrape",
     )
     assert_refused(
-        cli("registry", "remove", "--workflow", HOSTILE, "--workstream", APOLLO),
+        cli("registry", "remove", "--step", HOSTILE, "--workstream", APOLLO),
         1,
-        "invalid workflow slug",
+        "invalid step slug",
     )
     assert table_snapshot(conn) == before
 
@@ -243,18 +243,19 @@ def test_registry_import_example_file(cli, conn):
     assert rows == [(APOLLO, 6, 2, 2), (LINKEDIN, 6, 2, 2)]
 
 
-GOOD_ROW = '[[registry]]\nworkflow = "a"\nworkstream = "w"\ntype = "sync"\nsender = "run_a"\n'
+GOOD_ROW = '[[registry]]\nstep = "a"\nworkstream = "w"\ntype = "sync"\nsender = "run_a"\n'
 
 
 @pytest.mark.parametrize(
     "text, error",
     [
-        (GOOD_ROW + '[[registry]]\nworkflow = "b"\nworkstream = "w"\ntype = "async"\nsender = "s"\n', "row 2: b in w: an async step needs a receiver"),
-        (GOOD_ROW + '[[registry]]\nworkflow = "B!"\nworkstream = "w"\ntype = "sync"\nsender = "s"\n', "row 2: invalid workflow slug"),
-        (GOOD_ROW + '[[registry]]\nworkflow = "c"\nworkstream = "w"\ntype = "sync"\n', "row 2: missing sender"),
-        (GOOD_ROW + '[[registry]]\nworkflow = "c"\nworkstream = "w"\ntype = "sync"\nsender = "s"\ncolour = "x"\n', "unknown key(s): colour"),
+        (GOOD_ROW + '[[registry]]\nstep = "b"\nworkstream = "w"\ntype = "async"\nsender = "s"\n', "row 2: b in w: an async step needs a receiver"),
+        (GOOD_ROW + '[[registry]]\nstep = "B!"\nworkstream = "w"\ntype = "sync"\nsender = "s"\n', "row 2: invalid step slug"),
+        (GOOD_ROW + '[[registry]]\nstep = "c"\nworkstream = "w"\ntype = "sync"\n', "row 2: missing sender"),
+        (GOOD_ROW + '[[registry]]\nstep = "c"\nworkstream = "w"\ntype = "sync"\nsender = "s"\ncolour = "x"\n', "unknown key(s): colour"),
         (GOOD_ROW + GOOD_ROW, "already defined by row 1"),
-        (GOOD_ROW + f'[[registry]]\nworkflow = "c"\nworkstream = "w"\ntype = "sync"\nsender = "{HOSTILE}"\n', "invalid sender"),
+        (GOOD_ROW + f'[[registry]]\nstep = "c"\nworkstream = "w"\ntype = "sync"\nsender = "{HOSTILE}"\n', "invalid sender"),
+        (GOOD_ROW + '[[registry]]\nstep = "c"\nworkflow = "c"\nworkstream = "w"\ntype = "sync"\nsender = "s"\n', "row 2: give step or workflow (its old name), not both"),
         ('registry = "nope"', "expected one or more [[registry]] tables"),
         ("[[registry]\n", "not valid TOML"),
     ],
@@ -277,7 +278,7 @@ def test_registry_import_missing_file(cli, conn):
 def test_config_set_from_files_and_merge(cli, conn, world, tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"api_key": SECRET, "threshold": 0.5}))
-    base = ("config", "set", "--client", "acme", "--workflow", NORMALIZE, "--workstream", APOLLO)
+    base = ("config", "set", "--client", "acme", "--step", NORMALIZE, "--workstream", APOLLO)
     r = cli(*base, "--file", str(f))
     assert r.code == 0, r.err
     assert r.out.startswith(f"created config of acme for {NORMALIZE} in {APOLLO}")
@@ -303,7 +304,7 @@ def test_config_set_from_files_and_merge(cli, conn, world, tmp_path):
     r = cli(*base, "--file", str(t), "--reveal", "--json")
     assert r.code == 0 and r.json()["config"] == {"clay_table": "t", "mapping": {"name": "company"}}
     # by id, and the other workstream stays separate
-    r = cli("config", "set", "--client", str(world["acme"]), "--workflow", NORMALIZE,
+    r = cli("config", "set", "--client", str(world["acme"]), "--step", NORMALIZE,
             "--workstream", LINKEDIN, "--set", "x=1")  # fmt: skip
     assert r.code == 0
     assert conn.execute(
@@ -313,7 +314,7 @@ def test_config_set_from_files_and_merge(cli, conn, world, tmp_path):
 
 def test_config_set_bumps_updated_at(cli, conn, world):
     conn.execute("UPDATE client_workflow_configs SET updated_at = now() - interval '1 day'")
-    r = cli("config", "set", "--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO,
+    r = cli("config", "set", "--client", "acme", "--step", ENRICH, "--workstream", APOLLO,
             "--set", "x=1")  # fmt: skip
     assert r.code == 0
     fresh = conn.execute(
@@ -325,7 +326,7 @@ def test_config_set_bumps_updated_at(cli, conn, world):
 
 
 def test_config_set_warns_when_the_step_is_not_registered(cli, conn, world):
-    r = cli("config", "set", "--client", "acme", "--workflow", "unregistered_step",
+    r = cli("config", "set", "--client", "acme", "--step", "unregistered_step",
             "--workstream", APOLLO, "--set", "a=1")  # fmt: skip
     assert r.code == 0 and "is not registered in workstream apollo_scrape" in r.err
 
@@ -333,14 +334,14 @@ def test_config_set_warns_when_the_step_is_not_registered(cli, conn, world):
 @pytest.mark.parametrize(
     "extra, code, text",
     [
-        (["--client", HOSTILE, "--workflow", ENRICH, "--workstream", APOLLO, "--set", "a=1"], 1, "no client named"),
-        (["--client", "acme", "--workflow", HOSTILE, "--workstream", APOLLO, "--set", "a=1"], 1, "invalid workflow slug"),
-        (["--client", "acme", "--workflow", ENRICH, "--workstream", HOSTILE, "--set", "a=1"], 1, "invalid workstream slug"),
-        (["--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO, "--set", "novalue"], 1, "expected key=value"),
-        (["--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO, "--set", "=1"], 1, "expected key=value"),
-        (["--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO], 2, "give either --file"),
-        (["--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO, "--file", "x.json", "--set", "a=1"], 2, "give either --file"),
-        (["--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO, "--file", "missing.json"], 1, "no such file"),
+        (["--client", HOSTILE, "--step", ENRICH, "--workstream", APOLLO, "--set", "a=1"], 1, "no client named"),
+        (["--client", "acme", "--step", HOSTILE, "--workstream", APOLLO, "--set", "a=1"], 1, "invalid step slug"),
+        (["--client", "acme", "--step", ENRICH, "--workstream", HOSTILE, "--set", "a=1"], 1, "invalid workstream slug"),
+        (["--client", "acme", "--step", ENRICH, "--workstream", APOLLO, "--set", "novalue"], 1, "expected key=value"),
+        (["--client", "acme", "--step", ENRICH, "--workstream", APOLLO, "--set", "=1"], 1, "expected key=value"),
+        (["--client", "acme", "--step", ENRICH, "--workstream", APOLLO], 2, "give either --file"),
+        (["--client", "acme", "--step", ENRICH, "--workstream", APOLLO, "--file", "x.json", "--set", "a=1"], 2, "give either --file"),
+        (["--client", "acme", "--step", ENRICH, "--workstream", APOLLO, "--file", "missing.json"], 1, "no such file"),
     ],
 )  # fmt: skip
 def test_config_set_refuses_bad_input(cli, conn, world, extra, code, text):
@@ -361,7 +362,7 @@ def test_config_set_refuses_bad_input(cli, conn, world, extra, code, text):
 def test_config_set_refuses_bad_files(cli, conn, world, tmp_path, name, content, text):
     (tmp_path / name).write_text(content)
     before = table_snapshot(conn)
-    r = cli("config", "set", "--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO,
+    r = cli("config", "set", "--client", "acme", "--step", ENRICH, "--workstream", APOLLO,
             "--file", str(tmp_path / name))  # fmt: skip
     assert_refused(r, 1, text)
     assert table_snapshot(conn) == before
@@ -380,13 +381,13 @@ def test_config_list_redacts_unless_reveal(cli, conn, world):
     rows = r.json()
     assert len(rows) == 4 and SECRET not in r.out and "HOOKSECRET456" not in r.out
     assert "QUERYTOKEN7" not in r.out  # (not "T1": a timestamp at 10:00 holds it)
-    mine = next(x for x in rows if x["workflow"] == NORMALIZE)
+    mine = next(x for x in rows if x["step"] == NORMALIZE)
     assert mine["config"] == {"api_key": "***", "hook": "***"}
     assert set(mine) >= {
         "id",
         "client",
         "client_id",
-        "workflow",
+        "step",
         "workstream",
         "config",
         "updated_at",
@@ -398,14 +399,12 @@ def test_config_list_redacts_unless_reveal(cli, conn, world):
     assert SECRET in shown.out and "HOOKSECRET456" in shown.out
     assert SECRET in cli("config", "list", "--reveal").out
     filt = cli("config", "list", "--client", "acme", "--workstream", LINKEDIN, "--json").json()
-    assert [(x["client"], x["workflow"], x["workstream"]) for x in filt] == [
-        ("acme", ENRICH, LINKEDIN)
-    ]
+    assert [(x["client"], x["step"], x["workstream"]) for x in filt] == [("acme", ENRICH, LINKEDIN)]
     assert_refused(cli("config", "list", "--client", HOSTILE), 1, "no client named")
 
 
 def test_config_unset_keys_and_row(cli, conn, world):
-    base = ("config", "unset", "--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO)
+    base = ("config", "unset", "--client", "acme", "--step", ENRICH, "--workstream", APOLLO)
     r = cli(*base, "--key", "clay_table", "--key", "nope", "--json")
     assert r.code == 0, r.err
     doc = r.json()
@@ -420,7 +419,7 @@ def test_config_unset_keys_and_row(cli, conn, world):
     before = table_snapshot(conn)
     assert_refused(cli(*base), 1, "has no config for")
     assert_refused(
-        cli("config", "unset", "--client", HOSTILE, "--workflow", ENRICH, "--workstream", APOLLO),
+        cli("config", "unset", "--client", HOSTILE, "--step", ENRICH, "--workstream", APOLLO),
         1,
         "no client named",
     )
@@ -432,22 +431,22 @@ def test_config_unset_keys_and_row(cli, conn, world):
 
 def test_config_show_found_by_item(cli, conn, world):
     _, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], LINKEDIN)
-    r = cli("config", "show", "--workflow", ENRICH, "--item", str(item), "--json")
+    r = cli("config", "show", "--step", ENRICH, "--item", str(item), "--json")
     assert r.code == 0, r.err
     doc = r.json()
-    assert list(doc)[:6] == ["status", "source", "workstream_slug", "config", "candidates", "trace"]
-    assert (doc["status"], doc["source"], doc["workstream_slug"]) == ("found", "batch", LINKEDIN)
+    assert list(doc)[:6] == ["status", "source", "workstream", "config", "candidates", "trace"]
+    assert (doc["status"], doc["source"], doc["workstream"]) == ("found", "batch", LINKEDIN)
     assert doc["config"] == {"clay_table": "linkedin-companies", "webhook_url": "***"}
     assert [t["rule"] for t in doc["trace"]] == ["item", "b:batch"]
-    assert doc["client"] == "acme" and doc["workflow_slug"] == ENRICH and doc["config_id"]
-    r = cli("config", "show", "--workflow", ENRICH, "--item", str(item))
+    assert doc["client"] == "acme" and doc["step"] == ENRICH and doc["config_id"]
+    r = cli("config", "show", "--step", ENRICH, "--item", str(item))
     assert r.code == 0
     assert "status:     found" in r.out and "[b:batch] exact composite key" in r.out
     assert "row: client_workflow_configs(id=" in r.out
     assert '"clay_table": "linkedin-companies"' in r.out and "BBB" not in r.out
-    shown = cli("config", "show", "--workflow", ENRICH, "--item", str(item), "--reveal")
+    shown = cli("config", "show", "--step", ENRICH, "--item", str(item), "--reveal")
     assert LINKEDIN_CFG["webhook_url"] in shown.out
-    shown = cli("config", "show", "--workflow", ENRICH, "--item", str(item), "--reveal", "--json")
+    shown = cli("config", "show", "--step", ENRICH, "--item", str(item), "--reveal", "--json")
     assert shown.json()["config"] == LINKEDIN_CFG
 
 
@@ -464,9 +463,9 @@ def test_config_show_exit_codes_for_every_outcome(cli, conn, world):
         (["--client", "beta", "--workstream", APOLLO], 1, "not_found", "explicit"),
     ]
     for args, code, status, source in cases:
-        r = cli("config", "show", "--workflow", ENRICH, *args, "--json")
+        r = cli("config", "show", "--step", ENRICH, *args, "--json")
         assert (r.code, r.json()["status"], r.json()["source"]) == (code, status, source), args
-    r = cli("config", "show", "--workflow", ENRICH, "--item", str(legacy_item))
+    r = cli("config", "show", "--step", ENRICH, "--item", str(legacy_item))
     assert r.code == 1 and "status:     ambiguous" in r.out
     assert "candidates: apollo_scrape, linkedin_scrape" in r.out
     # a failure says so in one line on stderr (it said nothing: issue 10 B.7)
@@ -474,7 +473,7 @@ def test_config_show_exit_codes_for_every_outcome(cli, conn, world):
         f"wsctl: error: no config resolved for {ENRICH}: ambiguous (candidates: "
         "apollo_scrape, linkedin_scrape) (hint: see the trace)"
     ]
-    r = cli("config", "show", "--workflow", ENRICH, "--item", str(beta_legacy))
+    r = cli("config", "show", "--step", ENRICH, "--item", str(beta_legacy))
     assert r.code == 0 and "source:     inferred" in r.out
     assert "wsctl: warning: workstream linkedin_scrape is inferred" in r.err
 
@@ -482,12 +481,12 @@ def test_config_show_exit_codes_for_every_outcome(cli, conn, world):
 @pytest.mark.parametrize(
     "args, code, text",
     [
-        (["--workflow", ENRICH, "--client", HOSTILE], 1, "no client named"),
-        (["--workflow", HOSTILE, "--client", "acme"], 1, "invalid workflow slug"),
-        (["--workflow", ENRICH, "--client", "acme", "--workstream", HOSTILE], 1, "invalid workstream slug"),
-        (["--workflow", ENRICH, "--item", HOSTILE], 1, "invalid item id"),
-        (["--workflow", ENRICH, "--item", "00000000-0000-0000-0000-000000000000"], 1, "no batch item"),
-        (["--workflow", ENRICH], 2, "give either --item"),
+        (["--step", ENRICH, "--client", HOSTILE], 1, "no client named"),
+        (["--step", HOSTILE, "--client", "acme"], 1, "invalid step slug"),
+        (["--step", ENRICH, "--client", "acme", "--workstream", HOSTILE], 1, "invalid workstream slug"),
+        (["--step", ENRICH, "--item", HOSTILE], 1, "invalid item id"),
+        (["--step", ENRICH, "--item", "00000000-0000-0000-0000-000000000000"], 1, "no batch item"),
+        (["--step", ENRICH], 2, "give either --item"),
     ],
 )  # fmt: skip
 def test_config_show_refuses_bad_input(cli, conn, world, args, code, text):
@@ -505,7 +504,7 @@ def test_config_show_redacts_urls_with_credentials(cli, conn, world):
     r = cli(
         "config",
         "show",
-        "--workflow",
+        "--step",
         NORMALIZE,
         "--client",
         "acme",
@@ -515,9 +514,7 @@ def test_config_show_redacts_urls_with_credentials(cli, conn, world):
     )
     assert r.code == 0
     assert r.json()["config"]["endpoint"] == "https://bot:***@api.example.com/x?apikey=***&page=1"
-    text = cli(
-        "config", "show", "--workflow", NORMALIZE, "--client", "acme", "--workstream", APOLLO
-    )
+    text = cli("config", "show", "--step", NORMALIZE, "--client", "acme", "--workstream", APOLLO)
     assert "pa55word" not in text.out and "K9" not in text.out and "api.example.com" in text.out
 
 
@@ -533,10 +530,10 @@ def test_every_command_has_help(run_cli):
 
 
 def test_apollo_config_is_untouched_by_linkedin_writes(cli, conn, world):
-    r = cli("config", "set", "--client", "acme", "--workflow", ENRICH, "--workstream", LINKEDIN,
+    r = cli("config", "set", "--client", "acme", "--step", ENRICH, "--workstream", LINKEDIN,
             "--set", "clay_table=changed")  # fmt: skip
     assert r.code == 0
-    res = cli("config", "show", "--workflow", ENRICH, "--client", "acme", "--workstream", APOLLO,
+    res = cli("config", "show", "--step", ENRICH, "--client", "acme", "--workstream", APOLLO,
               "--reveal", "--json")  # fmt: skip
     assert res.json()["config"] == APOLLO_CFG
 
@@ -549,14 +546,14 @@ LONG = "a" * 10_000
 @pytest.mark.parametrize(
     "args, text",
     [
-        (["registry", "add", "--workflow", LONG, "--workstream", APOLLO, "--type", "sync", "--sender", "f"],
-         "invalid workflow slug 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...': too long (10000 characters; at most 200)"),
-        (["registry", "add", "--workflow", ENRICH, "--workstream", LONG, "--type", "sync", "--sender", "f"],
+        (["registry", "add", "--step", LONG, "--workstream", APOLLO, "--type", "sync", "--sender", "f"],
+         "invalid step slug 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...': too long (10000 characters; at most 200)"),
+        (["registry", "add", "--step", ENRICH, "--workstream", LONG, "--type", "sync", "--sender", "f"],
          "invalid workstream slug"),
-        (["registry", "add", "--workflow", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", LONG],
+        (["registry", "add", "--step", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", LONG],
          "invalid sender function name"),
-        (["config", "set", "--client", "acme", "--workflow", LONG, "--workstream", APOLLO, "--set", "a=1"],
-         "invalid workflow slug"),
+        (["config", "set", "--client", "acme", "--step", LONG, "--workstream", APOLLO, "--set", "a=1"],
+         "invalid step slug"),
         (["client", "add", LONG], "invalid client name"),
     ],
 )  # fmt: skip
@@ -572,7 +569,7 @@ def test_overlong_input_is_refused_as_too_long(cli, conn, world, args, text):
 
 # --- values a jsonb column cannot hold: refused before any write -------------
 
-SET_BASE = ("config", "set", "--client", "acme", "--workflow", ENRICH, "--workstream", APOLLO)
+SET_BASE = ("config", "set", "--client", "acme", "--step", ENRICH, "--workstream", APOLLO)
 
 
 @pytest.mark.parametrize(
@@ -672,9 +669,9 @@ def test_bearer_keys_and_authorization_values_are_redacted_everywhere(cli, conn,
     add_config(conn, world["beta"], NORMALIZE, APOLLO, config)
     runs = {
         "list": ("config", "list", "--client", "beta"),
-        "show": ("config", "show", "--workflow", NORMALIZE, "--client", "beta",
+        "show": ("config", "show", "--step", NORMALIZE, "--client", "beta",
                  "--workstream", APOLLO),
-        "set": ("config", "set", "--client", "beta", "--workflow", NORMALIZE,
+        "set": ("config", "set", "--client", "beta", "--step", NORMALIZE,
                 "--workstream", APOLLO, "--set", "other=1"),
     }  # fmt: skip
     for name, args in runs.items():
@@ -700,7 +697,7 @@ def test_bearer_keys_and_authorization_values_are_redacted_everywhere(cli, conn,
         ("client_workflow_configs", ("config", "list")),
         (
             "client_workflow_configs",
-            ("config", "show", "--client", "acme", "--workflow", ENRICH, "--workstream", LINKEDIN),
+            ("config", "show", "--client", "acme", "--step", ENRICH, "--workstream", LINKEDIN),
         ),
     ],
     ids=["client-list", "registry-list", "config-list", "config-show"],
@@ -722,3 +719,64 @@ def test_a_read_blocked_behind_a_lock_gives_up_at_the_statement_timeout(
             holder.rollback()
     assert_refused(r, 1, "statement timeout")
     assert cli(*args).code == 0
+
+
+# --- the old names (README: "Renamed") -------------------------------------------
+
+
+STEP_COMMANDS = [
+    ("registry", "add"),
+    ("registry", "list"),
+    ("registry", "remove"),
+    ("config", "set"),
+    ("config", "list"),
+    ("config", "unset"),
+    ("config", "show"),
+    ("retry",),
+]
+
+
+@pytest.mark.parametrize("path", STEP_COMMANDS, ids=" ".join)
+def test_help_shows_step_and_never_the_old_workflow_option(run_cli, path):
+    r = run_cli(*path, "--help")
+    assert r.code == 0, r.err
+    assert "--step STEP" in r.out
+    assert "--workflow" not in r.out
+
+
+def test_the_old_workflow_option_still_works_everywhere(cli, conn, world):
+    old = cli(
+        "registry", "add", "--workflow", "rank_lead", "--workstream", APOLLO, "--type", "sync",
+        "--sender", "run_score", "--json",
+    )  # fmt: skip
+    assert old.code == 0, old.err
+    assert old.json()["step"] == "rank_lead" and old.json()["created"] is True
+    listed = cli("registry", "list", "--workflow", "rank_lead", "--json")
+    assert [(x["step"], x["workstream"]) for x in listed.json()] == [("rank_lead", APOLLO)]
+    key = ("--client", "acme", "--workflow", "rank_lead", "--workstream", APOLLO)
+    assert cli("config", "set", *key, "--set", "a=1").code == 0
+    shown = cli("config", "show", *key, "--json")
+    assert shown.code == 0, shown.err
+    assert (shown.json()["step"], shown.json()["config"]) == ("rank_lead", {"a": 1})
+    assert [
+        x["step"] for x in cli("config", "list", "--workflow", "rank_lead", "--json").json()
+    ] == ["rank_lead"]
+    assert cli("config", "unset", *key).code == 0
+    assert cli("registry", "remove", "--workflow", "rank_lead", "--workstream", APOLLO).code == 0
+    assert conn.execute(
+        "SELECT count(*) FROM enrichment_registry WHERE slug = 'rank_lead'"
+    ).fetchone() == (0,)
+
+
+def test_a_missing_step_names_only_the_new_option(cli, world):
+    r = cli("config", "show", "--client", "acme")
+    assert_refused(r, 2, "Missing option '--step'")
+    assert "--workflow" not in r.err
+
+
+def test_the_old_workflow_key_of_a_registry_file_still_imports(cli, conn, world, tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text(GOOD_ROW.replace("step =", "workflow ="))
+    r = cli("registry", "import", str(path), "--json")
+    assert r.code == 0, r.err
+    assert [(x["step"], x["workstream"]) for x in r.json()["rows"]] == [("a", "w")]

@@ -213,7 +213,7 @@ def test_config_set_submitted_records_earlier_submissions_of_added_urls(cli, con
 
     f.register(conn, "enrich_company_via_waterfall_in_clay", "apollo_scrape", "async", "s", "r")
     f.add_client(conn, "acme")
-    base = ["config", "set", "--client", "acme", "--workflow",
+    base = ["config", "set", "--client", "acme", "--step",
             "enrich_company_via_waterfall_in_clay", "--workstream", "apollo_scrape"]  # fmt: skip
     a, b = "http://127.0.0.1:9/hook/A", "http://127.0.0.1:9/hook/B"
     r = cli(*base, "--set", f'clay_table_webhook_urls=["{a}"]', "--submitted", "44000")

@@ -130,15 +130,15 @@ def _outputs(cli, run_cli, empty_url: str, conn: psycopg.Connection, tmp: Path) 
     run("client list", "client", "list")
     run(
         "registry add",
-        *("registry", "add", "--workflow", "score_lead", "--workstream", "apollo_scrape"),
+        *("registry", "add", "--step", "score_lead", "--workstream", "apollo_scrape"),
         *("--type", "sync", "--sender", "run_score_lead"),
     )
     run("registry list", "registry", "list")
     run(
         "registry remove",
-        *("registry", "remove", "--workflow", "score_lead", "--workstream", "apollo_scrape"),
+        *("registry", "remove", "--step", "score_lead", "--workstream", "apollo_scrape"),
     )
-    key = ("--client", "acme", "--workflow", CLAY, "--workstream", "apollo_scrape")
+    key = ("--client", "acme", "--step", CLAY, "--workstream", "apollo_scrape")
     run("config set", "config", "set", *key, "--set", "clay_table=apollo", "--set", "n=1")
     run("config unset", "config", "unset", *key, "--key", "n")
     run("config list", "config", "list")
@@ -161,7 +161,7 @@ def _outputs(cli, run_cli, empty_url: str, conn: psycopg.Connection, tmp: Path) 
     run("retry", "retry", "--batch", batch_id)
     run("batch status", "batch", "status", batch_id)
     run("item show", "item", "show", item_id)
-    run("config show", "config", "show", "--workflow", CLAY, "--item", item_id)
+    run("config show", "config", "show", "--step", CLAY, "--item", item_id)
     # A legacy batch (no workstream) that nothing registers: backfill leaves it unresolved.
     client_id = conn.execute("SELECT id FROM clients WHERE name = 'acme'").fetchone()[0]
     factories.add_batch(conn, client_id, ["unregistered_step"], 1, workstream=None)

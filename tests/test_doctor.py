@@ -231,9 +231,7 @@ def test_unregistered_states_fail_with_counts_per_pair(cli, conn, healthy, modal
     ]
     assert c["detail"].startswith("PENDING/BLOCKED states in 3 (step, workstream) pair(s)")
     assert f"({STEPS[0]}, NULL): 1" in c["detail"]
-    assert (
-        "wsctl registry add --workflow normalize_all_core_values --workstream new_ws" in c["hint"]
-    )
+    assert "wsctl registry add --step normalize_all_core_values --workstream new_ws" in c["hint"]
     assert "wsctl backfill workstream-slug" in c["hint"]
     assert b  # the BLOCKED batch exists
     assert table_snapshot(conn) == before
@@ -285,7 +283,7 @@ def test_missing_configs_warn_lists_client_step_workstream(cli, conn, modal_toke
     ]
     assert f"(acme, {STEPS[1]}, apollo_scrape)" in c["detail"]
     assert c["hint"].startswith(
-        f"wsctl config set --client acme --workflow {STEPS[1]} --workstream apollo_scrape"
+        f"wsctl config set --client acme --step {STEPS[1]} --workstream apollo_scrape"
     )
     assert table_snapshot(conn) == before
 

@@ -102,7 +102,7 @@ def test_completed_item_cli_json(cli, completed_item):
         "batch_id": str(batch),
         "client": "acme",
         "client_id": doc["item"]["client_id"],
-        "batch_workstream_slug": "apollo_scrape",
+        "batch_workstream": "apollo_scrape",
         "batch_status": "COMPLETED",
         "blueprint": STEPS,
         "created_at": doc["item"]["created_at"],
@@ -113,7 +113,7 @@ def test_completed_item_cli_json(cli, completed_item):
         "step",
         "status",
         "attempts",
-        "workstream_slug",
+        "workstream",
         "registry",
         "function",
         "modal_call_id",
@@ -191,7 +191,7 @@ def test_blocked_item_of_legacy_batch(wconn, cli):
     assert [s["status"] for s in doc["steps"]] == ["BLOCKED", "NOT_REACHED"]
     assert doc["steps"][0]["registry"] is None
     assert doc["steps"][0]["config"]["source"] == "inferred"
-    assert doc["item"]["batch_workstream_slug"] is None
+    assert doc["item"]["batch_workstream"] is None
 
 
 def test_secrets_redacted_unless_reveal(wconn, cli):

@@ -88,7 +88,7 @@ def _world(conn):
 
 def test_registry_rows_bind_key_templates_filled_per_state(cli, conn):
     acme, globex = _world(conn)
-    base = ("registry", "add", "--workflow", CLAY, "--workstream", "apollo_scrape")
+    base = ("registry", "add", "--step", CLAY, "--workstream", "apollo_scrape")
     fns = ("--type", "async", "--sender", "start_clay", "--receiver", "receive_clay")
     r = cli(*base, *fns, "--limit-key", TEMPLATE, "--limit-key", "clay-all", "--json")
     assert r.code == 0, r.err
@@ -135,7 +135,7 @@ def test_a_bad_template_is_refused_and_writes_nothing(cli, conn, template, text)
     _world(conn)
     before = table_snapshot(conn)
     r = cli(
-        "registry", "add", "--workflow", CLAY, "--workstream", "apollo_scrape",
+        "registry", "add", "--step", CLAY, "--workstream", "apollo_scrape",
         "--type", "async", "--sender", "s", "--receiver", "r", "--limit-key", template,
     )  # fmt: skip
     _refused(r, 2, text)
@@ -146,7 +146,7 @@ def test_a_bad_template_is_refused_and_writes_nothing(cli, conn, template, text)
 def test_registry_import_binds_limit_keys_and_leaves_them_when_absent(cli, conn, tmp_path):
     _world(conn)
     row = (
-        f'[[registry]]\nworkflow = "{CLAY}"\nworkstream = "apollo_scrape"\ntype = "async"\n'
+        f'[[registry]]\nstep = "{CLAY}"\nworkstream = "apollo_scrape"\ntype = "async"\n'
         'sender = "start_clay"\nreceiver = "receive_clay"\n'
     )
     path = tmp_path / "r.toml"
@@ -168,16 +168,16 @@ def test_the_example_registry_binds_its_clay_steps_to_the_workspace_key(cli, con
 
     r = cli("registry", "import", str(examples_dir() / "registry.toml"), "--json")
     assert r.code == 0, r.err
-    clay = [x for x in r.json()["rows"] if "clay" in x["workflow"]]
+    clay = [x for x in r.json()["rows"] if "clay" in x["step"]]
     assert clay and all(x["limit_keys"] == [TEMPLATE] for x in clay)
-    others = [x for x in r.json()["rows"] if "clay" not in x["workflow"]]
+    others = [x for x in r.json()["rows"] if "clay" not in x["step"]]
     assert all(x["limit_keys"] == [] for x in others)
 
 
 def test_doctor_warns_about_bound_keys_no_limit_defines(cli, conn):
     _world(conn)
     cli(
-        "registry", "add", "--workflow", CLAY, "--workstream", "apollo_scrape",
+        "registry", "add", "--step", CLAY, "--workstream", "apollo_scrape",
         "--type", "async", "--sender", "start_clay", "--receiver", "receive_clay",
         "--limit-key", TEMPLATE,
     )  # fmt: skip

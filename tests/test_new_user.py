@@ -188,7 +188,7 @@ def test_config_set_refuses_a_workstream_typo_unless_it_is_said_to_be_new(cli, c
     from tests.conftest import table_snapshot
 
     before = table_snapshot(conn)
-    args = ("config", "set", "--client", "acme", "--workflow", "normalize_company_name")
+    args = ("config", "set", "--client", "acme", "--step", "normalize_company_name")
     r = cli(*args, "--workstream", "apolo_scrape", "--set", "x=1")
     assert r.code == 1 and "unknown workstream 'apolo_scrape'" in r.err
     assert "did you mean 'apollo_scrape'" in r.err and "--new-workstream" in r.err

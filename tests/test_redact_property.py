@@ -93,13 +93,13 @@ def test_no_command_prints_a_secret(cli, world, tmp_path, monkeypatch, s, depth)
 
     for step in STEPS:
         set_ = run(
-            "config", "set", "--client", client, "--workflow", step, "--workstream", WS,
+            "config", "set", "--client", client, "--step", step, "--workstream", WS,
             "--file", str(cfg),
         )  # fmt: skip
         assert set_.code == 0, set_.err
         assert "look like credentials given in clear" in set_.err
         run(
-            "config", "set", "--client", client, "--workflow", step, "--workstream", WS,
+            "config", "set", "--client", client, "--step", step, "--workstream", WS,
             "--file", str(cfg), "--json",
         )  # fmt: skip
     client_id = conn.execute("SELECT id FROM clients WHERE name = %s", (client,)).fetchone()[0]
@@ -114,7 +114,7 @@ def test_no_command_prints_a_secret(cli, world, tmp_path, monkeypatch, s, depth)
 
     for fmt in ([], ["--json"]):
         run("config", "list", "--client", client, *fmt)
-        run("config", "show", "--client", client, "--workflow", STEPS[0], "--workstream", WS, *fmt)
+        run("config", "show", "--client", client, "--step", STEPS[0], "--workstream", WS, *fmt)
         run("dispatch", "--dry-run", "--backend", "local", "--app", APP, *fmt)
     r = run("dispatch", "--once", "--backend", "local", "--app", APP)
     assert "ValueError" in r.out and "InvalidTextRepresentation" in r.out, r.out
@@ -126,7 +126,7 @@ def test_no_command_prints_a_secret(cli, world, tmp_path, monkeypatch, s, depth)
         run("doctor", "--backend", "local", *fmt)
 
     # The secrets were there to leak: in the stored config, and in what the app raised.
-    shown = cli("config", "show", "--client", client, "--workflow", STEPS[0], "--workstream", WS,
+    shown = cli("config", "show", "--client", client, "--step", STEPS[0], "--workstream", WS,
                 "--reveal", "--json").out  # fmt: skip
     for secret in s[:9]:
         assert secret in shown

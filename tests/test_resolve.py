@@ -274,7 +274,7 @@ def test_registry_resolves_by_composite_key(conn, world):
 def test_to_json_shape_and_redaction(conn, world):
     res = resolve_config(conn, workflow_slug=ENRICH, client="acme", workstream_slug=APOLLO)
     doc = res.to_json()
-    assert list(doc)[:6] == ["status", "source", "workstream_slug", "config", "candidates", "trace"]
+    assert list(doc)[:6] == ["status", "source", "workstream", "config", "candidates", "trace"]
     assert doc["config"] == {"clay_table": "apollo-companies", "webhook_url": "***"}
     assert res.to_json(reveal=True)["config"] == APOLLO_CFG
     assert all(set(t) == {"rule", "row", "why"} for t in doc["trace"])

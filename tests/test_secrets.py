@@ -177,11 +177,11 @@ def test_config_show_shows_the_reference_never_the_value(cli, conn, tmp_path, mo
     f.add_client(conn, "acme")
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"clay_auth": _ref("CLAY_AUTH_T3"), "table": "companies"}))
-    r = cli("config", "set", "--client", "acme", "--workflow", STEP, "--workstream", WS, "--new-workstream",
+    r = cli("config", "set", "--client", "acme", "--step", STEP, "--workstream", WS, "--new-workstream",
             "--file", str(path))  # fmt: skip
     assert r.code == 0 and "in clear" not in r.err  # a reference is not a plaintext credential
     for args in (["--json"], ["--json", "--reveal"], []):
-        shown = cli("config", "show", "--client", "acme", "--workflow", STEP, "--workstream", WS,
+        shown = cli("config", "show", "--client", "acme", "--step", STEP, "--workstream", WS,
                     *args)  # fmt: skip
         assert shown.code == 0, shown.err
         assert "CLAY_AUTH_T3" in shown.out and VALUE not in shown.out + shown.err
@@ -191,13 +191,13 @@ def test_config_show_shows_the_reference_never_the_value(cli, conn, tmp_path, mo
 
 def test_config_set_warns_on_plaintext_credentials(cli, conn):
     f.add_client(conn, "acme")
-    r = cli("config", "set", "--client", "acme", "--workflow", STEP, "--workstream", WS, "--new-workstream",
+    r = cli("config", "set", "--client", "acme", "--step", STEP, "--workstream", WS, "--new-workstream",
             "--set", "api_key=sk-live-T4SECRET", "--set", "table=companies", "--json")  # fmt: skip
     assert r.code == 0, r.err
     (warning,) = [w for w in r.json()["warnings"] if "in clear" in w]
     assert "1 value(s) look like credentials given in clear (api_key)" in warning
     assert '{"$secret": "NAME"}' in warning and "T4SECRET" not in r.out + r.err
-    human = cli("config", "set", "--client", "acme", "--workflow", STEP, "--workstream", WS, "--new-workstream",
+    human = cli("config", "set", "--client", "acme", "--step", STEP, "--workstream", WS, "--new-workstream",
                 "--set", 'api_key={"$secret": "ACME_KEY"}')  # fmt: skip
     assert human.code == 0 and "in clear" not in human.err
 
@@ -236,7 +236,7 @@ def test_a_lone_surrogate_in_a_config_names_the_file_and_key(cli, conn, tmp_path
     bad_key = tmp_path / "key.json"
     bad_key.write_text('{"Caf\\udce9": 1}')
     for path, where in ((bad_value, "key outer.name"), (bad_key, "key Caf\\udce9")):
-        r = cli("config", "set", "--client", "acme", "--workflow", STEP, "--workstream", WS, "--new-workstream", "--new-workstream",
+        r = cli("config", "set", "--client", "acme", "--step", STEP, "--workstream", WS, "--new-workstream", "--new-workstream",
                 "--file", str(path))  # fmt: skip
         assert r.code == 1, r.err
         (line,) = r.err.strip().splitlines()
@@ -250,7 +250,7 @@ def test_a_lone_surrogate_in_a_config_names_the_file_and_key(cli, conn, tmp_path
     [
         (["batch", "list", "--client", "Caf\udce9"], "the value of --client"),
         (["config", "list", "--client", "Caf\udce9"], "the value of --client"),
-        (["config", "show", "--workflow", STEP, "--client", "Caf\udce9"], "the value of --client"),
+        (["config", "show", "--step", STEP, "--client", "Caf\udce9"], "the value of --client"),
         (
             [
                 "batch",

@@ -125,7 +125,7 @@ def test_bad_arguments(conn, world):
     before = table_snapshot(conn)
     with pytest.raises(OperationalError, match="invalid item id"):
         worker.get_client_config("acme'; DROP TABLE batches; --", ENRICH)
-    with pytest.raises(OperationalError, match="invalid workflow slug"):
+    with pytest.raises(OperationalError, match="invalid step slug"):
         worker.get_client_config(str(uuid.uuid4()), "Bad Slug")
     with pytest.raises(OperationalError, match="no batch item"):
         worker.get_client_config(str(uuid.uuid4()), ENRICH)

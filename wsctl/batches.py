@@ -170,7 +170,7 @@ class CreateResult:
         return {
             "batch_id": str(self.batch_id) if self.batch_id else None,
             "items": self.items,
-            "workstream_slug": self.workstream_slug,
+            "workstream": self.workstream_slug,
             "blueprint": list(self.blueprint),
             "client_id": str(self.client_id),
             "client": self.client,
@@ -455,7 +455,7 @@ class BatchInfo:
             "batch_id": str(self.batch_id),
             "client_id": str(self.client_id),
             "client": self.client,
-            "workstream_slug": self.workstream_slug,
+            "workstream": self.workstream_slug,
             "blueprint": list(self.blueprint),
             "status": self.status,
             "created_at": self.created_at.isoformat() if self.created_at else None,

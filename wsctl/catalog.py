@@ -137,7 +137,7 @@ class RegistryRow:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "workflow": self.workflow_slug,
+            "step": self.workflow_slug,
             "workstream": self.workstream_slug,
             "type": self.type,
             "sender": self.sender,
@@ -157,7 +157,7 @@ def validate_registry_row(
     limit_keys: list[str] | tuple[str, ...] | None = None,
 ) -> RegistryRow:
     """A checked registry row (slugs, type, function names; async needs a receiver)."""
-    validate_slug(workflow, "workflow slug")
+    validate_slug(workflow, "step slug")
     validate_slug(workstream, "workstream slug")
     if type_ not in STEP_TYPES:
         raise OperationalError(f"invalid type {_shown(type_)}: use sync or async")
@@ -256,7 +256,7 @@ def list_registry(
     if workstream is not None:
         validate_slug(workstream, "workstream slug")
     if workflow is not None:
-        validate_slug(workflow, "workflow slug")
+        validate_slug(workflow, "step slug")
     from wsctl.limits import registry_bindings
 
     with tx(conn):  # read only; the transaction carries the statement timeout
@@ -317,7 +317,7 @@ def remove_registry(
 ) -> RegistryRemoval:
     """Remove a registry row; refused while states (waiting, in flight or BLOCKED) or
     active batches that have not reached the step yet need it, unless ``force``."""
-    validate_slug(workflow, "workflow slug")
+    validate_slug(workflow, "step slug")
     validate_slug(workstream, "workstream slug")
     with tx(conn):
         found = (
@@ -346,7 +346,8 @@ def remove_registry(
     return RegistryRemoval(row=row, needs=needs)
 
 
-_IMPORT_KEYS = {"workflow", "workstream", "type", "sender", "receiver", "limit_keys"}
+_IMPORT_KEYS = {"step", "workstream", "type", "sender", "receiver", "limit_keys"}
+_OLD_IMPORT_KEYS = {"workflow": "step"}  # still read (the README's "Renamed" list)
 
 
 def parse_registry_toml(text: str, source: str = "registry file") -> list[RegistryRow]:
@@ -367,10 +368,15 @@ def parse_registry_toml(text: str, source: str = "registry file") -> list[Regist
         where = f"{source}: registry row {i}"
         if not isinstance(entry, dict):
             raise OperationalError(f"{where}: expected a table")
+        for old, new in _OLD_IMPORT_KEYS.items():
+            if old in entry:
+                if new in entry:
+                    raise OperationalError(f"{where}: give {new} or {old} (its old name), not both")
+                entry = {(new if k == old else k): v for k, v in entry.items()}
         unknown = set(entry) - _IMPORT_KEYS
         if unknown:
             raise OperationalError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
-        missing = [k for k in ("workflow", "workstream", "type", "sender") if k not in entry]
+        missing = [k for k in ("step", "workstream", "type", "sender") if k not in entry]
         if missing:
             raise OperationalError(f"{where}: missing {', '.join(missing)}")
         keys = entry.get("limit_keys")
@@ -380,7 +386,7 @@ def parse_registry_toml(text: str, source: str = "registry file") -> list[Regist
             raise OperationalError(f"{where}: every value must be a string")
         try:
             row = validate_registry_row(
-                entry["workflow"],
+                entry["step"],
                 entry["workstream"],
                 entry["type"],
                 entry["sender"],
@@ -458,7 +464,7 @@ class ConfigRow:
             "id": str(self.id),
             "client": self.client.name,
             "client_id": str(self.client.id),
-            "workflow": self.workflow_slug,
+            "step": self.workflow_slug,
             "workstream": self.workstream_slug,
             "config": redact(self.config, reveal=reveal),
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
@@ -666,7 +672,7 @@ def set_config(
     """
     from psycopg.types.json import Jsonb
 
-    validate_slug(workflow, "workflow slug")
+    validate_slug(workflow, "step slug")
     validate_slug(workstream, "workstream slug")
     if (config is None) == (merge is None):
         raise UsageError("give either a whole config (--file) or keys to merge (--set)")
@@ -755,7 +761,7 @@ def unset_config(
     keys: list[str] | None = None,
 ) -> ConfigRemoval:
     """Delete a client config row, or only some of its top-level keys."""
-    validate_slug(workflow, "workflow slug")
+    validate_slug(workflow, "step slug")
     validate_slug(workstream, "workstream slug")
     with tx(conn):
         found = find_client(conn, client)
@@ -794,7 +800,7 @@ def list_configs(
     if workstream is not None:
         validate_slug(workstream, "workstream slug")
     if workflow is not None:
-        validate_slug(workflow, "workflow slug")
+        validate_slug(workflow, "step slug")
     with tx(conn):  # read only; the transaction carries the statement timeout
         client_id = find_client(conn, client).id if client is not None else None
         rows = (

@@ -256,7 +256,7 @@ class ClayStandIn:
                 {
                     "path": path,
                     "item_id": row.get("item_id"),
-                    "workflow": row.get("workflow"),
+                    "step": row.get("workflow"),  # the Clay row's key, as it was posted
                     "workstream": row.get("workstream"),
                     "auth": {k.lower(): v for k, v in headers.items()}.get("x-clay-webhook-auth"),
                 }

@@ -188,7 +188,7 @@ def _check_unregistered(conn: psycopg.Connection, top: int) -> Check:
     if known:
         s, w = known[0]
         hints.append(
-            f"wsctl registry add --workflow {s} --workstream {w} --type sync|async --sender FN"
+            f"wsctl registry add --step {s} --workstream {w} --type sync|async --sender FN"
         )
     if len(known) < len(rows):
         hints.append("workstream NULL (legacy batches): wsctl backfill workstream-slug")
@@ -228,7 +228,7 @@ def _check_missing_configs(conn: psycopg.Connection, top: int) -> Check:
         WARN,
         f"{missing} (client, step, workstream) without a client config in active batches: "
         f"{listed}{_more(len(rows), missing)}",
-        f"wsctl config set --client {shlex.quote(first['client'])} --workflow {first['step']} "
+        f"wsctl config set --client {shlex.quote(first['client'])} --step {first['step']} "
         f"--workstream {first['workstream']} --set key=value (for each step that needs a config)",
         rows=out,
     )
@@ -250,7 +250,7 @@ def _check_plaintext_credentials(conn: psycopg.Connection, top: int) -> Check:
             found.append(
                 {
                     "client": c["name"],
-                    "workflow": c["workflow_slug"],
+                    "step": c["workflow_slug"],
                     "workstream": c["workstream_slug"],
                     "keys": paths,
                 }
@@ -263,7 +263,7 @@ def _check_plaintext_credentials(conn: psycopg.Connection, top: int) -> Check:
         )
     total = sum(len(f["keys"]) for f in found)
     listed = ", ".join(
-        f"({f['client']}, {f['workflow']}, {f['workstream']}) {' '.join(f['keys'])}"
+        f"({f['client']}, {f['step']}, {f['workstream']}) {' '.join(f['keys'])}"
         for f in found[:top]
     )
     return Check(

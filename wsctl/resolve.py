@@ -99,18 +99,18 @@ class Resolution:
         return {
             "status": self.status,
             "source": self.source,
-            "workstream_slug": self.workstream_slug,
+            "workstream": self.workstream_slug,
             "config": redact(self.config, reveal=reveal),
             "candidates": list(self.candidates),
             "trace": [t.to_json() for t in self.trace],
             "warnings": list(self.warnings),
-            "workflow_slug": self.workflow_slug,
+            "step": self.workflow_slug,
             "client": self.client.name if self.client else None,
             "client_id": str(self.client.id) if self.client else None,
             "item_id": str(self.item_id) if self.item_id else None,
             "batch_id": str(self.batch_id) if self.batch_id else None,
-            "batch_workstream_slug": self.batch_workstream_slug,
-            "backfill_workstream_slug": self.backfill_workstream_slug,
+            "batch_workstream": self.batch_workstream_slug,
+            "backfill_workstream": self.backfill_workstream_slug,
             "config_id": str(self.config_id) if self.config_id else None,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }
@@ -268,7 +268,7 @@ def resolve_config(
     (slug, UUID, unknown client or item) raises ``OperationalError``; every
     other outcome, including not found, is a ``Resolution``.
     """
-    validate_slug(workflow_slug, "workflow slug")
+    validate_slug(workflow_slug, "step slug")
     if workstream_slug is not None:
         validate_slug(workstream_slug, "workstream slug")
     if (item_id is None) == (client is None):
@@ -339,7 +339,7 @@ def resolve_registry(
     conn: psycopg.Connection, step_slug: str, workstream_slug: str
 ) -> RegistryRow | None:
     """The ``enrichment_registry`` row of a step in a workstream, or None: not registered there."""
-    validate_slug(step_slug, "workflow slug")
+    validate_slug(step_slug, "step slug")
     validate_slug(workstream_slug, "workstream slug")
     with tx(conn):
         row = named(conn).execute(q("resolve_registry"), (step_slug, workstream_slug)).fetchone()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import typer
+from typer.core import TyperOption
 
 from wsctl import __version__
 from wsctl.cli.common import CliState
@@ -45,7 +48,36 @@ def root(
 # Metavars in help: what to type, not click's type names (`<str>`, `<int range>`).
 # An option that sets its own metavar (a list of choices, say) keeps it.
 _SECONDS = ("seconds", "timeout", "interval", "grace")
-_NAMED = {"client": "NAME", "workstream": "SLUG", "step": "STEP", "workflow": "STEP"}
+_NAMED = {"client": "NAME", "workstream": "SLUG", "step": "STEP"}
+
+# Old spellings of options that still parse but that help, completion and error messages
+# no longer show (the README's "Renamed" list): `--workflow` is `--step` everywhere now.
+HIDDEN_ALIASES = frozenset({"--workflow"})
+
+
+class _AliasedOption(TyperOption):
+    """An option whose old names (``hidden_opts``) parse but are shown nowhere."""
+
+    hidden_opts: list[str]
+
+    def add_to_parser(self, parser, ctx) -> None:
+        shown = self.opts
+        self.opts = [*shown, *self.hidden_opts]  # the parser knows every name ...
+        try:
+            super().add_to_parser(parser, ctx)
+        finally:
+            self.opts = shown  # ... help, completion and errors only the current one
+
+
+def _hide_aliases(param) -> None:
+    """Keep an option's old names for parsing only: declared ``typer.Option(..., "--step",
+    "--workflow")``, it shows ``--step`` alone and ``--workflow X`` still works."""
+    hidden = [o for o in param.opts if o in HIDDEN_ALIASES]
+    if not hidden or len(hidden) == len(param.opts) or type(param) is not TyperOption:
+        return
+    param.opts = [o for o in param.opts if o not in HIDDEN_ALIASES]
+    param.__class__ = _AliasedOption  # only add_to_parser differs
+    cast(_AliasedOption, param).hidden_opts = hidden
 
 
 def _metavar(param) -> str | None:
@@ -77,6 +109,8 @@ def command():
         cmd = stack.pop()
         stack.extend(getattr(cmd, "commands", {}).values())
         for param in cmd.params:
+            if type(param).__name__.endswith("Option"):
+                _hide_aliases(param)
             if getattr(param, "metavar", None) is None and not getattr(param, "is_flag", False):
                 if type(param).__name__.endswith("Option"):
                     param.metavar = _metavar(param)

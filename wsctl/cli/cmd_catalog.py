@@ -13,13 +13,13 @@ registry_app = typer.Typer(
     help="Which Modal functions run a workflow step, per workstream.", no_args_is_help=True
 )
 config_app = typer.Typer(
-    help="Per-client configs by (workflow slug, workstream slug), and how they resolve.",
+    help="Per-client configs by (step, workstream), and how they resolve.",
     no_args_is_help=True,
 )
 
 REVEAL_OPTION = typer.Option(False, "--reveal", help="Print secrets instead of ***.")
 CLIENT_OPTION = typer.Option(..., "--client", help="Client name or id.")
-WORKFLOW_OPTION = typer.Option(..., "--workflow", help="Workflow step slug.")
+STEP_OPTION = typer.Option(..., "--step", "--workflow", help="Workflow step slug.")
 WORKSTREAM_OPTION = typer.Option(..., "--workstream", help="Workstream slug.")
 
 
@@ -70,7 +70,7 @@ def _registry_table(rows) -> None:
     from wsctl.cli import output
 
     output.table(
-        ["workflow", "workstream", "type", "sender", "receiver", "limit_keys"],
+        ["step", "workstream", "type", "sender", "receiver", "limit_keys"],
         [
             (
                 r.workflow_slug,
@@ -88,7 +88,7 @@ def _registry_table(rows) -> None:
 @registry_app.command("add")
 def registry_add(
     ctx: typer.Context,
-    workflow: str = WORKFLOW_OPTION,
+    step: str = STEP_OPTION,
     workstream: str = WORKSTREAM_OPTION,
     type_: str = typer.Option(..., "--type", help="sync or async."),
     sender: str = typer.Option(..., "--sender", help="Modal function that starts the step."),
@@ -114,7 +114,7 @@ def registry_add(
     with state(ctx).connect() as conn:
         w = catalog.add_registry(
             conn,
-            workflow=workflow,
+            workflow=step,
             workstream=workstream,
             type=type_,
             sender=sender,
@@ -135,15 +135,15 @@ def registry_add(
 def registry_list(
     ctx: typer.Context,
     workstream: str | None = typer.Option(None, "--workstream", help="Only this workstream."),
-    workflow: str | None = typer.Option(None, "--workflow", help="Only this step slug."),
+    step: str | None = typer.Option(None, "--step", "--workflow", help="Only this step."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """List registry rows (workflow, workstream, type, sender, receiver)."""
+    """List registry rows (step, workstream, type, sender, receiver)."""
     from wsctl import catalog
     from wsctl.cli import output
 
     with state(ctx).connect() as conn:
-        rows = catalog.list_registry(conn, workstream=workstream, workflow=workflow)
+        rows = catalog.list_registry(conn, workstream=workstream, workflow=step)
     if as_json:
         output.emit_json([r.to_json() for r in rows])
         return
@@ -153,7 +153,7 @@ def registry_list(
 @registry_app.command("remove")
 def registry_remove(
     ctx: typer.Context,
-    workflow: str = WORKFLOW_OPTION,
+    step: str = STEP_OPTION,
     workstream: str = WORKSTREAM_OPTION,
     force: bool = typer.Option(
         False,
@@ -167,9 +167,7 @@ def registry_remove(
     from wsctl.cli import output
 
     with state(ctx).connect() as conn:
-        removed = catalog.remove_registry(
-            conn, workflow=workflow, workstream=workstream, force=force
-        )
+        removed = catalog.remove_registry(conn, workflow=step, workstream=workstream, force=force)
     if as_json:
         output.emit_json(removed.to_json())
         return
@@ -217,7 +215,7 @@ def _dump(doc) -> str:
 def config_set(
     ctx: typer.Context,
     client: str = CLIENT_OPTION,
-    workflow: str = WORKFLOW_OPTION,
+    step: str = STEP_OPTION,
     workstream: str = WORKSTREAM_OPTION,
     file: Path | None = typer.Option(
         None, "--file", help="A .json or .toml file: replaces the whole config."
@@ -254,7 +252,7 @@ def config_set(
         w = catalog.set_config(
             conn,
             client=client,
-            workflow=workflow,
+            workflow=step,
             workstream=workstream,
             config=doc,
             merge=merge,
@@ -277,7 +275,7 @@ def config_list(
     ctx: typer.Context,
     client: str | None = typer.Option(None, "--client", help="Only this client (name or id)."),
     workstream: str | None = typer.Option(None, "--workstream", help="Only this workstream."),
-    workflow: str | None = typer.Option(None, "--workflow", help="Only this workflow slug."),
+    step: str | None = typer.Option(None, "--step", "--workflow", help="Only this step."),
     reveal: bool = REVEAL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
@@ -289,12 +287,12 @@ def config_list(
     from wsctl.redact import redact
 
     with state(ctx).connect() as conn:
-        rows = catalog.list_configs(conn, client=client, workstream=workstream, workflow=workflow)
+        rows = catalog.list_configs(conn, client=client, workstream=workstream, workflow=step)
     if as_json:
         output.emit_json([r.to_json(reveal=reveal) for r in rows])
         return
     output.table(
-        ["client", "workflow", "workstream", "config", "updated_at"],
+        ["client", "step", "workstream", "config", "updated_at"],
         [
             (
                 r.client.name,
@@ -312,7 +310,7 @@ def config_list(
 def config_unset(
     ctx: typer.Context,
     client: str = CLIENT_OPTION,
-    workflow: str = WORKFLOW_OPTION,
+    step: str = STEP_OPTION,
     workstream: str = WORKSTREAM_OPTION,
     keys: list[str] | None = typer.Option(
         None, "--key", help="Remove only this top-level key (repeatable); default: the whole row."
@@ -326,7 +324,7 @@ def config_unset(
 
     with state(ctx).connect() as conn:
         removed = catalog.unset_config(
-            conn, client=client, workflow=workflow, workstream=workstream, keys=keys or None
+            conn, client=client, workflow=step, workstream=workstream, keys=keys or None
         )
     if as_json:
         output.emit_json(removed.to_json(reveal=reveal))
@@ -358,7 +356,7 @@ def _row_text(row: dict | None) -> str:
 @config_app.command("show")
 def config_show(
     ctx: typer.Context,
-    workflow: str = WORKFLOW_OPTION,
+    step: str = STEP_OPTION,
     item: str | None = typer.Option(
         None, "--item", help="Batch item id (client and workstream from its batch)."
     ),
@@ -377,12 +375,12 @@ def config_show(
         raise UsageError("give either --item ID or --client C")
     with state(ctx).connect() as conn:
         res = resolve_config(
-            conn, workflow_slug=workflow, item_id=item, client=client, workstream_slug=workstream
+            conn, workflow_slug=step, item_id=item, client=client, workstream_slug=workstream
         )
     if as_json:
         output.emit_json(res.to_json(reveal=reveal))
     else:
-        output.line(f"workflow:   {res.workflow_slug}")
+        output.line(f"step:       {res.workflow_slug}")
         if res.client:
             output.line(f"client:     {res.client.name} ({res.client.id})")
         if res.item_id:

@@ -14,27 +14,25 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
-CONFIG_SET = "wsctl config set --client {client} --workflow {step} --workstream {workstream} --set "
+CONFIG_SET = "wsctl config set --client {client} --step {step} --workstream {workstream} --set "
 
 #: reason code -> the command(s) that remove the cause (before the retry).
 FIXES: dict[str, tuple[str, ...]] = {
     # operator: BLOCKED until fixed
     "no_workstream": ("wsctl backfill workstream-slug",),
     "no_registry_row": (
-        "wsctl registry add --workflow {step} --workstream {workstream} --type sync "
-        "--sender FUNCTION",
+        "wsctl registry add --step {step} --workstream {workstream} --type sync --sender FUNCTION",
     ),
     "function_not_found": (
         "modal deploy APP_FILE  # deploy the function the registry names, or:",
-        "wsctl registry add --workflow {step} --workstream {workstream} --type TYPE "
-        "--sender FUNCTION",
+        "wsctl registry add --step {step} --workstream {workstream} --type TYPE --sender FUNCTION",
     ),
     "missing_config_key": (CONFIG_SET + "KEY=VALUE",),
     "missing_secret": (
         "modal secret create SECRET_NAME KEY=VALUE  # the secret the function names",
     ),
     "config_unresolved": (
-        "wsctl config show --item {item} --workflow {step}  # why it is ambiguous",
+        "wsctl config show --item {item} --step {step}  # why it is ambiguous",
         CONFIG_SET + "KEY=VALUE",
     ),
     "credentials_rejected": ("modal token new  # or set MODAL_TOKEN_ID / MODAL_TOKEN_SECRET",),
