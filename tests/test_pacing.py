@@ -360,3 +360,19 @@ def test_a_limit_row_locked_elsewhere_fails_the_pass_in_one_line_claiming_nothin
     rec = Recorder()
     run_pass(conn, _backend([f"fn_{STEP}"], rec), PassOptions(max_seconds=1))
     assert len(rec.calls) == 5  # 4 at once (burst 5 keeps one back), the fifth 0.1 s later
+
+
+def test_the_modal_function_cap_is_a_setting(tmp_path, monkeypatch):
+    from wsctl import settings
+    from wsctl.dispatch.run import build_backend
+    from wsctl.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wsctl.toml").write_text('[dispatch]\nmodal_function_cap = 300\napp = "x"\n')
+    cfg = settings.load().dispatch
+    assert cfg.modal_function_cap == 300 and cfg.source("modal_function_cap").startswith("file:")
+    assert build_backend(cfg).function_cap == 300  # the modal backend caps at the setting
+    assert settings.DEFAULT_DISPATCH.modal_function_cap == 2000  # Modal's figure by default
+    (tmp_path / "wsctl.toml").write_text("[dispatch]\nmodal_function_cap = 0\n")
+    with pytest.raises(UsageError, match="modal_function_cap"):
+        settings.load()

@@ -146,12 +146,14 @@ def reserve(
     if not entries:
         raise WebhookCapacityExhausted(f"the client config for {where} has no Clay webhook URL")
     cap = submission_cap(config)
-    with tx(conn, lock_timeout="5s"):
+    from wsctl.queries import named
+
+    with tx(conn, lock_timeout="5s"), named(conn) as cur:
         for i, entry in enumerate(entries):
             d = digest(entry)
-            row = conn.execute(q("clay_reserve"), {"digest": d, "cap": cap}).fetchone()
+            row = cur.execute(q("clay_reserve"), {"digest": d, "cap": cap}).fetchone()
             if row is not None:
-                return Reservation(index=i, entry=entry, digest=d, submitted=row[0])
+                return Reservation(index=i, entry=entry, digest=d, submitted=row["submitted"])
     raise WebhookCapacityExhausted(
         f"Clay webhook sources for {where} are at their submission cap "
         f"({len(entries)} source(s), {cap:,} each); add one with `wsctl config set ... "
@@ -252,12 +254,14 @@ def record_prior(conn: psycopg.Connection, entry: Any, submitted: int) -> int:
     """Record submissions a webhook had before wsctl counted them (never lowers the count)."""
     if submitted < 0:
         raise OperationalError("a submission count cannot be negative")
-    with tx(conn, lock_timeout="5s"):
-        row = conn.execute(
+    from wsctl.queries import named
+
+    with tx(conn, lock_timeout="5s"), named(conn) as cur:
+        row = cur.execute(
             q("clay_set_submitted"), {"digest": digest(entry), "submitted": submitted}
         ).fetchone()
     assert row is not None
-    return int(row[0])
+    return int(row["submitted"])
 
 
 @dataclass(frozen=True)

@@ -289,9 +289,10 @@ def _limit_waits(conn: psycopg.Connection, report: ItemReport) -> None:
     """For each PENDING step: the limits that would hold it back now (Modal's default cap of
     calls per function counted, as the modal backend does)."""
     from wsctl.dispatch import pacing
+    from wsctl.settings import DEFAULT_DISPATCH
 
     for s in report.steps:
         if s.status == "PENDING" and s.registry is not None:
             s.waiting_for = pacing.holding_back(
-                conn, report.batch_id, s.step, function_cap=pacing.MODAL_FUNCTION_CAP
+                conn, report.batch_id, s.step, function_cap=DEFAULT_DISPATCH.modal_function_cap
             )

@@ -247,6 +247,9 @@ class DispatchSettings:
     concurrency: int = _setting(32, _whole_number)
     lease_seconds: int = _setting(300, _whole_number)
     spawn_timeout: float = _setting(30.0, _positive_seconds)
+    #: the modal backend's cap of calls at Modal at once per function (Modal queues at most
+    #: 2,000 pending inputs per function); a limit `modal:FUNCTION` says otherwise for one
+    modal_function_cap: int = _setting(2000, _whole_number)
     max_attempts: int = _setting(5, _whole_number)
     callback_timeout: int = _setting(3600, _whole_number)
     interval: float = _setting(10.0, _positive_seconds)

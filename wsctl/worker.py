@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.domain import parse_uuid
 from wsctl.errors import EnvError, OperationalError
 from wsctl.queries import q, scalar
-from wsctl.redact import RedactingFilter, redact_text, remember
+from wsctl.redact import RedactingFilter, first_line, redact_text, remember
 from wsctl.resolve import AMBIGUOUS, BATCH, EXPLICIT, MISMATCH, NOT_FOUND
 from wsctl.secret_refs import MissingSecret, resolve
 
@@ -89,15 +89,17 @@ def get_workstream_slug(item_id: str, *, conn: psycopg.Connection | None = None)
     An unknown item raises ``OperationalError`` (as ``get_client_config`` does).
     """
     item = parse_uuid(item_id, "item id")
-    with _connection(conn) as c:
-        row = c.execute(q("worker_item_workstream"), (item,)).fetchone()
+    from wsctl.queries import named
+
+    with _connection(conn) as c, named(c) as cur:
+        row = cur.execute(q("worker_item_workstream"), (item,)).fetchone()
     if row is None:
         raise OperationalError(f"no batch item with id {item}")
-    if row[0] is None:
+    if row["workstream_slug"] is None:
         log.warning(
             "[CONFIG] item=%s workstream=None (the batch has no workstream_slug)", _short(item)
         )
-    return row[0]
+    return row["workstream_slug"]
 
 
 def _refusal(res: Resolution) -> str:
@@ -219,7 +221,7 @@ def record_used_resolution(conn: psycopg.Connection, res: Resolution) -> bool:
             "[CONFIG] item=%s workflow=%s: could not record the resolution: %s",
             _short(res.item_id),
             res.workflow_slug,
-            str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+            first_line(exc),
         )
         return False
 

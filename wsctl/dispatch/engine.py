@@ -833,8 +833,9 @@ class _Recorder:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    from wsctl.redact import first_line
+
+    return first_line(exc)
 
 
 # -- Reconciliation ----------------------------------------------------------
@@ -1216,9 +1217,11 @@ class PlanRow:
 
 def due_total(conn: psycopg.Connection, workstream: str | None) -> int:
     """How many states are due now in all (``--dry-run`` shows the first ``--limit``)."""
-    with tx(conn):
-        row = conn.execute(q("dispatch_plan_due_total"), {"workstream": workstream}).fetchone()
-    return int(row[0]) if row is not None else 0
+    from wsctl.queries import named
+
+    with tx(conn), named(conn) as cur:
+        row = cur.execute(q("dispatch_plan_due_total"), {"workstream": workstream}).fetchone()
+    return int(row["due"]) if row is not None else 0
 
 
 def plan(

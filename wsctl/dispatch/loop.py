@@ -29,6 +29,7 @@ def make_backend(
     app: str | None,
     environment: str | None = None,
     spawn_timeout: float = DEFAULT_DISPATCH.spawn_timeout,
+    function_cap: int | None = DEFAULT_DISPATCH.modal_function_cap,
 ) -> Backend:
     if kind == "local":
         from wsctl.dispatch.local import LocalBackend
@@ -37,7 +38,12 @@ def make_backend(
     if kind == "modal":
         from wsctl.dispatch.modal_backend import ModalBackend
 
-        return ModalBackend(app or "", environment=environment, spawn_timeout=spawn_timeout)
+        return ModalBackend(
+            app or "",
+            environment=environment,
+            spawn_timeout=spawn_timeout,
+            function_cap=function_cap,
+        )
     raise UsageError(f"--backend must be 'modal' or 'local', not {kind!r}")
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 from wsctl import states
 from wsctl.dispatch.backend import NOT_STARTED, Failure, Job, Poll, Result, Stopping
-from wsctl.dispatch.pacing import MODAL_FUNCTION_CAP
 from wsctl.errors import EnvError
 from wsctl.redact import first_line
 from wsctl.settings import DEFAULT_DISPATCH
@@ -63,7 +62,7 @@ class ModalBackend:
         environment: str | None = None,
         spawn_timeout: float = DEFAULT_DISPATCH.spawn_timeout,
         lookup_timeout: float = DEFAULT_DISPATCH.spawn_timeout,
-        function_cap: int | None = MODAL_FUNCTION_CAP,
+        function_cap: int | None = DEFAULT_DISPATCH.modal_function_cap,
     ):
         self.app = app
         #: calls at Modal at once per function unless a limit `modal:FUNCTION` says

@@ -45,9 +45,6 @@ if TYPE_CHECKING:
 #: The prefix of a key that counts calls at Modal (until the call returns) rather than
 #: states in flight (until they finish); the backend's per-function cap uses it.
 MODAL_PREFIX = "modal:"
-#: Modal queues at most 2,000 pending inputs per function and answers RESOURCE_EXHAUSTED
-#: beyond: the modal backend's default cap of calls at Modal at once, per function.
-MODAL_FUNCTION_CAP = 2000
 #: How long a pass held back only by in-flight caps waits before it looks again.
 IN_FLIGHT_POLL = 0.2
 

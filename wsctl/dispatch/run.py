@@ -63,6 +63,7 @@ def build_backend(cfg: DispatchSettings) -> Backend:
         app=cfg.app,
         environment=cfg.modal_environment,
         spawn_timeout=cfg.spawn_timeout,
+        function_cap=cfg.modal_function_cap,
     )
 
 
