@@ -31,11 +31,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from wsctl.db import first_line, settings_of, tx
 from wsctl.domain import Inference, infer_workstreams, parse_uuid, validate_slug
 from wsctl.errors import OperationalError
+from wsctl.jsondoc import OMIT, JsonDoc
 from wsctl.queries import column, named, q, scalar
 
 if TYPE_CHECKING:
@@ -48,17 +49,10 @@ MAX_CHUNK_SIZE = 100_000
 
 
 @dataclass(frozen=True)
-class Unresolved:
+class Unresolved(JsonDoc):
     batch_id: uuid.UUID
     reason: str
     candidates: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "batch_id": str(self.batch_id),
-            "reason": self.reason,
-            "candidates": list(self.candidates),
-        }
 
 
 @dataclass(frozen=True)
@@ -74,21 +68,20 @@ class ChunkReport:
 
 
 @dataclass
-class EnforceResult:
+class EnforceResult(JsonDoc):
     state: str  # "added", "validated", "already", "refused", "would add", "would refuse"
     remaining_null: int
-    message: str
+    message: str = field(metadata=OMIT)
 
     @property
     def ok(self) -> bool:
         return self.state in ("added", "validated", "already", "would add")
 
-    def to_json(self) -> dict[str, Any]:
-        return {"state": self.state, "remaining_null": self.remaining_null, "ok": self.ok}
+    json_extra = ("ok",)
 
 
 @dataclass
-class BackfillReport:
+class BackfillReport(JsonDoc):
     inferred: int = 0
     defaulted: int = 0
     updated: int = 0
@@ -99,29 +92,12 @@ class BackfillReport:
     dry_run: bool = False
     default: str | None = None
     resumed_after: uuid.UUID | None = None
-    resumed_checkpoint_at: datetime | None = None
+    resumed_checkpoint_at: datetime | None = field(default=None, metadata=OMIT)
     # Defaulted batches whose blueprint the default workstream does not fully register.
     default_unregistered: list[uuid.UUID] = field(default_factory=list)
     enforce: EnforceResult | None = None
     # --enforce refused before writing: the counts say what the backfill would have set.
     refused_before_writing: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "inferred": self.inferred,
-            "defaulted": self.defaulted,
-            "updated": self.updated,
-            "unresolved": [u.to_json() for u in self.unresolved],
-            "scanned": self.scanned,
-            "already_set": self.already_set,
-            "set_meanwhile": self.set_meanwhile,
-            "dry_run": self.dry_run,
-            "default": self.default,
-            "default_unregistered": [str(b) for b in self.default_unregistered],
-            "resumed_after": str(self.resumed_after) if self.resumed_after else None,
-            "enforce": self.enforce.to_json() if self.enforce else None,
-            "refused_before_writing": self.refused_before_writing,
-        }
 
 
 def _check_default(conn: psycopg.Connection, default: str | None) -> str | None:

@@ -53,6 +53,7 @@ from wsctl.db import tx
 from wsctl.domain import Client, find_client, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.itemfiles import item_line, open_items
+from wsctl.jsondoc import FLATTEN, OMIT, JsonDoc, rename
 from wsctl.prune import PruneSummary, get_summary
 from wsctl.queries import column, named, one, q, scalar
 from wsctl.redact import first_line
@@ -152,32 +153,19 @@ def _plan_batch(
 
 
 @dataclass
-class CreateResult:
+class CreateResult(JsonDoc):
     batch_id: uuid.UUID | None  # None for a dry run
     items: int
-    workstream_slug: str
+    workstream_slug: str = field(metadata=rename("workstream"))
     blueprint: list[str]
     client_id: uuid.UUID
     client: str
     dry_run: bool = False
     deduplicated: bool = False  # an earlier create with the same dedupe key made this batch
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list, metadata=OMIT)
     # "by_construction": the per-row foreign-key triggers were skipped (see the module's
     # docstring); "server": PostgreSQL checked every row; None: nothing was written.
     fk_checks: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "batch_id": str(self.batch_id) if self.batch_id else None,
-            "items": self.items,
-            "workstream": self.workstream_slug,
-            "blueprint": list(self.blueprint),
-            "client_id": str(self.client_id),
-            "client": self.client,
-            "dry_run": self.dry_run,
-            "deduplicated": self.deduplicated,
-            "fk_checks": self.fk_checks,
-        }
 
 
 class _DedupeTaken(Exception):
@@ -441,25 +429,14 @@ def _copy_items(
 
 
 @dataclass(frozen=True)
-class BatchInfo:
+class BatchInfo(JsonDoc):
     batch_id: uuid.UUID
     client_id: uuid.UUID
     client: str
-    workstream_slug: str | None
+    workstream_slug: str | None = field(metadata=rename("workstream"))
     blueprint: list[str]
     status: str
     created_at: datetime | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "batch_id": str(self.batch_id),
-            "client_id": str(self.client_id),
-            "client": self.client,
-            "workstream": self.workstream_slug,
-            "blueprint": list(self.blueprint),
-            "status": self.status,
-            "created_at": self.created_at.isoformat() if self.created_at else None,
-        }
 
 
 def _info(row: dict[str, Any]) -> BatchInfo:
@@ -486,7 +463,7 @@ def get_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchInfo:
 
 
 @dataclass(frozen=True)
-class StepCounts:
+class StepCounts(JsonDoc):
     step: str
     position: int | None  # 1-based place in the blueprint; None for a step outside it
     counts: dict[str, int]
@@ -495,30 +472,16 @@ class StepCounts:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "position": self.position,
-            "counts": dict(self.counts),
-            "total": self.total,
-        }
+    json_extra = ("total",)
 
 
 @dataclass(frozen=True)
-class BatchStatus:
-    batch: BatchInfo
+class BatchStatus(JsonDoc):
+    batch: BatchInfo = field(metadata=FLATTEN)
     items: int
     steps: list[StepCounts]
     # `wsctl prune` removed its states: the counts are those kept when the prune began
     pruned: PruneSummary | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            **self.batch.to_json(),
-            "items": self.items,
-            "steps": [s.to_json() for s in self.steps],
-            "pruned": self.pruned.to_json() if self.pruned else None,
-        }
 
 
 def batch_status(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchStatus:
@@ -581,21 +544,12 @@ def list_batches(
 
 
 @dataclass(frozen=True)
-class CancelResult:
+class CancelResult(JsonDoc):
     batch_id: uuid.UUID
     cancelled_states: int
     in_flight: int  # DISPATCHING / DISPATCHED states left to finish
     previous_status: str
     status: str = "CANCELLED"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "batch_id": str(self.batch_id),
-            "status": self.status,
-            "previous_status": self.previous_status,
-            "cancelled_states": self.cancelled_states,
-            "in_flight": self.in_flight,
-        }
 
 
 def cancel_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> CancelResult:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import Client, find_client, validate_slug
 from wsctl.errors import OperationalError, UsageError
+from wsctl.jsondoc import FLATTEN, JsonDoc
 from wsctl.queries import named, one, q, rows_as
 from wsctl.redact import first_line, key_path, remember
 from wsctl.secret_refs import check_references, plaintext_credentials
@@ -191,13 +192,10 @@ def validate_registry_row(
 
 
 @dataclass(frozen=True)
-class RegistryWrite:
-    row: RegistryRow
+class RegistryWrite(JsonDoc):
+    row: RegistryRow = field(metadata=FLATTEN)
     created: bool
     changed: bool = True  # False: the row already said exactly this (nothing written)
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.row.to_json(), "created": self.created, "changed": self.changed}
 
 
 def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrite:
@@ -406,7 +404,7 @@ def parse_registry_toml(text: str, source: str = "registry file") -> list[Regist
 
 
 @dataclass(frozen=True)
-class RegistryImport:
+class RegistryImport(JsonDoc):
     rows: list[RegistryWrite] = field(default_factory=list)
     dry_run: bool = False
 
@@ -422,14 +420,11 @@ class RegistryImport:
     def updated(self) -> int:
         return len(self.rows) - self.created - self.unchanged
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "dry_run": self.dry_run,
-            "created": self.created,
-            "updated": self.updated,
-            "unchanged": self.unchanged,
-            "rows": [w.to_json() for w in self.rows],
-        }
+    json_extra = (
+        "created",
+        "updated",
+        "unchanged",
+    )
 
 
 def import_registry(

@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from wsctl.errors import OperationalError
+from wsctl.jsondoc import JsonDoc
 from wsctl.queries import column, example_path, named, one, q, scalar
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ def demo_items() -> dict[str, list[dict]]:
 
 
 @dataclass
-class DemoRow:
+class DemoRow(JsonDoc):
     item_id: str
     workstream: str  # the batch's
     step: str
@@ -148,25 +149,11 @@ class DemoRow:
             and self.ran_function == self.function
         )
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "item_id": self.item_id,
-            "workstream": self.workstream,
-            "step": self.step,
-            "status": self.status,
-            "function": self.function,
-            "ran_function": self.ran_function,
-            "ran_workstream": self.ran_workstream,
-            "config_id": self.config_id,
-            "config_workstream": self.config_workstream,
-            "detail": self.detail,
-            "clay": self.clay,
-            "ok": self.ok,
-        }
+    json_extra = ("ok",)
 
 
 @dataclass
-class DemoResult:
+class DemoResult(JsonDoc):
     database: str
     client: str
     batches: list[dict] = field(default_factory=list)
@@ -179,17 +166,7 @@ class DemoResult:
     def ok(self) -> bool:
         return bool(self.rows) and all(r.ok for r in self.rows)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "database": self.database,
-            "client": self.client,
-            "batches": self.batches,
-            "passes": self.passes,
-            "seconds": self.seconds,
-            "rows": [r.to_json() for r in self.rows],
-            "clay_requests": self.clay_requests,
-        }
+    json_extra = ("ok",)
 
 
 # --- local stand-ins: Clay's table webhooks and the receiver endpoints -------

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsctl.db import tx
 from wsctl.errors import WsctlError
+from wsctl.jsondoc import JsonDoc
 from wsctl.queries import named, one, q, scalar
 from wsctl.redact import first_line, mask_url
 
@@ -49,7 +50,7 @@ MODAL_FUNCTIONS = "modal_functions"
 
 
 @dataclass
-class Check:
+class Check(JsonDoc):
     """One check's outcome; ``rows`` is a bounded sample of what it found."""
 
     name: str
@@ -57,15 +58,6 @@ class Check:
     detail: str
     hint: str | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "status": self.status,
-            "detail": self.detail,
-            "hint": self.hint,
-            "rows": self.rows,
-        }
 
 
 @dataclass

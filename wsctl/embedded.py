@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsctl.errors import EnvError
+from wsctl.jsondoc import JsonDoc
 
 DEFAULT_DBNAME = "wsctl"
 
@@ -63,7 +64,7 @@ def ensure(data_dir: Path, dbname: str = DEFAULT_DBNAME) -> EmbeddedServer:
 
 
 @dataclass(frozen=True)
-class EmbeddedStatus:
+class EmbeddedStatus(JsonDoc):
     """Where the embedded server stands (``wsctl embedded status``)."""
 
     pgdata: Path
@@ -72,16 +73,6 @@ class EmbeddedStatus:
     pid: int | None = None
     port: int | None = None
     os_user: str | None = None  # the system user it runs as (as root: the package's own)
-
-    def to_json(self) -> dict:
-        return {
-            "pgdata": str(self.pgdata),
-            "initialized": self.initialized,
-            "running": self.running,
-            "pid": self.pid,
-            "port": self.port,
-            "os_user": self.os_user,
-        }
 
 
 def _postmaster(pgdata: Path) -> tuple[int, int | None] | None:

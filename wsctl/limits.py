@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsctl.db import tx
 from wsctl.errors import OperationalError, UsageError
+from wsctl.jsondoc import FLATTEN, JsonDoc, rename
 from wsctl.queries import q
 
 if TYPE_CHECKING:
@@ -112,12 +113,9 @@ class Limit:
 
 
 @dataclass(frozen=True)
-class LimitWrite:
-    limit: Limit
+class LimitWrite(JsonDoc):
+    limit: Limit = field(metadata=FLATTEN)
     created: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return {**self.limit.to_json(), "created": self.created}
 
 
 def _cursor(conn: psycopg.Connection, cls: type):
@@ -212,23 +210,14 @@ def remove_limit(conn: psycopg.Connection, key: str) -> Limit:
 
 
 @dataclass(frozen=True)
-class BoundKey:
+class BoundKey(JsonDoc):
     """A key a binding gives today, and whether a limit defines it."""
 
     key: str
-    key_template: str
+    key_template: str = field(metadata=rename("template"))
     step: str
     workstream: str
     defined: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "template": self.key_template,
-            "step": self.step,
-            "workstream": self.workstream,
-            "defined": self.defined,
-        }
 
 
 def bound_keys(conn: psycopg.Connection) -> list[BoundKey]:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsctl import security
 from wsctl.errors import EnvError, OperationalError
+from wsctl.jsondoc import JsonDoc
 from wsctl.queries import named, q, scalar, sql_dir
 from wsctl.redact import first_line
 
@@ -78,7 +79,7 @@ class Migration:
 
 
 @dataclass
-class MigrationStatus:
+class MigrationStatus(JsonDoc):
     applied: list[dict] = field(default_factory=list)
     pending: list[dict] = field(default_factory=list)
     changed: list[dict] = field(default_factory=list)
@@ -86,9 +87,6 @@ class MigrationStatus:
     @property
     def up_to_date(self) -> bool:
         return not self.pending and not self.changed
-
-    def to_json(self) -> dict:
-        return {"applied": self.applied, "pending": self.pending, "changed": self.changed}
 
 
 @dataclass

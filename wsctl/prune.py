@@ -36,6 +36,7 @@ from typing import IO, TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import parse_uuid
 from wsctl.errors import OperationalError, UsageError
+from wsctl.jsondoc import JsonDoc
 from wsctl.queries import named, one, q, scalar
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def parse_duration(text: str) -> timedelta:
 
 
 @dataclass(frozen=True)
-class PruneSummary:
+class PruneSummary(JsonDoc):
     """The row ``wsctl.pruned_batches`` keeps for a pruned batch."""
 
     batch_id: uuid.UUID
@@ -104,24 +105,7 @@ class PruneSummary:
             text += f"; archive {self.archive}"
         return text
 
-    def to_json(self) -> dict[str, Any]:
-        def iso(v: datetime | None) -> str | None:
-            return v.isoformat() if v else None
-
-        return {
-            "batch_id": str(self.batch_id),
-            "finished_at": iso(self.finished_at),
-            "counts": self.counts,
-            "items": self.items,
-            "states_pruned": self.states_pruned,
-            "items_pruned": self.items_pruned,
-            "include_items": self.include_items,
-            "archive": self.archive,
-            "started_at": iso(self.started_at),
-            "states_pruned_at": iso(self.states_pruned_at),
-            "items_pruned_at": iso(self.items_pruned_at),
-            "complete": self.complete,
-        }
+    json_extra = ("complete",)
 
 
 def get_summary(conn: psycopg.Connection, batch_id: uuid.UUID) -> PruneSummary | None:
@@ -133,7 +117,7 @@ def get_summary(conn: psycopg.Connection, batch_id: uuid.UUID) -> PruneSummary |
 
 
 @dataclass
-class BatchResult:
+class BatchResult(JsonDoc):
     batch_id: uuid.UUID
     finished_at: datetime | None
     states: int  # states it had when the run found it
@@ -142,18 +126,6 @@ class BatchResult:
     items_pruned: int = 0
     resumed: bool = False
     reason: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "batch_id": str(self.batch_id),
-            "finished_at": self.finished_at.isoformat() if self.finished_at else None,
-            "states": self.states,
-            "status": self.status,
-            "states_pruned": self.states_pruned,
-            "items_pruned": self.items_pruned,
-            "resumed": self.resumed,
-            "reason": self.reason,
-        }
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from wsctl.catalog import RegistryRow
 from wsctl.db import tx
 from wsctl.domain import Client, find_client, infer_workstream, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
+from wsctl.jsondoc import JsonDoc
 from wsctl.queries import column, named, q
 
 if TYPE_CHECKING:
@@ -46,15 +47,12 @@ RULE_INFER = "c:infer"
 
 
 @dataclass(frozen=True)
-class TraceStep:
+class TraceStep(JsonDoc):
     """One step of a resolution: which rule, which row it looked at, and why it concluded."""
 
     rule: str
     why: str
     row: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"rule": self.rule, "row": self.row, "why": self.why}
 
 
 @dataclass

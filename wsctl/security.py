@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wsctl.errors import OperationalError, UsageError
+from wsctl.jsondoc import JsonDoc
 from wsctl.queries import one, q, scalar
 
 if TYPE_CHECKING:
@@ -234,12 +235,9 @@ def object_keys(conn: psycopg.Connection) -> set[tuple[str, str]]:
 
 
 @dataclass
-class WorkerGrant:
+class WorkerGrant(JsonDoc):
     role: str
     statements: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"role": self.role, "statements": self.statements}
 
 
 def grant_worker(conn: psycopg.Connection, role: str, *, lock_timeout: str = "5s") -> WorkerGrant:

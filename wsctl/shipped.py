@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsctl.errors import EnvError, OperationalError
+from wsctl.jsondoc import JsonDoc
 from wsctl.queries import example_path
 
 
@@ -26,12 +27,9 @@ def example_files() -> list[Path]:
 
 
 @dataclass(frozen=True)
-class CopyResult:
+class CopyResult(JsonDoc):
     destination: Path
     copied: list[str]
-
-    def to_json(self) -> dict:
-        return {"destination": str(self.destination), "copied": self.copied}
 
 
 def copy_examples(destination: Path, *, force: bool = False) -> CopyResult:

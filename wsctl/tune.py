@@ -11,9 +11,10 @@ live in ``sql/queries/prune.sql`` (``tune_apply``). Nothing here prints.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from wsctl.db import tx
+from wsctl.jsondoc import JsonDoc
 from wsctl.queries import q, scalar
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ PROPOSED = {
 
 
 @dataclass(frozen=True)
-class Setting:
+class Setting(JsonDoc):
     table: str
     name: str
     current: str | None  # None: the server's default
@@ -39,28 +40,14 @@ class Setting:
     def changes(self) -> bool:
         return self.current != self.proposed
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "table": self.table,
-            "name": self.name,
-            "current": self.current,
-            "proposed": self.proposed,
-            "changes": self.changes,
-        }
+    json_extra = ("changes",)
 
 
 @dataclass(frozen=True)
-class TuneReport:
+class TuneReport(JsonDoc):
     settings: list[Setting]
     applied: bool
     statement: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "settings": [s.to_json() for s in self.settings],
-            "applied": self.applied,
-            "statement": self.statement,
-        }
 
 
 def _current(conn: psycopg.Connection) -> dict[str, str]:
