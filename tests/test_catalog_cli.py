@@ -655,7 +655,7 @@ def test_the_library_refuses_non_json_values_too(conn, world):
         ({"s": {1, 2}}, "config: key s: a set cannot be stored"),
     ]:
         with pytest.raises(OperationalError, match=text):
-            catalog.set_config(conn, client="acme", workflow=ENRICH, workstream=APOLLO, config=bad)
+            catalog.set_config(conn, client="acme", step=ENRICH, workstream=APOLLO, config=bad)
     assert table_snapshot(conn) == before
 
 

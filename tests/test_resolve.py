@@ -65,7 +65,7 @@ def seed_world(conn) -> dict:
     """
     catalog.import_registry(conn, example_path("registry.toml"))
     catalog.add_registry(
-        conn, workflow="score_lead", workstream=APOLLO, type="sync", sender="run_score_lead"
+        conn, step="score_lead", workstream=APOLLO, type="sync", sender="run_score_lead"
     )
     acme = add_client(conn, "acme")
     beta = add_client(conn, "beta")

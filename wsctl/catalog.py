@@ -1,8 +1,8 @@
 """The catalog an operator maintains: clients, registry rows, client configs.
 
-Registry rows say which Modal functions run a workflow step in a workstream;
+Registry rows say which Modal functions run a step in a workstream;
 client configs hold one client's settings for a step in a workstream. Both
-are keyed by the composite ``(workflow slug, workstream slug)``. Every write
+are keyed by the composite ``(step slug, workstream slug)``. Every write
 validates all its input first and runs in one transaction.
 """
 
@@ -104,10 +104,10 @@ def list_clients(conn: psycopg.Connection) -> list[ClientRow]:
 
 @dataclass(frozen=True)
 class RegistryRow:
-    """Which Modal functions run one workflow step in one workstream."""
+    """Which Modal functions run one step in one workstream."""
 
-    workflow_slug: str
-    workstream_slug: str
+    step: str
+    workstream: str
     type: str
     sender: str
     receiver: str | None = None
@@ -121,8 +121,8 @@ class RegistryRow:
         """A row of ``enrichment_registry`` read by ``queries.named`` (its column names)."""
         return cls(
             id=row["id"],
-            workflow_slug=row["slug"],
-            workstream_slug=row["workstream_slug"],
+            step=row["slug"],
+            workstream=row["workstream_slug"],
             type=row["type"],
             sender=row["modal_sender_fn"],
             receiver=row["modal_receiver_fn"],
@@ -138,8 +138,8 @@ class RegistryRow:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "step": self.workflow_slug,
-            "workstream": self.workstream_slug,
+            "step": self.step,
+            "workstream": self.workstream,
             "type": self.type,
             "sender": self.sender,
             "receiver": self.receiver,
@@ -150,7 +150,7 @@ class RegistryRow:
 
 
 def validate_registry_row(
-    workflow: str,
+    step: str,
     workstream: str,
     type_: str,
     sender: str,
@@ -158,7 +158,7 @@ def validate_registry_row(
     limit_keys: list[str] | tuple[str, ...] | None = None,
 ) -> RegistryRow:
     """A checked registry row (slugs, type, function names; async needs a receiver)."""
-    validate_slug(workflow, "step slug")
+    validate_slug(step, "step slug")
     validate_slug(workstream, "workstream slug")
     if type_ not in STEP_TYPES:
         raise OperationalError(f"invalid type {_shown(type_)}: use sync or async")
@@ -174,21 +174,21 @@ def validate_registry_row(
             )
     if type_ == "async" and not receiver:
         raise OperationalError(
-            f"{workflow} in {workstream}: an async step needs a receiver (the function "
+            f"{step} in {workstream}: an async step needs a receiver (the function "
             "the outside service's webhook reaches)"
         )
     if type_ == "sync" and receiver:
         raise OperationalError(
-            f"{workflow} in {workstream}: a sync step finishes itself; drop --receiver"
+            f"{step} in {workstream}: a sync step finishes itself; drop --receiver"
         )
     keys: tuple[str, ...] | None = None
     if limit_keys is not None:
         from wsctl.limits import validate_template
 
         if not all(isinstance(k, str) for k in limit_keys):
-            raise OperationalError(f"{workflow} in {workstream}: every limit key must be a string")
+            raise OperationalError(f"{step} in {workstream}: every limit key must be a string")
         keys = tuple(sorted({validate_template(k) for k in limit_keys}))
-    return RegistryRow(workflow, workstream, type_, sender, receiver or None, limit_keys=keys)
+    return RegistryRow(step, workstream, type_, sender, receiver or None, limit_keys=keys)
 
 
 @dataclass(frozen=True)
@@ -201,12 +201,12 @@ class RegistryWrite(JsonDoc):
 def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrite:
     before = (
         named(conn)
-        .execute(q("catalog_registry_get_for_update"), (row.workflow_slug, row.workstream_slug))
+        .execute(q("catalog_registry_get_for_update"), (row.step, row.workstream))
         .fetchone()
     )
     params = {
-        "workflow": row.workflow_slug,
-        "workstream": row.workstream_slug,
+        "workflow": row.step,
+        "workstream": row.workstream,
         "type": row.type,
         "sender": row.sender,
         "receiver": row.receiver,
@@ -231,7 +231,7 @@ def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrit
 def add_registry(
     conn: psycopg.Connection,
     *,
-    workflow: str,
+    step: str,
     workstream: str,
     type: str,
     sender: str,
@@ -243,25 +243,25 @@ def add_registry(
     ``limit_keys`` (templates, see ``wsctl.limits``) replace the row's bindings when
     given; None leaves them as they are.
     """
-    row = validate_registry_row(workflow, workstream, type, sender, receiver, limit_keys)
+    row = validate_registry_row(step, workstream, type, sender, receiver, limit_keys)
     with tx(conn):
         return _upsert_registry(conn, row)
 
 
 def list_registry(
-    conn: psycopg.Connection, *, workstream: str | None = None, workflow: str | None = None
+    conn: psycopg.Connection, *, workstream: str | None = None, step: str | None = None
 ) -> list[RegistryRow]:
     if workstream is not None:
         validate_slug(workstream, "workstream slug")
-    if workflow is not None:
-        validate_slug(workflow, "step slug")
+    if step is not None:
+        validate_slug(step, "step slug")
     from wsctl.limits import registry_bindings
 
     with tx(conn):  # read only; the transaction carries the statement timeout
         rows = [
             RegistryRow.from_db(r)
             for r in named(conn)
-            .execute(q("catalog_registry_list"), {"workstream": workstream, "workflow": workflow})
+            .execute(q("catalog_registry_list"), {"workstream": workstream, "workflow": step})
             .fetchall()
         ]
         bound = registry_bindings(conn, [r.id for r in rows if r.id is not None])
@@ -311,19 +311,19 @@ class RegistryRemoval:
 
 
 def remove_registry(
-    conn: psycopg.Connection, *, workflow: str, workstream: str, force: bool = False
+    conn: psycopg.Connection, *, step: str, workstream: str, force: bool = False
 ) -> RegistryRemoval:
     """Remove a registry row; refused while states (waiting, in flight or BLOCKED) or
     active batches that have not reached the step yet need it, unless ``force``."""
-    validate_slug(workflow, "step slug")
+    validate_slug(step, "step slug")
     validate_slug(workstream, "workstream slug")
     with tx(conn):
         found = (
-            named(conn).execute(q("catalog_registry_get_for_update"), (workflow, workstream))
+            named(conn).execute(q("catalog_registry_get_for_update"), (step, workstream))
         ).fetchone()
         if found is None:
             raise OperationalError(
-                f"{workflow} is not registered in workstream {workstream}",
+                f"{step} is not registered in workstream {workstream}",
                 hint="see `wsctl registry list`",
             )
         row = RegistryRow.from_db(found)
@@ -331,12 +331,12 @@ def remove_registry(
 
         with conn.cursor(row_factory=class_row(RegistryNeeds)) as cur:
             needs = cur.execute(
-                q("catalog_registry_needed_by"), {"workflow": workflow, "workstream": workstream}
+                q("catalog_registry_needed_by"), {"workflow": step, "workstream": workstream}
             ).fetchone()
         assert needs is not None
         if needs.any and not force:
             raise OperationalError(
-                f"refused: {needs.describe()} of {workflow} in workstream {workstream} "
+                f"refused: {needs.describe()} of {step} in workstream {workstream} "
                 "still need this registry row",
                 hint="let them finish, cancel them, or pass --force",
             )
@@ -393,7 +393,7 @@ def parse_registry_toml(text: str, source: str = "registry file") -> list[Regist
             )
         except (OperationalError, UsageError) as exc:
             raise OperationalError(f"{where}: {exc}") from None
-        key = (row.workflow_slug, row.workstream_slug)
+        key = (row.step, row.workstream)
         if key in seen:
             raise OperationalError(
                 f"{where}: {key[0]} in {key[1]} is already defined by row {seen[key]}"
@@ -447,8 +447,8 @@ def import_registry(
 class ConfigRow:
     id: uuid.UUID
     client: Client
-    workflow_slug: str
-    workstream_slug: str
+    step: str
+    workstream: str
     config: dict[str, Any]
     updated_at: datetime | None = None
 
@@ -459,8 +459,8 @@ class ConfigRow:
             "id": str(self.id),
             "client": self.client.name,
             "client_id": str(self.client.id),
-            "step": self.workflow_slug,
-            "workstream": self.workstream_slug,
+            "step": self.step,
+            "workstream": self.workstream,
             "config": redact(self.config, reveal=reveal),
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }
@@ -471,8 +471,8 @@ def _config_row(client: Client, r: dict[str, Any]) -> ConfigRow:
     return ConfigRow(
         id=r["id"],
         client=client,
-        workflow_slug=r["workflow_slug"],
-        workstream_slug=r["workstream_slug"],
+        step=r["workflow_slug"],
+        workstream=r["workstream_slug"],
         config=r["config"],
         updated_at=r["updated_at"],
     )
@@ -651,7 +651,7 @@ def set_config(
     conn: psycopg.Connection,
     *,
     client: str,
-    workflow: str,
+    step: str,
     workstream: str,
     config: dict[str, Any] | None = None,
     merge: dict[str, Any] | None = None,
@@ -667,7 +667,7 @@ def set_config(
     """
     from psycopg.types.json import Jsonb
 
-    validate_slug(workflow, "step slug")
+    validate_slug(step, "step slug")
     validate_slug(workstream, "workstream slug")
     if (config is None) == (merge is None):
         raise UsageError("give either a whole config (--file) or keys to merge (--set)")
@@ -692,13 +692,13 @@ def set_config(
                 + (f"; did you mean {close[0]!r}?" if close else f"; known workstreams: {listed}"),
                 hint="pass --new-workstream to store a config for a workstream not registered yet",
             )
-        registered = conn.execute(q("resolve_registry"), (workflow, workstream)).fetchone()
+        registered = conn.execute(q("resolve_registry"), (step, workstream)).fetchone()
         if registered is None:
             warnings.append(
-                f"{workflow} is not registered in workstream {workstream} "
+                f"{step} is not registered in workstream {workstream} "
                 "(see `wsctl registry list`); the config is stored anyway"
             )
-        key = (found.id, workflow, workstream)
+        key = (found.id, step, workstream)
         before = named(conn).execute(q("catalog_config_get_for_update"), key).fetchone()
         name = "catalog_config_replace" if config is not None else "catalog_config_merge"
         row = one(named(conn).execute(q(name), (*key, Jsonb(doc))))
@@ -751,23 +751,23 @@ def unset_config(
     conn: psycopg.Connection,
     *,
     client: str,
-    workflow: str,
+    step: str,
     workstream: str,
     keys: list[str] | None = None,
 ) -> ConfigRemoval:
     """Delete a client config row, or only some of its top-level keys."""
-    validate_slug(workflow, "step slug")
+    validate_slug(step, "step slug")
     validate_slug(workstream, "workstream slug")
     with tx(conn):
         found = find_client(conn, client)
         before = (
             named(conn)
-            .execute(q("catalog_config_get_for_update"), (found.id, workflow, workstream))
+            .execute(q("catalog_config_get_for_update"), (found.id, step, workstream))
             .fetchone()
         )
         if before is None:
             raise OperationalError(
-                f"client {found.name} has no config for {workflow} in workstream {workstream}",
+                f"client {found.name} has no config for {step} in workstream {workstream}",
                 hint="see `wsctl config list`",
             )
         if not keys:
@@ -790,19 +790,19 @@ def list_configs(
     *,
     client: str | None = None,
     workstream: str | None = None,
-    workflow: str | None = None,
+    step: str | None = None,
 ) -> list[ConfigRow]:
     if workstream is not None:
         validate_slug(workstream, "workstream slug")
-    if workflow is not None:
-        validate_slug(workflow, "step slug")
+    if step is not None:
+        validate_slug(step, "step slug")
     with tx(conn):  # read only; the transaction carries the statement timeout
         client_id = find_client(conn, client).id if client is not None else None
         rows = (
             named(conn)
             .execute(
                 q("catalog_config_list"),
-                {"client_id": client_id, "workstream": workstream, "workflow": workflow},
+                {"client_id": client_id, "workstream": workstream, "workflow": step},
             )
             .fetchall()
         )

@@ -55,7 +55,7 @@ def _example_registry() -> dict[tuple[str, str], tuple[str, str, str | None]]:
 
     path = example_path("registry.toml")
     rows = parse_registry_toml(path.read_text(encoding="utf-8"), str(path))
-    return {(r.workflow_slug, r.workstream_slug): (r.type, r.sender, r.receiver) for r in rows}
+    return {(r.step, r.workstream): (r.type, r.sender, r.receiver) for r in rows}
 
 
 REGISTRY = _example_registry()
@@ -355,7 +355,7 @@ def setup_catalog(conn: psycopg.Connection, configs: dict[tuple[str, str], dict]
     catalog.add_client(conn, DEMO_CLIENT)
     catalog.import_registry(conn, example_path("registry.toml"))
     for (step, ws), config in configs.items():
-        catalog.set_config(conn, client=DEMO_CLIENT, workflow=step, workstream=ws, config=config)
+        catalog.set_config(conn, client=DEMO_CLIENT, step=step, workstream=ws, config=config)
     limits.set_limit(conn, f"clay:{DEMO_CLAY_WORKSPACE}", rate="10/s", burst=20)
 
 

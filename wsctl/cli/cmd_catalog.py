@@ -73,8 +73,8 @@ def _registry_table(rows) -> None:
         ["step", "workstream", "type", "sender", "receiver", "limit_keys"],
         [
             (
-                r.workflow_slug,
-                r.workstream_slug,
+                r.step,
+                r.workstream,
                 r.type,
                 r.sender,
                 r.receiver,
@@ -114,7 +114,7 @@ def registry_add(
     with state(ctx).connect() as conn:
         w = catalog.add_registry(
             conn,
-            workflow=step,
+            step=step,
             workstream=workstream,
             type=type_,
             sender=sender,
@@ -128,7 +128,7 @@ def registry_add(
     fns = r.sender + (f" -> {r.receiver}" if r.receiver else "")
     verb = "registered" if w.created else "updated" if w.changed else "unchanged:"
     keys = f"; limit keys {', '.join(r.limit_keys)}" if r.limit_keys else ""
-    output.line(f"{verb} {r.workflow_slug} in {r.workstream_slug}: {r.type} {fns}{keys}")
+    output.line(f"{verb} {r.step} in {r.workstream}: {r.type} {fns}{keys}")
 
 
 @registry_app.command("list")
@@ -143,7 +143,7 @@ def registry_list(
     from wsctl.cli import output
 
     with state(ctx).connect() as conn:
-        rows = catalog.list_registry(conn, workstream=workstream, workflow=step)
+        rows = catalog.list_registry(conn, workstream=workstream, step=step)
     if as_json:
         output.emit_json([r.to_json() for r in rows])
         return
@@ -167,13 +167,13 @@ def registry_remove(
     from wsctl.cli import output
 
     with state(ctx).connect() as conn:
-        removed = catalog.remove_registry(conn, workflow=step, workstream=workstream, force=force)
+        removed = catalog.remove_registry(conn, step=step, workstream=workstream, force=force)
     if as_json:
         output.emit_json(removed.to_json())
         return
     if removed.needs.any:
         output.warn(f"{removed.needs.describe()} needed this row; the dispatcher will block them")
-    output.line(f"removed {removed.row.workflow_slug} from {removed.row.workstream_slug}")
+    output.line(f"removed {removed.row.step} from {removed.row.workstream}")
 
 
 @registry_app.command("import")
@@ -252,7 +252,7 @@ def config_set(
         w = catalog.set_config(
             conn,
             client=client,
-            workflow=step,
+            step=step,
             workstream=workstream,
             config=doc,
             merge=merge,
@@ -266,7 +266,7 @@ def config_set(
         output.warn(warning)
     r = w.row
     verb = "created" if w.created else "updated"
-    output.line(f"{verb} config of {r.client.name} for {r.workflow_slug} in {r.workstream_slug}")
+    output.line(f"{verb} config of {r.client.name} for {r.step} in {r.workstream}")
     output.line(_dump(redact(r.config, reveal=reveal)))
 
 
@@ -287,7 +287,7 @@ def config_list(
     from wsctl.redact import redact
 
     with state(ctx).connect() as conn:
-        rows = catalog.list_configs(conn, client=client, workstream=workstream, workflow=step)
+        rows = catalog.list_configs(conn, client=client, workstream=workstream, step=step)
     if as_json:
         output.emit_json([r.to_json(reveal=reveal) for r in rows])
         return
@@ -296,8 +296,8 @@ def config_list(
         [
             (
                 r.client.name,
-                r.workflow_slug,
-                r.workstream_slug,
+                r.step,
+                r.workstream,
                 json.dumps(redact(r.config, reveal=reveal), sort_keys=True),
                 r.updated_at,
             )
@@ -324,13 +324,13 @@ def config_unset(
 
     with state(ctx).connect() as conn:
         removed = catalog.unset_config(
-            conn, client=client, workflow=step, workstream=workstream, keys=keys or None
+            conn, client=client, step=step, workstream=workstream, keys=keys or None
         )
     if as_json:
         output.emit_json(removed.to_json(reveal=reveal))
         return
     r = removed.row
-    what = f"{r.client.name} / {r.workflow_slug} / {r.workstream_slug}"
+    what = f"{r.client.name} / {r.step} / {r.workstream}"
     if removed.deleted:
         output.line(f"deleted config {what}")
         return
