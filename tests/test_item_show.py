@@ -65,7 +65,7 @@ def test_completed_item_library(wconn, completed_item):
     item, batch = completed_item
     report = item_report(wconn, str(item))
     assert report.batch_id == batch and report.client == "acme"
-    assert report.batch_workstream_slug == "apollo_scrape" and report.batch_status == "COMPLETED"
+    assert report.batch_workstream == "apollo_scrape" and report.batch_status == "COMPLETED"
     assert [s.step for s in report.steps] == STEPS
     assert [s.position for s in report.steps] == [1, 2]
     assert [s.status for s in report.steps] == ["COMPLETED", "COMPLETED"]
@@ -80,11 +80,11 @@ def test_completed_item_library(wconn, completed_item):
         "receiver": None,
     }
     for s in report.steps:
-        assert s.workstream_slug == "apollo_scrape"
+        assert s.workstream == "apollo_scrape"
         assert s.last_error is None
         assert all(s.times[k] is not None for k in ("created_at", "dispatched_at", "completed_at"))
         assert s.resolution.status == "found" and s.resolution.source == "batch"
-        assert s.resolution.workstream_slug == "apollo_scrape"
+        assert s.resolution.workstream == "apollo_scrape"
     # the apollo_scrape config, never the linkedin_scrape one of the same step
     assert report.steps[1].resolution.config == {"table": "companies"}
     assert report.warnings == []
@@ -166,11 +166,11 @@ def test_blocked_item_of_legacy_batch(wconn, cli):
     assert summary.blocked == 1
 
     report = item_report(wconn, item)
-    assert report.legacy and report.batch_workstream_slug is None
+    assert report.legacy and report.batch_workstream is None
     first, second = report.steps
     assert first.status == "BLOCKED" and "no workstream_slug" in first.last_error
     assert first.registry is None and "legacy batch" in first.registry_note
-    assert first.workstream_slug is None and first.modal_call_id is None
+    assert first.workstream is None and first.modal_call_id is None
     # the resolution only advises: inferred (the client has a config in apollo_scrape only)
     assert first.resolution.status == "found" and first.resolution.source == "inferred"
     assert first.resolution.trusted is False

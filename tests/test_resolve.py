@@ -88,15 +88,15 @@ def rules(res) -> list[str]:
 
 
 def test_same_workflow_in_two_workstreams_gives_each_its_own_config(conn, world):
-    a = resolve_config(conn, workflow_slug=ENRICH, client="acme", workstream_slug=APOLLO)
-    li = resolve_config(conn, workflow_slug=ENRICH, client="acme", workstream_slug=LINKEDIN)
-    assert (a.status, a.source, a.workstream_slug, a.config) == (
+    a = resolve_config(conn, step=ENRICH, client="acme", workstream=APOLLO)
+    li = resolve_config(conn, step=ENRICH, client="acme", workstream=LINKEDIN)
+    assert (a.status, a.source, a.workstream, a.config) == (
         "found",
         "explicit",
         APOLLO,
         APOLLO_CFG,
     )
-    assert (li.status, li.source, li.workstream_slug, li.config) == (
+    assert (li.status, li.source, li.workstream, li.config) == (
         "found",
         "explicit",
         LINKEDIN,
@@ -107,32 +107,30 @@ def test_same_workflow_in_two_workstreams_gives_each_its_own_config(conn, world)
 
 
 def test_explicit_workstream_by_client_id(conn, world):
-    res = resolve_config(
-        conn, workflow_slug=ENRICH, client=str(world["acme"]), workstream_slug=LINKEDIN
-    )
+    res = resolve_config(conn, step=ENRICH, client=str(world["acme"]), workstream=LINKEDIN)
     assert res.found and res.config == LINKEDIN_CFG and res.client.name == "acme"
 
 
 def test_explicit_workstream_that_agrees_with_the_batch(conn, world):
     _, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], APOLLO)
-    res = resolve_config(conn, workflow_slug=ENRICH, item_id=item, workstream_slug=APOLLO)
+    res = resolve_config(conn, step=ENRICH, item_id=item, workstream=APOLLO)
     assert (res.status, res.source, res.config) == ("found", "explicit", APOLLO_CFG)
     assert rules(res) == ["item", "a:explicit"]
 
 
 def test_explicit_workstream_that_disagrees_with_the_batch_is_a_mismatch(conn, world):
     _, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], APOLLO)
-    res = resolve_config(conn, workflow_slug=ENRICH, item_id=str(item), workstream_slug=LINKEDIN)
+    res = resolve_config(conn, step=ENRICH, item_id=str(item), workstream=LINKEDIN)
     assert res.status == "mismatch"
-    assert res.config is None and res.workstream_slug is None and not res.trusted
+    assert res.config is None and res.workstream is None and not res.trusted
     assert res.candidates == [APOLLO, LINKEDIN]
-    assert res.batch_workstream_slug == APOLLO and res.explicit_workstream_slug == LINKEDIN
+    assert res.batch_workstream == APOLLO and res.explicit_workstream == LINKEDIN
     assert "disagrees" in res.trace[-1].why
 
 
 def test_explicit_workstream_on_a_legacy_batch_is_used_with_a_warning(conn, world):
     _, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], None)
-    res = resolve_config(conn, workflow_slug=ENRICH, item_id=item, workstream_slug=LINKEDIN)
+    res = resolve_config(conn, step=ENRICH, item_id=item, workstream=LINKEDIN)
     assert (res.status, res.source, res.config) == ("found", "explicit", LINKEDIN_CFG)
     assert res.warnings and "no workstream_slug" in res.warnings[0]
 
@@ -142,8 +140,8 @@ def test_explicit_workstream_on_a_legacy_batch_is_used_with_a_warning(conn, worl
 
 def test_item_whose_batch_has_a_workstream(conn, world):
     batch, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], LINKEDIN)
-    res = resolve_config(conn, workflow_slug=ENRICH, item_id=item)
-    assert (res.status, res.source, res.workstream_slug) == ("found", "batch", LINKEDIN)
+    res = resolve_config(conn, step=ENRICH, item_id=item)
+    assert (res.status, res.source, res.workstream) == ("found", "batch", LINKEDIN)
     assert res.config == LINKEDIN_CFG and res.trusted and not res.inferred
     assert res.batch_id == batch and res.client.name == "acme"
     assert rules(res) == ["item", "b:batch"]
@@ -152,8 +150,8 @@ def test_item_whose_batch_has_a_workstream(conn, world):
 
 def test_missing_config_in_the_batch_workstream(conn, world):
     _, item = add_item(conn, world["beta"], [NORMALIZE, ENRICH], APOLLO)
-    res = resolve_config(conn, workflow_slug=ENRICH, item_id=item)
-    assert (res.status, res.source, res.workstream_slug, res.config) == (
+    res = resolve_config(conn, step=ENRICH, item_id=item)
+    assert (res.status, res.source, res.workstream, res.config) == (
         "not_found",
         "batch",
         APOLLO,
@@ -164,7 +162,7 @@ def test_missing_config_in_the_batch_workstream(conn, world):
 
 
 def test_missing_config_for_an_unconfigured_workflow(conn, world):
-    res = resolve_config(conn, workflow_slug=NORMALIZE, client="acme", workstream_slug=APOLLO)
+    res = resolve_config(conn, step=NORMALIZE, client="acme", workstream=APOLLO)
     assert res.status == "not_found" and res.config is None and res.source == "explicit"
 
 
@@ -174,11 +172,11 @@ def test_missing_config_for_an_unconfigured_workflow(conn, world):
 def test_legacy_batch_with_one_candidate_is_inferred_advice(conn, world):
     add_config(conn, world["acme"], "score_lead", APOLLO, {"threshold": 3})
     batch, item = add_item(conn, world["acme"], [NORMALIZE, "score_lead"], None)
-    res = resolve_config(conn, workflow_slug="score_lead", item_id=item)
-    assert (res.status, res.source, res.workstream_slug) == ("found", "inferred", APOLLO)
+    res = resolve_config(conn, step="score_lead", item_id=item)
+    assert (res.status, res.source, res.workstream) == ("found", "inferred", APOLLO)
     assert res.config == {"threshold": 3}
     assert res.inferred and not res.trusted
-    assert res.candidates == [APOLLO] and res.backfill_workstream_slug == APOLLO
+    assert res.candidates == [APOLLO] and res.backfill_workstream == APOLLO
     assert (
         res.warnings
         and "wsctl backfill workstream-slug` would set apollo_scrape" in res.warnings[0]
@@ -191,23 +189,23 @@ def test_legacy_batch_with_one_candidate_is_inferred_advice(conn, world):
 
 def test_legacy_batch_with_two_candidates_is_ambiguous(conn, world):
     _, item = add_item(conn, world["acme"], [NORMALIZE, ENRICH], None)
-    res = resolve_config(conn, workflow_slug=ENRICH, item_id=item)
-    assert (res.status, res.source, res.workstream_slug, res.config) == (
+    res = resolve_config(conn, step=ENRICH, item_id=item)
+    assert (res.status, res.source, res.workstream, res.config) == (
         "ambiguous",
         None,
         None,
         None,
     )
     assert res.candidates == [APOLLO, LINKEDIN]
-    assert res.backfill_workstream_slug is None
+    assert res.backfill_workstream is None
     assert "refusing to pick" in res.trace[-1].why
 
 
 def test_legacy_batch_narrowed_by_the_clients_configs(conn, world):
     # both workstreams register the blueprint; beta has configs in linkedin_scrape only
     _, item = add_item(conn, world["beta"], [NORMALIZE, ENRICH], None)
-    res = resolve_config(conn, workflow_slug=ENRICH, item_id=item)
-    assert (res.status, res.source, res.workstream_slug) == ("found", "inferred", LINKEDIN)
+    res = resolve_config(conn, step=ENRICH, item_id=item)
+    assert (res.status, res.source, res.workstream) == ("found", "inferred", LINKEDIN)
     assert res.config == LINKEDIN_CFG and not res.trusted
     assert res.trace[1].row["registered"] == [APOLLO, LINKEDIN]
     assert res.trace[1].row["narrowed"] == [LINKEDIN]
@@ -215,35 +213,35 @@ def test_legacy_batch_narrowed_by_the_clients_configs(conn, world):
 
 def test_legacy_batch_with_no_candidate(conn, world):
     _, item = add_item(conn, world["acme"], ["never_registered_step"], None)
-    res = resolve_config(conn, workflow_slug=ENRICH, item_id=item)
+    res = resolve_config(conn, step=ENRICH, item_id=item)
     assert (res.status, res.source, res.candidates, res.config) == ("not_found", None, [], None)
 
 
 def test_inferred_workstream_without_config_is_not_found(conn, world):
     _, item = add_item(conn, world["beta"], [NORMALIZE, "score_lead"], None)
-    res = resolve_config(conn, workflow_slug="score_lead", item_id=item)
-    assert (res.status, res.source, res.workstream_slug) == ("not_found", "inferred", APOLLO)
+    res = resolve_config(conn, step="score_lead", item_id=item)
+    assert (res.status, res.source, res.workstream) == ("not_found", "inferred", APOLLO)
 
 
 # --- rule c: a client alone -------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "client, workflow, status, candidates",
+    "client, step, status, candidates",
     [
         ("acme", NORMALIZE, "not_found", []),
         ("beta", ENRICH, "found", [LINKEDIN]),
         ("acme", ENRICH, "ambiguous", [APOLLO, LINKEDIN]),
     ],
 )
-def test_client_only_resolution(conn, world, client, workflow, status, candidates):
-    res = resolve_config(conn, workflow_slug=workflow, client=client)
+def test_client_only_resolution(conn, world, client, step, status, candidates):
+    res = resolve_config(conn, step=step, client=client)
     assert res.status == status and res.candidates == candidates
     if status == "found":
         assert res.source == "inferred" and res.config == LINKEDIN_CFG and not res.trusted
         assert "--workstream linkedin_scrape" in res.warnings[0]
     else:
-        assert res.source is None and res.config is None and res.workstream_slug is None
+        assert res.source is None and res.config is None and res.workstream is None
 
 
 # --- registry ---------------------------------------------------------------
@@ -272,7 +270,7 @@ def test_registry_resolves_by_composite_key(conn, world):
 
 
 def test_to_json_shape_and_redaction(conn, world):
-    res = resolve_config(conn, workflow_slug=ENRICH, client="acme", workstream_slug=APOLLO)
+    res = resolve_config(conn, step=ENRICH, client="acme", workstream=APOLLO)
     doc = res.to_json()
     assert list(doc)[:6] == ["status", "source", "workstream", "config", "candidates", "trace"]
     assert doc["config"] == {"clay_table": "apollo-companies", "webhook_url": "***"}
@@ -287,16 +285,16 @@ def test_to_json_shape_and_redaction(conn, world):
 @pytest.mark.parametrize(
     "kwargs, error",
     [
-        ({"workflow_slug": "Bad Slug", "client": "acme"}, OperationalError),
+        ({"step": "Bad Slug", "client": "acme"}, OperationalError),
         (
-            {"workflow_slug": ENRICH, "client": "acme", "workstream_slug": "x'; --"},
+            {"step": ENRICH, "client": "acme", "workstream": "x'; --"},
             OperationalError,
         ),
-        ({"workflow_slug": ENRICH, "client": "acme'; DROP TABLE batches; --"}, OperationalError),
-        ({"workflow_slug": ENRICH, "item_id": "not-a-uuid"}, OperationalError),
-        ({"workflow_slug": ENRICH, "item_id": str(uuid.uuid4())}, OperationalError),
-        ({"workflow_slug": ENRICH}, UsageError),
-        ({"workflow_slug": ENRICH, "client": "acme", "item_id": str(uuid.uuid4())}, UsageError),
+        ({"step": ENRICH, "client": "acme'; DROP TABLE batches; --"}, OperationalError),
+        ({"step": ENRICH, "item_id": "not-a-uuid"}, OperationalError),
+        ({"step": ENRICH, "item_id": str(uuid.uuid4())}, OperationalError),
+        ({"step": ENRICH}, UsageError),
+        ({"step": ENRICH, "client": "acme", "item_id": str(uuid.uuid4())}, UsageError),
     ],
 )
 def test_bad_input_raises_and_changes_nothing(conn, world, kwargs, error):

@@ -55,7 +55,7 @@ class UsedResolution:
     config_id: uuid.UUID | None
     config_updated_at: datetime | None  # the row's updated_at when the step read it
     registry_id: uuid.UUID | None
-    workstream_slug: str | None
+    workstream: str | None
     status: str | None
     source: str | None
     resolved_at: datetime | None
@@ -82,7 +82,7 @@ class UsedResolution:
             "config_updated_at": _iso(self.config_updated_at),
             "registry_id": str(self.registry_id) if self.registry_id else None,
             "function": self.registry_function,
-            "workstream": self.workstream_slug,
+            "workstream": self.workstream,
             "status": self.status,
             "source": self.source,
             "resolved_at": _iso(self.resolved_at),
@@ -98,7 +98,7 @@ class StepReport:
 
     position: int | None
     step: str
-    workstream_slug: str | None
+    workstream: str | None
     state_id: uuid.UUID | None = None
     status: str | None = None  # None: not reached yet
     attempts: int | None = None
@@ -139,7 +139,7 @@ class StepReport:
             "state_id": str(self.state_id) if self.state_id else None,
             "status": self.shown_status,
             "attempts": self.attempts,
-            "workstream": self.workstream_slug,
+            "workstream": self.workstream,
             "registry": self.registry,
             "registry_note": self.registry_note,
             "function": self.function,
@@ -159,7 +159,7 @@ class ItemReport:
     batch_id: uuid.UUID
     client_id: uuid.UUID
     client: str
-    batch_workstream_slug: str | None
+    batch_workstream: str | None
     batch_status: str
     blueprint: list[str]
     created_at: datetime | None
@@ -170,7 +170,7 @@ class ItemReport:
     @property
     def legacy(self) -> bool:
         """True when the batch carries no workstream (created before the change)."""
-        return self.batch_workstream_slug is None
+        return self.batch_workstream is None
 
     def to_json(self, *, reveal: bool = False) -> dict[str, Any]:
         """The documented ``wsctl item show --json`` document (secrets redacted unless reveal)."""
@@ -180,7 +180,7 @@ class ItemReport:
                 "batch_id": str(self.batch_id),
                 "client": self.client,
                 "client_id": str(self.client_id),
-                "batch_workstream": self.batch_workstream_slug,
+                "batch_workstream": self.batch_workstream,
                 "batch_status": self.batch_status,
                 "blueprint": list(self.blueprint),
                 "created_at": _iso(self.created_at),
@@ -227,7 +227,7 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
         batch_id=row["batch_id"],
         client_id=row["client_id"],
         client=row["name"],
-        batch_workstream_slug=row["workstream_slug"],
+        batch_workstream=row["workstream_slug"],
         batch_status=row["status"],
         blueprint=list(row["blueprint"] or []),
         created_at=row["created_at"],
@@ -257,7 +257,7 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
         s = StepReport(
             position=pos,
             step=step,
-            workstream_slug=ws,
+            workstream=ws,
             state_id=state_id,
             status=r["status"],
             attempts=r["attempts"],
@@ -277,7 +277,7 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
                 f"the item has a state for {step}, which is not in its blueprint"
             )
         try:
-            s.resolution = resolve_config(conn, workflow_slug=step, item_id=iid)
+            s.resolution = resolve_config(conn, step=step, item_id=iid)
         except OperationalError as exc:  # a legacy step name that is not a slug
             s.resolution_error = exc.one_line()
         report.steps.append(s)

@@ -61,8 +61,8 @@ class Resolution:
 
     status: str
     source: str | None
-    workflow_slug: str
-    workstream_slug: str | None = None
+    step: str
+    workstream: str | None = None
     config: dict[str, Any] | None = None
     candidates: list[str] = field(default_factory=list)
     trace: list[TraceStep] = field(default_factory=list)
@@ -70,9 +70,9 @@ class Resolution:
     client: Client | None = None
     item_id: uuid.UUID | None = None
     batch_id: uuid.UUID | None = None
-    batch_workstream_slug: str | None = None  # what the item's batch carries (None: legacy)
-    explicit_workstream_slug: str | None = None
-    backfill_workstream_slug: str | None = None  # what `wsctl backfill workstream-slug` would set
+    batch_workstream: str | None = None  # what the item's batch carries (None: legacy)
+    explicit_workstream: str | None = None
+    backfill_workstream: str | None = None  # what `wsctl backfill workstream-slug` would set
     config_id: uuid.UUID | None = None
     updated_at: datetime | None = None
 
@@ -97,29 +97,29 @@ class Resolution:
         return {
             "status": self.status,
             "source": self.source,
-            "workstream": self.workstream_slug,
+            "workstream": self.workstream,
             "config": redact(self.config, reveal=reveal),
             "candidates": list(self.candidates),
             "trace": [t.to_json() for t in self.trace],
             "warnings": list(self.warnings),
-            "step": self.workflow_slug,
+            "step": self.step,
             "client": self.client.name if self.client else None,
             "client_id": str(self.client.id) if self.client else None,
             "item_id": str(self.item_id) if self.item_id else None,
             "batch_id": str(self.batch_id) if self.batch_id else None,
-            "batch_workstream": self.batch_workstream_slug,
-            "backfill_workstream": self.backfill_workstream_slug,
+            "batch_workstream": self.batch_workstream,
+            "backfill_workstream": self.backfill_workstream,
             "config_id": str(self.config_id) if self.config_id else None,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }
 
 
-def _key_row(client: Client, workflow: str, workstream: str, config_id=None) -> dict[str, Any]:
+def _key_row(client: Client, step: str, workstream: str, config_id=None) -> dict[str, Any]:
     return {
         "table": "client_workflow_configs",
         "id": str(config_id) if config_id else None,
         "client": client.name,
-        "workflow_slug": workflow,
+        "workflow_slug": step,  # trace rows name the table's columns
         "workstream_slug": workstream,
     }
 
@@ -132,20 +132,18 @@ def _lookup(
     assert client is not None
     row = (
         named(conn)
-        .execute(q("resolve_config_by_key"), (client.id, res.workflow_slug, workstream))
+        .execute(q("resolve_config_by_key"), (client.id, res.step, workstream))
         .fetchone()
     )
     res.source = source
-    res.workstream_slug = workstream
+    res.workstream = workstream
     if row is None:
-        configured = named(conn).execute(
-            q("resolve_client_workstreams"), (client.id, res.workflow_slug)
-        )
+        configured = named(conn).execute(q("resolve_client_workstreams"), (client.id, res.step))
         elsewhere = [ws for ws in column(configured, "workstream_slug") if ws != workstream]
-        why = f"no config for ({client.name}, {res.workflow_slug}, {workstream})"
+        why = f"no config for ({client.name}, {res.step}, {workstream})"
         if elsewhere:
             why += f"; the client has one in other workstream(s) only: {', '.join(elsewhere)}"
-        res.trace.append(TraceStep(rule, why, _key_row(client, res.workflow_slug, workstream)))
+        res.trace.append(TraceStep(rule, why, _key_row(client, res.step, workstream)))
         res.status = NOT_FOUND
         return res
     res.config_id, res.config, res.updated_at = row["id"], row["config"], row["updated_at"]
@@ -153,8 +151,8 @@ def _lookup(
     res.trace.append(
         TraceStep(
             rule,
-            f"exact composite key ({client.name}, {res.workflow_slug}, {workstream}) found",
-            _key_row(client, res.workflow_slug, workstream, row["id"]),
+            f"exact composite key ({client.name}, {res.step}, {workstream}) found",
+            _key_row(client, res.step, workstream, row["id"]),
         )
     )
     return res
@@ -164,10 +162,10 @@ def _item(conn: psycopg.Connection, res: Resolution, item_id: uuid.UUID) -> None
     row = named(conn).execute(q("resolve_item"), (item_id,)).fetchone()
     if row is None:
         raise OperationalError(f"no batch item with id {item_id}")
-    res.batch_id, res.batch_workstream_slug = row["batch_id"], row["workstream_slug"]
+    res.batch_id, res.batch_workstream = row["batch_id"], row["workstream_slug"]
     client_name = row["name"]
     res.client = Client(id=row["client_id"], name=client_name)
-    carried = res.batch_workstream_slug or "NULL (legacy batch)"
+    carried = res.batch_workstream or "NULL (legacy batch)"
     res.trace.append(
         TraceStep(
             RULE_ITEM,
@@ -177,7 +175,7 @@ def _item(conn: psycopg.Connection, res: Resolution, item_id: uuid.UUID) -> None
                 "table": "batches",
                 "id": str(res.batch_id),
                 "client": client_name,
-                "workstream_slug": res.batch_workstream_slug,
+                "workstream_slug": res.batch_workstream,
             },
         )
     )
@@ -187,7 +185,7 @@ def _infer_for_item(conn: psycopg.Connection, res: Resolution) -> Resolution:
     assert res.batch_id is not None  # _item() set it from the item's batch
     inference = infer_workstream(conn, res.batch_id)
     res.candidates = list(inference.candidates)
-    res.backfill_workstream_slug = inference.workstream
+    res.backfill_workstream = inference.workstream
     row = {
         "table": "batches",
         "id": str(res.batch_id),
@@ -201,20 +199,18 @@ def _infer_for_item(conn: psycopg.Connection, res: Resolution) -> Resolution:
 def _infer_for_client(conn: psycopg.Connection, res: Resolution) -> Resolution:
     client = res.client
     assert client is not None
-    configured = named(conn).execute(
-        q("resolve_client_workstreams"), (client.id, res.workflow_slug)
-    )
+    configured = named(conn).execute(q("resolve_client_workstreams"), (client.id, res.step))
     res.candidates = column(configured, "workstream_slug")
     listed = ", ".join(res.candidates) or "none"
     res.trace.append(
         TraceStep(
             RULE_INFER,
             f"no workstream given: workstreams where {client.name} has a config for "
-            f"{res.workflow_slug}: {listed}",
+            f"{res.step}: {listed}",
             {
                 "table": "client_workflow_configs",
                 "client": client.name,
-                "workflow_slug": res.workflow_slug,
+                "workflow_slug": res.step,
                 "workstream_slugs": res.candidates,
             },
         )
@@ -247,7 +243,7 @@ def _settle_candidates(conn: psycopg.Connection, res: Resolution, *, backfill: b
         assert res.client is not None  # known before any candidate is looked for
         res.warnings.append(
             f"workstream {only} is inferred (the only one where {res.client.name} has a config "
-            f"for {res.workflow_slug}); pass --workstream {only} to make it explicit"
+            f"for {res.step}); pass --workstream {only} to make it explicit"
         )
     return _lookup(conn, res, only, INFERRED, RULE_INFER)
 
@@ -255,10 +251,10 @@ def _settle_candidates(conn: psycopg.Connection, res: Resolution, *, backfill: b
 def resolve_config(
     conn: psycopg.Connection,
     *,
-    workflow_slug: str,
+    step: str,
     item_id: str | uuid.UUID | None = None,
     client: str | None = None,
-    workstream_slug: str | None = None,
+    workstream: str | None = None,
 ) -> Resolution:
     """Resolve one ``client_workflow_configs`` row for an item or a client (rules a, b, c).
 
@@ -266,27 +262,27 @@ def resolve_config(
     (slug, UUID, unknown client or item) raises ``OperationalError``; every
     other outcome, including not found, is a ``Resolution``.
     """
-    validate_slug(workflow_slug, "step slug")
-    if workstream_slug is not None:
-        validate_slug(workstream_slug, "workstream slug")
+    validate_slug(step, "step slug")
+    if workstream is not None:
+        validate_slug(workstream, "workstream slug")
     if (item_id is None) == (client is None):
         raise UsageError("give either an item id or a client, not both")
     with tx(conn):  # read only; the transaction carries the statement timeout
-        return _resolve(conn, workflow_slug, item_id, client, workstream_slug)
+        return _resolve(conn, step, item_id, client, workstream)
 
 
 def _resolve(
     conn: psycopg.Connection,
-    workflow_slug: str,
+    step: str,
     item_id: str | uuid.UUID | None,
     client: str | None,
-    workstream_slug: str | None,
+    workstream: str | None,
 ) -> Resolution:
     res = Resolution(
         status=NOT_FOUND,
         source=None,
-        workflow_slug=workflow_slug,
-        explicit_workstream_slug=workstream_slug,
+        step=step,
+        explicit_workstream=workstream,
     )
     if item_id is not None:
         res.item_id = item_id if isinstance(item_id, uuid.UUID) else parse_uuid(item_id, "item id")
@@ -302,15 +298,15 @@ def _resolve(
             )
         )
 
-    if workstream_slug is not None:  # rule a
-        carried = res.batch_workstream_slug
-        if res.item_id is not None and carried is not None and carried != workstream_slug:
+    if workstream is not None:  # rule a
+        carried = res.batch_workstream
+        if res.item_id is not None and carried is not None and carried != workstream:
             res.status, res.source = MISMATCH, EXPLICIT
-            res.candidates = [carried, workstream_slug]
+            res.candidates = [carried, workstream]
             res.trace.append(
                 TraceStep(
                     RULE_EXPLICIT,
-                    f"explicit workstream {workstream_slug} disagrees with the item's batch "
+                    f"explicit workstream {workstream} disagrees with the item's batch "
                     f"({carried}): refusing to trust either",
                 )
             )
@@ -318,27 +314,25 @@ def _resolve(
         if res.item_id is not None and carried is None:
             assert res.batch_id is not None  # _item() set it from the item's batch
             inference = infer_workstream(conn, res.batch_id)
-            res.backfill_workstream_slug = inference.workstream
+            res.backfill_workstream = inference.workstream
             res.warnings.append(
                 f"batch {res.batch_id} has no workstream_slug; using the explicit "
-                f"{workstream_slug} ({inference.reason})"
+                f"{workstream} ({inference.reason})"
             )
-        return _lookup(conn, res, workstream_slug, EXPLICIT, RULE_EXPLICIT)
+        return _lookup(conn, res, workstream, EXPLICIT, RULE_EXPLICIT)
 
-    if res.item_id is not None and res.batch_workstream_slug is not None:  # rule b
-        return _lookup(conn, res, res.batch_workstream_slug, BATCH, RULE_BATCH)
+    if res.item_id is not None and res.batch_workstream is not None:  # rule b
+        return _lookup(conn, res, res.batch_workstream, BATCH, RULE_BATCH)
 
     if res.item_id is not None:  # rule c, legacy batch
         return _infer_for_item(conn, res)
     return _infer_for_client(conn, res)  # rule c, client alone
 
 
-def resolve_registry(
-    conn: psycopg.Connection, step_slug: str, workstream_slug: str
-) -> RegistryRow | None:
+def resolve_registry(conn: psycopg.Connection, step: str, workstream: str) -> RegistryRow | None:
     """The ``enrichment_registry`` row of a step in a workstream, or None: not registered there."""
-    validate_slug(step_slug, "step slug")
-    validate_slug(workstream_slug, "workstream slug")
+    validate_slug(step, "step slug")
+    validate_slug(workstream, "workstream slug")
     with tx(conn):
-        row = named(conn).execute(q("resolve_registry"), (step_slug, workstream_slug)).fetchone()
+        row = named(conn).execute(q("resolve_registry"), (step, workstream)).fetchone()
     return RegistryRow.from_db(row) if row else None

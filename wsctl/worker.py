@@ -103,15 +103,15 @@ def get_workstream_slug(item_id: str, *, conn: psycopg.Connection | None = None)
 
 
 def _refusal(res: Resolution) -> str:
-    what = f"item {res.item_id} workflow {res.workflow_slug}"
+    what = f"item {res.item_id} workflow {res.step}"
     if res.status == MISMATCH:
         return (
-            f"{what}: workstream {res.explicit_workstream_slug} was passed but the item's "
-            f"batch carries {res.batch_workstream_slug}; refusing to choose"
+            f"{what}: workstream {res.explicit_workstream} was passed but the item's "
+            f"batch carries {res.batch_workstream}; refusing to choose"
         )
     backfill = (
-        f"`wsctl backfill workstream-slug` would set {res.backfill_workstream_slug}"
-        if res.backfill_workstream_slug
+        f"`wsctl backfill workstream-slug` would set {res.backfill_workstream}"
+        if res.backfill_workstream
         else "`wsctl backfill workstream-slug` cannot infer one"
     )
     if res.status == AMBIGUOUS:
@@ -121,7 +121,7 @@ def _refusal(res: Resolution) -> str:
         )
     if res.inferred:
         return (
-            f"{what}: the batch has no workstream_slug; {res.workstream_slug} is only "
+            f"{what}: the batch has no workstream_slug; {res.workstream} is only "
             f"inferred and is not used; {backfill}"
         )
     return f"{what}: the batch has no workstream_slug and none can be inferred; {backfill}"
@@ -152,14 +152,12 @@ def get_client_config(
 
     item = parse_uuid(item_id, "item id")
     with _connection(conn) as c:
-        res = resolve_config(
-            c, workflow_slug=workflow_slug, item_id=item, workstream_slug=workstream_slug
-        )
+        res = resolve_config(c, step=workflow_slug, item_id=item, workstream=workstream_slug)
         # What the step goes on with (a config, or none for certain) is noted on its state;
         # a refusal writes nothing.
         if res.trusted or _certainly_none(res):
             record_used_resolution(c, res)
-    head = f"[CONFIG] item={_short(item)} workflow={workflow_slug} workstream={res.workstream_slug}"
+    head = f"[CONFIG] item={_short(item)} workflow={workflow_slug} workstream={res.workstream}"
     for warning in res.warnings:
         log.warning("[CONFIG] item=%s %s", _short(item), warning)
     if res.trusted:
@@ -170,7 +168,7 @@ def get_client_config(
         return resolve(
             res.config,
             where=f"the config of {res.client.name if res.client else '?'} for {workflow_slug} "
-            f"in workstream {res.workstream_slug}",
+            f"in workstream {res.workstream}",
         )
     if _certainly_none(res):
         log.info("%s -> no config", head)
@@ -181,8 +179,8 @@ def get_client_config(
         log.warning(
             "%s -> mismatch: batch=%s explicit=%s",
             head,
-            res.batch_workstream_slug,
-            res.explicit_workstream_slug,
+            res.batch_workstream,
+            res.explicit_workstream,
         )
     elif res.inferred:
         log.warning("%s -> inferred, refused", head)
@@ -206,8 +204,8 @@ def record_used_resolution(conn: psycopg.Connection, res: Resolution) -> bool:
         return False
     params = {
         "item_id": res.item_id,
-        "step": res.workflow_slug,
-        "workstream": res.workstream_slug,
+        "step": res.step,
+        "workstream": res.workstream,
         "config_id": res.config_id if res.found else None,
         "config_updated_at": res.updated_at if res.found else None,
         "status": res.status,
@@ -220,7 +218,7 @@ def record_used_resolution(conn: psycopg.Connection, res: Resolution) -> bool:
         log.warning(
             "[CONFIG] item=%s workflow=%s: could not record the resolution: %s",
             _short(res.item_id),
-            res.workflow_slug,
+            res.step,
             first_line(exc),
         )
         return False

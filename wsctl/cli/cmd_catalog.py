@@ -374,20 +374,18 @@ def config_show(
     if (item is None) == (client is None):
         raise UsageError("give either --item ID or --client C")
     with state(ctx).connect() as conn:
-        res = resolve_config(
-            conn, workflow_slug=step, item_id=item, client=client, workstream_slug=workstream
-        )
+        res = resolve_config(conn, step=step, item_id=item, client=client, workstream=workstream)
     if as_json:
         output.emit_json(res.to_json(reveal=reveal))
     else:
-        output.line(f"step:       {res.workflow_slug}")
+        output.line(f"step:       {res.step}")
         if res.client:
             output.line(f"client:     {res.client.name} ({res.client.id})")
         if res.item_id:
             output.line(f"item:       {res.item_id} (batch {res.batch_id})")
         output.line(f"status:     {res.status}")
         output.line(f"source:     {res.source or '-'}")
-        output.line(f"workstream: {res.workstream_slug or '-'}")
+        output.line(f"workstream: {res.workstream or '-'}")
         if res.candidates:
             output.line(f"candidates: {', '.join(res.candidates)}")
         output.line("trace:")
@@ -405,7 +403,7 @@ def config_show(
 
         # the document (or the trace) is on stdout; stderr says in one line why it failed
         raise OperationalError(
-            f"no config resolved for {res.workflow_slug}: {res.status}"
+            f"no config resolved for {res.step}: {res.status}"
             + (f" (candidates: {', '.join(res.candidates)})" if res.candidates else ""),
             hint="see the trace" if not as_json else "see the document's trace",
         )

@@ -26,7 +26,7 @@ def _config_cell(step) -> str:
     res = step.resolution
     if res is None:
         return "error" if step.resolution_error else "-"
-    where = f" {res.workstream_slug}" if res.workstream_slug else ""
+    where = f" {res.workstream}" if res.workstream else ""
     return f"{res.status}{f' ({res.source}{where})' if res.source else ''}"
 
 
@@ -39,7 +39,7 @@ def _render_item(report, *, reveal: bool) -> None:
     output.line(f"item        {report.item_id}")
     output.line(f"batch       {report.batch_id} ({report.batch_status})")
     output.line(f"client      {report.client} ({report.client_id})")
-    output.line(f"workstream  {report.batch_workstream_slug or 'NULL (legacy batch)'}")
+    output.line(f"workstream  {report.batch_workstream or 'NULL (legacy batch)'}")
     output.line(f"blueprint   {' -> '.join(report.blueprint) or '-'}")
     output.line()
     output.table(
@@ -50,7 +50,7 @@ def _render_item(report, *, reveal: bool) -> None:
                 s.step,
                 s.shown_status,
                 s.attempts,
-                s.workstream_slug,
+                s.workstream,
                 s.function or "no registry row",
                 s.modal_call_id,
                 _config_cell(s),
@@ -65,7 +65,7 @@ def _render_item(report, *, reveal: bool) -> None:
         if s.registry:
             r = s.registry
             fns = r["sender"] + (f" -> receiver {r['receiver']}" if r["receiver"] else "")
-            output.line(f"   function    {fns} ({r['type']}, workstream {s.workstream_slug})")
+            output.line(f"   function    {fns} ({r['type']}, workstream {s.workstream})")
         else:
             output.line(f"   function    {s.registry_note}")
         output.line(f"   call id     {s.modal_call_id or '-'}")
