@@ -53,7 +53,7 @@ from wsctl.db import tx
 from wsctl.domain import Client, find_client, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.itemfiles import item_line, open_items
-from wsctl.jsondoc import FLATTEN, OMIT, JsonDoc, rename
+from wsctl.jsondoc import FLATTEN, OMIT, JsonDoc
 from wsctl.prune import PruneSummary, get_summary
 from wsctl.queries import column, named, one, q, scalar
 from wsctl.redact import first_line
@@ -156,7 +156,7 @@ def _plan_batch(
 class CreateResult(JsonDoc):
     batch_id: uuid.UUID | None  # None for a dry run
     items: int
-    workstream_slug: str = field(metadata=rename("workstream"))
+    workstream: str
     blueprint: list[str]
     client_id: uuid.UUID
     client: str
@@ -209,19 +209,19 @@ def _existing_for_key_in_tx(
     existing = get_batch(conn, row["batch_id"])
     if (
         existing.client_id != plan.client.id
-        or existing.workstream_slug != plan.workstream
+        or existing.workstream != plan.workstream
         or list(existing.blueprint) != plan.blueprint
     ):
         raise OperationalError(
             f"dedupe key {key!r} already names batch {existing.batch_id} "
-            f"(client {existing.client}, workstream {existing.workstream_slug}, "
+            f"(client {existing.client}, workstream {existing.workstream}, "
             f"blueprint {','.join(existing.blueprint)}), not this request"
         )
     items = scalar(conn.execute(q("batch_item_count"), (existing.batch_id,)))
     return CreateResult(
         batch_id=existing.batch_id,
         items=items,
-        workstream_slug=plan.workstream,
+        workstream=plan.workstream,
         blueprint=plan.blueprint,
         client_id=plan.client.id,
         client=plan.client.name,
@@ -267,7 +267,7 @@ def create_batch(
         result = CreateResult(
             batch_id=None,
             items=0,
-            workstream_slug=plan.workstream,
+            workstream=plan.workstream,
             blueprint=plan.blueprint,
             client_id=plan.client.id,
             client=plan.client.name,
@@ -433,7 +433,7 @@ class BatchInfo(JsonDoc):
     batch_id: uuid.UUID
     client_id: uuid.UUID
     client: str
-    workstream_slug: str | None = field(metadata=rename("workstream"))
+    workstream: str | None
     blueprint: list[str]
     status: str
     created_at: datetime | None
@@ -445,7 +445,7 @@ def _info(row: dict[str, Any]) -> BatchInfo:
         batch_id=row["id"],
         client_id=row["client_id"],
         client=row["name"],
-        workstream_slug=row["workstream_slug"],
+        workstream=row["workstream_slug"],
         blueprint=list(row["blueprint"] or []),
         status=row["status"],
         created_at=row["created_at"],

@@ -6,7 +6,7 @@ its fields in order with ``to_doc``: uuids become strings, dates and times ISO
 lists, nested dataclasses their own documents. A field's metadata changes
 what it becomes::
 
-    workstream_slug: str = field(metadata=rename("workstream"))  # printed as "workstream"
+    key_template: str = field(metadata=rename("template"))  # printed as "template"
     warnings: list[str] = field(default_factory=list, metadata=OMIT)  # not printed
     row: RegistryRow = field(metadata=FLATTEN)  # its keys merged into this document
 

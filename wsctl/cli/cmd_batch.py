@@ -87,14 +87,14 @@ def batch_create(
     if result.dry_run:
         output.line(
             f"dry run: would create a batch of {result.items} items for client "
-            f"{result.client} in workstream {result.workstream_slug}, blueprint "
+            f"{result.client} in workstream {result.workstream}, blueprint "
             f"{','.join(result.blueprint)} ({result.items} PENDING {result.blueprint[0]} states)"
         )
         return
     verb = "existing batch" if result.deduplicated else "created batch"
     output.line(
         f"{verb} {result.batch_id}: {result.items} items, workstream "
-        f"{result.workstream_slug}, blueprint {','.join(result.blueprint)}"
+        f"{result.workstream}, blueprint {','.join(result.blueprint)}"
     )
 
 
@@ -130,7 +130,7 @@ def batch_status(
         return
     b = st.batch
     output.line(f"batch {b.batch_id}  status {b.status}")
-    output.line(f"client {b.client}  workstream {b.workstream_slug or '- (none: see backfill)'}")
+    output.line(f"client {b.client}  workstream {b.workstream or '- (none: see backfill)'}")
     output.line(f"items {st.items}  created {b.created_at.isoformat() if b.created_at else '-'}")
     if st.pruned is not None:
         output.line(f"{st.pruned.describe()}; the counts below are as they were then")
@@ -182,7 +182,7 @@ def batch_list(
     output.table(
         ["id", "client", "workstream", "status", "blueprint", "created_at"],
         [
-            (r.batch_id, r.client, r.workstream_slug, r.status, ",".join(r.blueprint), r.created_at)
+            (r.batch_id, r.client, r.workstream, r.status, ",".join(r.blueprint), r.created_at)
             for r in rows
         ],
     )
