@@ -1,8 +1,8 @@
-"""Config and registry resolution by the composite key (workflow slug, workstream slug).
+"""Config and registry resolution by the composite key (step slug, workstream slug).
 
-The same workflow slug exists in several workstreams, with different Modal
+The same step slug exists in several workstreams, with different Modal
 functions and different client configs, so nothing is ever looked up by the
-workflow slug alone. For a client config the workstream comes from, in order:
+step slug alone. For a client config the workstream comes from, in order:
 
 a. an explicit workstream (source ``explicit``); if an item is given too and
    its batch carries a different one, the result is ``mismatch``;
@@ -10,7 +10,7 @@ b. the item's batch (source ``batch``);
 c. nothing recorded: for an item of a legacy batch (NULL workstream_slug) the
    candidates come from ``wsctl.domain.infer_workstream`` (the backfill's
    inference); for a client alone, the workstreams where the client has a
-   config for the workflow. One candidate is reported ``found`` with source
+   config for the step. One candidate is reported ``found`` with source
    ``inferred`` and a warning; several are ``ambiguous``; none ``not_found``.
 
 An inferred workstream is advice for the operator: ``Resolution.trusted`` is
