@@ -282,9 +282,9 @@ __all__ += ["CurrentDispatch", "current_dispatch"]
 
 
 def limit_keys(
-    item_id: str, workflow_slug: str, *, conn: psycopg.Connection | None = None
+    item_id: str, step: str, *, conn: psycopg.Connection | None = None
 ) -> list[str]:
-    """The limit keys the item's state of ``workflow_slug`` is under (``wsctl limit``)."""
+    """The limit keys the item's state of ``step`` is under (``wsctl limit``)."""
     item = parse_uuid(item_id, "item id")
     with _connection(conn) as c:
         from psycopg.rows import dict_row
@@ -293,14 +293,14 @@ def limit_keys(
 
         with tx(c), c.cursor(row_factory=dict_row) as cur:
             row = cur.execute(
-                q("limits_keys_of_item"), {"item_id": item, "step": workflow_slug}
+                q("limits_keys_of_item"), {"item_id": item, "step": step}
             ).fetchone()
     return list(row["keys"] or []) if row is not None else []
 
 
 def take_limit_token(
     item_id: str,
-    workflow_slug: str,
+    step: str,
     *,
     max_wait: float = 30.0,
     conn: psycopg.Connection | None = None,
@@ -316,5 +316,5 @@ def take_limit_token(
     from wsctl.dispatch.pacing import take_call_token
 
     with _connection(conn) as c:
-        keys = limit_keys(item_id, workflow_slug, conn=c)
+        keys = limit_keys(item_id, step, conn=c)
         return take_call_token(c, keys, max_wait=max_wait) if keys else 0.0
