@@ -281,9 +281,7 @@ def current_dispatch(
 __all__ += ["CurrentDispatch", "current_dispatch"]
 
 
-def limit_keys(
-    item_id: str, step: str, *, conn: psycopg.Connection | None = None
-) -> list[str]:
+def limit_keys(item_id: str, step: str, *, conn: psycopg.Connection | None = None) -> list[str]:
     """The limit keys the item's state of ``step`` is under (``wsctl limit``)."""
     item = parse_uuid(item_id, "item id")
     with _connection(conn) as c:
@@ -292,9 +290,7 @@ def limit_keys(
         from wsctl.db import tx
 
         with tx(c), c.cursor(row_factory=dict_row) as cur:
-            row = cur.execute(
-                q("limits_keys_of_item"), {"item_id": item, "step": step}
-            ).fetchone()
+            row = cur.execute(q("limits_keys_of_item"), {"item_id": item, "step": step}).fetchone()
     return list(row["keys"] or []) if row is not None else []
 
 

@@ -79,6 +79,18 @@ Stopping = Callable[[], bool]
 
 
 @dataclass(frozen=True, slots=True)
+class Run:
+    """How a backend runs one chunk: at most ``concurrency`` jobs at once; once
+    ``stopping()`` is true no job starts (``NOT_STARTED``) and those running get
+    ``grace`` seconds, after which the call returns with ``STILL_RUNNING`` for
+    those not done."""
+
+    concurrency: int
+    stopping: Stopping | None = None
+    grace: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class Poll:
     """Where a spawned call stands: running, returned, or raised (with the error)."""
 
@@ -99,19 +111,8 @@ class Backend(Protocol):
     def has_function(self, name: str) -> bool | None:
         """Whether the app defines ``name`` (None when it can't tell without spawning)."""
 
-    def dispatch(
-        self,
-        jobs: list[Job],
-        concurrency: int,
-        stopping: Stopping | None = None,
-        grace: float = 10.0,
-    ) -> list[Result]:
-        """Run or spawn every job; one result per job, in order.
-
-        Once ``stopping()`` is true no job starts (``NOT_STARTED``); jobs
-        running then get ``grace`` seconds, after which the call returns with
-        ``STILL_RUNNING`` for those not done.
-        """
+    def dispatch(self, jobs: list[Job], run: Run) -> list[Result]:
+        """Run or spawn every job as ``run`` says; one result per job, in order."""
 
     def poll(self, call_ids: list[str]) -> dict[str, Poll]:
         """Outcome of spawned calls (empty for backends that run inline)."""

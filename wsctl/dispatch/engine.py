@@ -34,6 +34,7 @@ from wsctl.dispatch.backend import (
     Backend,
     Failure,
     Job,
+    Run,
     Stopping,
     _Unfinished,
 )
@@ -551,7 +552,7 @@ def _run_chunk(
 
     if jobs:
         with _LeaseKeeper(conn, token, opts.lease_seconds, connect):
-            results = backend.dispatch(jobs, opts.concurrency, stopping, opts.grace)
+            results = backend.dispatch(jobs, Run(opts.concurrency, stopping, opts.grace))
     else:
         results = []
 

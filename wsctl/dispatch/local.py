@@ -19,7 +19,16 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from wsctl.dispatch.backend import NOT_STARTED, STILL_RUNNING, Failure, Job, Poll, Result, Stopping
+from wsctl.dispatch.backend import (
+    NOT_STARTED,
+    STILL_RUNNING,
+    Failure,
+    Job,
+    Poll,
+    Result,
+    Run,
+    Stopping,
+)
 from wsctl.errors import EnvError
 from wsctl.redact import first_line
 
@@ -30,14 +39,8 @@ _INLINE_CALL_LIMIT = 0.0002  # seconds for one call
 _INLINE_MEAN_LIMIT = 0.00005  # seconds per call on average
 
 
-def run_threaded(
-    call: Callable[[Job], Result],
-    jobs: list[Job],
-    concurrency: int,
-    stopping: Stopping | None = None,
-    grace: float = 10.0,
-) -> list[Result]:
-    """Apply ``call`` to every job with ``concurrency`` threads sharing one iterator.
+def run_threaded(call: Callable[[Job], Result], jobs: list[Job], run: Run) -> list[Result]:
+    """Apply ``call`` to every job with ``run.concurrency`` threads sharing one iterator.
 
     No future per item and no lock: each thread's ``for`` pulls the next job
     from the shared ``enumerate`` iterator, whose ``next`` is atomic under the
@@ -50,6 +53,7 @@ def run_threaded(
     running ones get ``grace`` seconds, then ``STILL_RUNNING`` stands for
     those not done (their threads are daemons: the process may exit).
     """
+    concurrency, stopping, grace = run.concurrency, run.stopping, run.grace
     results: list[Result] = [NOT_STARTED] * len(jobs)
     if not jobs:
         return results
@@ -190,13 +194,7 @@ class LocalBackend:
     def has_function(self, name: str) -> bool | None:
         return self._fn(name) is not None
 
-    def dispatch(
-        self,
-        jobs: list[Job],
-        concurrency: int,
-        stopping: Stopping | None = None,
-        grace: float = 10.0,
-    ) -> list[Result]:
+    def dispatch(self, jobs: list[Job], run: Run) -> list[Result]:
         for name in {j.function for j in jobs}:
             self._fn(name)  # resolve once per function, before the threads start
 
@@ -219,7 +217,7 @@ class LocalBackend:
         # What the app prints (the seed's functions log with print) goes to
         # stderr: stdout belongs to wsctl's own output (--json).
         with contextlib.redirect_stdout(sys.stderr):
-            return run_threaded(call, jobs, concurrency, stopping, grace)
+            return run_threaded(call, jobs, run)
 
     def poll(self, call_ids: list[str]) -> dict[str, Poll]:
         return {}

@@ -12,7 +12,7 @@ import itertools
 import threading
 from collections.abc import Callable
 
-from wsctl.dispatch.backend import Failure, Job, Poll, Result, Stopping
+from wsctl.dispatch.backend import Failure, Job, Poll, Result, Run
 from wsctl.dispatch.local import run_threaded
 
 
@@ -45,13 +45,7 @@ class MemoryBackend:
     def has_function(self, name: str) -> bool | None:
         return self.functions.get(name) is not None
 
-    def dispatch(
-        self,
-        jobs: list[Job],
-        concurrency: int,
-        stopping: Stopping | None = None,
-        grace: float = 10.0,
-    ) -> list[Result]:
+    def dispatch(self, jobs: list[Job], run: Run) -> list[Result]:
         def call(job: Job) -> Result:
             fn = self.functions.get(job.function)
             if fn is None:
@@ -70,7 +64,7 @@ class MemoryBackend:
             call_id = out if isinstance(out, str) else f"fc-mem-{next(self._ids)}"
             return call_id
 
-        return run_threaded(call, jobs, concurrency, stopping, grace)
+        return run_threaded(call, jobs, run)
 
     def poll(self, call_ids: list[str]) -> dict[str, Poll]:
         self.polled.extend(call_ids)

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from wsctl import states
-from wsctl.dispatch.backend import NOT_STARTED, Failure, Job, Poll, Result, Stopping
+from wsctl.dispatch.backend import NOT_STARTED, Failure, Job, Poll, Result, Run, Stopping
 from wsctl.errors import EnvError
 from wsctl.redact import first_line
 from wsctl.settings import DEFAULT_DISPATCH
@@ -153,15 +153,9 @@ class ModalBackend:
 
         return list(await asyncio.gather(*(one(j) for j in jobs)))
 
-    def dispatch(
-        self,
-        jobs: list[Job],
-        concurrency: int,
-        stopping: Stopping | None = None,
-        grace: float = 10.0,
-    ) -> list[Result]:
+    def dispatch(self, jobs: list[Job], run: Run) -> list[Result]:
         assert self._loop is not None, "setup() first"
-        return self._loop.run_until_complete(self._dispatch(jobs, concurrency, stopping))
+        return self._loop.run_until_complete(self._dispatch(jobs, run.concurrency, run.stopping))
 
     async def _poll(self, call_ids: list[str]) -> dict[str, Poll]:
         import modal
