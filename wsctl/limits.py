@@ -102,14 +102,22 @@ class Limit:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "key": self.key,
-            "rate": format_rate(self.rate_per_second),
-            "rate_per_second": self.rate_per_second,
-            "burst": self.burst,
-            "max_in_flight": self.max_in_flight,
+            **definition(self),
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }
+
+
+def definition(limit: Any) -> dict[str, Any]:
+    """What defines a limit, as every document shows it (``limit show``, ``stats``): its
+    key, rate (as written and per second), burst and in-flight cap."""
+    return {
+        "key": limit.key,
+        "rate": format_rate(limit.rate_per_second),
+        "rate_per_second": limit.rate_per_second,
+        "burst": limit.burst,
+        "max_in_flight": limit.max_in_flight,
+    }
 
 
 @dataclass(frozen=True)

@@ -133,15 +133,11 @@ class LimitUse:
     tokens_now: float | None  # None: the limit has no rate
 
     def to_json(self) -> dict[str, Any]:
-        from wsctl.limits import format_rate
+        from wsctl.limits import definition
 
         return {
-            "key": self.key,
-            "rate": format_rate(self.rate_per_second),
-            "rate_per_second": self.rate_per_second,
-            "burst": self.burst,
+            **definition(self),
             "tokens_now": None if self.tokens_now is None else round(self.tokens_now, 3),
-            "max_in_flight": self.max_in_flight,
             "in_flight": self.in_flight,
         }
 
