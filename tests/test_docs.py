@@ -279,3 +279,13 @@ def test_links_between_the_docs_resolve(doc):
 @pytest.mark.parametrize("path", [README, REFERENCE])
 def test_docs_do_not_speak_of_the_seed(path):
     assert not re.search(r"\bseed'?s?\b", path.read_text(), re.I)
+
+
+def test_the_reference_shows_the_state_tables_as_the_code_renders_them():
+    """The transition and reason tables are generated (wsctl.states): never edited by hand,
+    never stale."""
+    from wsctl import states
+
+    text = REFERENCE.read_text()
+    assert states.transition_table() in text
+    assert states.reason_table() in text

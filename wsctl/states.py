@@ -176,18 +176,9 @@ REASONS: dict[str, Reason] = {
         Reason("http_timeout", _T, "HTTP 408 from a service"),
         Reason("rate_limited", _T, "HTTP 429 from a service"),
         Reason("server_error", _T, "HTTP 5xx from a service"),
-        Reason(
-            "modal_resource_exhausted",
-            _T,
-            "Modal answered RESOURCE_EXHAUSTED (its queue is full): no attempt counted",
-            counts_attempt=False,
-        ),
-        Reason(
-            "limit_wait",
-            _T,
-            "no token under a limit at the point of call in time: no attempt counted",
-            counts_attempt=False,
-        ),
+        # a full queue or no token says nothing about the item: no attempt counted
+        Reason("modal_resource_exhausted", _T, "Modal's queue is full (RESOURCE_EXHAUSTED)", False),
+        Reason("limit_wait", _T, "no token under a limit at the point of call in time", False),
         Reason("clay_error", _T, "the Clay webhook could not be reached"),
         Reason("modal_unavailable", _T, "Modal answered UNAVAILABLE"),
         Reason("unexpected_error", _T, "an exception no rule classifies: retried"),
@@ -326,8 +317,11 @@ def reason_table() -> str:
     """``REASONS`` as a Markdown table (the README shows it)."""
     lines = ["| reason code | class | state ends | meaning |", "|---|---|---|---|"]
     for r in REASONS.values():
-        ends = {"transient": "PENDING (backoff), FAILED at max attempts"}.get(
-            r.error_class, str(OUTCOME_STATUS[r.outcome])
-        )
+        if r.error_class != ErrorClass.TRANSIENT:
+            ends = str(OUTCOME_STATUS[r.outcome])
+        elif r.counts_attempt:
+            ends = "PENDING (backoff), FAILED at max attempts"
+        else:
+            ends = "PENDING (backoff), no attempt counted"
         lines.append(f"| {r.code} | {r.error_class} | {ends} | {r.meaning} |")
     return "\n".join(lines)
