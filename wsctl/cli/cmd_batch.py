@@ -183,16 +183,14 @@ def batch_list(
     rows = rows[:limit] if more else rows
     if as_json:
         output.emit_json([r.to_json() for r in rows])
-        if more:
-            output.notice(f"showing the newest {limit}; --all or --limit N for more")
-        return
-    output.table(
-        ["id", "client", "workstream", "status", "blueprint", "created_at"],
-        [
-            (r.batch_id, r.client, r.workstream, r.status, ",".join(r.blueprint), r.created_at)
-            for r in rows
-        ],
-    )
+    else:
+        output.table(
+            ["id", "client", "workstream", "status", "blueprint", "created_at"],
+            [
+                (r.batch_id, r.client, r.workstream, r.status, ",".join(r.blueprint), r.created_at)
+                for r in rows
+            ],
+        )
     if more:
         output.notice(f"showing the newest {limit}; --all or --limit N for more")
 
