@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import (
+    CLIENT_OPTION,
+    JSON_OPTION,
+    WORKSTREAM_FILTER_OPTION,
+    WORKSTREAM_OPTION,
+    state,
+)
 
 batch_app = typer.Typer(
     help="Batches: create one from a CSV or JSON Lines file, see where it stands, cancel it.",
@@ -16,8 +22,8 @@ backfill_app = typer.Typer(help="Bring legacy rows up to date.", no_args_is_help
 @batch_app.command("create")
 def batch_create(
     ctx: typer.Context,
-    client: str = typer.Option(..., "--client", help="Client name or id."),
-    workstream: str = typer.Option(..., "--workstream", help="Workstream slug."),
+    client: str = CLIENT_OPTION,
+    workstream: str = WORKSTREAM_OPTION,
     blueprint: str = typer.Option(
         ..., "--blueprint", help="Ordered workflow steps: step1,step2,..."
     ),
@@ -111,12 +117,13 @@ def _file_size(items: str) -> int | None:
 
 
 LIST_PAGE = 50  # `batch list` without --all: a page a terminal can show
+BATCH_ID_ARGUMENT = typer.Argument(..., help="Batch id.")
 
 
 @batch_app.command("status")
 def batch_status(
     ctx: typer.Context,
-    batch_id: str = typer.Argument(..., help="Batch id."),
+    batch_id: str = BATCH_ID_ARGUMENT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Per blueprint step, how many states are in each status."""
@@ -152,7 +159,7 @@ def batch_status(
 def batch_list(
     ctx: typer.Context,
     client: str | None = typer.Option(None, "--client", help="Only this client's batches."),
-    workstream: str | None = typer.Option(None, "--workstream", help="Only this workstream."),
+    workstream: str | None = WORKSTREAM_FILTER_OPTION,
     missing_workstream: bool = typer.Option(
         False, "--missing-workstream", help="Only batches without a workstream (legacy)."
     ),
@@ -176,16 +183,14 @@ def batch_list(
     rows = rows[:limit] if more else rows
     if as_json:
         output.emit_json([r.to_json() for r in rows])
-        if more:
-            output.notice(f"showing the newest {limit}; --all or --limit N for more")
-        return
-    output.table(
-        ["id", "client", "workstream", "status", "blueprint", "created_at"],
-        [
-            (r.batch_id, r.client, r.workstream, r.status, ",".join(r.blueprint), r.created_at)
-            for r in rows
-        ],
-    )
+    else:
+        output.table(
+            ["id", "client", "workstream", "status", "blueprint", "created_at"],
+            [
+                (r.batch_id, r.client, r.workstream, r.status, ",".join(r.blueprint), r.created_at)
+                for r in rows
+            ],
+        )
     if more:
         output.notice(f"showing the newest {limit}; --all or --limit N for more")
 
@@ -193,7 +198,7 @@ def batch_list(
 @batch_app.command("cancel")
 def batch_cancel(
     ctx: typer.Context,
-    batch_id: str = typer.Argument(..., help="Batch id."),
+    batch_id: str = BATCH_ID_ARGUMENT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Cancel a batch: its PENDING and BLOCKED states are never dispatched."""

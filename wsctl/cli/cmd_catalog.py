@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import (
+    CLIENT_OPTION,
+    JSON_OPTION,
+    REVEAL_OPTION,
+    WORKSTREAM_FILTER_OPTION,
+    WORKSTREAM_OPTION,
+    state,
+)
 
 client_app = typer.Typer(help="Clients (by name or id everywhere).", no_args_is_help=True)
 registry_app = typer.Typer(
@@ -17,10 +24,8 @@ config_app = typer.Typer(
     no_args_is_help=True,
 )
 
-REVEAL_OPTION = typer.Option(False, "--reveal", help="Print secrets instead of ***.")
-CLIENT_OPTION = typer.Option(..., "--client", help="Client name or id.")
 STEP_OPTION = typer.Option(..., "--step", "--workflow", help="Workflow step slug.")
-WORKSTREAM_OPTION = typer.Option(..., "--workstream", help="Workstream slug.")
+STEP_FILTER_OPTION = typer.Option(None, "--step", "--workflow", help="Only this step.")
 
 
 # --- client -----------------------------------------------------------------
@@ -134,8 +139,8 @@ def registry_add(
 @registry_app.command("list")
 def registry_list(
     ctx: typer.Context,
-    workstream: str | None = typer.Option(None, "--workstream", help="Only this workstream."),
-    step: str | None = typer.Option(None, "--step", "--workflow", help="Only this step."),
+    workstream: str | None = WORKSTREAM_FILTER_OPTION,
+    step: str | None = STEP_FILTER_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """List registry rows (step, workstream, type, sender, receiver)."""
@@ -274,8 +279,8 @@ def config_set(
 def config_list(
     ctx: typer.Context,
     client: str | None = typer.Option(None, "--client", help="Only this client (name or id)."),
-    workstream: str | None = typer.Option(None, "--workstream", help="Only this workstream."),
-    step: str | None = typer.Option(None, "--step", "--workflow", help="Only this step."),
+    workstream: str | None = WORKSTREAM_FILTER_OPTION,
+    step: str | None = STEP_FILTER_OPTION,
     reveal: bool = REVEAL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from wsctl.cli.common import JSON_OPTION, choices, state
@@ -16,28 +18,24 @@ def _d(key: str) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _from_config(flag: str, what: str, **kwargs: Any) -> Any:
+    """An option that is None unless given; its help names the dispatch default it falls back to.
+
+    The settings key is the flag's name (``--lease-seconds`` -> ``lease_seconds``).
+    """
+    key = flag.removeprefix("--").replace("-", "_")
+    return typer.Option(None, flag, help=f"{what} ({_FROM_CONFIG}: {_d(key)}).", **kwargs)
+
+
 def dispatch(
     ctx: typer.Context,
     once: bool = typer.Option(False, "--once", help="Run one pass and exit (the default)."),
     loop: bool = typer.Option(False, "--loop", help="Run passes until SIGTERM/SIGINT."),
-    interval: float | None = typer.Option(
-        None,
-        "--interval",
-        help=f"Seconds between --loop passes ({_FROM_CONFIG}: {_d('interval')}).",
-    ),
-    limit: int | None = typer.Option(
-        None, "--limit", help=f"Most states claimed in a pass ({_FROM_CONFIG}: {_d('limit')})."
-    ),
-    concurrency: int | None = typer.Option(
-        None,
-        "--concurrency",
-        help=f"Concurrent spawns/calls ({_FROM_CONFIG}: {_d('concurrency')}).",
-    ),
-    backend: Backend | None = typer.Option(
-        None,
-        "--backend",
-        metavar=choices(Backend),
-        help=f"Where functions run ({_FROM_CONFIG}: {_d('backend')}).",
+    interval: float | None = _from_config("--interval", "Seconds between --loop passes"),
+    limit: int | None = _from_config("--limit", "Most states claimed in a pass"),
+    concurrency: int | None = _from_config("--concurrency", "Concurrent spawns/calls"),
+    backend: Backend | None = _from_config(
+        "--backend", "Where functions run", metavar=choices(Backend)
     ),
     app: str | None = typer.Option(
         None, "--app", help="Modal app name, or for --backend local a file path or module."
@@ -48,33 +46,18 @@ def dispatch(
     workstream: str | None = typer.Option(
         None, "--workstream", help="Only states of batches in this workstream."
     ),
-    lease_seconds: int | None = typer.Option(
-        None, "--lease-seconds", help=f"Claim lease ({_FROM_CONFIG}: {_d('lease_seconds')})."
+    lease_seconds: int | None = _from_config("--lease-seconds", "Claim lease"),
+    spawn_timeout: float | None = _from_config("--spawn-timeout", "Seconds per spawn"),
+    max_attempts: int | None = _from_config("--max-attempts", "Attempts before FAILED"),
+    callback_timeout: int | None = _from_config(
+        "--callback-timeout", "Seconds a DISPATCHED state may wait for completion"
     ),
-    spawn_timeout: float | None = typer.Option(
-        None, "--spawn-timeout", help=f"Seconds per spawn ({_FROM_CONFIG}: {_d('spawn_timeout')})."
+    max_seconds: float | None = _from_config(
+        "--max-seconds", "A pass stops claiming after this many seconds"
     ),
-    max_attempts: int | None = typer.Option(
-        None,
-        "--max-attempts",
-        help=f"Attempts before FAILED ({_FROM_CONFIG}: {_d('max_attempts')}).",
-    ),
-    callback_timeout: int | None = typer.Option(
-        None,
-        "--callback-timeout",
-        help="Seconds a DISPATCHED state may wait for completion "
-        f"({_FROM_CONFIG}: {_d('callback_timeout')}).",
-    ),
-    max_seconds: float | None = typer.Option(
-        None,
-        "--max-seconds",
-        help=f"A pass stops claiming after this many seconds ({_FROM_CONFIG}: {_d('max_seconds')}).",
-    ),
-    grace: float | None = typer.Option(
-        None,
+    grace: float | None = _from_config(
         "--grace",
-        help="Once stopping (SIGTERM/SIGINT, --max-seconds), seconds running functions get "
-        f"to finish ({_FROM_CONFIG}: {_d('grace')}).",
+        "Once stopping (SIGTERM/SIGINT, --max-seconds), seconds running functions get to finish",
     ),
     no_reconcile: bool = typer.Option(False, "--no-reconcile", help="Skip polling spawned calls."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; claim nothing."),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, choices, state
+from wsctl.cli.common import JSON_OPTION, REVEAL_OPTION, choices, state
 from wsctl.settings import Backend, DispatchSettings
 
 item_app = typer.Typer(help="Batch items: where each one went and why.", no_args_is_help=True)
@@ -116,7 +116,7 @@ def _render_item(report, *, reveal: bool) -> None:
 def item_show(
     ctx: typer.Context,
     item_id: str = typer.Argument(..., help="The batch item's id (a UUID)."),
-    reveal: bool = typer.Option(False, "--reveal", help="Print secrets instead of ***."),
+    reveal: bool = REVEAL_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Where an item went and why: per blueprint step, its state, function, call and config."""

@@ -11,6 +11,7 @@ limit_app = typer.Typer(
     "(bind registry rows to keys with `wsctl registry add ... --limit-key KEY`).",
     no_args_is_help=True,
 )
+KEY_ARGUMENT = typer.Argument(..., help="The limit key.")
 
 
 def _describe(rate: str | None, burst: int | None, cap: int | None) -> str:
@@ -91,7 +92,7 @@ def limit_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 @limit_app.command("show")
 def limit_show(
     ctx: typer.Context,
-    key: str = typer.Argument(..., help="The limit key."),
+    key: str = KEY_ARGUMENT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """One limit: its definition, what is in flight under it now, what binds it."""
@@ -122,7 +123,7 @@ def limit_show(
 @limit_app.command("remove")
 def limit_remove(
     ctx: typer.Context,
-    key: str = typer.Argument(..., help="The limit key."),
+    key: str = KEY_ARGUMENT,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Remove a limit (keys bound to it then limit nothing)."""

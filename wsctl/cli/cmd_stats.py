@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import JSON_OPTION, WORKSTREAM_FILTER_OPTION, state
 
 
 def _render(st) -> None:
@@ -84,7 +84,7 @@ def _render(st) -> None:
 
 def stats(
     ctx: typer.Context,
-    workstream: str | None = typer.Option(None, "--workstream", help="Only this workstream."),
+    workstream: str | None = WORKSTREAM_FILTER_OPTION,
     prometheus: bool = typer.Option(
         False, "--prometheus", help="Print Prometheus's text exposition format."
     ),

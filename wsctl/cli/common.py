@@ -81,3 +81,9 @@ def choices(enum: type[Enum]) -> str:
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout.")
+
+# Options that several commands declare alike (one declaration, the same flag and help everywhere).
+CLIENT_OPTION = typer.Option(..., "--client", help="Client name or id.")
+WORKSTREAM_OPTION = typer.Option(..., "--workstream", help="Workstream slug.")
+WORKSTREAM_FILTER_OPTION = typer.Option(None, "--workstream", help="Only this workstream.")
+REVEAL_OPTION = typer.Option(False, "--reveal", help="Print secrets instead of ***.")
