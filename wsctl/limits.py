@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.errors import OperationalError, UsageError
 from wsctl.jsondoc import FLATTEN, JsonDoc, rename
-from wsctl.queries import q
+from wsctl.queries import q, rows_as
 
 if TYPE_CHECKING:
     import uuid
@@ -126,19 +126,13 @@ class LimitWrite(JsonDoc):
     created: bool
 
 
-def _cursor(conn: psycopg.Connection, cls: type):
-    from psycopg.rows import class_row
-
-    return conn.cursor(row_factory=class_row(cls))
-
-
 @dataclass(frozen=True)
 class _LimitRow(Limit):
     created: bool = False
 
 
 def get_limit(conn: psycopg.Connection, key: str) -> Limit | None:
-    with tx(conn), _cursor(conn, Limit) as cur:
+    with tx(conn), rows_as(conn, Limit) as cur:
         return cur.execute(q("limits_get"), {"key": key}).fetchone()
 
 
@@ -160,7 +154,7 @@ def set_limit(
         raise UsageError("--max-in-flight must be at least 1")
     per_second = parse_rate(rate) if rate is not None else None
     with tx(conn, lock_timeout="5s"):
-        with _cursor(conn, Limit) as cur:
+        with rows_as(conn, Limit) as cur:
             before = cur.execute(q("limits_get"), {"key": key}).fetchone()
         if "rate" in clear:
             new_rate, new_burst = None, None
@@ -182,7 +176,7 @@ def set_limit(
                 "a limit needs --rate N/s|N/m|N/h and/or --max-in-flight N "
                 "(`wsctl limit remove KEY` removes one)"
             )
-        with _cursor(conn, _LimitRow) as cur:
+        with rows_as(conn, _LimitRow) as cur:
             row = cur.execute(
                 q("limits_upsert"),
                 {
@@ -204,13 +198,13 @@ def _was(before: Limit | None, name: str) -> Any:
 
 
 def list_limits(conn: psycopg.Connection) -> list[Limit]:
-    with tx(conn), _cursor(conn, Limit) as cur:
+    with tx(conn), rows_as(conn, Limit) as cur:
         return cur.execute(q("limits_list")).fetchall()
 
 
 def remove_limit(conn: psycopg.Connection, key: str) -> Limit:
     validate_key(key)
-    with tx(conn, lock_timeout="5s"), _cursor(conn, Limit) as cur:
+    with tx(conn, lock_timeout="5s"), rows_as(conn, Limit) as cur:
         gone = cur.execute(q("limits_delete"), {"key": key}).fetchone()
     if gone is None:
         raise OperationalError(f"no limit {key!r}", hint="see `wsctl limit list`")
@@ -229,7 +223,7 @@ class BoundKey(JsonDoc):
 
 
 def bound_keys(conn: psycopg.Connection) -> list[BoundKey]:
-    with tx(conn), _cursor(conn, BoundKey) as cur:
+    with tx(conn), rows_as(conn, BoundKey) as cur:
         return cur.execute(q("limits_bound_keys")).fetchall()
 
 
@@ -259,23 +253,18 @@ def _usage(conn: psycopg.Connection, key: str) -> tuple[int, float | None]:
     claim counts them (``wsctl.dispatch.pacing``)."""
     from wsctl.dispatch import pacing
 
-    with _cursor(conn, pacing.Bucket) as cur:
-        buckets = cur.execute(q("dispatch_limits_buckets"), {"keys": [key]}).fetchall()
-    with _cursor(conn, pacing.InFlight) as cur:
-        counted = cur.execute(q("dispatch_limits_in_flight"), {"keys": [key]}).fetchall()
-    in_flight = 0
-    for r in counted:
-        in_flight = r.at_modal if key.startswith(pacing.MODAL_PREFIX) else r.in_flight
-    return in_flight, (buckets[0].available() if buckets else None)
+    bucket = pacing.read_buckets(conn, [key]).get(key)
+    in_flight = pacing.read_in_flight(conn, [key]).get(key, 0)
+    return in_flight, (bucket.available() if bucket is not None else None)
 
 
 def show_limit(conn: psycopg.Connection, key: str) -> LimitReport:
     validate_key(key)
     with tx(conn):
-        with _cursor(conn, Limit) as cur:
+        with rows_as(conn, Limit) as cur:
             limit = cur.execute(q("limits_get"), {"key": key}).fetchone()
         in_flight, tokens_now = _usage(conn, key)
-        with _cursor(conn, BoundKey) as cur:
+        with rows_as(conn, BoundKey) as cur:
             bound = [b for b in cur.execute(q("limits_bound_keys")).fetchall() if b.key == key]
     if limit is None and not bound:
         raise OperationalError(

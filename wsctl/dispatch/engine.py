@@ -41,6 +41,7 @@ from wsctl.dispatch.backend import (
 from wsctl.domain import infer_workstreams
 from wsctl.errors import EnvError, OperationalError, WsctlError
 from wsctl.queries import q
+from wsctl.redact import first_line
 from wsctl.settings import DEFAULT_DISPATCH
 from wsctl.states import (
     FAILURE_OUTCOMES,
@@ -758,7 +759,7 @@ class _Recorder:
                 if self.journal is not None and attempt == 0:
                     self.journal.sync()  # from now on the outcomes survive this host too
                 attempt += 1
-                first = _first_line(exc)
+                first = first_line(exc)
                 elapsed = time.monotonic() - started
                 if self.connect is None or elapsed >= self.opts.record_retry_seconds:
                     where = (
@@ -831,12 +832,6 @@ class _Recorder:
     def close(self) -> None:
         for c in self._opened:
             c.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    from wsctl.redact import first_line
-
-    return first_line(exc)
 
 
 # -- Reconciliation ----------------------------------------------------------

@@ -98,12 +98,23 @@ class Bucket:
         elapsed = max(0.0, (self.now - at).total_seconds())
         return min(cap, tokens + self.rate_per_second * elapsed)
 
+    def seconds_to_token(self, tokens: float) -> float:
+        """How long until a bucket holding ``tokens`` has a whole one (it has a rate)."""
+        assert self.rate_per_second, "a bucket without a rate has no tokens"
+        return max(0.0, 1.0 - tokens) / self.rate_per_second
+
 
 @dataclass(slots=True)
 class InFlight:
     key: str
     in_flight: int
     at_modal: int
+
+    @property
+    def counted(self) -> int:
+        """What the key's cap counts: calls still at Modal for a ``modal:`` key, else
+        states in flight until they finish."""
+        return self.at_modal if self.key.startswith(MODAL_PREFIX) else self.in_flight
 
 
 @dataclass
@@ -180,17 +191,15 @@ class Limits:
             b = self.buckets[key]
             out.tokens_left[key] = (left, b.now)
             if key in out.deferred and left < 1.0 and b.rate_per_second:
-                wait = (1.0 - left) / b.rate_per_second
+                wait = b.seconds_to_token(left)
                 out.rate_wait = wait if out.rate_wait is None else min(out.rate_wait, wait)
         return out
 
 
 def _read(conn: psycopg.Connection, cls: type, query: str, params: Any) -> list[Any]:
-    from wsctl.dispatch.engine import by_name
+    from wsctl.dispatch.engine import _read as read
 
-    with conn.cursor(row_factory=by_name(cls)) as cur:
-        cur.execute(q(query), params)
-        return cur.fetchall()
+    return read(conn, cls, query, params)
 
 
 def load_groups(
@@ -225,22 +234,23 @@ def load_limits(
     wanted = sorted(keys)
     if lock:
         conn.execute(q("dispatch_limits_lock"), {"keys": wanted})
-    buckets = {b.key: b for b in _read(conn, Bucket, "dispatch_limits_buckets", {"keys": wanted})}
-    capped = [k for k in wanted if probe_cap(buckets, k, function_cap) is not None]
-    in_flight: dict[str, int] = {}
+    limits = Limits(groups, read_buckets(conn, wanted), {}, function_cap)
+    capped = [k for k in wanted if limits.cap_of(k) is not None]
     if capped:
-        for r in _read(conn, InFlight, "dispatch_limits_in_flight", {"keys": capped}):
-            in_flight[r.key] = r.at_modal if r.key.startswith(MODAL_PREFIX) else r.in_flight
-    return Limits(groups, buckets, in_flight, function_cap)
+        limits.in_flight = read_in_flight(conn, capped)
+    return limits
 
 
-def probe_cap(buckets: dict[str, Bucket], key: str, function_cap: int | None) -> int | None:
-    b = buckets.get(key)
-    if b is not None:
-        return b.max_in_flight
-    if key.startswith(MODAL_PREFIX):
-        return function_cap
-    return None
+def read_buckets(conn: psycopg.Connection, keys: list[str]) -> dict[str, Bucket]:
+    """The limits of ``keys`` as they stand, with the database's clock (no lock)."""
+    return {b.key: b for b in _read(conn, Bucket, "dispatch_limits_buckets", {"keys": keys})}
+
+
+def read_in_flight(conn: psycopg.Connection, keys: list[str]) -> dict[str, int]:
+    """What each key's in-flight cap counts now (``InFlight.counted``)."""
+    return {
+        r.key: r.counted for r in _read(conn, InFlight, "dispatch_limits_in_flight", {"keys": keys})
+    }
 
 
 @dataclass
@@ -354,29 +364,28 @@ def take_call_token(
     while True:
         with tx(conn, lock_timeout="5s"):
             conn.execute(q("dispatch_limits_lock"), {"keys": wanted})
-            buckets = _read(conn, Bucket, "dispatch_limits_buckets", {"keys": wanted})
-            avail = {b.key: (b, b.available(call=True)) for b in buckets}
-            rated = {k: v for k, v in avail.items() if v[1] is not None}
-            short = [(k, b, a) for k, (b, a) in rated.items() if a is not None and a < 1.0]
+            rated = []  # (bucket, tokens now) of the keys with a rate, in key order
+            for b in sorted(read_buckets(conn, wanted).values(), key=lambda b: b.key):
+                tokens = b.available(call=True)
+                if tokens is not None:
+                    rated.append((b, tokens))
+            short = [(b, tokens) for b, tokens in rated if tokens < 1.0]
             if not short:
                 if rated:
-                    ks = sorted(rated)
                     conn.execute(
                         q("dispatch_limits_take"),
                         {
                             "call": True,
-                            "keys": ks,
-                            "tokens": [float(rated[k][1] or 0.0) - 1.0 for k in ks],
-                            "ats": [rated[k][0].now for k in ks],
+                            "keys": [b.key for b, _ in rated],
+                            "tokens": [tokens - 1.0 for _, tokens in rated],
+                            "ats": [b.now for b, _ in rated],
                         },
                     )
                 return time.monotonic() - started
-            wait = max(
-                (1.0 - a) / float(b.rate_per_second or 1.0) for _k, b, a in short if a is not None
-            )
+            wait = max(b.seconds_to_token(tokens) for b, tokens in short)
         waited = time.monotonic() - started
         if waited + wait > max_wait:
-            names = ", ".join(k for k, _b, _a in short)
+            names = ", ".join(b.key for b, _ in short)
             raise LimitWait(
                 f"no token under limit {names} within {max_wait:g} s at the point of call"
             )
@@ -411,7 +420,7 @@ def holding_back(
         b = limits.buckets.get(key)
         avail = b.available() if b is not None else None
         if b is not None and avail is not None and avail < 1.0 and b.rate_per_second:
-            wait = (1.0 - avail) / b.rate_per_second
+            wait = b.seconds_to_token(avail)
             out.append(
                 f"waiting for limit {key}: no token now (rate {b.rate_per_second:g}/s, "
                 f"burst {b.burst}; the next in {wait:.2f} s)"
