@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from wsctl.dispatch.journal import Journal, JournaledChunk
+    from wsctl.dispatch.pacing import Pacer
 
 log = logging.getLogger("wsctl.dispatch")
 
@@ -1028,52 +1029,15 @@ def run_pass(
     remaining = opts.limit
     failure: Failure | None = None
     function_cap = getattr(backend, "function_cap", None)
-    limited = False  # decided after replay and reconciliation, once per pass
-    skip: set[tuple[uuid.UUID, str]] = set()  # groups held back by limits this round
-    held: dict[str, set[uuid.UUID]] = {}  # per key, the states held back (not claimed since)
-    round_wait: float | None = None  # the shortest wait a held-back limit gave this round
-    round_rated = False  # whether a rate (not only an in-flight cap) held something back
-    idle_paces = 0  # consecutive waits for free slots that claimed nothing since
-    examine = 0  # candidates a limited claim locks: small while paced, a chunk otherwise
+    pacer: Pacer | None = None  # claims through the limits; decided once, after reconciling
     recorder = _Recorder(writer_conn or conn, opts, connect, journal)
     recorder.claim_conn = conn
     own: list[psycopg.Connection] = []  # claim connections this pass opened after a loss
 
     def claim_once(n: int, token: uuid.UUID) -> list[ClaimRow]:
-        nonlocal round_wait, examine, round_rated, idle_paces
-        if not limited:
+        if pacer is None:
             return _claim(conn, opts, n, token)
-        from wsctl.dispatch import pacing
-
-        got = pacing.claim_limited(
-            conn,
-            n=min(n, examine or n),
-            token=token,
-            lease_seconds=opts.lease_seconds,
-            claimed_by=opts.claimed_by,
-            workstream=opts.workstream,
-            function_cap=function_cap,
-            skip=skip,
-        )
-        adm = got.admission
-        for key, deferred_ids in adm.deferred.items():
-            held.setdefault(key, set()).update(deferred_ids)
-        if not adm.deferred:
-            examine = 0
-        else:
-            skip.update(adm.held_groups)
-            wait = pacing.wait_seconds(adm)
-            if wait is not None:
-                round_wait = wait if round_wait is None else min(round_wait, wait)
-            round_rated = round_rated or adm.rate_wait is not None
-            # paced: the next claims need only a few candidates
-            examine = max(32, 2 * len(adm.admitted) + 16)
-        if got.rows:
-            idle_paces = 0
-        for r in got.rows:
-            for held_ids in held.values():
-                held_ids.discard(r.id)
-        return got.rows
+        return pacer.claim(conn, opts, n, token)
 
     def claim(n: int, token: uuid.UUID) -> list[ClaimRow]:
         """A claim; once, on a fresh connection when the claim connection was lost."""
@@ -1095,18 +1059,9 @@ def run_pass(
     def pace() -> bool:
         """Held back by limits with nothing else due: wait for a token or a free slot
         (never past --max-seconds or a stop); False when the pass should end instead."""
-        nonlocal round_wait, examine, round_rated, idle_paces
-        if not skip:
+        wait = pacer.next_wait() if pacer is not None else None
+        if wait is None:
             return False
-        wait = round_wait if round_wait is not None else 0.2
-        if not round_rated:
-            # only full in-flight caps: their slots free when callbacks come, so looking
-            # again backs off (0.2 s doubling to 2 s) while nothing gets claimed
-            wait = min(2.0, wait * 2**idle_paces)
-            idle_paces += 1
-        skip.clear()
-        round_wait = None
-        round_rated = False
         if time.monotonic() + wait >= claim_until:
             summary.stopped_by = summary.stopped_by or "max_seconds"
             return False
@@ -1137,12 +1092,10 @@ def run_pass(
             # First, so that steps completed by reconciliation have their next
             # step enqueued and dispatched in this same pass.
             reconcile(conn, backend, opts, summary)
-        if function_cap is not None:
-            limited = True
-        else:
-            from wsctl.dispatch.pacing import limits_bound
+        from wsctl.dispatch.pacing import Pacer, limits_bound
 
-            limited = limits_bound(conn)
+        if function_cap is not None or limits_bound(conn):
+            pacer = Pacer(function_cap)
         tail = False
         while remaining > 0 and not stopping():
             if tail:
@@ -1156,7 +1109,7 @@ def run_pass(
                 settle()
                 rows = claim(n, token)
             if not rows:
-                if limited and pace():
+                if pace():
                     tail = False
                     continue
                 break
@@ -1179,7 +1132,7 @@ def run_pass(
             # A short chunk means nothing more is due, unless completions just
             # enqueued next steps: those are due now, in this same pass.
             tail = len(rows) < n
-            if tail and not out.groups.get(Outcome.COMPLETED) and not skip:
+            if tail and not out.groups.get(Outcome.COMPLETED) and not (pacer and pacer.holding):
                 break
         settle()
     finally:
@@ -1189,7 +1142,7 @@ def run_pass(
         for c in own:
             c.close()
         summary.seconds = round(time.perf_counter() - started, 6)
-        summary.deferred = {k: len(v) for k, v in sorted(held.items()) if v}
+        summary.deferred = pacer.deferred() if pacer is not None else {}
     if failure is not None:
         raise EnvError(
             f"dispatch stopped: {failure.message}; {summary.released} unspawned claim(s) "

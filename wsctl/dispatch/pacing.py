@@ -128,8 +128,6 @@ class Admission:
     held_groups: set[tuple[uuid.UUID, str]] = field(default_factory=set)
     #: seconds until a held-back rate has a token again (None: none was held by a rate)
     rate_wait: float | None = None
-    #: whether an in-flight cap held something back
-    capped: bool = False
     #: tokens left per rate key, and the clock they were read at (written back by the claim)
     tokens_left: dict[str, tuple[float, datetime]] = field(default_factory=dict)
 
@@ -176,7 +174,6 @@ class Limits:
                 cap = self.cap_of(key)
                 if cap is not None and self.in_flight.get(key, 0) + used[key] >= cap:
                     short.append(key)
-                    out.capped = True
             if short:
                 for key in short:
                     out.deferred.setdefault(key, []).append(c.id)
@@ -392,13 +389,77 @@ def take_call_token(
         sleep(min(wait + 0.001, max(0.0, max_wait - waited)))
 
 
-def wait_seconds(admission: Admission, *, floor: float = 0.005) -> float | None:
-    """How long a pass held back by limits sleeps before it claims again (None: not held)."""
-    if admission.rate_wait is not None:
-        return max(floor, admission.rate_wait)
-    if admission.capped:
-        return IN_FLIGHT_POLL
-    return None
+@dataclass
+class Pacer:
+    """A pass's claims through the limits, and what they held back.
+
+    A round is the claims between two waits: groups held back in it are skipped
+    by its later claims (unlimited work behind them is still claimed);
+    ``next_wait`` ends it. Held back by a rate, the pass waits for the next
+    token; held back only by full in-flight caps (slots free when callbacks
+    come), it looks again after 0.2 s, doubling to 2 s while nothing is claimed.
+    """
+
+    function_cap: int | None
+    skip: set[tuple[uuid.UUID, str]] = field(default_factory=set)
+    #: per key, the states held back and not claimed since (what the pass reports)
+    held: dict[str, set[uuid.UUID]] = field(default_factory=dict)
+    #: the shortest wait a claim of this round gave (a rate's next token, or the look
+    #: again of a full cap), and whether a rate held anything back
+    wait: float | None = None
+    rated: bool = False
+    idle_rounds: int = 0  # consecutive cap-only rounds that claimed nothing
+    examine: int = 0  # candidates a claim locks: a few dozen while paced, else the chunk
+
+    @property
+    def holding(self) -> bool:
+        """Whether this round held anything back."""
+        return bool(self.skip)
+
+    def claim(self, conn: psycopg.Connection, opts: Any, n: int, token: uuid.UUID) -> list[Any]:
+        got = claim_limited(
+            conn,
+            n=min(n, self.examine or n),
+            token=token,
+            lease_seconds=opts.lease_seconds,
+            claimed_by=opts.claimed_by,
+            workstream=opts.workstream,
+            function_cap=self.function_cap,
+            skip=self.skip,
+        )
+        adm = got.admission
+        for key, deferred_ids in adm.deferred.items():
+            self.held.setdefault(key, set()).update(deferred_ids)
+        if adm.deferred:
+            self.skip.update(adm.held_groups)
+            wait = max(0.005, adm.rate_wait) if adm.rate_wait is not None else IN_FLIGHT_POLL
+            self.wait = wait if self.wait is None else min(self.wait, wait)
+            self.rated = self.rated or adm.rate_wait is not None
+            self.examine = max(32, 2 * len(adm.admitted) + 16)
+        else:
+            self.examine = 0
+        if got.rows:
+            self.idle_rounds = 0
+        for r in got.rows:
+            for held_ids in self.held.values():
+                held_ids.discard(r.id)
+        return got.rows
+
+    def next_wait(self) -> float | None:
+        """End the round: how long to wait before claiming again (None: nothing was held
+        back, so nothing more is due)."""
+        if not self.skip:
+            return None
+        wait = self.wait if self.wait is not None else IN_FLIGHT_POLL
+        if not self.rated:
+            wait = min(2.0, wait * 2**self.idle_rounds)
+            self.idle_rounds += 1
+        self.skip.clear()
+        self.wait, self.rated = None, False
+        return wait
+
+    def deferred(self) -> dict[str, int]:
+        return {key: len(ids) for key, ids in sorted(self.held.items()) if ids}
 
 
 def holding_back(
