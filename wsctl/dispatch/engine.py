@@ -1092,9 +1092,9 @@ def run_pass(
             # First, so that steps completed by reconciliation have their next
             # step enqueued and dispatched in this same pass.
             reconcile(conn, backend, opts, summary)
-        from wsctl.dispatch.pacing import Pacer, limits_bound
+        from wsctl.dispatch.pacing import Pacer, applies
 
-        if function_cap is not None or limits_bound(conn):
+        if applies(conn, function_cap):
             pacer = Pacer(function_cap)
         tail = False
         while remaining > 0 and not stopping():
@@ -1193,7 +1193,7 @@ def plan(
         unresolved = [r for r in rows if r.workstream_slug is None or r.type is None]
         reasons = _blocked_reasons(conn, unresolved) if unresolved else {}
         held: dict[uuid.UUID, str] = {}
-        if rows and (function_cap is not None or pacing.limits_bound(conn)):
+        if rows and pacing.applies(conn, function_cap):
             groups = pacing.load_groups(conn, {(r.batch_id, r.step_name) for r in rows})
             limits = pacing.load_limits(conn, groups, function_cap, lock=False)
             adm = limits.admit(

@@ -323,9 +323,13 @@ def claim_limited(
     return LimitedClaim(rows, admission)
 
 
-def limits_bound(conn: psycopg.Connection) -> bool:
+def applies(conn: psycopg.Connection, function_cap: int | None) -> bool:
+    """Whether claims go through the limits: the backend caps calls per function, or a
+    registry row is bound to a limit key (one ``SELECT EXISTS``)."""
     from wsctl.queries import scalar
 
+    if function_cap is not None:
+        return True
     with tx(conn):
         return bool(scalar(conn.execute(q("dispatch_limits_bound"))))
 
