@@ -47,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 from wsctl.db import tx
 from wsctl.domain import Client, find_client, parse_uuid, validate_slug
@@ -55,7 +55,7 @@ from wsctl.errors import OperationalError, UsageError
 from wsctl.itemfiles import item_line, open_items
 from wsctl.jsondoc import FLATTEN, OMIT, JsonDoc
 from wsctl.prune import PruneSummary, get_summary
-from wsctl.queries import column, named, one, q, scalar
+from wsctl.queries import column, named, one, q, rows_as, scalar
 from wsctl.redact import first_line
 
 if TYPE_CHECKING:
@@ -439,27 +439,14 @@ class BatchInfo(JsonDoc):
     created_at: datetime | None
 
 
-def _info(row: dict[str, Any]) -> BatchInfo:
-    """A ``batch_get``/``batch_list`` row (read by ``queries.named``)."""
-    return BatchInfo(
-        batch_id=row["id"],
-        client_id=row["client_id"],
-        client=row["name"],
-        workstream=row["workstream_slug"],
-        blueprint=list(row["blueprint"] or []),
-        status=row["status"],
-        created_at=row["created_at"],
-    )
-
-
 def get_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchInfo:
     """One batch; exit 1 when the id is malformed or unknown."""
     bid = batch_id if isinstance(batch_id, uuid.UUID) else parse_uuid(batch_id, "batch id")
     with tx(conn):  # a savepoint inside a caller's transaction
-        row = named(conn).execute(q("batch_get"), (bid,)).fetchone()
-    if row is None:
+        info = rows_as(conn, BatchInfo).execute(q("batch_get"), (bid,)).fetchone()
+    if info is None:
         raise OperationalError(f"no batch with id {bid}", hint="see `wsctl batch list`")
-    return _info(row)
+    return info
 
 
 @dataclass(frozen=True)
@@ -527,20 +514,13 @@ def list_batches(
         raise UsageError("--limit must be at least 1")
     with tx(conn):  # read only; the transaction carries the statement timeout
         client_id = find_client(conn, client).id if client is not None else None
-        rows = (
-            named(conn)
-            .execute(
-                q("batch_list"),
-                {
-                    "client_id": client_id,
-                    "workstream": workstream,
-                    "missing": missing_workstream,
-                    "limit": limit,
-                },
-            )
-            .fetchall()
-        )
-    return [_info(r) for r in rows]
+        params = {
+            "client_id": client_id,
+            "workstream": workstream,
+            "missing": missing_workstream,
+            "limit": limit,
+        }
+        return rows_as(conn, BatchInfo).execute(q("batch_list"), params).fetchall()
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import Client, find_client, validate_slug
 from wsctl.errors import OperationalError, UsageError
-from wsctl.jsondoc import FLATTEN, JsonDoc
+from wsctl.jsondoc import FLATTEN, JsonDoc, fields_doc
 from wsctl.queries import named, one, q, rows_as
 from wsctl.redact import first_line, key_path, remember
 from wsctl.secret_refs import check_references, plaintext_credentials
@@ -116,19 +116,6 @@ class RegistryRow:
     # limit key templates bound to the row (None: not given, leave them as they are)
     limit_keys: tuple[str, ...] | None = None
 
-    @classmethod
-    def from_db(cls, row: dict[str, Any]) -> RegistryRow:
-        """A row of ``enrichment_registry`` read by ``queries.named`` (its column names)."""
-        return cls(
-            id=row["id"],
-            step=row["slug"],
-            workstream=row["workstream_slug"],
-            type=row["type"],
-            sender=row["modal_sender_fn"],
-            receiver=row["modal_receiver_fn"],
-            created_at=row["created_at"],
-        )
-
     @property
     def stored_id(self) -> uuid.UUID:
         """The id of a row read from the database (a row parsed from a file has none yet)."""
@@ -137,16 +124,7 @@ class RegistryRow:
         return self.id
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "workstream": self.workstream,
-            "type": self.type,
-            "sender": self.sender,
-            "receiver": self.receiver,
-            "id": str(self.id) if self.id else None,
-            "created_at": self.created_at.isoformat() if self.created_at else None,
-            "limit_keys": list(self.limit_keys or ()),
-        }
+        return fields_doc(self) | {"limit_keys": list(self.limit_keys or ())}
 
 
 def validate_registry_row(
@@ -199,10 +177,9 @@ class RegistryWrite(JsonDoc):
 
 
 def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrite:
+    key = (row.step, row.workstream)
     before = (
-        named(conn)
-        .execute(q("catalog_registry_get_for_update"), (row.step, row.workstream))
-        .fetchone()
+        rows_as(conn, RegistryRow).execute(q("catalog_registry_get_for_update"), key).fetchone()
     )
     params = {
         "workflow": row.step,
@@ -214,14 +191,13 @@ def _upsert_registry(conn: psycopg.Connection, row: RegistryRow) -> RegistryWrit
     from wsctl.limits import bind_registry, registry_bindings
 
     if before is not None:
-        same = RegistryRow.from_db(before)
-        bound = tuple(registry_bindings(conn, [same.stored_id])[same.stored_id])
-        same = replace(same, limit_keys=bound)
+        bound = tuple(registry_bindings(conn, [before.stored_id])[before.stored_id])
+        same = replace(before, limit_keys=bound)
         if (same.type, same.sender, same.receiver) == (row.type, row.sender, row.receiver) and (
             row.limit_keys is None or row.limit_keys == bound
         ):
             return RegistryWrite(same, created=False, changed=False)
-    after = RegistryRow.from_db(one(named(conn).execute(q("catalog_registry_upsert"), params)))
+    after = one(rows_as(conn, RegistryRow).execute(q("catalog_registry_upsert"), params))
     if row.limit_keys is not None:
         bind_registry(conn, after.stored_id, list(row.limit_keys))
     keys = tuple(registry_bindings(conn, [after.stored_id])[after.stored_id])
@@ -258,12 +234,8 @@ def list_registry(
     from wsctl.limits import registry_bindings
 
     with tx(conn):  # read only; the transaction carries the statement timeout
-        rows = [
-            RegistryRow.from_db(r)
-            for r in named(conn)
-            .execute(q("catalog_registry_list"), {"workstream": workstream, "workflow": step})
-            .fetchall()
-        ]
+        params = {"workstream": workstream, "workflow": step}
+        rows = rows_as(conn, RegistryRow).execute(q("catalog_registry_list"), params).fetchall()
         bound = registry_bindings(conn, [r.id for r in rows if r.id is not None])
     return [replace(r, limit_keys=tuple(bound.get(r.stored_id, ()))) for r in rows]
 
@@ -319,14 +291,16 @@ def remove_registry(
     validate_slug(workstream, "workstream slug")
     with tx(conn):
         found = (
-            named(conn).execute(q("catalog_registry_get_for_update"), (step, workstream))
-        ).fetchone()
+            rows_as(conn, RegistryRow)
+            .execute(q("catalog_registry_get_for_update"), (step, workstream))
+            .fetchone()
+        )
         if found is None:
             raise OperationalError(
                 f"{step} is not registered in workstream {workstream}",
                 hint="see `wsctl registry list`",
             )
-        row = RegistryRow.from_db(found)
+        row = found
         from psycopg.rows import class_row
 
         with conn.cursor(row_factory=class_row(RegistryNeeds)) as cur:

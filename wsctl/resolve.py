@@ -30,7 +30,7 @@ from wsctl.db import tx
 from wsctl.domain import Client, find_client, infer_workstream, parse_uuid, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.jsondoc import JsonDoc
-from wsctl.queries import column, named, q
+from wsctl.queries import column, named, q, rows_as
 
 if TYPE_CHECKING:
     import psycopg
@@ -334,5 +334,6 @@ def resolve_registry(conn: psycopg.Connection, step: str, workstream: str) -> Re
     validate_slug(step, "step slug")
     validate_slug(workstream, "workstream slug")
     with tx(conn):
-        row = named(conn).execute(q("resolve_registry"), (step, workstream)).fetchone()
-    return RegistryRow.from_db(row) if row else None
+        return (
+            rows_as(conn, RegistryRow).execute(q("resolve_registry"), (step, workstream)).fetchone()
+        )

@@ -106,8 +106,9 @@ SELECT (%(state_prefix)s || lpad(to_hex(g), 8, '0'))::uuid,
 FROM generate_series(1::bigint, %(items)s::bigint) AS g;
 
 -- batch_get --
--- One batch with its client's name.
-SELECT b.id, b.client_id, c.name, b.workstream_slug, b.blueprint, b.status, b.created_at
+-- One batch with its client's name (the columns of batches.BatchInfo).
+SELECT b.id AS batch_id, b.client_id, c.name AS client, b.workstream_slug AS workstream,
+       coalesce(b.blueprint, '{}') AS blueprint, b.status, b.created_at
 FROM public.batches b
 JOIN public.clients c ON c.id = b.client_id
 WHERE b.id = %s;
@@ -125,8 +126,10 @@ GROUP BY step_name, status
 ORDER BY step_name, status;
 
 -- batch_list --
--- Batches, newest first, optionally by client, by workstream, or only those without one.
-SELECT b.id, b.client_id, c.name, b.workstream_slug, b.blueprint, b.status, b.created_at
+-- Batches, newest first, optionally by client, by workstream, or only those without one
+-- (the columns of batches.BatchInfo).
+SELECT b.id AS batch_id, b.client_id, c.name AS client, b.workstream_slug AS workstream,
+       coalesce(b.blueprint, '{}') AS blueprint, b.status, b.created_at
 FROM public.batches b
 JOIN public.clients c ON c.id = b.client_id
 WHERE (%(client_id)s::uuid IS NULL OR b.client_id = %(client_id)s::uuid)

@@ -18,7 +18,8 @@ ORDER BY c.name;
 
 -- catalog_registry_get_for_update --
 -- One registry row by its composite key, locked for the rest of the transaction.
-SELECT id, slug, workstream_slug, type, modal_sender_fn, modal_receiver_fn, created_at
+SELECT id, slug AS step, workstream_slug AS workstream, type, modal_sender_fn AS sender,
+       modal_receiver_fn AS receiver, created_at
 FROM public.enrichment_registry
 WHERE slug = %s AND workstream_slug = %s
 FOR UPDATE;
@@ -32,11 +33,13 @@ ON CONFLICT (slug, workstream_slug) DO UPDATE
 SET type = EXCLUDED.type,
     modal_sender_fn = EXCLUDED.modal_sender_fn,
     modal_receiver_fn = EXCLUDED.modal_receiver_fn
-RETURNING id, slug, workstream_slug, type, modal_sender_fn, modal_receiver_fn, created_at;
+RETURNING id, slug AS step, workstream_slug AS workstream, type, modal_sender_fn AS sender,
+          modal_receiver_fn AS receiver, created_at;
 
 -- catalog_registry_list --
 -- Registry rows, optionally for one workstream and/or one step slug.
-SELECT id, slug, workstream_slug, type, modal_sender_fn, modal_receiver_fn, created_at
+SELECT id, slug AS step, workstream_slug AS workstream, type, modal_sender_fn AS sender,
+       modal_receiver_fn AS receiver, created_at
 FROM public.enrichment_registry
 WHERE (%(workstream)s::text IS NULL OR workstream_slug = %(workstream)s)
   AND (%(workflow)s::text IS NULL OR slug = %(workflow)s)

@@ -21,7 +21,8 @@ ORDER BY workstream_slug;
 
 -- resolve_registry --
 -- One registry row by its composite key (step slug, workstream slug).
-SELECT id, slug, workstream_slug, type, modal_sender_fn, modal_receiver_fn, created_at
+SELECT id, slug AS step, workstream_slug AS workstream, type, modal_sender_fn AS sender,
+       modal_receiver_fn AS receiver, created_at
 FROM public.enrichment_registry
 WHERE slug = %s AND workstream_slug = %s;
 
