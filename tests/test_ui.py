@@ -758,7 +758,7 @@ def test_a_pruned_batch_shows_its_summary_and_its_items_say_pruned(page, ui, dco
 def test_every_operator_and_permanent_reason_code_has_a_fix():
     from wsctl import clay
     from wsctl.states import REASONS
-    from wsctl.ui.fixes import FIXES, fix_commands
+    from wsctl.ui.fixes import FIXES, ReasonGroup, fix_commands
 
     needs = {c for c, r in REASONS.items() if r.error_class in ("operator", "permanent")}
     clay_codes = {
@@ -769,13 +769,15 @@ def test_every_operator_and_permanent_reason_code_has_a_fix():
     assert set(FIXES) <= set(REASONS) | clay_codes  # no guessed code
     for code in needs | clay_codes:
         cmds = fix_commands(
-            reason=code,
-            status="BLOCKED",
-            batch_id="B",
-            step="s",
-            workstream="w",
-            client="O'Brien & Co",
-            sample_item_id="I",
+            ReasonGroup(
+                reason=code,
+                status="BLOCKED",
+                batch_id="B",
+                step="s",
+                workstream="w",
+                client="O'Brien & Co",
+                sample_item_id="I",
+            )
         )
         assert len(cmds) >= 2 and cmds[-1] == "wsctl retry --batch B --step s --status BLOCKED"
         for c in cmds[:-1]:
@@ -785,22 +787,26 @@ def test_every_operator_and_permanent_reason_code_has_a_fix():
     # a transient code (FAILED at max attempts), an unknown one and none: the item's page
     for code in ("rate_limited", "made_up", None):
         cmds = fix_commands(
-            reason=code,
-            status="FAILED",
-            batch_id="B",
-            step="s",
-            workstream="w",
-            client="c",
-            sample_item_id="I",
+            ReasonGroup(
+                reason=code,
+                status="FAILED",
+                batch_id="B",
+                step="s",
+                workstream="w",
+                client="c",
+                sample_item_id="I",
+            )
         )
         assert cmds == ["wsctl item show I", "wsctl retry --batch B --step s --status FAILED"]
     legacy = fix_commands(
-        reason="missing_secret",
-        status="BLOCKED",
-        batch_id="B",
-        step="s",
-        workstream=None,
-        client="c",
-        sample_item_id=None,
+        ReasonGroup(
+            reason="missing_secret",
+            status="BLOCKED",
+            batch_id="B",
+            step="s",
+            workstream=None,
+            client="c",
+            sample_item_id=None,
+        )
     )
     assert legacy[0] == "wsctl backfill workstream-slug"

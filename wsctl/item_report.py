@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import parse_uuid
 from wsctl.errors import OperationalError
+from wsctl.jsondoc import OMIT, JsonDoc, rename
 from wsctl.prune import PruneSummary, get_summary
-from wsctl.queries import named, one, q
+from wsctl.queries import named, one, q, rows_as
 from wsctl.redact import redact_text
 from wsctl.resolve import Resolution, resolve_config
 
@@ -48,48 +49,30 @@ def _iso(value: datetime | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class UsedResolution:
+class UsedResolution(JsonDoc):
     """What the worker helpers recorded when the step resolved its config (item 1 of issue 15)."""
 
-    step: str
+    json_extra = ("config_changed_since",)
+
+    step: str = field(metadata=OMIT)  # the step's own document says it
     config_id: uuid.UUID | None
     config_updated_at: datetime | None  # the row's updated_at when the step read it
     registry_id: uuid.UUID | None
+    registry_function: str | None = field(metadata=rename("function"))
     workstream: str | None
     status: str | None
     source: str | None
     resolved_at: datetime | None
     config_exists: bool
     config_updated_at_now: datetime | None
-    registry_function: str | None
 
     @property
     def config_changed_since(self) -> bool:
         """True when the config row used has been updated (or deleted) since the step read it."""
-        if self.config_id is None:
-            return False
-        if not self.config_exists:
-            return True
-        return (
-            self.config_updated_at is not None
-            and self.config_updated_at_now is not None
-            and self.config_updated_at_now > self.config_updated_at
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "config_id": str(self.config_id) if self.config_id else None,
-            "config_updated_at": _iso(self.config_updated_at),
-            "registry_id": str(self.registry_id) if self.registry_id else None,
-            "function": self.registry_function,
-            "workstream": self.workstream,
-            "status": self.status,
-            "source": self.source,
-            "resolved_at": _iso(self.resolved_at),
-            "config_exists": self.config_exists,
-            "config_updated_at_now": _iso(self.config_updated_at_now),
-            "config_changed_since": self.config_changed_since,
-        }
+        if self.config_id is not None and not self.config_exists:
+            return True  # deleted
+        was, now = self.config_updated_at, self.config_updated_at_now
+        return was is not None and now is not None and now > was
 
 
 @dataclass
@@ -211,8 +194,8 @@ def item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepor
 
 def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemReport:
     iid = item_id if isinstance(item_id, uuid.UUID) else parse_uuid(item_id, "item id")
-    row = named(conn).execute(q("inspect_item"), (iid,)).fetchone()
-    if row is None:
+    report = rows_as(conn, ItemReport).execute(q("inspect_item"), (iid,)).fetchone()
+    if report is None:
         pruned = one(named(conn).execute(q("prune_pruned_count")))
         batches, last = pruned["batches"], pruned["last"]
         if batches:
@@ -222,16 +205,6 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
                 f"last {last.isoformat(timespec='seconds')}; their archives hold the rows",
             )
         raise OperationalError(f"no batch item with id {iid}")
-    report = ItemReport(
-        item_id=row["id"],
-        batch_id=row["batch_id"],
-        client_id=row["client_id"],
-        client=row["name"],
-        batch_workstream=row["workstream_slug"],
-        batch_status=row["status"],
-        blueprint=list(row["blueprint"] or []),
-        created_at=row["created_at"],
-    )
     if report.legacy:
         report.warnings.append(
             f"batch {report.batch_id} has no workstream_slug (legacy batch): the dispatcher "
@@ -251,33 +224,21 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
             "`wsctl batch status` shows its counts as they were"
         )
     for r in named(conn).execute(q("inspect_item_steps"), {"item_id": iid}).fetchall():
-        pos, step, state_id, ws = r["pos"], r["step"], r["id"], r["workstream_slug"]
-        sender = r["modal_sender_fn"]
-        times = {name: r[name] for name in TIMESTAMPS}
-        s = StepReport(
-            position=pos,
-            step=step,
-            workstream=ws,
-            state_id=state_id,
-            status=r["status"],
-            attempts=r["attempts"],
-            modal_call_id=r["modal_call_id"],
-            last_error=r["last_error"],
-            claimed_by=r["claimed_by"],
-            times=times,
-            used=used.get(step) if state_id is not None else None,
-            pruned=state_id is None and report.pruned is not None,
-        )
-        if sender is not None:
-            s.registry = {"type": r["type"], "sender": sender, "receiver": r["modal_receiver_fn"]}
+        times = {name: r.pop(name) for name in TIMESTAMPS}
+        registry = {name: r.pop(name) for name in ("type", "sender", "receiver")}
+        s = StepReport(**r, times=times)
+        s.used = used.get(s.step) if s.state_id is not None else None
+        s.pruned = s.state_id is None and report.pruned is not None
+        if registry["sender"] is not None:
+            s.registry = registry
         else:
-            s.registry_note = _registry_note(ws, step)
-        if pos is None:
+            s.registry_note = _registry_note(s.workstream, s.step)
+        if s.position is None:
             report.warnings.append(
-                f"the item has a state for {step}, which is not in its blueprint"
+                f"the item has a state for {s.step}, which is not in its blueprint"
             )
         try:
-            s.resolution = resolve_config(conn, step=step, item_id=iid)
+            s.resolution = resolve_config(conn, step=s.step, item_id=iid)
         except OperationalError as exc:  # a legacy step name that is not a slug
             s.resolution_error = exc.one_line()
         report.steps.append(s)

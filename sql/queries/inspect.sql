@@ -1,7 +1,9 @@
 -- inspect_item --
 -- `wsctl item show`: an item, its batch (status, blueprint, workstream) and the batch's client.
-SELECT bi.id, bi.batch_id, b.client_id, c.name, b.workstream_slug, b.status, b.blueprint,
-       bi.created_at
+-- The columns are those of item_report.ItemReport.
+SELECT bi.id AS item_id, bi.batch_id, b.client_id, c.name AS client,
+       b.workstream_slug AS batch_workstream, b.status AS batch_status,
+       coalesce(b.blueprint, '{}') AS blueprint, bi.created_at
 FROM public.batch_items bi
 JOIN public.batches b ON b.id = bi.batch_id
 JOIN public.clients c ON c.id = b.client_id
@@ -23,10 +25,13 @@ WITH b AS (
     FROM public.workflow_states ws, b
     WHERE ws.item_id = %(item_id)s AND NOT (ws.step_name = ANY (b.blueprint))
 )
-SELECT steps.pos, steps.step, ws.id, ws.status, ws.attempts, b.workstream_slug,
-       er.type, er.modal_sender_fn, er.modal_receiver_fn, ws.modal_call_id, ws.last_error,
+-- The columns: item_report.StepReport's fields, the registry row's (type, sender, receiver)
+-- and the state's timestamps (item_report.TIMESTAMPS).
+SELECT steps.pos AS position, steps.step, b.workstream_slug AS workstream, ws.id AS state_id,
+       ws.status, ws.attempts, ws.modal_call_id, ws.last_error, ws.claimed_by,
+       er.type, er.modal_sender_fn AS sender, er.modal_receiver_fn AS receiver,
        ws.created_at, ws.available_at, ws.dispatched_at, ws.completed_at, ws.updated_at,
-       ws.lease_expires_at, ws.claimed_by
+       ws.lease_expires_at
 FROM steps
 CROSS JOIN b
 LEFT JOIN public.workflow_states ws

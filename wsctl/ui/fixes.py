@@ -12,6 +12,8 @@ Placeholders: ``{client}`` (shell-quoted), ``{step}``, ``{workstream}``, ``{item
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 CONFIG_SET = "wsctl config set --client {client} --step {step} --workstream {workstream} --set "
@@ -54,17 +56,35 @@ FIXES: dict[str, tuple[str, ...]] = {
 }
 
 
-def fix_commands(
-    *,
-    reason: str | None,
-    status: str,
-    batch_id: Any,
-    step: str,
-    workstream: str | None,
-    client: str,
-    sample_item_id: Any,
-) -> list[str]:
+@dataclass(frozen=True)
+class ReasonGroup:
+    """BLOCKED or FAILED states of one (batch, step, status, reason code): a ``ui_reasons`` row."""
+
+    batch_id: Any
+    workstream: str | None
+    client: str
+    step: str
+    status: str
+    reason: str | None
+    error_class: str | None = None
+    states: int = 0
+    sample_item_id: Any = None  # the group's newest item
+    newest_at: datetime | None = None
+
+    @property
+    def reason_label(self) -> str:
+        from wsctl.stats import UNCLASSIFIED
+
+        return self.reason or UNCLASSIFIED
+
+    @property
+    def commands(self) -> list[str]:
+        return fix_commands(self)
+
+
+def fix_commands(group: ReasonGroup) -> list[str]:
     """The commands an operator runs for a group of BLOCKED/FAILED states: the fix, then retry."""
+    reason, workstream, sample_item_id = group.reason, group.workstream, group.sample_item_id
     if workstream is None:
         fixes: tuple[str, ...] = FIXES["no_workstream"]
     elif reason in FIXES:
@@ -72,11 +92,11 @@ def fix_commands(
     else:
         fixes = ("wsctl item show {item}",) if sample_item_id is not None else ()
     values = {
-        "client": shlex.quote(client),
-        "step": step,
+        "client": shlex.quote(group.client),
+        "step": group.step,
         "workstream": workstream or "WORKSTREAM",
         "item": sample_item_id if sample_item_id is not None else "ITEM_ID",
     }
     cmds = [f.format(**values) for f in fixes]
-    cmds.append(f"wsctl retry --batch {batch_id} --step {step} --status {status}")
+    cmds.append(f"wsctl retry --batch {group.batch_id} --step {group.step} --status {group.status}")
     return cmds

@@ -36,7 +36,7 @@ from wsctl.errors import EnvError, OperationalError, WsctlError
 from wsctl.queries import one, q
 from wsctl.redact import redact, redact_text
 from wsctl.states import ORDER
-from wsctl.ui.fixes import fix_commands
+from wsctl.ui.fixes import ReasonGroup, fix_commands
 
 if TYPE_CHECKING:
     import psycopg
@@ -238,25 +238,13 @@ def _pruned_summaries(conn: psycopg.Connection, ids: list) -> dict[Any, Any]:
     return {p.batch_id: p for p in found}
 
 
-def _reasons(conn: psycopg.Connection, batch_id: uuid.UUID | None, limit: int = 100) -> list:
-    from psycopg.rows import dict_row
+def _reasons(
+    conn: psycopg.Connection, batch_id: uuid.UUID | None, limit: int = 100
+) -> list[ReasonGroup]:
+    from psycopg.rows import class_row
 
-    from wsctl.stats import UNCLASSIFIED
-
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(q("ui_reasons"), {"batch_id": batch_id, "limit": limit}).fetchall()
-    for r in rows:
-        r["reason_label"] = r["reason"] or UNCLASSIFIED
-        r["commands"] = fix_commands(
-            reason=r["reason"],
-            status=r["status"],
-            batch_id=r["batch_id"],
-            step=r["step"],
-            workstream=r["workstream"],
-            client=r["client"],
-            sample_item_id=r["sample_item_id"],
-        )
-    return rows
+    with conn.cursor(row_factory=class_row(ReasonGroup)) as cur:
+        return cur.execute(q("ui_reasons"), {"batch_id": batch_id, "limit": limit}).fetchall()
 
 
 class _Pages:
