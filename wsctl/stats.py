@@ -40,7 +40,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -207,43 +207,22 @@ def _due(counts: list[StateCount], not_due: list[_NotDue], oldest: list[_Oldest]
     return out
 
 
-@dataclass(frozen=True)
-class _RecentRow:
-    workstream: str | None
-    step: str
-    config_id: str | None
-    dispatched_5m: int
-    dispatched_1h: int
-    completed_5m: int
-    completed_1h: int
-    failed_5m: int
-    failed_1h: int
-    used_config: int
-    changed_since: int
+#: the counts of a ``RecentCount`` (and of each ``stats_recent`` row, with its config's use)
+_WINDOWS = tuple(f.name for f in fields(RecentCount) if f.name != "workstream")
 
 
-_WINDOWS = (
-    "dispatched_5m",
-    "dispatched_1h",
-    "completed_5m",
-    "completed_1h",
-    "failed_5m",
-    "failed_1h",
-)
-
-
-def _recent(rows: list[_RecentRow]) -> tuple[list[RecentCount], list[ConfigUse]]:
-    """One pass's rows as the per-workstream windows and the per-config-row use."""
+def _recent(rows: list[dict[str, Any]]) -> tuple[list[RecentCount], list[ConfigUse]]:
+    """``stats_recent``'s rows (per workstream, step and config row) as the per-workstream
+    windows and the per-config-row use."""
     sums: dict[str | None, dict[str, int]] = {}
     uses = []
     for r in rows:
-        acc = sums.setdefault(r.workstream, dict.fromkeys(_WINDOWS, 0))
+        acc = sums.setdefault(r["workstream"], dict.fromkeys(_WINDOWS, 0))
         for k in _WINDOWS:
-            acc[k] += getattr(r, k)
-        if r.config_id is not None:
-            uses.append(
-                ConfigUse(r.workstream, r.step, r.config_id, r.used_config, r.changed_since)
-            )
+            acc[k] += r[k]
+        if r["config_id"] is not None:
+            use = (r["workstream"], r["step"], r["config_id"], r["used_config"], r["changed_since"])
+            uses.append(ConfigUse(*use))
     recent = [
         RecentCount(workstream=ws, **acc)
         for ws, acc in sorted(sums.items(), key=lambda kv: (kv[0] is not None, kv[0] or ""))
@@ -296,8 +275,7 @@ class Stats:
         return out
 
     def recent_totals(self) -> dict[str, int]:
-        keys = [k for k in RecentCount.__dataclass_fields__ if k != "workstream"]
-        return {k: sum(getattr(r, k) for r in self.recent) for k in keys}
+        return {k: sum(getattr(r, k) for r in self.recent) for k in _WINDOWS}
 
     def webhook_capacity(self) -> list[WebhookCapacity]:
         return webhook_capacity(self.webhooks)
@@ -371,14 +349,15 @@ def collect(
         out = Stats(generated_at=now, workstream=workstream, callback_timeout=callback_timeout)
 
         def fetch(name: str, cls: type[Any]) -> list[Any]:
-            with conn.cursor(row_factory=class_row(cls)) as cur:
+            """The rows of query ``name`` as ``cls`` (``dict``: by column name)."""
+            with conn.cursor(row_factory=dict_row if cls is dict else class_row(cls)) as cur:
                 return cur.execute(q(name), params).fetchall()
 
         out.states = fetch("stats_state_counts", StateCount)
         out.due = _due(
             out.states, fetch("stats_not_due", _NotDue), fetch("stats_oldest_due", _Oldest)
         )
-        out.recent, out.config_use = _recent(fetch("stats_recent", _RecentRow))
+        out.recent, out.config_use = _recent(fetch("stats_recent", dict))
         out.overdue = fetch("stats_overdue", OverdueCount)
         out.reasons = fetch("stats_reasons", ReasonCount)
         with conn.cursor(row_factory=class_row(LimitUse)) as limits_cur:
