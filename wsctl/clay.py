@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsctl.db import tx
 from wsctl.errors import OperationalError
+from wsctl.jsondoc import fields_doc
 from wsctl.queries import q
 
 if TYPE_CHECKING:
@@ -279,16 +280,9 @@ class WebhookUsage:
         return self.submitted / self.cap
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "client": self.client,
-            "step": self.step,
-            "workstream": self.workstream,
-            "index": self.index,
-            "digest": self.digest[:12],
-            "submitted": self.submitted,
-            "cap": self.cap,
-            "left": max(self.cap - self.submitted, 0),
-        }
+        """Its fields (the digest's first 12 characters, as everywhere) and what is left."""
+        left = max(self.cap - self.submitted, 0)
+        return fields_doc(self) | {"digest": self.digest[:12], "left": left}
 
 
 def usage(conn: psycopg.Connection) -> list[WebhookUsage]:

@@ -36,7 +36,7 @@ from typing import IO, TYPE_CHECKING, Any
 from wsctl.db import tx
 from wsctl.domain import parse_uuid
 from wsctl.errors import OperationalError, UsageError
-from wsctl.jsondoc import JsonDoc
+from wsctl.jsondoc import JsonDoc, fields_doc
 from wsctl.queries import named, one, q, scalar
 
 if TYPE_CHECKING:
@@ -139,7 +139,9 @@ class ChunkProgress:
 
 
 @dataclass
-class PruneReport:
+class PruneReport(JsonDoc):
+    json_extra = ("states_pruned", "items_pruned")
+
     older_than: str
     dry_run: bool
     include_items: bool
@@ -160,17 +162,7 @@ class PruneReport:
         return [b for b in self.batches if b.status in ("skipped", "partly pruned")]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "older_than": self.older_than,
-            "dry_run": self.dry_run,
-            "include_items": self.include_items,
-            "archive": self.archive,
-            "archive_truncated_bytes": self.archive_truncated_bytes,
-            "batches": [b.to_json() for b in self.batches],
-            "states_pruned": self.states_pruned,
-            "items_pruned": self.items_pruned,
-            "skipped": len(self.skipped),
-        }
+        return fields_doc(self) | {"skipped": len(self.skipped)}
 
 
 class _Archive:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wsctl.errors import OperationalError, UsageError
-from wsctl.jsondoc import JsonDoc
+from wsctl.jsondoc import JsonDoc, fields_doc
 from wsctl.queries import one, q, scalar
 
 if TYPE_CHECKING:
@@ -306,14 +306,7 @@ class Revocation:
         return f"REVOKE ALL ON {self.kind} {self.object} FROM {role};"
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "role": self.role,
-            "kind": self.kind,
-            "object": self.object,
-            "privileges": self.privileges,
-            "reason": self.reason,
-            "statement": self.statement(),
-        }
+        return fields_doc(self) | {"statement": self.statement()}
 
 
 _VERBS = (("SELECT", "read"), ("INSERT", "insert"), ("UPDATE", "update"), ("DELETE", "delete"))
