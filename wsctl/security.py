@@ -23,6 +23,8 @@ here prints or exits.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -244,8 +246,6 @@ def grant_worker(conn: psycopg.Connection, role: str, *, lock_timeout: str = "5s
     """Give ``role`` what the worker helpers need, in one transaction, and remember it so that
     objects later migrations create are granted to it too. Idempotent."""
 
-    from wsctl.db import tx
-
     if not existing_roles(conn, [role]):
         raise OperationalError(f"no role named {role!r} in this database's cluster")
     roles = api_roles(conn)
@@ -254,18 +254,28 @@ def grant_worker(conn: psycopg.Connection, role: str, *, lock_timeout: str = "5s
             f"{role} is a Data API role: anyone holding the public key would get the worker's "
             "privileges; grant them to the role your Modal functions log in as"
         )
+    result = WorkerGrant(role)
+    with _one_transaction(conn, lock_timeout, "nothing granted"):
+        _grant_worker(conn, role, result)
+    return result
+
+
+@contextmanager
+def _one_transaction(conn: psycopg.Connection, lock_timeout: str, undone: str) -> Iterator[None]:
+    """A transaction that waits at most ``lock_timeout`` for a lock; past it, an
+    ``OperationalError`` saying what the rollback left ``undone``."""
     import psycopg
 
-    result = WorkerGrant(role)
+    from wsctl.db import tx
+
     try:
         with tx(conn, lock_timeout=lock_timeout):
-            _grant_worker(conn, role, result)
+            yield
     except psycopg.errors.LockNotAvailable as exc:
         raise OperationalError(
-            f"waited over {lock_timeout} for a lock held by another transaction; nothing granted",
+            f"waited over {lock_timeout} for a lock held by another transaction; {undone}",
             hint="retry when it ends, or raise --lock-timeout",
         ) from exc
-    return result
 
 
 def _grant_worker(conn: psycopg.Connection, role: str, result: WorkerGrant) -> None:
@@ -460,7 +470,6 @@ def secure(
     PUBLIC) lose their privileges on the pipeline tables, ``authenticated`` on the client configs,
     all of them on wsctl's schema. Read only unless ``apply``; then one transaction with a
     bounded lock wait, idempotent. Never drops or changes a policy."""
-    import psycopg
 
     from wsctl.db import tx
 
@@ -480,18 +489,12 @@ def secure(
     if not apply:
         with tx(conn):
             return _plan(conn, **options)
-    try:
-        with tx(conn, lock_timeout=lock_timeout):
-            report = _plan(conn, **options)
-            for r in report.revocations:
-                conn.execute(_revoke_sql(r))
-            report.applied = True
-            report.remaining = _remaining(conn, report)
-    except psycopg.errors.LockNotAvailable as exc:
-        raise OperationalError(
-            f"waited over {lock_timeout} for a lock held by another transaction; nothing changed",
-            hint="retry when it ends, or raise --lock-timeout",
-        ) from exc
+    with _one_transaction(conn, lock_timeout, "nothing changed"):
+        report = _plan(conn, **options)
+        for r in report.revocations:
+            conn.execute(_revoke_sql(r))
+        report.applied = True
+        report.remaining = _remaining(conn, report)
     return report
 
 
