@@ -118,25 +118,22 @@ def _check_schema(conn: psycopg.Connection) -> tuple[Check, bool]:
 
     st = migrations.status(conn)
     if st.changed:
-        names = ", ".join(c["file"] for c in st.changed)
         return (
             Check(
                 SCHEMA,
                 FAIL,
-                f"migration files changed after they were applied: {names}",
+                st.changed_text(),
                 "migrations are forward-only: restore the released files and add a new one",
                 rows=st.changed,
             ),
             not st.pending,
         )
     if st.pending:
-        first = st.pending[0]
         return (
             Check(
                 SCHEMA,
                 FAIL,
-                f"{len(st.pending)} pending migration(s), first "
-                f"{first['version']:04d}_{first['name']}; {len(st.applied)} applied",
+                f"{st.pending_text()}; {len(st.applied)} applied",
                 "run `wsctl migrate` (a direct or session-mode connection)",
                 rows=st.pending,
             ),

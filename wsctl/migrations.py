@@ -88,6 +88,16 @@ class MigrationStatus(JsonDoc):
     def up_to_date(self) -> bool:
         return not self.pending and not self.changed
 
+    def changed_text(self) -> str:
+        """What ``changed`` says, in the words doctor and every command print."""
+        names = ", ".join(c["file"] for c in self.changed)
+        return f"migration files changed after they were applied: {names}"
+
+    def pending_text(self) -> str:
+        """What ``pending`` says: how many, and the first."""
+        first = self.pending[0]
+        return f"{len(self.pending)} pending migration(s), first {first['version']:04d}_{first['name']}"
+
 
 @dataclass
 class MigrateResult:
@@ -190,14 +200,10 @@ def require_up_to_date(conn: psycopg.Connection) -> None:
     """Commands other than migrate refuse a database wsctl has not migrated (exit 3)."""
     st = status(conn)
     if st.changed:
-        names = ", ".join(c["file"] for c in st.changed)
-        raise EnvError(f"migration files changed after they were applied: {names}")
+        raise EnvError(st.changed_text())
     if st.pending:
-        first = st.pending[0]
         raise EnvError(
-            f"database schema is not up to date ({len(st.pending)} pending migration(s), "
-            f"first {first['version']:04d}_{first['name']})",
-            hint="run `wsctl migrate`",
+            f"database schema is not up to date ({st.pending_text()})", hint="run `wsctl migrate`"
         )
 
 
