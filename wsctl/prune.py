@@ -28,6 +28,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -258,6 +259,12 @@ class _Archive:
     def close(self) -> None:
         self.file.close()
 
+    def __enter__(self) -> _Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _pause_for_tests() -> None:
     value = os.environ.get(_TEST_PAUSE_ENV)
@@ -318,8 +325,10 @@ def prune(
     if dry_run or not found:
         return report
     total = sum(b.states for b in found)
-    arch = _Archive(conn, archive) if archive else None
-    try:
+    opened: AbstractContextManager[_Archive | None] = (
+        _Archive(conn, archive) if archive else nullcontext()
+    )
+    with opened as arch:
         if arch is not None:
             report.archive_truncated_bytes = arch.truncated
         for result in found:
@@ -337,9 +346,6 @@ def prune(
                 lock_timeout=lock_timeout,
                 progress=progress,
             )
-    finally:
-        if arch is not None:
-            arch.close()
     return report
 
 
