@@ -652,6 +652,36 @@ def _check_modal_functions(
     )
 
 
+def _modal_functions_check(
+    conn: psycopg.Connection | None,
+    have_credentials: bool,
+    *,
+    app: str | None,
+    environment: str | None,
+    top: int,
+    timeout: float,
+) -> Check:
+    """The registry's functions looked up at Modal, or why they cannot be."""
+    if conn is None:
+        return _skip(MODAL_FUNCTIONS, "no database connection")
+    if not have_credentials:
+        return Check(
+            MODAL_FUNCTIONS,
+            FAIL,
+            "cannot look up the registry functions: no Modal credentials",
+            "modal token set --token-id ... --token-secret ...",
+        )
+    if not app:
+        return Check(MODAL_FUNCTIONS, FAIL, "no Modal app name", "pass --app NAME")
+    return _guarded(
+        None,
+        MODAL_FUNCTIONS,
+        lambda: _check_modal_functions(
+            _registry_functions(conn), app=app, environment=environment, top=top, timeout=timeout
+        ),
+    )
+
+
 def _registry_functions(conn: psycopg.Connection) -> dict[str, list[str]]:
     """Each function the registry names, with the (step (workstream)) rows that use it."""
     with tx(conn):
@@ -791,33 +821,16 @@ def doctor(
         )
         add(credentials)
         if check_modal:
-            if conn is None:
-                add(_skip(MODAL_FUNCTIONS, "no database connection"))
-            elif not have_credentials:
-                add(
-                    Check(
-                        MODAL_FUNCTIONS,
-                        FAIL,
-                        "cannot look up the registry functions: no Modal credentials",
-                        "modal token set --token-id ... --token-secret ...",
-                    )
+            add(
+                _modal_functions_check(
+                    conn,
+                    have_credentials,
+                    app=modal_app,
+                    environment=modal_environment,
+                    top=top,
+                    timeout=lookup_timeout,
                 )
-            elif not modal_app:
-                add(Check(MODAL_FUNCTIONS, FAIL, "no Modal app name", "pass --app NAME"))
-            else:
-                add(
-                    _guarded(
-                        None,
-                        MODAL_FUNCTIONS,
-                        lambda: _check_modal_functions(
-                            _registry_functions(conn),
-                            app=modal_app,
-                            environment=modal_environment,
-                            top=top,
-                            timeout=lookup_timeout,
-                        ),
-                    )
-                )
+            )
     finally:
         if conn is not None:
             conn.close()
