@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsctl.db import tx
-from wsctl.domain import Client, find_client, validate_slug
+from wsctl.domain import Client, find_client, validate_filters, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.jsondoc import FLATTEN, JsonDoc, fields_doc
 from wsctl.queries import named, one, q, rows_as
@@ -227,10 +227,7 @@ def add_registry(
 def list_registry(
     conn: psycopg.Connection, *, workstream: str | None = None, step: str | None = None
 ) -> list[RegistryRow]:
-    if workstream is not None:
-        validate_slug(workstream, "workstream slug")
-    if step is not None:
-        validate_slug(step, "step slug")
+    validate_filters(workstream=workstream, step=step)
     from wsctl.limits import registry_bindings
 
     with tx(conn):  # read only; the transaction carries the statement timeout
@@ -766,10 +763,7 @@ def list_configs(
     workstream: str | None = None,
     step: str | None = None,
 ) -> list[ConfigRow]:
-    if workstream is not None:
-        validate_slug(workstream, "workstream slug")
-    if step is not None:
-        validate_slug(step, "step slug")
+    validate_filters(workstream=workstream, step=step)
     with tx(conn):  # read only; the transaction carries the statement timeout
         client_id = find_client(conn, client).id if client is not None else None
         rows = (

@@ -38,6 +38,14 @@ def validate_slug(value: str, what: str = "slug") -> str:
     return value
 
 
+def validate_filters(*, workstream: str | None, step: str | None) -> None:
+    """The slugs a listing is filtered by, each checked when given (None: no filter)."""
+    if workstream is not None:
+        validate_slug(workstream, "workstream slug")
+    if step is not None:
+        validate_slug(step, "step slug")
+
+
 def parse_uuid(value: str, what: str = "id") -> uuid.UUID:
     try:
         return uuid.UUID(str(value).strip())
