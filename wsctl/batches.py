@@ -51,7 +51,7 @@ from typing import IO, TYPE_CHECKING
 
 from wsctl.db import tx
 from wsctl.domain import Client, find_client, parse_uuid, validate_slug
-from wsctl.errors import OperationalError, UsageError
+from wsctl.errors import NotFound, OperationalError, UsageError
 from wsctl.itemfiles import item_line, open_items
 from wsctl.jsondoc import FLATTEN, OMIT, JsonDoc
 from wsctl.prune import PruneSummary, get_summary
@@ -445,7 +445,7 @@ def get_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> BatchInfo:
     with tx(conn):  # a savepoint inside a caller's transaction
         info = rows_as(conn, BatchInfo).execute(q("batch_get"), (bid,)).fetchone()
     if info is None:
-        raise OperationalError(f"no batch with id {bid}", hint="see `wsctl batch list`")
+        raise NotFound("batch", bid)
     return info
 
 
@@ -542,7 +542,7 @@ def cancel_batch(conn: psycopg.Connection, batch_id: str | uuid.UUID) -> CancelR
     with tx(conn):
         row = named(conn).execute(q("batch_lock"), (info.batch_id,)).fetchone()
         if row is None:  # deleted since get_batch
-            raise OperationalError(f"no batch with id {info.batch_id}")
+            raise NotFound("batch", info.batch_id)
         previous = row["status"]
         if previous == "COMPLETED":
             raise OperationalError(f"batch {info.batch_id} is COMPLETED: nothing to cancel")

@@ -30,6 +30,18 @@ class OperationalError(WsctlError):
     exit_code = 1
 
 
+class NotFound(OperationalError):
+    """No row with that id or key: ``NotFound("batch", bid)`` says "no batch with id BID"
+    and, where a listing shows what there is, points to it."""
+
+    LISTED_BY = {"batch": "wsctl batch list", "limit": "wsctl limit list"}
+
+    def __init__(self, what: str, key: object, *, by: str | None = "id"):
+        listed = self.LISTED_BY.get(what)
+        shown = f"with {by} {key}" if by else repr(key)  # None: the key is the name
+        super().__init__(f"no {what} {shown}", hint=f"see `{listed}`" if listed else None)
+
+
 class UsageError(WsctlError):
     """The command line itself is wrong."""
 

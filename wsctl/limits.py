@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from wsctl.db import tx
-from wsctl.errors import OperationalError, UsageError
+from wsctl.errors import NotFound, OperationalError, UsageError
 from wsctl.jsondoc import FLATTEN, JsonDoc, rename
 from wsctl.queries import q, rows_as
 
@@ -207,7 +207,7 @@ def remove_limit(conn: psycopg.Connection, key: str) -> Limit:
     with tx(conn, lock_timeout="5s"), rows_as(conn, Limit) as cur:
         gone = cur.execute(q("limits_delete"), {"key": key}).fetchone()
     if gone is None:
-        raise OperationalError(f"no limit {key!r}", hint="see `wsctl limit list`")
+        raise NotFound("limit", key, by=None)
     return gone
 
 

@@ -36,7 +36,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from wsctl.db import tx
 from wsctl.domain import parse_uuid
-from wsctl.errors import OperationalError, UsageError
+from wsctl.errors import NotFound, OperationalError, UsageError
 from wsctl.jsondoc import JsonDoc, fields_doc
 from wsctl.queries import named, one, q, scalar
 
@@ -356,7 +356,7 @@ def _refuse_ineligible(
         if bid in eligible:
             continue
         if conn.execute(q("batch_get"), (bid,)).fetchone() is None:
-            raise OperationalError(f"no batch with id {bid}", hint="see `wsctl batch list`")
+            raise NotFound("batch", bid)
         explained = one(named(conn).execute(q("prune_explain_batch"), (bid,)))
         states, unfinished = explained["states"], explained["unfinished"]
         finished_at = explained["finished_at"]

@@ -39,7 +39,7 @@ from wsctl.dispatch.backend import (
     _Unfinished,
 )
 from wsctl.domain import infer_workstreams
-from wsctl.errors import EnvError, OperationalError, WsctlError
+from wsctl.errors import EnvError, NotFound, OperationalError, WsctlError
 from wsctl.queries import q
 from wsctl.redact import first_line
 from wsctl.settings import DEFAULT_DISPATCH
@@ -1244,7 +1244,7 @@ def retry_states(
         with conn.cursor(row_factory=by_name(_BatchStatus)) as cur:
             row = cur.execute(q("dispatch_batch_status"), (batch_id,)).fetchone()
         if row is None:
-            raise OperationalError(f"no batch with id {batch_id}")
+            raise NotFound("batch", batch_id)
         if row.status == Status.CANCELLED:
             raise OperationalError(
                 f"batch {batch_id} is CANCELLED: its states are never dispatched again"
