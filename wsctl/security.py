@@ -46,25 +46,6 @@ PIPELINE_TABLES = (
 CONFIGS = "client_workflow_configs"
 PUBLIC = "PUBLIC"
 
-# What the worker helpers (wsctl.worker) and wsctl.complete_steps/fail_step touch, which run
-# with the caller's privileges: reads for resolution, the state transitions, the batch's
-# completion (FOR NO KEY UPDATE needs UPDATE).
-WORKER_TABLE_PRIVILEGES = {
-    "clients": "SELECT",
-    "enrichment_registry": "SELECT",
-    "client_workflow_configs": "SELECT",
-    "batches": "SELECT, UPDATE",
-    "batch_items": "SELECT",
-    "workflow_states": "SELECT, INSERT, UPDATE",
-}
-# On wsctl's own objects (its counters and tables later features add included).
-WORKER_OBJECT_PRIVILEGES = {
-    "SCHEMA": "USAGE",
-    "TABLE": "SELECT, INSERT, UPDATE, DELETE",
-    "SEQUENCE": "USAGE, SELECT",
-    "ROUTINE": "EXECUTE",
-}
-
 
 @dataclass(frozen=True)
 class ApiRoles:
@@ -236,6 +217,26 @@ def object_keys(conn: psycopg.Connection) -> set[tuple[str, str]]:
 # --- wsctl secure grant-worker ------------------------------------------------------------
 
 
+# What the worker helpers (wsctl.worker) and wsctl.complete_steps/fail_step touch, which run
+# with the caller's privileges: reads for resolution, the state transitions, the batch's
+# completion (FOR NO KEY UPDATE needs UPDATE).
+WORKER_TABLE_PRIVILEGES = {
+    "clients": "SELECT",
+    "enrichment_registry": "SELECT",
+    "client_workflow_configs": "SELECT",
+    "batches": "SELECT, UPDATE",
+    "batch_items": "SELECT",
+    "workflow_states": "SELECT, INSERT, UPDATE",
+}
+# On wsctl's own objects (its counters and tables later features add included).
+WORKER_OBJECT_PRIVILEGES = {
+    "SCHEMA": "USAGE",
+    "TABLE": "SELECT, INSERT, UPDATE, DELETE",
+    "SEQUENCE": "USAGE, SELECT",
+    "ROUTINE": "EXECUTE",
+}
+
+
 @dataclass
 class WorkerGrant(JsonDoc):
     role: str
@@ -245,7 +246,6 @@ class WorkerGrant(JsonDoc):
 def grant_worker(conn: psycopg.Connection, role: str, *, lock_timeout: str = "5s") -> WorkerGrant:
     """Give ``role`` what the worker helpers need, in one transaction, and remember it so that
     objects later migrations create are granted to it too. Idempotent."""
-
     if not existing_roles(conn, [role]):
         raise OperationalError(f"no role named {role!r} in this database's cluster")
     roles = api_roles(conn)
