@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tomllib
@@ -147,8 +148,10 @@ def test_mask_url_never_shows_the_password(user, password):
         ('[dispatch]\ncallback_timeout = "1h"\n', "dispatch.callback_timeout must be a whole number >= 1, not '1h'"),
         ('[dispatch]\nspawn_timeout = "fast"\n', "dispatch.spawn_timeout must be a number of seconds > 0, not 'fast'"),
         ("[dispatch]\nspawn_timeout = 0\n", "dispatch.spawn_timeout must be a number of seconds > 0, not 0"),
-        ("[dispatch]\ninterval = nan\n", "dispatch.interval must be a number of seconds > 0, not nan"),
-        ("[dispatch]\ninterval = inf\n", "dispatch.interval must be a number of seconds > 0, not inf"),
+        ("[dispatch]\ninterval = nan\n", "dispatch.interval must be a number of seconds >= 0, not nan"),
+        ("[dispatch]\ninterval = inf\n", "dispatch.interval must be a number of seconds >= 0, not inf"),
+        ("[dispatch]\ngrace = -1\n", "dispatch.grace must be a number of seconds >= 0, not -1"),
+        ("[dispatch]\nmax_seconds = 0\n", "dispatch.max_seconds must be a number of seconds > 0, not 0"),
         ('[dispatch]\nbackend = "cloud"\n', "dispatch.backend must be 'modal' or 'local', not 'cloud'"),
         ("[dispatch]\napp = 3\n", "dispatch.app must be a non-empty string, not 3"),
         ('[dispatch]\napp = ""\n', "dispatch.app must be a non-empty string, not ''"),
@@ -220,6 +223,20 @@ def test_statement_timeout_values_are_accepted_by_postgres(conn, tmp_path):
         timeout = settings.load().statement_timeout
         with tx(conn, statement_timeout=timeout):
             assert conn.execute("SHOW statement_timeout").fetchone()[0]
+
+
+def test_zero_seconds_is_taken_in_the_file_where_the_option_takes_it(cli, tmp_path):
+    """interval, record_retry_seconds and grace accept 0 on the command line; wsctl.toml too."""
+    (tmp_path / "wsctl.toml").write_text(
+        "[dispatch]\ninterval = 0\nrecord_retry_seconds = 0\ngrace = 0\n"
+    )
+    d = settings.load().dispatch
+    assert (d.interval, d.record_retry_seconds, d.grace) == (0.0, 0.0, 0.0)
+    shown = cli("settings", "--json")
+    assert shown.code == 0, shown.err
+    rows = {r["key"]: r for r in json.loads(shown.out)["settings"]}
+    for key in ("dispatch.interval", "dispatch.record_retry_seconds", "dispatch.grace"):
+        assert rows[key]["value"] == 0 and rows[key]["source"].startswith("file:"), rows[key]
 
 
 def test_good_values_are_kept_with_their_types(tmp_path):

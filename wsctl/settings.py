@@ -133,15 +133,26 @@ def _whole_number(value: Any) -> int:
     raise _Invalid("a whole number >= 1")
 
 
-def _positive_seconds(value: Any) -> float:
-    if (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    ):
-        return float(value)
-    raise _Invalid("a number of seconds > 0")
+def _seconds_check(at_least_zero: bool) -> Callable[[Any], float]:
+    """A number of seconds: > 0, or >= 0 where zero means "at once" (as the option takes it)."""
+    bound = "a number of seconds >= 0" if at_least_zero else "a number of seconds > 0"
+
+    def check(value: Any) -> float:
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (value >= 0 if at_least_zero else value > 0)
+        ):
+            return float(value)
+        raise _Invalid(bound)
+
+    return check
+
+
+_positive_seconds = _seconds_check(at_least_zero=False)
+#: interval (passes back to back), record_retry_seconds (no retry), grace (stop at once)
+_seconds = _seconds_check(at_least_zero=True)
 
 
 def _text(value: Any) -> str:
@@ -252,15 +263,15 @@ class DispatchSettings:
     modal_function_cap: int = _setting(2000, _whole_number)
     max_attempts: int = _setting(5, _whole_number)
     callback_timeout: int = _setting(3600, _whole_number)
-    interval: float = _setting(10.0, _positive_seconds)
+    interval: float = _setting(10.0, _seconds)
     #: recording a chunk's outcomes is retried on fresh connections this long
-    record_retry_seconds: float = _setting(30.0, _positive_seconds)
+    record_retry_seconds: float = _setting(30.0, _seconds)
     #: the local journal of outcomes not yet recorded (None: the user data dir)
     journal_dir: str | None = _setting(None, _optional_text)
     #: a pass stops claiming after max_seconds; running functions then get grace
     #: seconds (45 + 10 < cron's minute, with `timeout -s TERM 55` as the backstop)
     max_seconds: float = _setting(45.0, _positive_seconds)
-    grace: float = _setting(10.0, _positive_seconds)
+    grace: float = _setting(10.0, _seconds)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
