@@ -183,13 +183,24 @@ def _registry_note(workstream: str | None, step: str) -> str:
     return f"no registry row for ({step}, {workstream}); see `wsctl registry add`"
 
 
-def item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemReport:
+def item_report(
+    conn: psycopg.Connection, item_id: str | uuid.UUID, *, function_cap: int | None = None
+) -> ItemReport:
     """Everything known about one item's way through its blueprint (read only).
 
-    A malformed or unknown id raises ``OperationalError`` (exit 1).
+    ``function_cap`` is the modal backend's cap of calls per function
+    (``[dispatch] modal_function_cap``; None: its default), counted in what
+    would hold a PENDING step back. A malformed or unknown id raises
+    ``OperationalError`` (exit 1).
     """
+    if function_cap is None:
+        from wsctl.settings import DEFAULT_DISPATCH
+
+        function_cap = DEFAULT_DISPATCH.modal_function_cap
     with tx(conn):  # read only; the transaction carries the statement timeout
-        return _item_report(conn, item_id)
+        report = _item_report(conn, item_id)
+        _limit_waits(conn, report, function_cap)
+    return report
 
 
 def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemReport:
@@ -242,18 +253,16 @@ def _item_report(conn: psycopg.Connection, item_id: str | uuid.UUID) -> ItemRepo
         except OperationalError as exc:  # a legacy step name that is not a slug
             s.resolution_error = exc.one_line()
         report.steps.append(s)
-    _limit_waits(conn, report)
     return report
 
 
-def _limit_waits(conn: psycopg.Connection, report: ItemReport) -> None:
-    """For each PENDING step: the limits that would hold it back now (Modal's default cap of
-    calls per function counted, as the modal backend does)."""
+def _limit_waits(conn: psycopg.Connection, report: ItemReport, function_cap: int) -> None:
+    """For each PENDING step: the limits that would hold it back now (the cap of calls per
+    function counted, as the modal backend does)."""
     from wsctl.dispatch import pacing
-    from wsctl.settings import DEFAULT_DISPATCH
 
     for s in report.steps:
         if s.status == "PENDING" and s.registry is not None:
             s.waiting_for = pacing.holding_back(
-                conn, report.batch_id, s.step, function_cap=DEFAULT_DISPATCH.modal_function_cap
+                conn, report.batch_id, s.step, function_cap=function_cap
             )

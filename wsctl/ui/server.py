@@ -84,6 +84,7 @@ class UiConfig:
     batches_limit: int = 50
     database_label: str = ""
     statement_timeout: str = "15s"
+    modal_function_cap: int | None = None  # [dispatch] modal_function_cap (None: its default)
 
 
 # --- the guard: methods, token, headers --------------------------------------------------
@@ -351,7 +352,8 @@ class _Pages:
     def item(self, request: Request) -> Response:
         from wsctl.item_report import item_report
 
-        report = self.read(lambda conn: item_report(conn, request.path_params["item_id"]))
+        item_id, cap = request.path_params["item_id"], self.cfg.modal_function_cap
+        report = self.read(lambda conn: item_report(conn, item_id, function_cap=cap))
         # the document `item show --json` prints, redacted as the CLI redacts it
         doc = redact(report.to_json(reveal=False))
         return self.render("item.html", title=f"item {report.item_id}", doc=doc)
