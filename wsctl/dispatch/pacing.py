@@ -58,6 +58,11 @@ def capacity(burst: int) -> float:
     return float(burst - 1 if burst > 1 else burst)
 
 
+#: what a key lacks for one more state (``Limits.shortfall``)
+TOKEN = "token"
+SLOT = "slot"
+
+
 @dataclass(slots=True)
 class Candidate:
     id: uuid.UUID
@@ -155,25 +160,28 @@ class Limits:
             return self.function_cap
         return None
 
+    def tokens_now(self) -> dict[str, float]:
+        """Each rate's tokens now (a key without a rate has none here)."""
+        return {k: t for k, b in self.buckets.items() if (t := b.available()) is not None}
+
+    def shortfall(self, key: str, tokens: dict[str, float], claiming: int = 0) -> str | None:
+        """What ``key`` lacks for one more state: ``TOKEN`` (its rate has no whole token in
+        ``tokens``), ``SLOT`` (its cap is full, counting ``claiming`` more), or None."""
+        if key in tokens and tokens[key] < 1.0:
+            return TOKEN
+        cap = self.cap_of(key)
+        if cap is not None and self.in_flight.get(key, 0) + claiming >= cap:
+            return SLOT
+        return None
+
     def admit(self, candidates: list[Candidate]) -> Admission:
         out = Admission()
-        tokens: dict[str, float] = {}
-        for key, b in self.buckets.items():
-            avail = b.available()
-            if avail is not None:
-                tokens[key] = avail
+        tokens = self.tokens_now()
         used = Counter[str]()
         for c in candidates:
             group = self.groups.get((c.batch_id, c.step_name))
             keys = self.keys_of(group) if group is not None else []
-            short: list[str] = []
-            for key in keys:
-                if key in tokens and tokens[key] < 1.0:
-                    short.append(key)
-                    continue
-                cap = self.cap_of(key)
-                if cap is not None and self.in_flight.get(key, 0) + used[key] >= cap:
-                    short.append(key)
+            short = [key for key in keys if self.shortfall(key, tokens, used[key])]
             if short:
                 for key in short:
                     out.deferred.setdefault(key, []).append(c.id)
@@ -480,19 +488,17 @@ def holding_back(
     if group is None:
         return []
     limits = load_limits(conn, groups, function_cap, lock=False)
+    tokens = limits.tokens_now()
     out = []
     for key in limits.keys_of(group):
-        b = limits.buckets.get(key)
-        avail = b.available() if b is not None else None
-        if b is not None and avail is not None and avail < 1.0 and b.rate_per_second:
-            wait = b.seconds_to_token(avail)
+        lacks = limits.shortfall(key, tokens)
+        if lacks == TOKEN:
+            b = limits.buckets[key]
             out.append(
                 f"waiting for limit {key}: no token now (rate {b.rate_per_second:g}/s, "
-                f"burst {b.burst}; the next in {wait:.2f} s)"
+                f"burst {b.burst}; the next in {b.seconds_to_token(tokens[key]):.2f} s)"
             )
-            continue
-        cap = limits.cap_of(key)
-        used = limits.in_flight.get(key, 0)
-        if cap is not None and used >= cap:
+        elif lacks == SLOT:
+            used, cap = limits.in_flight.get(key, 0), limits.cap_of(key)
             out.append(f"waiting for limit {key}: {used} of {cap} in flight")
     return out
