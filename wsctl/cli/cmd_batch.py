@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from wsctl.cli.common import (
-    CLIENT_OPTION,
-    JSON_OPTION,
-    WORKSTREAM_FILTER_OPTION,
-    WORKSTREAM_OPTION,
-    state,
-)
+from wsctl.cli.common import BatchId, Client, Json, Workstream, WorkstreamFilter, state
 
 batch_app = typer.Typer(
     help="Batches: create one from a CSV or JSON Lines file, see where it stands, cancel it.",
@@ -22,35 +18,43 @@ backfill_app = typer.Typer(help="Bring legacy rows up to date.", no_args_is_help
 @batch_app.command("create")
 def batch_create(
     ctx: typer.Context,
-    client: str = CLIENT_OPTION,
-    workstream: str = WORKSTREAM_OPTION,
-    blueprint: str = typer.Option(
-        ..., "--blueprint", help="Ordered workflow steps: step1,step2,..."
-    ),
-    items: str = typer.Option(
-        ..., "--items", help="Item file: CSV with a header row or JSON Lines; - reads stdin."
-    ),
-    fmt: str | None = typer.Option(
-        None, "--format", help="csv or jsonl (default: from the file's extension)."
-    ),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Validate and parse the whole file; write nothing."
-    ),
-    dedupe_key: str | None = typer.Option(
-        None,
-        "--dedupe-key",
-        help="A retried create with the same key returns the first batch instead of a copy.",
-    ),
-    delimiter: str = typer.Option(
-        ",", "--delimiter", help="The CSV field separator (one character, e.g. ';')."
-    ),
-    check_every_row: bool = typer.Option(
-        False,
-        "--check-every-row",
-        help="Let PostgreSQL check each row's foreign keys even where they hold by "
-        "construction (slower; see README).",
-    ),
-    as_json: bool = JSON_OPTION,
+    client: Client,
+    workstream: Workstream,
+    blueprint: Annotated[
+        str, typer.Option("--blueprint", help="Ordered workflow steps: step1,step2,...")
+    ],
+    items: Annotated[
+        str,
+        typer.Option(
+            "--items", help="Item file: CSV with a header row or JSON Lines; - reads stdin."
+        ),
+    ],
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="csv or jsonl (default: from the file's extension)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and parse the whole file; write nothing.")
+    ] = False,
+    dedupe_key: Annotated[
+        str | None,
+        typer.Option(
+            "--dedupe-key",
+            help="A retried create with the same key returns the first batch instead of a copy.",
+        ),
+    ] = None,
+    delimiter: Annotated[
+        str, typer.Option("--delimiter", help="The CSV field separator (one character, e.g. ';').")
+    ] = ",",
+    check_every_row: Annotated[
+        bool,
+        typer.Option(
+            "--check-every-row",
+            help="Let PostgreSQL check each row's foreign keys even where they hold by "
+            "construction (slower; see README).",
+        ),
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Create a batch with its workstream, its items and their first PENDING states."""
     import sys
@@ -117,14 +121,13 @@ def _file_size(items: str) -> int | None:
 
 
 LIST_PAGE = 50  # `batch list` without --all: a page a terminal can show
-BATCH_ID_ARGUMENT = typer.Argument(..., help="Batch id.")
 
 
 @batch_app.command("status")
 def batch_status(
     ctx: typer.Context,
-    batch_id: str = BATCH_ID_ARGUMENT,
-    as_json: bool = JSON_OPTION,
+    batch_id: BatchId,
+    as_json: Json = False,
 ) -> None:
     """Per blueprint step, how many states are in each status."""
     from wsctl import batches
@@ -158,14 +161,19 @@ def batch_status(
 @batch_app.command("list")
 def batch_list(
     ctx: typer.Context,
-    client: str | None = typer.Option(None, "--client", help="Only this client's batches."),
-    workstream: str | None = WORKSTREAM_FILTER_OPTION,
-    missing_workstream: bool = typer.Option(
-        False, "--missing-workstream", help="Only batches without a workstream (legacy)."
-    ),
-    limit: int = typer.Option(LIST_PAGE, "--limit", min=1, help="At most this many, newest first."),
-    all_: bool = typer.Option(False, "--all", help="Every batch (no --limit)."),
-    as_json: bool = JSON_OPTION,
+    client: Annotated[
+        str | None, typer.Option("--client", help="Only this client's batches.")
+    ] = None,
+    workstream: WorkstreamFilter = None,
+    missing_workstream: Annotated[
+        bool,
+        typer.Option("--missing-workstream", help="Only batches without a workstream (legacy)."),
+    ] = False,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="At most this many, newest first.")
+    ] = LIST_PAGE,
+    all_: Annotated[bool, typer.Option("--all", help="Every batch (no --limit).")] = False,
+    as_json: Json = False,
 ) -> None:
     """List batches, newest first (a page of them unless --all)."""
     from wsctl import batches
@@ -198,8 +206,8 @@ def batch_list(
 @batch_app.command("cancel")
 def batch_cancel(
     ctx: typer.Context,
-    batch_id: str = BATCH_ID_ARGUMENT,
-    as_json: bool = JSON_OPTION,
+    batch_id: BatchId,
+    as_json: Json = False,
 ) -> None:
     """Cancel a batch: its PENDING and BLOCKED states are never dispatched."""
     from wsctl import batches
@@ -225,23 +233,29 @@ def batch_cancel(
 @backfill_app.command("workstream-slug")
 def backfill_workstream_slug(
     ctx: typer.Context,
-    default: str | None = typer.Option(
-        None, "--default", help="Workstream to set where inference cannot decide."
-    ),
-    batch: list[str] | None = typer.Option(
-        None, "--batch", help="Only this batch (repeat, or comma-separate, for several)."
-    ),
-    chunk_size: int = typer.Option(1000, "--chunk-size", help="Batches per transaction."),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Report what would be set; write nothing."
-    ),
-    enforce: bool = typer.Option(
-        False,
-        "--enforce",
-        help="Then require a workstream on every batch (CHECK ... NOT NULL); refused, writing "
-        "nothing, if any batch would still lack one.",
-    ),
-    as_json: bool = JSON_OPTION,
+    default: Annotated[
+        str | None,
+        typer.Option("--default", help="Workstream to set where inference cannot decide."),
+    ] = None,
+    batch: Annotated[
+        list[str] | None,
+        typer.Option("--batch", help="Only this batch (repeat, or comma-separate, for several)."),
+    ] = None,
+    chunk_size: Annotated[
+        int, typer.Option("--chunk-size", help="Batches per transaction.")
+    ] = 1000,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would be set; write nothing.")
+    ] = False,
+    enforce: Annotated[
+        bool,
+        typer.Option(
+            "--enforce",
+            help="Then require a workstream on every batch (CHECK ... NOT NULL); refused, writing "
+            "nothing, if any batch would still lack one.",
+        ),
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Infer and set batches.workstream_slug where it is NULL (exit 1 while any stays unresolved)."""
     from wsctl import backfill

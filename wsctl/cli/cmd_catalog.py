@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from wsctl.cli.common import (
-    CLIENT_OPTION,
-    JSON_OPTION,
-    REVEAL_OPTION,
-    WORKSTREAM_FILTER_OPTION,
-    WORKSTREAM_OPTION,
+    Client,
+    Json,
+    Reveal,
+    Step,
+    StepFilter,
+    Workstream,
+    WorkstreamFilter,
     state,
 )
 
@@ -24,9 +27,6 @@ config_app = typer.Typer(
     no_args_is_help=True,
 )
 
-STEP_OPTION = typer.Option(..., "--step", "--workflow", help="Workflow step slug.")
-STEP_FILTER_OPTION = typer.Option(None, "--step", "--workflow", help="Only this step.")
-
 
 # --- client -----------------------------------------------------------------
 
@@ -34,8 +34,8 @@ STEP_FILTER_OPTION = typer.Option(None, "--step", "--workflow", help="Only this 
 @client_app.command("add")
 def client_add(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="The client's name."),
-    as_json: bool = JSON_OPTION,
+    name: Annotated[str, typer.Argument(help="The client's name.")],
+    as_json: Json = False,
 ) -> None:
     """Add a client and print its id (an existing name prints the existing id)."""
     from wsctl import catalog
@@ -52,7 +52,7 @@ def client_add(
 
 
 @client_app.command("list")
-def client_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+def client_list(ctx: typer.Context, as_json: Json = False) -> None:
     """List clients with their number of configs and batches."""
     from wsctl import catalog
     from wsctl.cli import output
@@ -93,24 +93,27 @@ def _registry_table(rows) -> None:
 @registry_app.command("add")
 def registry_add(
     ctx: typer.Context,
-    step: str = STEP_OPTION,
-    workstream: str = WORKSTREAM_OPTION,
-    type_: str = typer.Option(..., "--type", help="sync or async."),
-    sender: str = typer.Option(..., "--sender", help="Modal function that starts the step."),
-    receiver: str | None = typer.Option(
-        None, "--receiver", help="Modal function the webhook reaches (async steps)."
-    ),
-    limit_keys: list[str] | None = typer.Option(
-        None,
-        "--limit-key",
-        metavar="KEY",
-        help="Bind the row to a limit key (repeatable; a template such as "
-        "clay:{config.clay_workspace}); replaces the row's keys.",
-    ),
-    no_limit_keys: bool = typer.Option(
-        False, "--no-limit-keys", help="Unbind the row from every limit key."
-    ),
-    as_json: bool = JSON_OPTION,
+    step: Step,
+    workstream: Workstream,
+    type_: Annotated[str, typer.Option("--type", help="sync or async.")],
+    sender: Annotated[str, typer.Option("--sender", help="Modal function that starts the step.")],
+    receiver: Annotated[
+        str | None,
+        typer.Option("--receiver", help="Modal function the webhook reaches (async steps)."),
+    ] = None,
+    limit_keys: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--limit-key",
+            metavar="KEY",
+            help="Bind the row to a limit key (repeatable; a template such as "
+            "clay:{config.clay_workspace}); replaces the row's keys.",
+        ),
+    ] = None,
+    no_limit_keys: Annotated[
+        bool, typer.Option("--no-limit-keys", help="Unbind the row from every limit key.")
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Register a step's Modal functions in a workstream (upsert on the composite key)."""
     from wsctl import catalog
@@ -139,9 +142,9 @@ def registry_add(
 @registry_app.command("list")
 def registry_list(
     ctx: typer.Context,
-    workstream: str | None = WORKSTREAM_FILTER_OPTION,
-    step: str | None = STEP_FILTER_OPTION,
-    as_json: bool = JSON_OPTION,
+    workstream: WorkstreamFilter = None,
+    step: StepFilter = None,
+    as_json: Json = False,
 ) -> None:
     """List registry rows (step, workstream, type, sender, receiver)."""
     from wsctl import catalog
@@ -158,14 +161,16 @@ def registry_list(
 @registry_app.command("remove")
 def registry_remove(
     ctx: typer.Context,
-    step: str = STEP_OPTION,
-    workstream: str = WORKSTREAM_OPTION,
-    force: bool = typer.Option(
-        False,
-        "--force",
-        help="Remove even while states (waiting, in flight, BLOCKED) or active batches need it.",
-    ),
-    as_json: bool = JSON_OPTION,
+    step: Step,
+    workstream: Workstream,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Remove even while states (waiting, in flight, BLOCKED) or active batches need it.",
+        ),
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Remove a registry row (refused while states or active batches still need it)."""
     from wsctl import catalog
@@ -184,9 +189,11 @@ def registry_remove(
 @registry_app.command("import")
 def registry_import(
     ctx: typer.Context,
-    file: Path = typer.Argument(..., help="TOML file of [[registry]] tables."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate only; write nothing."),
-    as_json: bool = JSON_OPTION,
+    file: Annotated[Path, typer.Argument(help="TOML file of [[registry]] tables.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate only; write nothing.")
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Upsert many registry rows from a TOML file, all or nothing."""
     from wsctl import catalog
@@ -219,29 +226,37 @@ def _dump(doc) -> str:
 @config_app.command("set")
 def config_set(
     ctx: typer.Context,
-    client: str = CLIENT_OPTION,
-    step: str = STEP_OPTION,
-    workstream: str = WORKSTREAM_OPTION,
-    file: Path | None = typer.Option(
-        None, "--file", help="A .json or .toml file: replaces the whole config."
-    ),
-    assignments: list[str] | None = typer.Option(
-        None, "--set", help="key=value merged into the config (repeatable; JSON values parse)."
-    ),
-    new_workstream: bool = typer.Option(
-        False,
-        "--new-workstream",
-        help="The workstream has no registry rows yet: store the config anyway.",
-    ),
-    submitted: int | None = typer.Option(
-        None,
-        "--submitted",
-        metavar="N",
-        help="Clay webhook URLs this change adds already took N submissions (of Clay's "
-        "50,000 per source) before wsctl counted them.",
-    ),
-    reveal: bool = REVEAL_OPTION,
-    as_json: bool = JSON_OPTION,
+    client: Client,
+    step: Step,
+    workstream: Workstream,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="A .json or .toml file: replaces the whole config."),
+    ] = None,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="key=value merged into the config (repeatable; JSON values parse)."
+        ),
+    ] = None,
+    new_workstream: Annotated[
+        bool,
+        typer.Option(
+            "--new-workstream",
+            help="The workstream has no registry rows yet: store the config anyway.",
+        ),
+    ] = False,
+    submitted: Annotated[
+        int | None,
+        typer.Option(
+            "--submitted",
+            metavar="N",
+            help="Clay webhook URLs this change adds already took N submissions (of Clay's "
+            "50,000 per source) before wsctl counted them.",
+        ),
+    ] = None,
+    reveal: Reveal = False,
+    as_json: Json = False,
 ) -> None:
     """Create or update a client config (--file replaces it, --set merges keys)."""
     from wsctl import catalog
@@ -278,11 +293,13 @@ def config_set(
 @config_app.command("list")
 def config_list(
     ctx: typer.Context,
-    client: str | None = typer.Option(None, "--client", help="Only this client (name or id)."),
-    workstream: str | None = WORKSTREAM_FILTER_OPTION,
-    step: str | None = STEP_FILTER_OPTION,
-    reveal: bool = REVEAL_OPTION,
-    as_json: bool = JSON_OPTION,
+    client: Annotated[
+        str | None, typer.Option("--client", help="Only this client (name or id).")
+    ] = None,
+    workstream: WorkstreamFilter = None,
+    step: StepFilter = None,
+    reveal: Reveal = False,
+    as_json: Json = False,
 ) -> None:
     """List client configs (secrets redacted unless --reveal)."""
     import json
@@ -314,14 +331,17 @@ def config_list(
 @config_app.command("unset")
 def config_unset(
     ctx: typer.Context,
-    client: str = CLIENT_OPTION,
-    step: str = STEP_OPTION,
-    workstream: str = WORKSTREAM_OPTION,
-    keys: list[str] | None = typer.Option(
-        None, "--key", help="Remove only this top-level key (repeatable); default: the whole row."
-    ),
-    reveal: bool = REVEAL_OPTION,
-    as_json: bool = JSON_OPTION,
+    client: Client,
+    step: Step,
+    workstream: Workstream,
+    keys: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--key", help="Remove only this top-level key (repeatable); default: the whole row."
+        ),
+    ] = None,
+    reveal: Reveal = False,
+    as_json: Json = False,
 ) -> None:
     """Delete a client config, or only some of its keys."""
     from wsctl import catalog
@@ -361,14 +381,17 @@ def _row_text(row: dict | None) -> str:
 @config_app.command("show")
 def config_show(
     ctx: typer.Context,
-    step: str = STEP_OPTION,
-    item: str | None = typer.Option(
-        None, "--item", help="Batch item id (client and workstream from its batch)."
-    ),
-    client: str | None = typer.Option(None, "--client", help="Client name or id."),
-    workstream: str | None = typer.Option(None, "--workstream", help="Explicit workstream slug."),
-    reveal: bool = REVEAL_OPTION,
-    as_json: bool = JSON_OPTION,
+    step: Step,
+    item: Annotated[
+        str | None,
+        typer.Option("--item", help="Batch item id (client and workstream from its batch)."),
+    ] = None,
+    client: Annotated[str | None, typer.Option("--client", help="Client name or id.")] = None,
+    workstream: Annotated[
+        str | None, typer.Option("--workstream", help="Explicit workstream slug.")
+    ] = None,
+    reveal: Reveal = False,
+    as_json: Json = False,
 ) -> None:
     """Resolve a client config and show how (exit 0 only when found)."""
     from wsctl.cli import output

@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import Json, state
 
 
 def demo(
     ctx: typer.Context,
-    database_url: str | None = typer.Option(
-        None,
-        "--database-url",
-        help="Run in this database instead of the embedded one (beats the global option).",
-        show_default=False,
-    ),
-    timeout: float = typer.Option(
-        50.0, "--timeout", help="Seconds before the demo gives up waiting for its batches."
-    ),
-    verbose: bool = typer.Option(
-        False,
-        "--verbose",
-        "-v",
-        help="Also show the worker's log lines ([SYNC STEP], [ASYNC SENDER], [CONFIG]).",
-    ),
-    as_json: bool = JSON_OPTION,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="Run in this database instead of the embedded one (beats the global option).",
+            show_default=False,
+        ),
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", help="Seconds before the demo gives up waiting for its batches."),
+    ] = 50.0,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Also show the worker's log lines ([SYNC STEP], [ASYNC SENDER], [CONFIG]).",
+        ),
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Run two workstreams' batches end to end: embedded PostgreSQL, local backend, Clay stand-in.
 

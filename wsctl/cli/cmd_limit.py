@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import Json, LimitKey, state
 
 limit_app = typer.Typer(
     help="Limits: how fast, and how many at once, the states under a limit key may run "
     "(bind registry rows to keys with `wsctl registry add ... --limit-key KEY`).",
     no_args_is_help=True,
 )
-KEY_ARGUMENT = typer.Argument(..., help="The limit key.")
 
 
 def _describe(rate: str | None, burst: int | None, cap: int | None) -> str:
@@ -26,21 +27,25 @@ def _describe(rate: str | None, burst: int | None, cap: int | None) -> str:
 @limit_app.command("set")
 def limit_set(
     ctx: typer.Context,
-    key: str = typer.Argument(..., help="The limit key, e.g. clay:acme-workspace."),
-    rate: str | None = typer.Option(
-        None, "--rate", metavar="N/s|N/m|N/h", help="Spawns per second, minute or hour."
-    ),
-    burst: int | None = typer.Option(
-        None, "--burst", help="Spawns allowed at once above the rate (default: 1 s worth)."
-    ),
-    max_in_flight: int | None = typer.Option(
-        None, "--max-in-flight", help="States in flight at once under the key."
-    ),
-    no_rate: bool = typer.Option(False, "--no-rate", help="Drop the rate (keep the cap)."),
-    no_max_in_flight: bool = typer.Option(
-        False, "--no-max-in-flight", help="Drop the cap (keep the rate)."
-    ),
-    as_json: bool = JSON_OPTION,
+    key: Annotated[str, typer.Argument(help="The limit key, e.g. clay:acme-workspace.")],
+    rate: Annotated[
+        str | None,
+        typer.Option("--rate", metavar="N/s|N/m|N/h", help="Spawns per second, minute or hour."),
+    ] = None,
+    burst: Annotated[
+        int | None,
+        typer.Option("--burst", help="Spawns allowed at once above the rate (default: 1 s worth)."),
+    ] = None,
+    max_in_flight: Annotated[
+        int | None, typer.Option("--max-in-flight", help="States in flight at once under the key.")
+    ] = None,
+    no_rate: Annotated[
+        bool, typer.Option("--no-rate", help="Drop the rate (keep the cap).")
+    ] = False,
+    no_max_in_flight: Annotated[
+        bool, typer.Option("--no-max-in-flight", help="Drop the cap (keep the rate).")
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Define a limit, or change the parts given."""
     from wsctl import limits
@@ -65,7 +70,7 @@ def limit_set(
 
 
 @limit_app.command("list")
-def limit_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+def limit_list(ctx: typer.Context, as_json: Json = False) -> None:
     """Every limit, and the bound keys no limit defines."""
     from wsctl import limits
     from wsctl.cli import output
@@ -92,8 +97,8 @@ def limit_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 @limit_app.command("show")
 def limit_show(
     ctx: typer.Context,
-    key: str = KEY_ARGUMENT,
-    as_json: bool = JSON_OPTION,
+    key: LimitKey,
+    as_json: Json = False,
 ) -> None:
     """One limit: its definition, what is in flight under it now, what binds it."""
     from wsctl import limits
@@ -123,8 +128,8 @@ def limit_show(
 @limit_app.command("remove")
 def limit_remove(
     ctx: typer.Context,
-    key: str = KEY_ARGUMENT,
-    as_json: bool = JSON_OPTION,
+    key: LimitKey,
+    as_json: Json = False,
 ) -> None:
     """Remove a limit (keys bound to it then limit nothing)."""
     from wsctl import limits

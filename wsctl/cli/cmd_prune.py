@@ -3,40 +3,50 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import Json, state
 
 
 def prune(
     ctx: typer.Context,
-    older_than: str = typer.Option(
-        ...,
-        "--older-than",
-        help="Prune batches that finished longer ago than this (30d, 12h, 2w, 1d12h).",
-        show_default=False,
-    ),
-    batch: list[str] | None = typer.Option(
-        None, "--batch", help="Only this batch (repeatable); refused if it is not prunable."
-    ),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="List what would be pruned; write nothing."
-    ),
-    archive: Path | None = typer.Option(
-        None,
-        "--archive",
-        help="Append every removed row to this JSON Lines file, fsynced before the delete "
-        "(an interrupted prune resumes it: each row exactly once).",
-    ),
-    include_items: bool = typer.Option(
-        False,
-        "--include-items",
-        help="ALSO DELETE THE BATCHES' batch_items, which hold the enrichment results. "
-        "Without it only workflow_states rows are removed.",
-    ),
-    chunk_size: int = typer.Option(5000, "--chunk-size", help="Rows per transaction."),
-    as_json: bool = JSON_OPTION,
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            help="Prune batches that finished longer ago than this (30d, 12h, 2w, 1d12h).",
+            show_default=False,
+        ),
+    ],
+    batch: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--batch", help="Only this batch (repeatable); refused if it is not prunable."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be pruned; write nothing.")
+    ] = False,
+    archive: Annotated[
+        Path | None,
+        typer.Option(
+            "--archive",
+            help="Append every removed row to this JSON Lines file, fsynced before the delete "
+            "(an interrupted prune resumes it: each row exactly once).",
+        ),
+    ] = None,
+    include_items: Annotated[
+        bool,
+        typer.Option(
+            "--include-items",
+            help="ALSO DELETE THE BATCHES' batch_items, which hold the enrichment results. "
+            "Without it only workflow_states rows are removed.",
+        ),
+    ] = False,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Rows per transaction.")] = 5000,
+    as_json: Json = False,
 ) -> None:
     """Remove the workflow_states of batches finished longer ago than --older-than.
 
@@ -122,8 +132,10 @@ db_app = typer.Typer(help="Database upkeep for a long-lived pipeline.", no_args_
 @db_app.command("tune")
 def db_tune(
     ctx: typer.Context,
-    apply: bool = typer.Option(False, "--apply", help="Set them (otherwise only print)."),
-    as_json: bool = JSON_OPTION,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Set them (otherwise only print).")
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Per-table autovacuum settings for workflow_states: print them, or --apply them."""
     from wsctl import tune
