@@ -91,9 +91,12 @@ def batch_create(
         output.warn(w)
     if result.deduplicated:
         output.notice(f"dedupe key {dedupe_key!r} already made batch {result.batch_id}")
-    if as_json:
-        output.emit_json(result.to_json())
-        return
+    output.show(result, as_json, _render_created)
+
+
+def _render_created(result) -> None:
+    from wsctl.cli import output
+
     if result.dry_run:
         output.line(
             f"dry run: would create a batch of {result.items} items for client "
@@ -124,20 +127,18 @@ LIST_PAGE = 50  # `batch list` without --all: a page a terminal can show
 
 
 @batch_app.command("status")
-def batch_status(
-    ctx: typer.Context,
-    batch_id: BatchId,
-    as_json: Json = False,
-) -> None:
+def batch_status(ctx: typer.Context, batch_id: BatchId, as_json: Json = False) -> None:
     """Per blueprint step, how many states are in each status."""
     from wsctl import batches
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        st = batches.batch_status(conn, batch_id)
-    if as_json:
-        output.emit_json(st.to_json())
-        return
+    st = state(ctx).call(batches.batch_status, batch_id)
+    output.show(st, as_json, _render_status)
+
+
+def _render_status(st) -> None:
+    from wsctl.cli import output
+
     b = st.batch
     output.line(f"batch {b.batch_id}  status {b.status}")
     output.line(f"client {b.client}  workstream {b.workstream or '- (none: see backfill)'}")
@@ -204,20 +205,18 @@ def batch_list(
 
 
 @batch_app.command("cancel")
-def batch_cancel(
-    ctx: typer.Context,
-    batch_id: BatchId,
-    as_json: Json = False,
-) -> None:
+def batch_cancel(ctx: typer.Context, batch_id: BatchId, as_json: Json = False) -> None:
     """Cancel a batch: its PENDING and BLOCKED states are never dispatched."""
     from wsctl import batches
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        result = batches.cancel_batch(conn, batch_id)
-    if as_json:
-        output.emit_json(result.to_json())
-        return
+    result = state(ctx).call(batches.cancel_batch, batch_id)
+    output.show(result, as_json, _render_cancelled)
+
+
+def _render_cancelled(result) -> None:
+    from wsctl.cli import output
+
     if result.previous_status == "CANCELLED":
         output.line(
             f"batch {result.batch_id} was already cancelled: {result.cancelled_states} "
@@ -299,32 +298,35 @@ def backfill_workstream_slug(
             f"{len(report.default_unregistered)} defaulted batch(es): {sample}"
             + (f" and {more} more" if more > 0 else "")
         )
-    if as_json:
-        output.emit_json(report.to_json())
-    else:
-        hypothetical = report.dry_run or report.refused_before_writing
-        would = "would set" if hypothetical else "set"
-        n_set = report.inferred + report.defaulted if hypothetical else report.updated
-        output.line(
-            f"inferred {report.inferred}, defaulted {report.defaulted}, "
-            f"{would} {n_set}, unresolved {len(report.unresolved)}"
-            + (
-                f", left alone {report.set_meanwhile} (set by another writer meanwhile)"
-                if report.set_meanwhile
-                else ""
-            )
-        )
-        if report.unresolved:
-            output.table(
-                ["batch_id", "reason", "candidates"],
-                [(u.batch_id, u.reason, ",".join(u.candidates) or "-") for u in report.unresolved],
-            )
-        if report.enforce and report.enforce.ok:
-            output.line(report.enforce.message)
+    output.show(report, as_json, _render_backfill)
     if report.enforce and not report.enforce.ok:
         raise OperationalError(report.enforce.message)
     if report.unresolved:
         raise typer.Exit(1)
+
+
+def _render_backfill(report) -> None:
+    from wsctl.cli import output
+
+    hypothetical = report.dry_run or report.refused_before_writing
+    would = "would set" if hypothetical else "set"
+    n_set = report.inferred + report.defaulted if hypothetical else report.updated
+    output.line(
+        f"inferred {report.inferred}, defaulted {report.defaulted}, "
+        f"{would} {n_set}, unresolved {len(report.unresolved)}"
+        + (
+            f", left alone {report.set_meanwhile} (set by another writer meanwhile)"
+            if report.set_meanwhile
+            else ""
+        )
+    )
+    if report.unresolved:
+        output.table(
+            ["batch_id", "reason", "candidates"],
+            [(u.batch_id, u.reason, ",".join(u.candidates) or "-") for u in report.unresolved],
+        )
+    if report.enforce and report.enforce.ok:
+        output.line(report.enforce.message)
 
 
 def register(app: typer.Typer) -> None:

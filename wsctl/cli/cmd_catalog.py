@@ -119,19 +119,21 @@ def registry_add(
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        w = catalog.add_registry(
-            conn,
-            step=step,
-            workstream=workstream,
-            type=type_,
-            sender=sender,
-            receiver=receiver,
-            limit_keys=[] if no_limit_keys else (limit_keys or None),
-        )
-    if as_json:
-        output.emit_json(w.to_json())
-        return
+    w = state(ctx).call(
+        catalog.add_registry,
+        step=step,
+        workstream=workstream,
+        type=type_,
+        sender=sender,
+        receiver=receiver,
+        limit_keys=[] if no_limit_keys else (limit_keys or None),
+    )
+    output.show(w, as_json, _render_registered)
+
+
+def _render_registered(w) -> None:
+    from wsctl.cli import output
+
     r = w.row
     fns = r.sender + (f" -> {r.receiver}" if r.receiver else "")
     verb = "registered" if w.created else "updated" if w.changed else "unchanged:"
@@ -176,11 +178,15 @@ def registry_remove(
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        removed = catalog.remove_registry(conn, step=step, workstream=workstream, force=force)
-    if as_json:
-        output.emit_json(removed.to_json())
-        return
+    removed = state(ctx).call(
+        catalog.remove_registry, step=step, workstream=workstream, force=force
+    )
+    output.show(removed, as_json, _render_removed)
+
+
+def _render_removed(removed) -> None:
+    from wsctl.cli import output
+
     if removed.needs.any:
         output.warn(f"{removed.needs.describe()} needed this row; the dispatcher will block them")
     output.line(f"removed {removed.row.step} from {removed.row.workstream}")
@@ -199,13 +205,15 @@ def registry_import(
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        result = catalog.import_registry(conn, file, dry_run=dry_run)
-    if as_json:
-        output.emit_json(result.to_json())
-        return
+    result = state(ctx).call(catalog.import_registry, file, dry_run=dry_run)
+    output.show(result, as_json, _render_imported)
+
+
+def _render_imported(result) -> None:
+    from wsctl.cli import output
+
     _registry_table([w.row for w in result.rows])
-    if dry_run:
+    if result.dry_run:
         output.notice(f"{len(result.rows)} row(s) valid; nothing written (--dry-run)")
     else:
         output.notice(

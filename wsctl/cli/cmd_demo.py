@@ -71,36 +71,7 @@ def demo(
             timeout=timeout,
             on_progress=output.notice,
         )
-    if as_json:
-        output.emit_json(result.to_json())
-    else:
-        output.table(
-            ["item", "workstream", "step", "status", "function", "config used", "detail"],
-            [
-                (
-                    r.item_id,  # whole: what `wsctl item show ID` takes
-                    r.workstream,
-                    r.step,
-                    r.status,
-                    r.ran_function or r.function,
-                    f"{r.config_workstream} ({r.config_id})"
-                    if r.config_id
-                    else "-",  # whole, as item show prints it
-                    r.detail,
-                )
-                for r in result.rows
-            ],
-        )
-        verdict = (
-            "every step ran with its own workstream's config"
-            if result.ok
-            else "some steps did not use their workstream's config (see the table)"
-        )
-        output.notice(
-            f"{len(result.rows)} steps in {len(result.batches)} batches, {result.passes} "
-            f"dispatch passes, {result.seconds:g} s: {verdict}"
-        )
-        output.notice(f"one item's story: wsctl --database-url '{label}' item show ITEM_ID")
+    output.show(result, as_json, _render)
     if embedded_used:
         output.notice(
             "the embedded PostgreSQL keeps running for the next command; "
@@ -108,6 +79,38 @@ def demo(
         )
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _render(result) -> None:
+    from wsctl.cli import output
+
+    output.table(
+        ["item", "workstream", "step", "status", "function", "config used", "detail"],
+        [
+            (
+                r.item_id,  # whole: what `wsctl item show ID` takes
+                r.workstream,
+                r.step,
+                r.status,
+                r.ran_function or r.function,
+                f"{r.config_workstream} ({r.config_id})"
+                if r.config_id
+                else "-",  # whole, as item show prints it
+                r.detail,
+            )
+            for r in result.rows
+        ],
+    )
+    verdict = (
+        "every step ran with its own workstream's config"
+        if result.ok
+        else "some steps did not use their workstream's config (see the table)"
+    )
+    output.notice(
+        f"{len(result.rows)} steps in {len(result.batches)} batches, {result.passes} "
+        f"dispatch passes, {result.seconds:g} s: {verdict}"
+    )
+    output.notice(f"one item's story: wsctl --database-url '{result.database}' item show ITEM_ID")
 
 
 def register(app: typer.Typer) -> None:

@@ -21,9 +21,12 @@ def embedded_status(as_json: Json = False) -> None:
     from wsctl.settings import user_data_dir
 
     st = embedded.status(user_data_dir())
-    if as_json:
-        output.emit_json(st.to_json())
-        return
+    output.show(st, as_json, _render_status)
+
+
+def _render_status(st) -> None:
+    from wsctl.cli import output
+
     if st.running:
         output.line(
             f"running: pid {st.pid}, port {st.port}, as {st.os_user or '?'}, data in {st.pgdata}"

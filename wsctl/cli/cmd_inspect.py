@@ -201,17 +201,20 @@ def doctor(
         top=top,
         url=settings.database_url,
     )
-    if as_json:
-        output.emit_json(report.to_json())
-    else:
-        output.table(
-            ["status", "check", "detail", "hint"],
-            [(output.status_cell(c.status), c.name, c.detail, c.hint) for c in report.checks],
-        )
-        counts = report.counts()
-        output.line("doctor: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    output.show(report, as_json, _render_doctor)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _render_doctor(report) -> None:
+    from wsctl.cli import output
+
+    output.table(
+        ["status", "check", "detail", "hint"],
+        [(output.status_cell(c.status), c.name, c.detail, c.hint) for c in report.checks],
+    )
+    counts = report.counts()
+    output.line("doctor: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
 
 
 def _backend_source(source: str) -> str:

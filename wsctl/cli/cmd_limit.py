@@ -15,12 +15,16 @@ limit_app = typer.Typer(
 )
 
 
-def _describe(rate: str | None, burst: int | None, cap: int | None) -> str:
+def _describe(lim) -> str:
+    """What a limit (``limits.Limit``) allows, in words."""
+    from wsctl.limits import format_rate
+
     parts = []
+    rate = format_rate(lim.rate_per_second)
     if rate:
-        parts.append(f"rate {rate} (burst {burst})")
-    if cap:
-        parts.append(f"at most {cap} in flight")
+        parts.append(f"rate {rate} (burst {lim.burst})")
+    if lim.max_in_flight:
+        parts.append(f"at most {lim.max_in_flight} in flight")
     return ", ".join(parts) or "nothing"
 
 
@@ -54,19 +58,17 @@ def limit_set(
     clear = frozenset(
         name for name, flag in (("rate", no_rate), ("max_in_flight", no_max_in_flight)) if flag
     )
-    with state(ctx).connect() as conn:
-        w = limits.set_limit(
-            conn, key, rate=rate, burst=burst, max_in_flight=max_in_flight, clear=clear
-        )
-    if as_json:
-        output.emit_json(w.to_json())
-        return
-    lim = w.limit
-    verb = "defined" if w.created else "changed"
-    output.line(
-        f"{verb} limit {lim.key}: "
-        + _describe(limits.format_rate(lim.rate_per_second), lim.burst, lim.max_in_flight)
+    w = state(ctx).call(
+        limits.set_limit, key, rate=rate, burst=burst, max_in_flight=max_in_flight, clear=clear
     )
+    output.show(w, as_json, _render_set)
+
+
+def _render_set(w) -> None:
+    from wsctl.cli import output
+
+    verb = "defined" if w.created else "changed"
+    output.line(f"{verb} limit {w.limit.key}: {_describe(w.limit)}")
 
 
 @limit_app.command("list")
@@ -95,28 +97,24 @@ def limit_list(ctx: typer.Context, as_json: Json = False) -> None:
 
 
 @limit_app.command("show")
-def limit_show(
-    ctx: typer.Context,
-    key: LimitKey,
-    as_json: Json = False,
-) -> None:
+def limit_show(ctx: typer.Context, key: LimitKey, as_json: Json = False) -> None:
     """One limit: its definition, what is in flight under it now, what binds it."""
     from wsctl import limits
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        report = limits.show_limit(conn, key)
-    if as_json:
-        output.emit_json(report.to_json())
-        return
-    lim = report.limit
-    if lim is None:
-        output.line(f"limit {key}: not defined (bound by the registry, so it limits nothing)")
-    else:
+    report = state(ctx).call(limits.show_limit, key)
+    output.show(report, as_json, _render_show)
+
+
+def _render_show(report) -> None:
+    from wsctl.cli import output
+
+    if report.limit is None:
         output.line(
-            f"limit {key}: "
-            + _describe(limits.format_rate(lim.rate_per_second), lim.burst, lim.max_in_flight)
+            f"limit {report.key}: not defined (bound by the registry, so it limits nothing)"
         )
+    else:
+        output.line(f"limit {report.key}: {_describe(report.limit)}")
     tokens = (
         "" if report.tokens_now is None else f", {report.tokens_now:.1f} spawn(s) available now"
     )
@@ -126,17 +124,12 @@ def limit_show(
 
 
 @limit_app.command("remove")
-def limit_remove(
-    ctx: typer.Context,
-    key: LimitKey,
-    as_json: Json = False,
-) -> None:
+def limit_remove(ctx: typer.Context, key: LimitKey, as_json: Json = False) -> None:
     """Remove a limit (keys bound to it then limit nothing)."""
     from wsctl import limits
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        gone = limits.remove_limit(conn, key)
+    gone = state(ctx).call(limits.remove_limit, key)
     if as_json:
         output.emit_json({**gone.to_json(), "removed": True})
         return

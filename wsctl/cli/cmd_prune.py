@@ -85,45 +85,48 @@ def prune(
             f"resumed archive {report.archive}: cut {report.archive_truncated_bytes} byte(s) an "
             "interrupted run wrote but never committed"
         )
-    if as_json:
-        output.emit_json(report.to_json())
-    else:
-        verb = "would prune" if dry_run else "pruned"
-        output.table(
-            [
-                "batch_id",
-                "finished_at",
-                "states",
-                "status",
-                "states_pruned",
-                "items_pruned",
-                "note",
-            ],
-            [
-                (
-                    b.batch_id,
-                    b.finished_at,
-                    b.states,
-                    b.status,
-                    b.states_pruned,
-                    b.items_pruned,
-                    b.reason or ("resumed" if b.resumed else None),
-                )
-                for b in report.batches
-            ],
-        )
-        if dry_run:
-            n = sum(b.states for b in report.batches)
-            output.line(f"{verb} {len(report.batches)} batch(es), {n} state(s)")
-        else:
-            output.line(
-                f"{verb} {report.states_pruned} state(s)"
-                + (f" and {report.items_pruned} item(s)" if report.include_items else "")
-                + f" of {len(report.batches) - len(report.skipped)} batch(es)"
-                + (f"; {len(report.skipped)} skipped (rerun later)" if report.skipped else "")
-            )
+    output.show(report, as_json, _render_pruned)
     if report.skipped:
         raise typer.Exit(1)
+
+
+def _render_pruned(report) -> None:
+    from wsctl.cli import output
+
+    verb = "would prune" if report.dry_run else "pruned"
+    output.table(
+        [
+            "batch_id",
+            "finished_at",
+            "states",
+            "status",
+            "states_pruned",
+            "items_pruned",
+            "note",
+        ],
+        [
+            (
+                b.batch_id,
+                b.finished_at,
+                b.states,
+                b.status,
+                b.states_pruned,
+                b.items_pruned,
+                b.reason or ("resumed" if b.resumed else None),
+            )
+            for b in report.batches
+        ],
+    )
+    if report.dry_run:
+        n = sum(b.states for b in report.batches)
+        output.line(f"{verb} {len(report.batches)} batch(es), {n} state(s)")
+    else:
+        output.line(
+            f"{verb} {report.states_pruned} state(s)"
+            + (f" and {report.items_pruned} item(s)" if report.include_items else "")
+            + f" of {len(report.batches) - len(report.skipped)} batch(es)"
+            + (f"; {len(report.skipped)} skipped (rerun later)" if report.skipped else "")
+        )
 
 
 db_app = typer.Typer(help="Database upkeep for a long-lived pipeline.", no_args_is_help=True)
@@ -141,16 +144,19 @@ def db_tune(
     from wsctl import tune
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        report = tune.tune(conn, apply=apply)
-    if as_json:
-        output.emit_json(report.to_json())
-        return
+    report = state(ctx).call(tune.tune, apply=apply)
+    output.show(report, as_json, _render_tune)
+
+
+def _render_tune(report) -> None:
+    from wsctl import tune
+    from wsctl.cli import output
+
     output.table(
         ["table", "setting", "current", "proposed"],
         [(s.table, s.name, s.current or "(server default)", s.proposed) for s in report.settings],
     )
-    if apply:
+    if report.applied:
         output.line(f"applied to {tune.TABLE}")
     else:
         output.line(report.statement)

@@ -49,19 +49,21 @@ def secure(
     from wsctl import security
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        report = security.secure(
-            conn,
-            apply=apply,
-            extra_roles=roles,
-            leave_roles=leave_roles,
-            extra_tables=tables,
-            leave_tables=leave_tables,
-            lock_timeout=lock_timeout,
-        )
-    if as_json:
-        output.emit_json(report.to_json())
-        return
+    report = state(ctx).call(
+        security.secure,
+        apply=apply,
+        extra_roles=roles,
+        leave_roles=leave_roles,
+        extra_tables=tables,
+        leave_tables=leave_tables,
+        lock_timeout=lock_timeout,
+    )
+    output.show(report, as_json, _render_secure)
+
+
+def _render_secure(report) -> None:
+    from wsctl.cli import output
+
     for role in report.absent_roles:
         output.notice(f"no role {role} in this database: nothing to do for it")
     if not report.revocations:
@@ -69,14 +71,14 @@ def secure(
         for text in report.remaining:
             output.warn(text)
         return
-    if not apply:
+    if not report.applied:
         output.line("-- the lock-down (nothing changed; run `wsctl secure --apply` to apply it):")
     for r in report.revocations:
         output.line(r.statement())
-    verb = "lost" if apply else "would lose"
+    verb = "lost" if report.applied else "would lose"
     for text in report.losses():
         output.line(f"{verb}: {text}")
-    if apply:
+    if report.applied:
         output.line(f"revoked {len(report.revocations)} grant(s); no policy was changed")
     for text in report.remaining:
         output.warn(text)
@@ -93,14 +95,16 @@ def grant_worker(
     from wsctl import security
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        result = security.grant_worker(conn, role, lock_timeout=lock_timeout)
-    if as_json:
-        output.emit_json(result.to_json())
-        return
+    result = state(ctx).call(security.grant_worker, role, lock_timeout=lock_timeout)
+    output.show(result, as_json, _render_granted)
+
+
+def _render_granted(result) -> None:
+    from wsctl.cli import output
+
     for stmt in result.statements:
         output.line(stmt + ";")
-    output.line(f"granted {role} what the worker helpers need")
+    output.line(f"granted {result.role} what the worker helpers need")
 
 
 def register(app: typer.Typer) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Concatenate, ParamSpec, TypeVar
 
 import typer
 
@@ -12,6 +13,9 @@ if TYPE_CHECKING:
     import psycopg
 
     from wsctl.settings import Settings
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 @dataclass
@@ -66,6 +70,17 @@ class CliState:
                 conn.close()
                 raise
         return conn
+
+    def call(
+        self,
+        fn: Callable[Concatenate[psycopg.Connection, _P], _R],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _R:
+        """``fn(conn, *args, **kwargs)`` on a connection of its own, closed when it returns: a
+        command that calls one library function."""
+        with self.connect() as conn:
+            return fn(conn, *args, **kwargs)
 
 
 def state(ctx: typer.Context) -> CliState:
