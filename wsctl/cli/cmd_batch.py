@@ -180,14 +180,13 @@ def batch_list(
     from wsctl import batches
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        rows = batches.list_batches(
-            conn,
-            client=client,
-            workstream=workstream,
-            missing_workstream=missing_workstream,
-            limit=None if all_ else limit + 1,
-        )
+    rows = state(ctx).call(
+        batches.list_batches,
+        client=client,
+        workstream=workstream,
+        missing_workstream=missing_workstream,
+        limit=None if all_ else limit + 1,
+    )
     more = not all_ and len(rows) > limit
     rows = rows[:limit] if more else rows
     if as_json:

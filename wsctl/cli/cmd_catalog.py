@@ -41,8 +41,7 @@ def client_add(
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        row, created = catalog.add_client(conn, name)
+    row, created = state(ctx).call(catalog.add_client, name)
     if as_json:
         output.emit_json({**row.to_json(), "created": created})
         return
@@ -57,8 +56,7 @@ def client_list(ctx: typer.Context, as_json: Json = False) -> None:
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        rows = catalog.list_clients(conn)
+    rows = state(ctx).call(catalog.list_clients)
     if as_json:
         output.emit_json([r.to_json() for r in rows])
         return
@@ -152,8 +150,7 @@ def registry_list(
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        rows = catalog.list_registry(conn, workstream=workstream, step=step)
+    rows = state(ctx).call(catalog.list_registry, workstream=workstream, step=step)
     if as_json:
         output.emit_json([r.to_json() for r in rows])
         return
@@ -276,17 +273,16 @@ def config_set(
         raise UsageError("give either --file F.json|F.toml or one or more --set key=value")
     doc = catalog.load_config_file(file) if file is not None else None
     merge = catalog.parse_assignments(assignments) if assignments else None
-    with state(ctx).connect() as conn:
-        w = catalog.set_config(
-            conn,
-            client=client,
-            step=step,
-            workstream=workstream,
-            config=doc,
-            merge=merge,
-            new_workstream=new_workstream,
-            submitted=submitted,
-        )
+    w = state(ctx).call(
+        catalog.set_config,
+        client=client,
+        step=step,
+        workstream=workstream,
+        config=doc,
+        merge=merge,
+        new_workstream=new_workstream,
+        submitted=submitted,
+    )
     if as_json:
         output.emit_json(w.to_json(reveal=reveal))
         return
@@ -316,8 +312,7 @@ def config_list(
     from wsctl.cli import output
     from wsctl.redact import redact
 
-    with state(ctx).connect() as conn:
-        rows = catalog.list_configs(conn, client=client, workstream=workstream, step=step)
+    rows = state(ctx).call(catalog.list_configs, client=client, workstream=workstream, step=step)
     if as_json:
         output.emit_json([r.to_json(reveal=reveal) for r in rows])
         return
@@ -355,10 +350,9 @@ def config_unset(
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        removed = catalog.unset_config(
-            conn, client=client, step=step, workstream=workstream, keys=keys or None
-        )
+    removed = state(ctx).call(
+        catalog.unset_config, client=client, step=step, workstream=workstream, keys=keys or None
+    )
     if as_json:
         output.emit_json(removed.to_json(reveal=reveal))
         return
@@ -409,8 +403,9 @@ def config_show(
 
     if (item is None) == (client is None):
         raise UsageError("give either --item ID or --client C")
-    with state(ctx).connect() as conn:
-        res = resolve_config(conn, step=step, item_id=item, client=client, workstream=workstream)
+    res = state(ctx).call(
+        resolve_config, step=step, item_id=item, client=client, workstream=workstream
+    )
     if as_json:
         output.emit_json(res.to_json(reveal=reveal))
     else:

@@ -182,8 +182,7 @@ def retry(
         raise UsageError(f"--status takes BLOCKED or FAILED, not {', '.join(bad)}")
     if step is not None:
         validate_slug(step, "step")
-    with state(ctx).connect() as conn:
-        n = retry_states(conn, batch_id, step=step, statuses=statuses)
+    n = state(ctx).call(retry_states, batch_id, step=step, statuses=statuses)
     if as_json:
         output.emit_json(
             {"batch_id": str(batch_id), "requeued": n, "statuses": statuses, "step": step}

@@ -125,8 +125,7 @@ def item_show(
     from wsctl.cli import output
     from wsctl.item_report import item_report
 
-    with state(ctx).connect() as conn:
-        report = item_report(conn, item_id)
+    report = state(ctx).call(item_report, item_id)
     if as_json:
         output.emit_json(report.to_json(reveal=reveal))
         return

@@ -108,8 +108,7 @@ def stats(
         timeout = st_.settings().dispatch.callback_timeout
     if timeout < 1:
         raise UsageError("--callback-timeout must be at least 1 second")
-    with st_.connect() as conn:
-        result = collect(conn, workstream=workstream, callback_timeout=timeout)
+    result = st_.call(collect, workstream=workstream, callback_timeout=timeout)
     if prometheus:
         sys.stdout.write(render_prometheus(result))
     elif as_json:
