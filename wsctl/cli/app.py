@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Annotated, cast
 
 import typer
 from typer.core import TyperOption
@@ -31,16 +31,23 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    database_url: str | None = typer.Option(
-        None,
-        "--database-url",
-        help="PostgreSQL URL (beats WSCTL_DATABASE_URL, DATABASE_URL and wsctl.toml).",
-        show_default=False,
-    ),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks (also WSCTL_DEBUG=1)."),
-    version: bool = typer.Option(
-        False, "--version", "-V", callback=_version, is_eager=True, help="Print the version."
-    ),
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="PostgreSQL URL (beats WSCTL_DATABASE_URL, DATABASE_URL and wsctl.toml).",
+            show_default=False,
+        ),
+    ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks (also WSCTL_DEBUG=1).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
 ) -> None:
     ctx.obj = CliState(database_url=database_url, debug=debug)
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from wsctl.cli.common import (
-    CLIENT_OPTION,
-    JSON_OPTION,
-    WORKSTREAM_FILTER_OPTION,
-    WORKSTREAM_OPTION,
-    state,
-)
+from wsctl.cli.common import BatchId, Client, Json, Workstream, WorkstreamFilter, state
 
 batch_app = typer.Typer(
     help="Batches: create one from a CSV or JSON Lines file, see where it stands, cancel it.",
@@ -22,35 +18,43 @@ backfill_app = typer.Typer(help="Bring legacy rows up to date.", no_args_is_help
 @batch_app.command("create")
 def batch_create(
     ctx: typer.Context,
-    client: str = CLIENT_OPTION,
-    workstream: str = WORKSTREAM_OPTION,
-    blueprint: str = typer.Option(
-        ..., "--blueprint", help="Ordered workflow steps: step1,step2,..."
-    ),
-    items: str = typer.Option(
-        ..., "--items", help="Item file: CSV with a header row or JSON Lines; - reads stdin."
-    ),
-    fmt: str | None = typer.Option(
-        None, "--format", help="csv or jsonl (default: from the file's extension)."
-    ),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Validate and parse the whole file; write nothing."
-    ),
-    dedupe_key: str | None = typer.Option(
-        None,
-        "--dedupe-key",
-        help="A retried create with the same key returns the first batch instead of a copy.",
-    ),
-    delimiter: str = typer.Option(
-        ",", "--delimiter", help="The CSV field separator (one character, e.g. ';')."
-    ),
-    check_every_row: bool = typer.Option(
-        False,
-        "--check-every-row",
-        help="Let PostgreSQL check each row's foreign keys even where they hold by "
-        "construction (slower; see README).",
-    ),
-    as_json: bool = JSON_OPTION,
+    client: Client,
+    workstream: Workstream,
+    blueprint: Annotated[
+        str, typer.Option("--blueprint", help="Ordered workflow steps: step1,step2,...")
+    ],
+    items: Annotated[
+        str,
+        typer.Option(
+            "--items", help="Item file: CSV with a header row or JSON Lines; - reads stdin."
+        ),
+    ],
+    fmt: Annotated[
+        str | None,
+        typer.Option("--format", help="csv or jsonl (default: from the file's extension)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and parse the whole file; write nothing.")
+    ] = False,
+    dedupe_key: Annotated[
+        str | None,
+        typer.Option(
+            "--dedupe-key",
+            help="A retried create with the same key returns the first batch instead of a copy.",
+        ),
+    ] = None,
+    delimiter: Annotated[
+        str, typer.Option("--delimiter", help="The CSV field separator (one character, e.g. ';').")
+    ] = ",",
+    check_every_row: Annotated[
+        bool,
+        typer.Option(
+            "--check-every-row",
+            help="Let PostgreSQL check each row's foreign keys even where they hold by "
+            "construction (slower; see README).",
+        ),
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Create a batch with its workstream, its items and their first PENDING states."""
     import sys
@@ -87,9 +91,12 @@ def batch_create(
         output.warn(w)
     if result.deduplicated:
         output.notice(f"dedupe key {dedupe_key!r} already made batch {result.batch_id}")
-    if as_json:
-        output.emit_json(result.to_json())
-        return
+    output.show(result, as_json, _render_created)
+
+
+def _render_created(result) -> None:
+    from wsctl.cli import output
+
     if result.dry_run:
         output.line(
             f"dry run: would create a batch of {result.items} items for client "
@@ -117,24 +124,21 @@ def _file_size(items: str) -> int | None:
 
 
 LIST_PAGE = 50  # `batch list` without --all: a page a terminal can show
-BATCH_ID_ARGUMENT = typer.Argument(..., help="Batch id.")
 
 
 @batch_app.command("status")
-def batch_status(
-    ctx: typer.Context,
-    batch_id: str = BATCH_ID_ARGUMENT,
-    as_json: bool = JSON_OPTION,
-) -> None:
+def batch_status(ctx: typer.Context, batch_id: BatchId, as_json: Json = False) -> None:
     """Per blueprint step, how many states are in each status."""
     from wsctl import batches
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        st = batches.batch_status(conn, batch_id)
-    if as_json:
-        output.emit_json(st.to_json())
-        return
+    st = state(ctx).call(batches.batch_status, batch_id)
+    output.show(st, as_json, _render_status)
+
+
+def _render_status(st) -> None:
+    from wsctl.cli import output
+
     b = st.batch
     output.line(f"batch {b.batch_id}  status {b.status}")
     output.line(f"client {b.client}  workstream {b.workstream or '- (none: see backfill)'}")
@@ -158,27 +162,31 @@ def batch_status(
 @batch_app.command("list")
 def batch_list(
     ctx: typer.Context,
-    client: str | None = typer.Option(None, "--client", help="Only this client's batches."),
-    workstream: str | None = WORKSTREAM_FILTER_OPTION,
-    missing_workstream: bool = typer.Option(
-        False, "--missing-workstream", help="Only batches without a workstream (legacy)."
-    ),
-    limit: int = typer.Option(LIST_PAGE, "--limit", min=1, help="At most this many, newest first."),
-    all_: bool = typer.Option(False, "--all", help="Every batch (no --limit)."),
-    as_json: bool = JSON_OPTION,
+    client: Annotated[
+        str | None, typer.Option("--client", help="Only this client's batches.")
+    ] = None,
+    workstream: WorkstreamFilter = None,
+    missing_workstream: Annotated[
+        bool,
+        typer.Option("--missing-workstream", help="Only batches without a workstream (legacy)."),
+    ] = False,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="At most this many, newest first.")
+    ] = LIST_PAGE,
+    all_: Annotated[bool, typer.Option("--all", help="Every batch (no --limit).")] = False,
+    as_json: Json = False,
 ) -> None:
     """List batches, newest first (a page of them unless --all)."""
     from wsctl import batches
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        rows = batches.list_batches(
-            conn,
-            client=client,
-            workstream=workstream,
-            missing_workstream=missing_workstream,
-            limit=None if all_ else limit + 1,
-        )
+    rows = state(ctx).call(
+        batches.list_batches,
+        client=client,
+        workstream=workstream,
+        missing_workstream=missing_workstream,
+        limit=None if all_ else limit + 1,
+    )
     more = not all_ and len(rows) > limit
     rows = rows[:limit] if more else rows
     if as_json:
@@ -196,20 +204,18 @@ def batch_list(
 
 
 @batch_app.command("cancel")
-def batch_cancel(
-    ctx: typer.Context,
-    batch_id: str = BATCH_ID_ARGUMENT,
-    as_json: bool = JSON_OPTION,
-) -> None:
+def batch_cancel(ctx: typer.Context, batch_id: BatchId, as_json: Json = False) -> None:
     """Cancel a batch: its PENDING and BLOCKED states are never dispatched."""
     from wsctl import batches
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        result = batches.cancel_batch(conn, batch_id)
-    if as_json:
-        output.emit_json(result.to_json())
-        return
+    result = state(ctx).call(batches.cancel_batch, batch_id)
+    output.show(result, as_json, _render_cancelled)
+
+
+def _render_cancelled(result) -> None:
+    from wsctl.cli import output
+
     if result.previous_status == "CANCELLED":
         output.line(
             f"batch {result.batch_id} was already cancelled: {result.cancelled_states} "
@@ -225,23 +231,29 @@ def batch_cancel(
 @backfill_app.command("workstream-slug")
 def backfill_workstream_slug(
     ctx: typer.Context,
-    default: str | None = typer.Option(
-        None, "--default", help="Workstream to set where inference cannot decide."
-    ),
-    batch: list[str] | None = typer.Option(
-        None, "--batch", help="Only this batch (repeat, or comma-separate, for several)."
-    ),
-    chunk_size: int = typer.Option(1000, "--chunk-size", help="Batches per transaction."),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Report what would be set; write nothing."
-    ),
-    enforce: bool = typer.Option(
-        False,
-        "--enforce",
-        help="Then require a workstream on every batch (CHECK ... NOT NULL); refused, writing "
-        "nothing, if any batch would still lack one.",
-    ),
-    as_json: bool = JSON_OPTION,
+    default: Annotated[
+        str | None,
+        typer.Option("--default", help="Workstream to set where inference cannot decide."),
+    ] = None,
+    batch: Annotated[
+        list[str] | None,
+        typer.Option("--batch", help="Only this batch (repeat, or comma-separate, for several)."),
+    ] = None,
+    chunk_size: Annotated[
+        int, typer.Option("--chunk-size", help="Batches per transaction.")
+    ] = 1000,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would be set; write nothing.")
+    ] = False,
+    enforce: Annotated[
+        bool,
+        typer.Option(
+            "--enforce",
+            help="Then require a workstream on every batch (CHECK ... NOT NULL); refused, writing "
+            "nothing, if any batch would still lack one.",
+        ),
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Infer and set batches.workstream_slug where it is NULL (exit 1 while any stays unresolved)."""
     from wsctl import backfill
@@ -285,32 +297,35 @@ def backfill_workstream_slug(
             f"{len(report.default_unregistered)} defaulted batch(es): {sample}"
             + (f" and {more} more" if more > 0 else "")
         )
-    if as_json:
-        output.emit_json(report.to_json())
-    else:
-        hypothetical = report.dry_run or report.refused_before_writing
-        would = "would set" if hypothetical else "set"
-        n_set = report.inferred + report.defaulted if hypothetical else report.updated
-        output.line(
-            f"inferred {report.inferred}, defaulted {report.defaulted}, "
-            f"{would} {n_set}, unresolved {len(report.unresolved)}"
-            + (
-                f", left alone {report.set_meanwhile} (set by another writer meanwhile)"
-                if report.set_meanwhile
-                else ""
-            )
-        )
-        if report.unresolved:
-            output.table(
-                ["batch_id", "reason", "candidates"],
-                [(u.batch_id, u.reason, ",".join(u.candidates) or "-") for u in report.unresolved],
-            )
-        if report.enforce and report.enforce.ok:
-            output.line(report.enforce.message)
+    output.show(report, as_json, _render_backfill)
     if report.enforce and not report.enforce.ok:
         raise OperationalError(report.enforce.message)
     if report.unresolved:
         raise typer.Exit(1)
+
+
+def _render_backfill(report) -> None:
+    from wsctl.cli import output
+
+    hypothetical = report.dry_run or report.refused_before_writing
+    would = "would set" if hypothetical else "set"
+    n_set = report.inferred + report.defaulted if hypothetical else report.updated
+    output.line(
+        f"inferred {report.inferred}, defaulted {report.defaulted}, "
+        f"{would} {n_set}, unresolved {len(report.unresolved)}"
+        + (
+            f", left alone {report.set_meanwhile} (set by another writer meanwhile)"
+            if report.set_meanwhile
+            else ""
+        )
+    )
+    if report.unresolved:
+        output.table(
+            ["batch_id", "reason", "candidates"],
+            [(u.batch_id, u.reason, ",".join(u.candidates) or "-") for u in report.unresolved],
+        )
+    if report.enforce and report.enforce.ok:
+        output.line(report.enforce.message)
 
 
 def register(app: typer.Typer) -> None:

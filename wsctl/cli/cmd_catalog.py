@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from wsctl.cli.common import (
-    CLIENT_OPTION,
-    JSON_OPTION,
-    REVEAL_OPTION,
-    WORKSTREAM_FILTER_OPTION,
-    WORKSTREAM_OPTION,
+    Client,
+    Json,
+    Reveal,
+    Step,
+    StepFilter,
+    Workstream,
+    WorkstreamFilter,
     state,
 )
 
@@ -24,9 +27,6 @@ config_app = typer.Typer(
     no_args_is_help=True,
 )
 
-STEP_OPTION = typer.Option(..., "--step", "--workflow", help="Workflow step slug.")
-STEP_FILTER_OPTION = typer.Option(None, "--step", "--workflow", help="Only this step.")
-
 
 # --- client -----------------------------------------------------------------
 
@@ -34,15 +34,14 @@ STEP_FILTER_OPTION = typer.Option(None, "--step", "--workflow", help="Only this 
 @client_app.command("add")
 def client_add(
     ctx: typer.Context,
-    name: str = typer.Argument(..., help="The client's name."),
-    as_json: bool = JSON_OPTION,
+    name: Annotated[str, typer.Argument(help="The client's name.")],
+    as_json: Json = False,
 ) -> None:
     """Add a client and print its id (an existing name prints the existing id)."""
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        row, created = catalog.add_client(conn, name)
+    row, created = state(ctx).call(catalog.add_client, name)
     if as_json:
         output.emit_json({**row.to_json(), "created": created})
         return
@@ -52,13 +51,12 @@ def client_add(
 
 
 @client_app.command("list")
-def client_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+def client_list(ctx: typer.Context, as_json: Json = False) -> None:
     """List clients with their number of configs and batches."""
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        rows = catalog.list_clients(conn)
+    rows = state(ctx).call(catalog.list_clients)
     if as_json:
         output.emit_json([r.to_json() for r in rows])
         return
@@ -93,42 +91,47 @@ def _registry_table(rows) -> None:
 @registry_app.command("add")
 def registry_add(
     ctx: typer.Context,
-    step: str = STEP_OPTION,
-    workstream: str = WORKSTREAM_OPTION,
-    type_: str = typer.Option(..., "--type", help="sync or async."),
-    sender: str = typer.Option(..., "--sender", help="Modal function that starts the step."),
-    receiver: str | None = typer.Option(
-        None, "--receiver", help="Modal function the webhook reaches (async steps)."
-    ),
-    limit_keys: list[str] | None = typer.Option(
-        None,
-        "--limit-key",
-        metavar="KEY",
-        help="Bind the row to a limit key (repeatable; a template such as "
-        "clay:{config.clay_workspace}); replaces the row's keys.",
-    ),
-    no_limit_keys: bool = typer.Option(
-        False, "--no-limit-keys", help="Unbind the row from every limit key."
-    ),
-    as_json: bool = JSON_OPTION,
+    step: Step,
+    workstream: Workstream,
+    type_: Annotated[str, typer.Option("--type", help="sync or async.")],
+    sender: Annotated[str, typer.Option("--sender", help="Modal function that starts the step.")],
+    receiver: Annotated[
+        str | None,
+        typer.Option("--receiver", help="Modal function the webhook reaches (async steps)."),
+    ] = None,
+    limit_keys: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--limit-key",
+            metavar="KEY",
+            help="Bind the row to a limit key (repeatable; a template such as "
+            "clay:{config.clay_workspace}); replaces the row's keys.",
+        ),
+    ] = None,
+    no_limit_keys: Annotated[
+        bool, typer.Option("--no-limit-keys", help="Unbind the row from every limit key.")
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Register a step's Modal functions in a workstream (upsert on the composite key)."""
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        w = catalog.add_registry(
-            conn,
-            step=step,
-            workstream=workstream,
-            type=type_,
-            sender=sender,
-            receiver=receiver,
-            limit_keys=[] if no_limit_keys else (limit_keys or None),
-        )
-    if as_json:
-        output.emit_json(w.to_json())
-        return
+    w = state(ctx).call(
+        catalog.add_registry,
+        step=step,
+        workstream=workstream,
+        type=type_,
+        sender=sender,
+        receiver=receiver,
+        limit_keys=[] if no_limit_keys else (limit_keys or None),
+    )
+    output.show(w, as_json, _render_registered)
+
+
+def _render_registered(w) -> None:
+    from wsctl.cli import output
+
     r = w.row
     fns = r.sender + (f" -> {r.receiver}" if r.receiver else "")
     verb = "registered" if w.created else "updated" if w.changed else "unchanged:"
@@ -139,16 +142,15 @@ def registry_add(
 @registry_app.command("list")
 def registry_list(
     ctx: typer.Context,
-    workstream: str | None = WORKSTREAM_FILTER_OPTION,
-    step: str | None = STEP_FILTER_OPTION,
-    as_json: bool = JSON_OPTION,
+    workstream: WorkstreamFilter = None,
+    step: StepFilter = None,
+    as_json: Json = False,
 ) -> None:
     """List registry rows (step, workstream, type, sender, receiver)."""
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        rows = catalog.list_registry(conn, workstream=workstream, step=step)
+    rows = state(ctx).call(catalog.list_registry, workstream=workstream, step=step)
     if as_json:
         output.emit_json([r.to_json() for r in rows])
         return
@@ -158,24 +160,30 @@ def registry_list(
 @registry_app.command("remove")
 def registry_remove(
     ctx: typer.Context,
-    step: str = STEP_OPTION,
-    workstream: str = WORKSTREAM_OPTION,
-    force: bool = typer.Option(
-        False,
-        "--force",
-        help="Remove even while states (waiting, in flight, BLOCKED) or active batches need it.",
-    ),
-    as_json: bool = JSON_OPTION,
+    step: Step,
+    workstream: Workstream,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Remove even while states (waiting, in flight, BLOCKED) or active batches need it.",
+        ),
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Remove a registry row (refused while states or active batches still need it)."""
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        removed = catalog.remove_registry(conn, step=step, workstream=workstream, force=force)
-    if as_json:
-        output.emit_json(removed.to_json())
-        return
+    removed = state(ctx).call(
+        catalog.remove_registry, step=step, workstream=workstream, force=force
+    )
+    output.show(removed, as_json, _render_removed)
+
+
+def _render_removed(removed) -> None:
+    from wsctl.cli import output
+
     if removed.needs.any:
         output.warn(f"{removed.needs.describe()} needed this row; the dispatcher will block them")
     output.line(f"removed {removed.row.step} from {removed.row.workstream}")
@@ -184,21 +192,25 @@ def registry_remove(
 @registry_app.command("import")
 def registry_import(
     ctx: typer.Context,
-    file: Path = typer.Argument(..., help="TOML file of [[registry]] tables."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate only; write nothing."),
-    as_json: bool = JSON_OPTION,
+    file: Annotated[Path, typer.Argument(help="TOML file of [[registry]] tables.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate only; write nothing.")
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Upsert many registry rows from a TOML file, all or nothing."""
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        result = catalog.import_registry(conn, file, dry_run=dry_run)
-    if as_json:
-        output.emit_json(result.to_json())
-        return
+    result = state(ctx).call(catalog.import_registry, file, dry_run=dry_run)
+    output.show(result, as_json, _render_imported)
+
+
+def _render_imported(result) -> None:
+    from wsctl.cli import output
+
     _registry_table([w.row for w in result.rows])
-    if dry_run:
+    if result.dry_run:
         output.notice(f"{len(result.rows)} row(s) valid; nothing written (--dry-run)")
     else:
         output.notice(
@@ -219,29 +231,37 @@ def _dump(doc) -> str:
 @config_app.command("set")
 def config_set(
     ctx: typer.Context,
-    client: str = CLIENT_OPTION,
-    step: str = STEP_OPTION,
-    workstream: str = WORKSTREAM_OPTION,
-    file: Path | None = typer.Option(
-        None, "--file", help="A .json or .toml file: replaces the whole config."
-    ),
-    assignments: list[str] | None = typer.Option(
-        None, "--set", help="key=value merged into the config (repeatable; JSON values parse)."
-    ),
-    new_workstream: bool = typer.Option(
-        False,
-        "--new-workstream",
-        help="The workstream has no registry rows yet: store the config anyway.",
-    ),
-    submitted: int | None = typer.Option(
-        None,
-        "--submitted",
-        metavar="N",
-        help="Clay webhook URLs this change adds already took N submissions (of Clay's "
-        "50,000 per source) before wsctl counted them.",
-    ),
-    reveal: bool = REVEAL_OPTION,
-    as_json: bool = JSON_OPTION,
+    client: Client,
+    step: Step,
+    workstream: Workstream,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="A .json or .toml file: replaces the whole config."),
+    ] = None,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="key=value merged into the config (repeatable; JSON values parse)."
+        ),
+    ] = None,
+    new_workstream: Annotated[
+        bool,
+        typer.Option(
+            "--new-workstream",
+            help="The workstream has no registry rows yet: store the config anyway.",
+        ),
+    ] = False,
+    submitted: Annotated[
+        int | None,
+        typer.Option(
+            "--submitted",
+            metavar="N",
+            help="Clay webhook URLs this change adds already took N submissions (of Clay's "
+            "50,000 per source) before wsctl counted them.",
+        ),
+    ] = None,
+    reveal: Reveal = False,
+    as_json: Json = False,
 ) -> None:
     """Create or update a client config (--file replaces it, --set merges keys)."""
     from wsctl import catalog
@@ -253,17 +273,16 @@ def config_set(
         raise UsageError("give either --file F.json|F.toml or one or more --set key=value")
     doc = catalog.load_config_file(file) if file is not None else None
     merge = catalog.parse_assignments(assignments) if assignments else None
-    with state(ctx).connect() as conn:
-        w = catalog.set_config(
-            conn,
-            client=client,
-            step=step,
-            workstream=workstream,
-            config=doc,
-            merge=merge,
-            new_workstream=new_workstream,
-            submitted=submitted,
-        )
+    w = state(ctx).call(
+        catalog.set_config,
+        client=client,
+        step=step,
+        workstream=workstream,
+        config=doc,
+        merge=merge,
+        new_workstream=new_workstream,
+        submitted=submitted,
+    )
     if as_json:
         output.emit_json(w.to_json(reveal=reveal))
         return
@@ -278,11 +297,13 @@ def config_set(
 @config_app.command("list")
 def config_list(
     ctx: typer.Context,
-    client: str | None = typer.Option(None, "--client", help="Only this client (name or id)."),
-    workstream: str | None = WORKSTREAM_FILTER_OPTION,
-    step: str | None = STEP_FILTER_OPTION,
-    reveal: bool = REVEAL_OPTION,
-    as_json: bool = JSON_OPTION,
+    client: Annotated[
+        str | None, typer.Option("--client", help="Only this client (name or id).")
+    ] = None,
+    workstream: WorkstreamFilter = None,
+    step: StepFilter = None,
+    reveal: Reveal = False,
+    as_json: Json = False,
 ) -> None:
     """List client configs (secrets redacted unless --reveal)."""
     import json
@@ -291,8 +312,7 @@ def config_list(
     from wsctl.cli import output
     from wsctl.redact import redact
 
-    with state(ctx).connect() as conn:
-        rows = catalog.list_configs(conn, client=client, workstream=workstream, step=step)
+    rows = state(ctx).call(catalog.list_configs, client=client, workstream=workstream, step=step)
     if as_json:
         output.emit_json([r.to_json(reveal=reveal) for r in rows])
         return
@@ -314,23 +334,25 @@ def config_list(
 @config_app.command("unset")
 def config_unset(
     ctx: typer.Context,
-    client: str = CLIENT_OPTION,
-    step: str = STEP_OPTION,
-    workstream: str = WORKSTREAM_OPTION,
-    keys: list[str] | None = typer.Option(
-        None, "--key", help="Remove only this top-level key (repeatable); default: the whole row."
-    ),
-    reveal: bool = REVEAL_OPTION,
-    as_json: bool = JSON_OPTION,
+    client: Client,
+    step: Step,
+    workstream: Workstream,
+    keys: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--key", help="Remove only this top-level key (repeatable); default: the whole row."
+        ),
+    ] = None,
+    reveal: Reveal = False,
+    as_json: Json = False,
 ) -> None:
     """Delete a client config, or only some of its keys."""
     from wsctl import catalog
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        removed = catalog.unset_config(
-            conn, client=client, step=step, workstream=workstream, keys=keys or None
-        )
+    removed = state(ctx).call(
+        catalog.unset_config, client=client, step=step, workstream=workstream, keys=keys or None
+    )
     if as_json:
         output.emit_json(removed.to_json(reveal=reveal))
         return
@@ -361,14 +383,17 @@ def _row_text(row: dict | None) -> str:
 @config_app.command("show")
 def config_show(
     ctx: typer.Context,
-    step: str = STEP_OPTION,
-    item: str | None = typer.Option(
-        None, "--item", help="Batch item id (client and workstream from its batch)."
-    ),
-    client: str | None = typer.Option(None, "--client", help="Client name or id."),
-    workstream: str | None = typer.Option(None, "--workstream", help="Explicit workstream slug."),
-    reveal: bool = REVEAL_OPTION,
-    as_json: bool = JSON_OPTION,
+    step: Step,
+    item: Annotated[
+        str | None,
+        typer.Option("--item", help="Batch item id (client and workstream from its batch)."),
+    ] = None,
+    client: Annotated[str | None, typer.Option("--client", help="Client name or id.")] = None,
+    workstream: Annotated[
+        str | None, typer.Option("--workstream", help="Explicit workstream slug.")
+    ] = None,
+    reveal: Reveal = False,
+    as_json: Json = False,
 ) -> None:
     """Resolve a client config and show how (exit 0 only when found)."""
     from wsctl.cli import output
@@ -378,8 +403,9 @@ def config_show(
 
     if (item is None) == (client is None):
         raise UsageError("give either --item ID or --client C")
-    with state(ctx).connect() as conn:
-        res = resolve_config(conn, step=step, item_id=item, client=client, workstream=workstream)
+    res = state(ctx).call(
+        resolve_config, step=step, item_id=item, client=client, workstream=workstream
+    )
     if as_json:
         output.emit_json(res.to_json(reveal=reveal))
     else:

@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import Json, state
 
 
 def demo(
     ctx: typer.Context,
-    database_url: str | None = typer.Option(
-        None,
-        "--database-url",
-        help="Run in this database instead of the embedded one (beats the global option).",
-        show_default=False,
-    ),
-    timeout: float = typer.Option(
-        50.0, "--timeout", help="Seconds before the demo gives up waiting for its batches."
-    ),
-    verbose: bool = typer.Option(
-        False,
-        "--verbose",
-        "-v",
-        help="Also show the worker's log lines ([SYNC STEP], [ASYNC SENDER], [CONFIG]).",
-    ),
-    as_json: bool = JSON_OPTION,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="Run in this database instead of the embedded one (beats the global option).",
+            show_default=False,
+        ),
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", help="Seconds before the demo gives up waiting for its batches."),
+    ] = 50.0,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Also show the worker's log lines ([SYNC STEP], [ASYNC SENDER], [CONFIG]).",
+        ),
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Run two workstreams' batches end to end: embedded PostgreSQL, local backend, Clay stand-in.
 
@@ -64,36 +71,7 @@ def demo(
             timeout=timeout,
             on_progress=output.notice,
         )
-    if as_json:
-        output.emit_json(result.to_json())
-    else:
-        output.table(
-            ["item", "workstream", "step", "status", "function", "config used", "detail"],
-            [
-                (
-                    r.item_id,  # whole: what `wsctl item show ID` takes
-                    r.workstream,
-                    r.step,
-                    r.status,
-                    r.ran_function or r.function,
-                    f"{r.config_workstream} ({r.config_id})"
-                    if r.config_id
-                    else "-",  # whole, as item show prints it
-                    r.detail,
-                )
-                for r in result.rows
-            ],
-        )
-        verdict = (
-            "every step ran with its own workstream's config"
-            if result.ok
-            else "some steps did not use their workstream's config (see the table)"
-        )
-        output.notice(
-            f"{len(result.rows)} steps in {len(result.batches)} batches, {result.passes} "
-            f"dispatch passes, {result.seconds:g} s: {verdict}"
-        )
-        output.notice(f"one item's story: wsctl --database-url '{label}' item show ITEM_ID")
+    output.show(result, as_json, _render)
     if embedded_used:
         output.notice(
             "the embedded PostgreSQL keeps running for the next command; "
@@ -101,6 +79,38 @@ def demo(
         )
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _render(result) -> None:
+    from wsctl.cli import output
+
+    output.table(
+        ["item", "workstream", "step", "status", "function", "config used", "detail"],
+        [
+            (
+                r.item_id,  # whole: what `wsctl item show ID` takes
+                r.workstream,
+                r.step,
+                r.status,
+                r.ran_function or r.function,
+                f"{r.config_workstream} ({r.config_id})"
+                if r.config_id
+                else "-",  # whole, as item show prints it
+                r.detail,
+            )
+            for r in result.rows
+        ],
+    )
+    verdict = (
+        "every step ran with its own workstream's config"
+        if result.ok
+        else "some steps did not use their workstream's config (see the table)"
+    )
+    output.notice(
+        f"{len(result.rows)} steps in {len(result.batches)} batches, {result.passes} "
+        f"dispatch passes, {result.seconds:g} s: {verdict}"
+    )
+    output.notice(f"one item's story: wsctl --database-url '{result.database}' item show ITEM_ID")
 
 
 def register(app: typer.Typer) -> None:

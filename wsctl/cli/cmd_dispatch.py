@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, choices, state
+from wsctl.cli.common import Json, choices, state
 from wsctl.settings import Backend, DispatchSettings
 
 _FROM_CONFIG = "default: the dispatch table of wsctl.toml, else"
@@ -19,52 +19,71 @@ def _d(key: str) -> str:
 
 
 def _from_config(flag: str, what: str, **kwargs: Any) -> Any:
-    """An option that is None unless given; its help names the dispatch default it falls back to.
+    """An option whose help names the dispatch default it falls back to (None unless given).
 
     The settings key is the flag's name (``--lease-seconds`` -> ``lease_seconds``).
     """
     key = flag.removeprefix("--").replace("-", "_")
-    return typer.Option(None, flag, help=f"{what} ({_FROM_CONFIG}: {_d(key)}).", **kwargs)
+    return typer.Option(flag, help=f"{what} ({_FROM_CONFIG}: {_d(key)}).", **kwargs)
 
 
 def dispatch(
     ctx: typer.Context,
-    once: bool = typer.Option(False, "--once", help="Run one pass and exit (the default)."),
-    loop: bool = typer.Option(False, "--loop", help="Run passes until SIGTERM/SIGINT."),
-    interval: float | None = _from_config("--interval", "Seconds between --loop passes"),
-    limit: int | None = _from_config("--limit", "Most states claimed in a pass"),
-    concurrency: int | None = _from_config("--concurrency", "Concurrent spawns/calls"),
-    backend: Backend | None = _from_config(
-        "--backend", "Where functions run", metavar=choices(Backend)
-    ),
-    app: str | None = typer.Option(
-        None, "--app", help="Modal app name, or for --backend local a file path or module."
-    ),
-    modal_environment: str | None = typer.Option(
-        None, "--modal-environment", help="Modal environment name."
-    ),
-    workstream: str | None = typer.Option(
-        None, "--workstream", help="Only states of batches in this workstream."
-    ),
-    lease_seconds: int | None = _from_config("--lease-seconds", "Claim lease"),
-    spawn_timeout: float | None = _from_config("--spawn-timeout", "Seconds per spawn"),
-    max_attempts: int | None = _from_config("--max-attempts", "Attempts before FAILED"),
-    callback_timeout: int | None = _from_config(
-        "--callback-timeout", "Seconds a DISPATCHED state may wait for completion"
-    ),
-    max_seconds: float | None = _from_config(
-        "--max-seconds", "A pass stops claiming after this many seconds"
-    ),
-    grace: float | None = _from_config(
-        "--grace",
-        "Once stopping (SIGTERM/SIGINT, --max-seconds), seconds running functions get to finish",
-    ),
-    no_reconcile: bool = typer.Option(False, "--no-reconcile", help="Skip polling spawned calls."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; claim nothing."),
-    verbose: bool = typer.Option(
-        False, "--verbose", "-v", help="Log one line per dispatched item on stderr."
-    ),
-    as_json: bool = JSON_OPTION,
+    once: Annotated[
+        bool, typer.Option("--once", help="Run one pass and exit (the default).")
+    ] = False,
+    loop: Annotated[bool, typer.Option("--loop", help="Run passes until SIGTERM/SIGINT.")] = False,
+    interval: Annotated[
+        float | None, _from_config("--interval", "Seconds between --loop passes")
+    ] = None,
+    limit: Annotated[int | None, _from_config("--limit", "Most states claimed in a pass")] = None,
+    concurrency: Annotated[
+        int | None, _from_config("--concurrency", "Concurrent spawns/calls")
+    ] = None,
+    backend: Annotated[
+        Backend | None, _from_config("--backend", "Where functions run", metavar=choices(Backend))
+    ] = None,
+    app: Annotated[
+        str | None,
+        typer.Option("--app", help="Modal app name, or for --backend local a file path or module."),
+    ] = None,
+    modal_environment: Annotated[
+        str | None, typer.Option("--modal-environment", help="Modal environment name.")
+    ] = None,
+    workstream: Annotated[
+        str | None, typer.Option("--workstream", help="Only states of batches in this workstream.")
+    ] = None,
+    lease_seconds: Annotated[int | None, _from_config("--lease-seconds", "Claim lease")] = None,
+    spawn_timeout: Annotated[
+        float | None, _from_config("--spawn-timeout", "Seconds per spawn")
+    ] = None,
+    max_attempts: Annotated[
+        int | None, _from_config("--max-attempts", "Attempts before FAILED")
+    ] = None,
+    callback_timeout: Annotated[
+        int | None,
+        _from_config("--callback-timeout", "Seconds a DISPATCHED state may wait for completion"),
+    ] = None,
+    max_seconds: Annotated[
+        float | None, _from_config("--max-seconds", "A pass stops claiming after this many seconds")
+    ] = None,
+    grace: Annotated[
+        float | None,
+        _from_config(
+            "--grace",
+            "Once stopping (SIGTERM/SIGINT, --max-seconds), seconds running functions get to finish",
+        ),
+    ] = None,
+    no_reconcile: Annotated[
+        bool, typer.Option("--no-reconcile", help="Skip polling spawned calls.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; claim nothing.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log one line per dispatched item on stderr.")
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Claim due workflow states and run them on their (step, workstream) function."""
     from wsctl.cli import output
@@ -140,12 +159,12 @@ def stop_line(summary) -> str:
 
 def retry(
     ctx: typer.Context,
-    batch: str = typer.Option(..., "--batch", help="Batch id."),
-    step: str | None = typer.Option(None, "--step", help="Only this blueprint step."),
-    status: list[str] = typer.Option(
-        None, "--status", help="BLOCKED and/or FAILED (default: both)."
-    ),
-    as_json: bool = JSON_OPTION,
+    batch: Annotated[str, typer.Option("--batch", help="Batch id.")],
+    step: Annotated[str | None, typer.Option("--step", help="Only this blueprint step.")] = None,
+    status: Annotated[
+        list[str] | None, typer.Option("--status", help="BLOCKED and/or FAILED (default: both).")
+    ] = None,
+    as_json: Json = False,
 ) -> None:
     """Put a batch's BLOCKED/FAILED states back to PENDING after fixing the cause."""
     from wsctl.cli import output
@@ -163,8 +182,7 @@ def retry(
         raise UsageError(f"--status takes BLOCKED or FAILED, not {', '.join(bad)}")
     if step is not None:
         validate_slug(step, "step")
-    with state(ctx).connect() as conn:
-        n = retry_states(conn, batch_id, step=step, statuses=statuses)
+    n = state(ctx).call(retry_states, batch_id, step=step, statuses=statuses)
     if as_json:
         output.emit_json(
             {"batch_id": str(batch_id), "requeued": n, "statuses": statuses, "step": step}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION
+from wsctl.cli.common import Json
 
 embedded_app = typer.Typer(
     help="The embedded PostgreSQL (used when no database URL is configured): "
@@ -14,16 +14,19 @@ embedded_app = typer.Typer(
 
 
 @embedded_app.command("status")
-def embedded_status(as_json: bool = JSON_OPTION) -> None:
+def embedded_status(as_json: Json = False) -> None:
     """Whether the embedded server runs, where its data is, and as which system user."""
     from wsctl import embedded
     from wsctl.cli import output
     from wsctl.settings import user_data_dir
 
     st = embedded.status(user_data_dir())
-    if as_json:
-        output.emit_json(st.to_json())
-        return
+    output.show(st, as_json, _render_status)
+
+
+def _render_status(st) -> None:
+    from wsctl.cli import output
+
     if st.running:
         output.line(
             f"running: pid {st.pid}, port {st.port}, as {st.os_user or '?'}, data in {st.pgdata}"
@@ -36,7 +39,7 @@ def embedded_status(as_json: bool = JSON_OPTION) -> None:
 
 
 @embedded_app.command("stop")
-def embedded_stop(as_json: bool = JSON_OPTION) -> None:
+def embedded_stop(as_json: Json = False) -> None:
     """Stop the embedded server (fast shutdown; its data is kept)."""
     from wsctl import embedded
     from wsctl.cli import output

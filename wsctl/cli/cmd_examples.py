@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION
+from wsctl.cli.common import Json
 
 
 def examples(
-    copy_to: Path | None = typer.Option(
-        None, "--copy", help="Copy the example files into this directory."
-    ),
-    force: bool = typer.Option(False, "--force", help="With --copy: overwrite existing files."),
-    as_json: bool = JSON_OPTION,
+    copy_to: Annotated[
+        Path | None, typer.Option("--copy", help="Copy the example files into this directory.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="With --copy: overwrite existing files.")
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Print where the example files (registry.toml, items, the example Modal app) are."""
     from wsctl import shipped

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from wsctl.cli.common import JSON_OPTION, REVEAL_OPTION, choices, state
+from wsctl.cli.common import Json, Reveal, choices, state
 from wsctl.settings import Backend, DispatchSettings
 
 item_app = typer.Typer(help="Batch items: where each one went and why.", no_args_is_help=True)
@@ -115,16 +117,15 @@ def _render_item(report, *, reveal: bool) -> None:
 @item_app.command("show")
 def item_show(
     ctx: typer.Context,
-    item_id: str = typer.Argument(..., help="The batch item's id (a UUID)."),
-    reveal: bool = REVEAL_OPTION,
-    as_json: bool = JSON_OPTION,
+    item_id: Annotated[str, typer.Argument(help="The batch item's id (a UUID).")],
+    reveal: Reveal = False,
+    as_json: Json = False,
 ) -> None:
     """Where an item went and why: per blueprint step, its state, function, call and config."""
     from wsctl.cli import output
     from wsctl.item_report import item_report
 
-    with state(ctx).connect() as conn:
-        report = item_report(conn, item_id)
+    report = state(ctx).call(item_report, item_id)
     if as_json:
         output.emit_json(report.to_json(reveal=reveal))
         return
@@ -133,33 +134,45 @@ def item_show(
 
 def doctor(
     ctx: typer.Context,
-    check_modal: bool = typer.Option(
-        False, "--check-modal", help="Also look every registry function up in the Modal app."
-    ),
-    app: str | None = typer.Option(
-        None,
-        "--app",
-        help="Modal app name (default: dispatch.app of wsctl.toml, else "
-        f"{DispatchSettings.default('app')}).",
-    ),
-    modal_environment: str | None = typer.Option(
-        None, "--modal-environment", help="Modal environment (default: dispatch.modal_environment)."
-    ),
-    backend: Backend | None = typer.Option(
-        None,
-        "--backend",
-        metavar=choices(Backend),
-        help="The dispatch backend to judge credentials for (default: dispatch.backend, else "
-        f"{DispatchSettings.default('backend')}).",
-    ),
-    callback_timeout: int | None = typer.Option(
-        None,
-        "--callback-timeout",
-        help="Seconds a DISPATCHED state may wait (default: dispatch.callback_timeout, else "
-        f"{DispatchSettings.default('callback_timeout')}).",
-    ),
-    top: int = typer.Option(10, "--top", min=1, help="Most rows listed per check."),
-    as_json: bool = JSON_OPTION,
+    check_modal: Annotated[
+        bool,
+        typer.Option(
+            "--check-modal", help="Also look every registry function up in the Modal app."
+        ),
+    ] = False,
+    app: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            help="Modal app name (default: dispatch.app of wsctl.toml, else "
+            f"{DispatchSettings.default('app')}).",
+        ),
+    ] = None,
+    modal_environment: Annotated[
+        str | None,
+        typer.Option(
+            "--modal-environment", help="Modal environment (default: dispatch.modal_environment)."
+        ),
+    ] = None,
+    backend: Annotated[
+        Backend | None,
+        typer.Option(
+            "--backend",
+            metavar=choices(Backend),
+            help="The dispatch backend to judge credentials for (default: dispatch.backend, else "
+            f"{DispatchSettings.default('backend')}).",
+        ),
+    ] = None,
+    callback_timeout: Annotated[
+        int | None,
+        typer.Option(
+            "--callback-timeout",
+            help="Seconds a DISPATCHED state may wait (default: dispatch.callback_timeout, else "
+            f"{DispatchSettings.default('callback_timeout')}).",
+        ),
+    ] = None,
+    top: Annotated[int, typer.Option("--top", min=1, help="Most rows listed per check.")] = 10,
+    as_json: Json = False,
 ) -> None:
     """Check the database, schema, data and Modal; exit 1 when any check FAILs."""
     from wsctl.cli import output
@@ -187,17 +200,20 @@ def doctor(
         top=top,
         url=settings.database_url,
     )
-    if as_json:
-        output.emit_json(report.to_json())
-    else:
-        output.table(
-            ["status", "check", "detail", "hint"],
-            [(output.status_cell(c.status), c.name, c.detail, c.hint) for c in report.checks],
-        )
-        counts = report.counts()
-        output.line("doctor: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    output.show(report, as_json, _render_doctor)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _render_doctor(report) -> None:
+    from wsctl.cli import output
+
+    output.table(
+        ["status", "check", "detail", "hint"],
+        [(output.status_cell(c.status), c.name, c.detail, c.hint) for c in report.checks],
+    )
+    counts = report.counts()
+    output.line("doctor: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
 
 
 def _backend_source(source: str) -> str:

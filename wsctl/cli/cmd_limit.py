@@ -2,45 +2,54 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import Json, LimitKey, state
 
 limit_app = typer.Typer(
     help="Limits: how fast, and how many at once, the states under a limit key may run "
     "(bind registry rows to keys with `wsctl registry add ... --limit-key KEY`).",
     no_args_is_help=True,
 )
-KEY_ARGUMENT = typer.Argument(..., help="The limit key.")
 
 
-def _describe(rate: str | None, burst: int | None, cap: int | None) -> str:
+def _describe(lim) -> str:
+    """What a limit (``limits.Limit``) allows, in words."""
+    from wsctl.limits import format_rate
+
     parts = []
+    rate = format_rate(lim.rate_per_second)
     if rate:
-        parts.append(f"rate {rate} (burst {burst})")
-    if cap:
-        parts.append(f"at most {cap} in flight")
+        parts.append(f"rate {rate} (burst {lim.burst})")
+    if lim.max_in_flight:
+        parts.append(f"at most {lim.max_in_flight} in flight")
     return ", ".join(parts) or "nothing"
 
 
 @limit_app.command("set")
 def limit_set(
     ctx: typer.Context,
-    key: str = typer.Argument(..., help="The limit key, e.g. clay:acme-workspace."),
-    rate: str | None = typer.Option(
-        None, "--rate", metavar="N/s|N/m|N/h", help="Spawns per second, minute or hour."
-    ),
-    burst: int | None = typer.Option(
-        None, "--burst", help="Spawns allowed at once above the rate (default: 1 s worth)."
-    ),
-    max_in_flight: int | None = typer.Option(
-        None, "--max-in-flight", help="States in flight at once under the key."
-    ),
-    no_rate: bool = typer.Option(False, "--no-rate", help="Drop the rate (keep the cap)."),
-    no_max_in_flight: bool = typer.Option(
-        False, "--no-max-in-flight", help="Drop the cap (keep the rate)."
-    ),
-    as_json: bool = JSON_OPTION,
+    key: Annotated[str, typer.Argument(help="The limit key, e.g. clay:acme-workspace.")],
+    rate: Annotated[
+        str | None,
+        typer.Option("--rate", metavar="N/s|N/m|N/h", help="Spawns per second, minute or hour."),
+    ] = None,
+    burst: Annotated[
+        int | None,
+        typer.Option("--burst", help="Spawns allowed at once above the rate (default: 1 s worth)."),
+    ] = None,
+    max_in_flight: Annotated[
+        int | None, typer.Option("--max-in-flight", help="States in flight at once under the key.")
+    ] = None,
+    no_rate: Annotated[
+        bool, typer.Option("--no-rate", help="Drop the rate (keep the cap).")
+    ] = False,
+    no_max_in_flight: Annotated[
+        bool, typer.Option("--no-max-in-flight", help="Drop the cap (keep the rate).")
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Define a limit, or change the parts given."""
     from wsctl import limits
@@ -49,23 +58,21 @@ def limit_set(
     clear = frozenset(
         name for name, flag in (("rate", no_rate), ("max_in_flight", no_max_in_flight)) if flag
     )
-    with state(ctx).connect() as conn:
-        w = limits.set_limit(
-            conn, key, rate=rate, burst=burst, max_in_flight=max_in_flight, clear=clear
-        )
-    if as_json:
-        output.emit_json(w.to_json())
-        return
-    lim = w.limit
-    verb = "defined" if w.created else "changed"
-    output.line(
-        f"{verb} limit {lim.key}: "
-        + _describe(limits.format_rate(lim.rate_per_second), lim.burst, lim.max_in_flight)
+    w = state(ctx).call(
+        limits.set_limit, key, rate=rate, burst=burst, max_in_flight=max_in_flight, clear=clear
     )
+    output.show(w, as_json, _render_set)
+
+
+def _render_set(w) -> None:
+    from wsctl.cli import output
+
+    verb = "defined" if w.created else "changed"
+    output.line(f"{verb} limit {w.limit.key}: {_describe(w.limit)}")
 
 
 @limit_app.command("list")
-def limit_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+def limit_list(ctx: typer.Context, as_json: Json = False) -> None:
     """Every limit, and the bound keys no limit defines."""
     from wsctl import limits
     from wsctl.cli import output
@@ -90,28 +97,24 @@ def limit_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 
 
 @limit_app.command("show")
-def limit_show(
-    ctx: typer.Context,
-    key: str = KEY_ARGUMENT,
-    as_json: bool = JSON_OPTION,
-) -> None:
+def limit_show(ctx: typer.Context, key: LimitKey, as_json: Json = False) -> None:
     """One limit: its definition, what is in flight under it now, what binds it."""
     from wsctl import limits
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        report = limits.show_limit(conn, key)
-    if as_json:
-        output.emit_json(report.to_json())
-        return
-    lim = report.limit
-    if lim is None:
-        output.line(f"limit {key}: not defined (bound by the registry, so it limits nothing)")
-    else:
+    report = state(ctx).call(limits.show_limit, key)
+    output.show(report, as_json, _render_show)
+
+
+def _render_show(report) -> None:
+    from wsctl.cli import output
+
+    if report.limit is None:
         output.line(
-            f"limit {key}: "
-            + _describe(limits.format_rate(lim.rate_per_second), lim.burst, lim.max_in_flight)
+            f"limit {report.key}: not defined (bound by the registry, so it limits nothing)"
         )
+    else:
+        output.line(f"limit {report.key}: {_describe(report.limit)}")
     tokens = (
         "" if report.tokens_now is None else f", {report.tokens_now:.1f} spawn(s) available now"
     )
@@ -121,17 +124,12 @@ def limit_show(
 
 
 @limit_app.command("remove")
-def limit_remove(
-    ctx: typer.Context,
-    key: str = KEY_ARGUMENT,
-    as_json: bool = JSON_OPTION,
-) -> None:
+def limit_remove(ctx: typer.Context, key: LimitKey, as_json: Json = False) -> None:
     """Remove a limit (keys bound to it then limit nothing)."""
     from wsctl import limits
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        gone = limits.remove_limit(conn, key)
+    gone = state(ctx).call(limits.remove_limit, key)
     if as_json:
         output.emit_json({**gone.to_json(), "removed": True})
         return

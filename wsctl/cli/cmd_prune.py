@@ -3,40 +3,50 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import Json, state
 
 
 def prune(
     ctx: typer.Context,
-    older_than: str = typer.Option(
-        ...,
-        "--older-than",
-        help="Prune batches that finished longer ago than this (30d, 12h, 2w, 1d12h).",
-        show_default=False,
-    ),
-    batch: list[str] | None = typer.Option(
-        None, "--batch", help="Only this batch (repeatable); refused if it is not prunable."
-    ),
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="List what would be pruned; write nothing."
-    ),
-    archive: Path | None = typer.Option(
-        None,
-        "--archive",
-        help="Append every removed row to this JSON Lines file, fsynced before the delete "
-        "(an interrupted prune resumes it: each row exactly once).",
-    ),
-    include_items: bool = typer.Option(
-        False,
-        "--include-items",
-        help="ALSO DELETE THE BATCHES' batch_items, which hold the enrichment results. "
-        "Without it only workflow_states rows are removed.",
-    ),
-    chunk_size: int = typer.Option(5000, "--chunk-size", help="Rows per transaction."),
-    as_json: bool = JSON_OPTION,
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            help="Prune batches that finished longer ago than this (30d, 12h, 2w, 1d12h).",
+            show_default=False,
+        ),
+    ],
+    batch: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--batch", help="Only this batch (repeatable); refused if it is not prunable."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List what would be pruned; write nothing.")
+    ] = False,
+    archive: Annotated[
+        Path | None,
+        typer.Option(
+            "--archive",
+            help="Append every removed row to this JSON Lines file, fsynced before the delete "
+            "(an interrupted prune resumes it: each row exactly once).",
+        ),
+    ] = None,
+    include_items: Annotated[
+        bool,
+        typer.Option(
+            "--include-items",
+            help="ALSO DELETE THE BATCHES' batch_items, which hold the enrichment results. "
+            "Without it only workflow_states rows are removed.",
+        ),
+    ] = False,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Rows per transaction.")] = 5000,
+    as_json: Json = False,
 ) -> None:
     """Remove the workflow_states of batches finished longer ago than --older-than.
 
@@ -75,45 +85,48 @@ def prune(
             f"resumed archive {report.archive}: cut {report.archive_truncated_bytes} byte(s) an "
             "interrupted run wrote but never committed"
         )
-    if as_json:
-        output.emit_json(report.to_json())
-    else:
-        verb = "would prune" if dry_run else "pruned"
-        output.table(
-            [
-                "batch_id",
-                "finished_at",
-                "states",
-                "status",
-                "states_pruned",
-                "items_pruned",
-                "note",
-            ],
-            [
-                (
-                    b.batch_id,
-                    b.finished_at,
-                    b.states,
-                    b.status,
-                    b.states_pruned,
-                    b.items_pruned,
-                    b.reason or ("resumed" if b.resumed else None),
-                )
-                for b in report.batches
-            ],
-        )
-        if dry_run:
-            n = sum(b.states for b in report.batches)
-            output.line(f"{verb} {len(report.batches)} batch(es), {n} state(s)")
-        else:
-            output.line(
-                f"{verb} {report.states_pruned} state(s)"
-                + (f" and {report.items_pruned} item(s)" if report.include_items else "")
-                + f" of {len(report.batches) - len(report.skipped)} batch(es)"
-                + (f"; {len(report.skipped)} skipped (rerun later)" if report.skipped else "")
-            )
+    output.show(report, as_json, _render_pruned)
     if report.skipped:
         raise typer.Exit(1)
+
+
+def _render_pruned(report) -> None:
+    from wsctl.cli import output
+
+    verb = "would prune" if report.dry_run else "pruned"
+    output.table(
+        [
+            "batch_id",
+            "finished_at",
+            "states",
+            "status",
+            "states_pruned",
+            "items_pruned",
+            "note",
+        ],
+        [
+            (
+                b.batch_id,
+                b.finished_at,
+                b.states,
+                b.status,
+                b.states_pruned,
+                b.items_pruned,
+                b.reason or ("resumed" if b.resumed else None),
+            )
+            for b in report.batches
+        ],
+    )
+    if report.dry_run:
+        n = sum(b.states for b in report.batches)
+        output.line(f"{verb} {len(report.batches)} batch(es), {n} state(s)")
+    else:
+        output.line(
+            f"{verb} {report.states_pruned} state(s)"
+            + (f" and {report.items_pruned} item(s)" if report.include_items else "")
+            + f" of {len(report.batches) - len(report.skipped)} batch(es)"
+            + (f"; {len(report.skipped)} skipped (rerun later)" if report.skipped else "")
+        )
 
 
 db_app = typer.Typer(help="Database upkeep for a long-lived pipeline.", no_args_is_help=True)
@@ -122,23 +135,28 @@ db_app = typer.Typer(help="Database upkeep for a long-lived pipeline.", no_args_
 @db_app.command("tune")
 def db_tune(
     ctx: typer.Context,
-    apply: bool = typer.Option(False, "--apply", help="Set them (otherwise only print)."),
-    as_json: bool = JSON_OPTION,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Set them (otherwise only print).")
+    ] = False,
+    as_json: Json = False,
 ) -> None:
     """Per-table autovacuum settings for workflow_states: print them, or --apply them."""
     from wsctl import tune
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        report = tune.tune(conn, apply=apply)
-    if as_json:
-        output.emit_json(report.to_json())
-        return
+    report = state(ctx).call(tune.tune, apply=apply)
+    output.show(report, as_json, _render_tune)
+
+
+def _render_tune(report) -> None:
+    from wsctl import tune
+    from wsctl.cli import output
+
     output.table(
         ["table", "setting", "current", "proposed"],
         [(s.table, s.name, s.current or "(server default)", s.proposed) for s in report.settings],
     )
-    if apply:
+    if report.applied:
         output.line(f"applied to {tune.TABLE}")
     else:
         output.line(report.statement)

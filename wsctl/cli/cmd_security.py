@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import Json, LockTimeout, state
 
 secure_app = typer.Typer(
     help="Close the pipeline tables and wsctl's schema to the Data API roles (anon, "
@@ -12,31 +14,33 @@ secure_app = typer.Typer(
     invoke_without_command=True,
 )
 
-LOCK_TIMEOUT_OPTION = typer.Option(
-    "5s",
-    "--lock-timeout",
-    help="Longest wait for a lock (PostgreSQL interval); then nothing changes.",
-)
-
 
 @secure_app.callback()
 def secure(
     ctx: typer.Context,
-    apply: bool = typer.Option(False, "--apply", help="Apply it (one transaction, idempotent)."),
-    roles: list[str] = typer.Option(
-        [], "--role", help="Also lock this role out of every pipeline table (repeatable)."
-    ),
-    leave_roles: list[str] = typer.Option(
-        [], "--leave-role", help="Leave this role's privileges as they are (repeatable)."
-    ),
-    tables: list[str] = typer.Option(
-        [], "--table", help="Also lock down this table of public (repeatable)."
-    ),
-    leave_tables: list[str] = typer.Option(
-        [], "--leave-table", help="Leave this pipeline table as it is (repeatable)."
-    ),
-    lock_timeout: str = LOCK_TIMEOUT_OPTION,
-    as_json: bool = JSON_OPTION,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Apply it (one transaction, idempotent).")
+    ] = False,
+    roles: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--role", help="Also lock this role out of every pipeline table (repeatable)."
+        ),
+    ] = None,
+    leave_roles: Annotated[
+        list[str] | None,
+        typer.Option("--leave-role", help="Leave this role's privileges as they are (repeatable)."),
+    ] = None,
+    tables: Annotated[
+        list[str] | None,
+        typer.Option("--table", help="Also lock down this table of public (repeatable)."),
+    ] = None,
+    leave_tables: Annotated[
+        list[str] | None,
+        typer.Option("--leave-table", help="Leave this pipeline table as it is (repeatable)."),
+    ] = None,
+    lock_timeout: LockTimeout = "5s",
+    as_json: Json = False,
 ) -> None:
     """Revoke anon's privileges on the pipeline tables and wsctl's schema, and authenticated's on
     client_workflow_configs and wsctl's schema; policies are never dropped or changed."""
@@ -45,19 +49,21 @@ def secure(
     from wsctl import security
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        report = security.secure(
-            conn,
-            apply=apply,
-            extra_roles=roles,
-            leave_roles=leave_roles,
-            extra_tables=tables,
-            leave_tables=leave_tables,
-            lock_timeout=lock_timeout,
-        )
-    if as_json:
-        output.emit_json(report.to_json())
-        return
+    report = state(ctx).call(
+        security.secure,
+        apply=apply,
+        extra_roles=roles,
+        leave_roles=leave_roles,
+        extra_tables=tables,
+        leave_tables=leave_tables,
+        lock_timeout=lock_timeout,
+    )
+    output.show(report, as_json, _render_secure)
+
+
+def _render_secure(report) -> None:
+    from wsctl.cli import output
+
     for role in report.absent_roles:
         output.notice(f"no role {role} in this database: nothing to do for it")
     if not report.revocations:
@@ -65,14 +71,14 @@ def secure(
         for text in report.remaining:
             output.warn(text)
         return
-    if not apply:
+    if not report.applied:
         output.line("-- the lock-down (nothing changed; run `wsctl secure --apply` to apply it):")
     for r in report.revocations:
         output.line(r.statement())
-    verb = "lost" if apply else "would lose"
+    verb = "lost" if report.applied else "would lose"
     for text in report.losses():
         output.line(f"{verb}: {text}")
-    if apply:
+    if report.applied:
         output.line(f"revoked {len(report.revocations)} grant(s); no policy was changed")
     for text in report.remaining:
         output.warn(text)
@@ -81,22 +87,24 @@ def secure(
 @secure_app.command("grant-worker")
 def grant_worker(
     ctx: typer.Context,
-    role: str = typer.Argument(..., help="The role your Modal functions log in as."),
-    lock_timeout: str = LOCK_TIMEOUT_OPTION,
-    as_json: bool = JSON_OPTION,
+    role: Annotated[str, typer.Argument(help="The role your Modal functions log in as.")],
+    lock_timeout: LockTimeout = "5s",
+    as_json: Json = False,
 ) -> None:
     """Grant ROLE what the worker helpers need (wsctl.worker, wsctl.complete_step, ...)."""
     from wsctl import security
     from wsctl.cli import output
 
-    with state(ctx).connect() as conn:
-        result = security.grant_worker(conn, role, lock_timeout=lock_timeout)
-    if as_json:
-        output.emit_json(result.to_json())
-        return
+    result = state(ctx).call(security.grant_worker, role, lock_timeout=lock_timeout)
+    output.show(result, as_json, _render_granted)
+
+
+def _render_granted(result) -> None:
+    from wsctl.cli import output
+
     for stmt in result.statements:
         output.line(stmt + ";")
-    output.line(f"granted {role} what the worker helpers need")
+    output.line(f"granted {result.role} what the worker helpers need")
 
 
 def register(app: typer.Typer) -> None:

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from wsctl.cli.common import JSON_OPTION, state
+from wsctl.cli.common import Json, state
 
 
 def init(
     ctx: typer.Context,
-    database_url: str | None = typer.Option(
-        None, "--database-url", help="URL to write into the file (default: the global option)."
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url", help="URL to write into the file (default: the global option)."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing wsctl.toml.")
+    ] = False,
+    path: Annotated[Path, typer.Option("--path", help="Where to write the file.")] = Path(
+        "wsctl.toml"
     ),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing wsctl.toml."),
-    path: Path = typer.Option(Path("wsctl.toml"), "--path", help="Where to write the file."),
 ) -> None:
     """Write a commented wsctl.toml in the current directory (mode 0600: it may hold a password)."""
     from wsctl.cli.output import line
@@ -26,7 +34,7 @@ def init(
     line(f"wrote {written}")
 
 
-def show_settings(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
+def show_settings(ctx: typer.Context, as_json: Json = False) -> None:
     """Show the effective settings and where each came from (the database URL masked)."""
     from wsctl import settings
     from wsctl.cli import output
@@ -43,21 +51,26 @@ def show_settings(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 
 def migrate(
     ctx: typer.Context,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the SQL of pending files."),
-    show_status: bool = typer.Option(
-        False,
-        "--status",
-        help="List applied, pending and changed migrations (exit 1 if any pending).",
-    ),
-    lock_timeout: float = typer.Option(
-        60.0, "--lock-timeout", help="Seconds to wait for another migrate's lock."
-    ),
-    ddl_lock_timeout: str = typer.Option(
-        "10s",
-        "--ddl-lock-timeout",
-        help="Longest wait of a schema change for a table lock (PostgreSQL interval).",
-    ),
-    as_json: bool = JSON_OPTION,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the SQL of pending files.")
+    ] = False,
+    show_status: Annotated[
+        bool,
+        typer.Option(
+            "--status", help="List applied, pending and changed migrations (exit 1 if any pending)."
+        ),
+    ] = False,
+    lock_timeout: Annotated[
+        float, typer.Option("--lock-timeout", help="Seconds to wait for another migrate's lock.")
+    ] = 60.0,
+    ddl_lock_timeout: Annotated[
+        str,
+        typer.Option(
+            "--ddl-lock-timeout",
+            help="Longest wait of a schema change for a table lock (PostgreSQL interval).",
+        ),
+    ] = "10s",
+    as_json: Json = False,
 ) -> None:
     """Bring the database schema up to date (needs a direct or session-mode connection)."""
     from wsctl import migrations

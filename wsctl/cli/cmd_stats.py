@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from wsctl.cli.common import JSON_OPTION, WORKSTREAM_FILTER_OPTION, state
+from wsctl.cli.common import CallbackTimeout, Json, WorkstreamFilter, state
 
 
 def _render(st) -> None:
@@ -84,16 +86,12 @@ def _render(st) -> None:
 
 def stats(
     ctx: typer.Context,
-    workstream: str | None = WORKSTREAM_FILTER_OPTION,
-    prometheus: bool = typer.Option(
-        False, "--prometheus", help="Print Prometheus's text exposition format."
-    ),
-    callback_timeout: int | None = typer.Option(
-        None,
-        "--callback-timeout",
-        help="Seconds a DISPATCHED state may wait (default: dispatch.callback_timeout).",
-    ),
-    as_json: bool = JSON_OPTION,
+    workstream: WorkstreamFilter = None,
+    prometheus: Annotated[
+        bool, typer.Option("--prometheus", help="Print Prometheus's text exposition format.")
+    ] = False,
+    callback_timeout: CallbackTimeout = None,
+    as_json: Json = False,
 ) -> None:
     """States per workstream, step and status; backlog, recent rates, reasons (read only)."""
     import sys
@@ -110,8 +108,7 @@ def stats(
         timeout = st_.settings().dispatch.callback_timeout
     if timeout < 1:
         raise UsageError("--callback-timeout must be at least 1 second")
-    with st_.connect() as conn:
-        result = collect(conn, workstream=workstream, callback_timeout=timeout)
+    result = st_.call(collect, workstream=workstream, callback_timeout=timeout)
     if prometheus:
         sys.stdout.write(render_prometheus(result))
     elif as_json:

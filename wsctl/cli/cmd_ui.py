@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from wsctl.cli.common import state
+from wsctl.cli.common import CallbackTimeout, state
 
 
 def ui(
     ctx: typer.Context,
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
-    port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port (0: any free one)."),
-    token: str | None = typer.Option(
-        None,
-        "--token",
-        envvar="WSCTL_UI_TOKEN",
-        help="Required on every request (Bearer header, or once as ?token= in the URL). "
-        "Off a loopback address one is generated and printed when none is given.",
-        show_default=False,
-    ),
-    open_browser: bool = typer.Option(False, "--open", help="Open the dashboard in a browser."),
-    refresh: int = typer.Option(5, "--refresh", min=0, help="Seconds between reloads (0: none)."),
-    callback_timeout: int | None = typer.Option(
-        None,
-        "--callback-timeout",
-        help="Seconds a DISPATCHED state may wait (default: dispatch.callback_timeout).",
-    ),
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")
+    ] = 8765,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="WSCTL_UI_TOKEN",
+            help="Required on every request (Bearer header, or once as ?token= in the URL). "
+            "Off a loopback address one is generated and printed when none is given.",
+            show_default=False,
+        ),
+    ] = None,
+    open_browser: Annotated[
+        bool, typer.Option("--open", help="Open the dashboard in a browser.")
+    ] = False,
+    refresh: Annotated[
+        int, typer.Option("--refresh", min=0, help="Seconds between reloads (0: none).")
+    ] = 5,
+    callback_timeout: CallbackTimeout = None,
 ) -> None:
     """Serve a read-only dashboard: batches, reasons, items, and /metrics for Prometheus."""
     import secrets

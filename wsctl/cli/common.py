@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated, Concatenate, ParamSpec, TypeVar
 
 import typer
 
@@ -12,6 +13,9 @@ if TYPE_CHECKING:
     import psycopg
 
     from wsctl.settings import Settings
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 @dataclass
@@ -67,6 +71,17 @@ class CliState:
                 raise
         return conn
 
+    def call(
+        self,
+        fn: Callable[Concatenate[psycopg.Connection, _P], _R],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _R:
+        """``fn(conn, *args, **kwargs)`` on a connection of its own, closed when it returns: a
+        command that calls one library function."""
+        with self.connect() as conn:
+            return fn(conn, *args, **kwargs)
+
 
 def state(ctx: typer.Context) -> CliState:
     root = ctx.find_root()
@@ -80,10 +95,32 @@ def choices(enum: type[Enum]) -> str:
     return "[" + "|".join(str(member.value) for member in enum) + "]"
 
 
-JSON_OPTION = typer.Option(False, "--json", help="Print one JSON document on stdout.")
-
-# Options that several commands declare alike (one declaration, the same flag and help everywhere).
-CLIENT_OPTION = typer.Option(..., "--client", help="Client name or id.")
-WORKSTREAM_OPTION = typer.Option(..., "--workstream", help="Workstream slug.")
-WORKSTREAM_FILTER_OPTION = typer.Option(None, "--workstream", help="Only this workstream.")
-REVEAL_OPTION = typer.Option(False, "--reveal", help="Print secrets instead of ***.")
+# The parameters several commands share, each declared once (the same flag, help and type
+# everywhere) as an ``Annotated`` type; a command gives the default, if any, in its signature:
+# ``as_json: Json = False``, ``client: Client`` (required). Command modules import these at
+# module level: Typer reads the string annotations (``from __future__ import annotations``)
+# with the module's globals.
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+Reveal = Annotated[bool, typer.Option("--reveal", help="Print secrets instead of ***.")]
+Client = Annotated[str, typer.Option("--client", help="Client name or id.")]
+Workstream = Annotated[str, typer.Option("--workstream", help="Workstream slug.")]
+WorkstreamFilter = Annotated[str | None, typer.Option("--workstream", help="Only this workstream.")]
+# `--workflow`: the old name of --step, parsed but shown nowhere (app.HIDDEN_ALIASES)
+Step = Annotated[str, typer.Option("--step", "--workflow", help="Workflow step slug.")]
+StepFilter = Annotated[str | None, typer.Option("--step", "--workflow", help="Only this step.")]
+BatchId = Annotated[str, typer.Argument(help="Batch id.")]
+LimitKey = Annotated[str, typer.Argument(help="The limit key.")]
+LockTimeout = Annotated[
+    str,
+    typer.Option(
+        "--lock-timeout",
+        help="Longest wait for a lock (PostgreSQL interval); then nothing changes.",
+    ),
+]
+CallbackTimeout = Annotated[
+    int | None,
+    typer.Option(
+        "--callback-timeout",
+        help="Seconds a DISPATCHED state may wait (default: dispatch.callback_timeout).",
+    ),
+]

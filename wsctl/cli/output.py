@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
 
@@ -146,6 +146,22 @@ def emit_json(doc: Any) -> None:
     text = json.dumps(doc, default=_default, indent=2, sort_keys=False) + "\n"
     writer = getattr(sys.stdout, "write_redacted", sys.stdout.write)
     writer(text)
+
+
+class _Doc(Protocol):
+    def to_json(self) -> Any: ...
+
+
+_D = TypeVar("_D", bound=_Doc)
+
+
+def show(doc: _D, as_json: bool, text: Callable[[_D], None]) -> None:
+    """A command's result: ``doc.to_json()`` as one JSON document with --json, else
+    ``text(doc)``, its rendering for people."""
+    if as_json:
+        emit_json(doc.to_json())
+    else:
+        text(doc)
 
 
 def line(text: str = "") -> None:
