@@ -172,6 +172,12 @@ def test_list_shows_a_page_by_default_and_says_there_is_more(cli, conn, catalog)
     assert len(cli("batch", "list", "--limit", "3", "--json").json()) == 3
     plain = cli("batch", "list")
     assert len(plain.out.strip().splitlines()) == LIST_PAGE + 1  # the header and a page
+    assert (
+        plain.err.strip() == f"wsctl: showing the newest {LIST_PAGE}; --all or --limit N for more"
+    )
+    everything = cli("batch", "list", "--all")
+    assert everything.code == 0 and everything.err == ""
+    assert len(everything.out.strip().splitlines()) == total + 1
 
 
 def test_cancel_stops_waiting_states_and_leaves_in_flight_ones(cli, conn, batch_id):

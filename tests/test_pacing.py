@@ -327,6 +327,31 @@ def test_dry_run_and_item_show_say_what_a_limit_holds_back(cli, conn):
     assert step["waiting_for"] == ["waiting for limit clay: 1 of 1 in flight"]
 
 
+def test_item_show_counts_the_configured_cap_of_calls_per_function(cli, conn, tmp_path):
+    """`[dispatch] modal_function_cap` in wsctl.toml, not its default, is the cap item show
+    counts (one call at Modal fills a cap of 1; the default 2,000 holds nothing back)."""
+    _, batch = _world(conn, n=3)
+    conn.execute(
+        "UPDATE workflow_states SET status = 'DISPATCHED', modal_call_id = 'fc-1' WHERE id = ("
+        " SELECT id FROM workflow_states WHERE batch_id = %s LIMIT 1)",
+        (batch,),
+    )
+    item = conn.execute(
+        "SELECT item_id FROM workflow_states WHERE batch_id = %s AND status = 'PENDING' LIMIT 1",
+        (batch,),
+    ).fetchone()[0]
+
+    def waiting() -> list[str]:
+        shown = cli("item", "show", str(item), "--json")
+        assert shown.code == 0, shown.err
+        (step,) = [s for s in shown.json()["steps"] if s["step"] == STEP]
+        return step["waiting_for"]
+
+    assert waiting() == []
+    (tmp_path / "wsctl.toml").write_text("[dispatch]\nmodal_function_cap = 1\n")
+    assert waiting() == [f"waiting for limit modal:fn_{STEP}: 1 of 1 in flight"]
+
+
 def test_a_limit_row_locked_elsewhere_fails_the_pass_in_one_line_claiming_nothing(
     cli, conn, db_url, tmp_path
 ):

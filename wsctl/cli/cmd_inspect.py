@@ -125,7 +125,9 @@ def item_show(
     from wsctl.cli import output
     from wsctl.item_report import item_report
 
-    report = state(ctx).call(item_report, item_id)
+    st = state(ctx)
+    cap = st.settings().dispatch.modal_function_cap
+    report = st.call(item_report, item_id, function_cap=cap)
     if as_json:
         output.emit_json(report.to_json(reveal=reveal))
         return

@@ -65,6 +65,7 @@ def ui(
         callback_timeout=timeout,
         refresh_seconds=refresh,
         database_label=db.mask_url(url),
+        modal_function_cap=settings.dispatch.modal_function_cap,
     )
 
     def ready(base: str) -> None:
