@@ -6,6 +6,10 @@
     -- one line saying what it does
     SELECT ...;
 
+Rows are read by name, never by position: ``rows_as(conn, Cls)`` fills a
+dataclass from columns named as its fields (the query renames a column that
+says it otherwise: ``slug AS step``), ``named(conn)`` gives dicts.
+
 ``sql/migrations/NNNN_name.sql`` hold schema changes (see ``wsctl.migrations``).
 In a wheel the directory is mapped to ``wsctl/sql``; in a checkout it is the
 top-level ``sql/``.
