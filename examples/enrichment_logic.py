@@ -625,7 +625,7 @@ class ClaySend:
     posted: bool
 
 
-def claim_clay_send(conn, item_id: uuid.UUID, step: str, webhook_url: str) -> ClaySend:
+def claim_clay_send(conn, item_id: uuid.UUID, step: str) -> ClaySend:
     """Claim the one POST of the state's current generation, committed before the POST.
 
     ``posted=False``: the generation's POST already succeeded in an earlier run (a Modal
@@ -638,7 +638,7 @@ def claim_clay_send(conn, item_id: uuid.UUID, step: str, webhook_url: str) -> Cl
 
     from wsctl.db import tx
 
-    params = {"item_id": item_id, "step": step, "webhook_url": webhook_url, "waiting": WAITING}
+    params = {"item_id": item_id, "step": step, "waiting": WAITING}
     with tx(conn), conn.cursor(row_factory=dict_row) as cur:
         won = cur.execute(q("example_clay_send_claim"), params).fetchone()
         if won is not None:
@@ -671,7 +671,9 @@ def run_clay_sender(
     conn,
     secret: str | None = None,
 ) -> str:
-    """Hand the item to the client's Clay table for ``step``; returns the webhook URL used.
+    """Hand the item to the client's Clay table for ``step``; returns which webhook source took
+    it (``clay webhook DIGEST on HOST``: the URL itself is a secret, so it is neither returned
+    nor recorded).
 
     The row carries ``callback_token`` (see ``callback_token``: it binds the state and its
     dispatch generation) and, when the config has one, ``callback_url``: the Clay table's
@@ -688,14 +690,13 @@ def run_clay_sender(
             f"the client's config for {step} in workstream {workstream_slug} has no "
             "clay_table_webhook_url (or clay_table_webhook_urls)"
         )
-    url = str(entries[0])
     key = callback_secret(secret)
     if not key:
         raise RuntimeError(f"{SECRET_ENV} is not set: Clay's callback could not prove itself")
     item = load_item(conn, item_id)
-    send = claim_clay_send(conn, item.item_id, step, url)
+    send = claim_clay_send(conn, item.item_id, step)
     if not send.posted:
-        return url
+        return f"sent before (state {send.state_id} generation {send.generation})"
     values = core_values(item.data, config)
     row = {
         "item_id": str(item.item_id),
@@ -733,19 +734,20 @@ def run_clay_sender(
         except Exception as record_exc:  # the POST's error is the one to report
             log.warning("[ASYNC SENDER] could not record the failed POST: %s", record_exc)
         raise
-    url = str(sent.entry)
-    parsed = urlsplit(url)
+    webhook = clay.digest(sent.entry)
+    used = f"clay webhook {webhook[:12]} on {urlsplit(str(sent.entry)).hostname}"
     with tx(conn):
-        conn.execute(q("example_clay_send_posted"), {**fence, "http_status": sent.http_status})
+        posted = {**fence, "http_status": sent.http_status, "webhook_digest": webhook}
+        conn.execute(q("example_clay_send_posted"), posted)
         record_step(
             conn,
             item.item_id,
             step,
             function=function,
             workstream_slug=workstream_slug,
-            detail=f"clay table {parsed.path or '/'} on {parsed.hostname}",
+            detail=used,
         )
-    return url
+    return used
 
 
 @dataclass

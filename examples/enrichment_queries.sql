@@ -31,9 +31,8 @@ WHERE id = %(item_id)s;
 -- Claim the one POST of the state's current dispatch generation while it waits to be sent
 -- (waiting: DISPATCHING, or DISPATCHED when the pass recorded the spawn first): only the first
 -- sender of a generation gets a row back. Committed before the POST.
-INSERT INTO enrichment_example.clay_sends
-    (state_id, dispatch_generation, item_id, step_name, webhook_url)
-SELECT ws.id, ws.dispatch_generation, ws.item_id, ws.step_name, %(webhook_url)s
+INSERT INTO enrichment_example.clay_sends (state_id, dispatch_generation, item_id, step_name)
+SELECT ws.id, ws.dispatch_generation, ws.item_id, ws.step_name
 FROM public.workflow_states ws
 WHERE ws.item_id = %(item_id)s
   AND ws.step_name = %(step)s
@@ -51,9 +50,10 @@ LEFT JOIN enrichment_example.clay_sends cs
 WHERE ws.item_id = %(item_id)s AND ws.step_name = %(step)s;
 
 -- example_clay_send_posted --
--- The POST of one generation was answered 2xx.
+-- The POST of one generation was answered 2xx, by the webhook source of that digest.
 UPDATE enrichment_example.clay_sends
-SET posted_at = now(), http_status = %(http_status)s, error = NULL
+SET posted_at = now(), http_status = %(http_status)s, webhook_digest = %(webhook_digest)s,
+    error = NULL
 WHERE state_id = %(state_id)s AND dispatch_generation = %(generation)s;
 
 -- example_clay_send_failed --

@@ -61,15 +61,33 @@ CREATE INDEX IF NOT EXISTS people_company_id_idx ON enrichment_example.people (c
 -- pass) only the first posts; a new generation (after `wsctl retry` or a
 -- retryable failure) posts again. posted_at/http_status, or error, say how the
 -- POST ended; neither means the sender stopped mid-POST (outcome unknown).
+-- webhook_digest: the SHA-256 of the webhook source that took the POST (as
+-- wsctl.clay.digest and `wsctl stats` key it), never the URL: a Clay
+-- webhook URL is itself the secret that lets anyone post into the table.
 CREATE TABLE IF NOT EXISTS enrichment_example.clay_sends (
     state_id             uuid NOT NULL REFERENCES public.workflow_states (id) ON DELETE CASCADE,
     dispatch_generation  bigint NOT NULL,
     item_id              uuid NOT NULL,
     step_name            text NOT NULL,
-    webhook_url          text NOT NULL,
+    webhook_digest       text,
     claimed_at           timestamptz NOT NULL DEFAULT now(),
     posted_at            timestamptz,
     http_status          integer,
     error                text,
     PRIMARY KEY (state_id, dispatch_generation)
 );
+
+-- A table made by an earlier version of this file kept the URL in clear
+-- (webhook_url): its digest is kept, the URL dropped.
+ALTER TABLE enrichment_example.clay_sends ADD COLUMN IF NOT EXISTS webhook_digest text;
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_schema = 'enrichment_example' AND table_name = 'clay_sends'
+                 AND column_name = 'webhook_url') THEN
+        UPDATE enrichment_example.clay_sends
+        SET webhook_digest = encode(sha256(convert_to(btrim(webhook_url), 'UTF8')), 'hex')
+        WHERE webhook_digest IS NULL;
+        ALTER TABLE enrichment_example.clay_sends DROP COLUMN webhook_url;
+    END IF;
+END $$;

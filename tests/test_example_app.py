@@ -356,8 +356,12 @@ def _retry_and_claim(conn, state_id) -> None:
 
 def test_a_rerun_of_the_same_generation_posts_nothing(conn, clay_item, recording_clay):
     item_id, state_id = clay_item
-    for _ in range(3):  # a Modal input retry, an overrun pass: the same generation again
-        assert _send(conn, item_id, recording_clay) == recording_clay.url
+    from wsctl import clay
+
+    webhook = clay.digest(recording_clay.url)
+    used = [_send(conn, item_id, recording_clay) for _ in range(3)]  # a Modal input retry, ...
+    assert used[0] == f"clay webhook {webhook[:12]} on 127.0.0.1"
+    assert used[1:] == [f"sent before (state {state_id} generation 1)"] * 2
     assert len(recording_clay.rows) == 1
     row = recording_clay.rows[0]
     assert (row["state_id"], row["dispatch_generation"]) == (str(state_id), 1)
@@ -366,6 +370,61 @@ def test_a_rerun_of_the_same_generation_posts_nothing(conn, clay_item, recording
         1,
     )
     assert _sends(conn) == [(1, True, 200, None)]
+
+
+def test_the_webhook_url_is_kept_nowhere_but_its_digest(conn, clay_item, recording_clay):
+    """A Clay webhook URL lets anyone post into the table: the sender records which source
+    took the POST by its digest, and neither its send row, the item's trace nor its return
+    value holds the URL."""
+    from wsctl import clay
+
+    item_id, state_id = clay_item
+    returned = _send(conn, item_id, recording_clay)
+    (digest,) = conn.execute(
+        "SELECT webhook_digest FROM enrichment_example.clay_sends WHERE state_id = %s",
+        (state_id,),
+    ).fetchone()
+    assert digest == clay.digest(recording_clay.url)
+    path = "/table"  # the URL's secret part
+    sends = conn.execute("SELECT to_jsonb(cs)::text FROM enrichment_example.clay_sends cs")
+    data = conn.execute("SELECT data::text FROM batch_items WHERE id = %s", (item_id,))
+    for text in [returned, *(r[0] for r in sends), *(r[0] for r in data)]:
+        assert recording_clay.url not in text and path not in text, text
+
+
+def test_an_earlier_send_table_keeps_the_digest_and_loses_the_url(conn):
+    """Applying the schema file again to a table of the version that kept webhook_url: the
+    URL's digest (as wsctl.clay.digest makes it) stays, the column goes."""
+    from wsctl import clay
+
+    conn.execute(example_path("enrichment_schema.sql").read_text())
+    conn.execute("DROP TABLE enrichment_example.clay_sends")
+    conn.execute(
+        "CREATE TABLE enrichment_example.clay_sends (state_id uuid NOT NULL,"
+        " dispatch_generation bigint NOT NULL, item_id uuid NOT NULL, step_name text NOT NULL,"
+        " webhook_url text NOT NULL, claimed_at timestamptz NOT NULL DEFAULT now(),"
+        " posted_at timestamptz, http_status integer, error text,"
+        " PRIMARY KEY (state_id, dispatch_generation))"
+    )
+    url = "https://api.clay.com/v3/sources/webhook/pull-in-data-from-a-webhook-0b5f"
+    conn.execute(
+        "INSERT INTO enrichment_example.clay_sends"
+        " (state_id, dispatch_generation, item_id, step_name, webhook_url)"
+        " VALUES (gen_random_uuid(), 1, gen_random_uuid(), 's', %s)",
+        (f" {url} ",),
+    )
+    conn.execute(example_path("enrichment_schema.sql").read_text())
+    conn.execute(example_path("enrichment_schema.sql").read_text())  # idempotent
+    cols = {
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = 'enrichment_example' AND table_name = 'clay_sends'"
+        )
+    }
+    assert "webhook_url" not in cols and "webhook_digest" in cols
+    (digest,) = conn.execute("SELECT webhook_digest FROM enrichment_example.clay_sends").fetchone()
+    assert digest == clay.digest(url)
 
 
 def test_a_rerun_after_the_callback_completed_the_state_posts_nothing(
@@ -380,7 +439,7 @@ def test_a_rerun_after_the_callback_completed_the_state_posts_nothing(
     )
     assert res.status == 200
     before = table_snapshot(conn)
-    assert _send(conn, item_id, recording_clay) == recording_clay.url
+    assert _send(conn, item_id, recording_clay).startswith("sent before")
     assert len(recording_clay.rows) == 1
     assert table_snapshot(conn) == before
 
@@ -462,9 +521,9 @@ def test_a_sender_that_stopped_mid_post_leaves_its_generation_unposted(
     item_id, state_id = clay_item
     conn.execute(
         "INSERT INTO enrichment_example.clay_sends"
-        " (state_id, dispatch_generation, item_id, step_name, webhook_url)"
-        " VALUES (%s, 1, %s, %s, %s)",
-        (state_id, item_id, logic.STEP_CLAY_COMPANY, recording_clay.url),
+        " (state_id, dispatch_generation, item_id, step_name)"
+        " VALUES (%s, 1, %s, %s)",
+        (state_id, item_id, logic.STEP_CLAY_COMPANY),
     )
     with pytest.raises(logic.AlreadySent, match="no outcome"):
         _send(conn, item_id, recording_clay)
