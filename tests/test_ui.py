@@ -767,18 +767,12 @@ def test_every_operator_and_permanent_reason_code_has_a_fix():
     }
     assert needs and needs | clay_codes <= set(FIXES)
     assert set(FIXES) <= set(REASONS) | clay_codes  # no guessed code
+
+    def group(reason, status, workstream="w", client="c", sample="I") -> ReasonGroup:
+        return ReasonGroup("B", workstream, client, "s", status, reason, sample_item_id=sample)
+
     for code in needs | clay_codes:
-        cmds = fix_commands(
-            ReasonGroup(
-                reason=code,
-                status="BLOCKED",
-                batch_id="B",
-                step="s",
-                workstream="w",
-                client="O'Brien & Co",
-                sample_item_id="I",
-            )
-        )
+        cmds = fix_commands(group(code, "BLOCKED", client="O'Brien & Co"))
         assert len(cmds) >= 2 and cmds[-1] == "wsctl retry --batch B --step s --status BLOCKED"
         for c in cmds[:-1]:
             assert c.split()[0] in ("wsctl", "modal") and "{" not in c, (code, c)
@@ -786,27 +780,7 @@ def test_every_operator_and_permanent_reason_code_has_a_fix():
                 assert "'O'\"'\"'Brien & Co'" in c  # shell-quoted
     # a transient code (FAILED at max attempts), an unknown one and none: the item's page
     for code in ("rate_limited", "made_up", None):
-        cmds = fix_commands(
-            ReasonGroup(
-                reason=code,
-                status="FAILED",
-                batch_id="B",
-                step="s",
-                workstream="w",
-                client="c",
-                sample_item_id="I",
-            )
-        )
+        cmds = fix_commands(group(code, "FAILED"))
         assert cmds == ["wsctl item show I", "wsctl retry --batch B --step s --status FAILED"]
-    legacy = fix_commands(
-        ReasonGroup(
-            reason="missing_secret",
-            status="BLOCKED",
-            batch_id="B",
-            step="s",
-            workstream=None,
-            client="c",
-            sample_item_id=None,
-        )
-    )
+    legacy = fix_commands(group("missing_secret", "BLOCKED", workstream=None, sample=None))
     assert legacy[0] == "wsctl backfill workstream-slug"
