@@ -405,6 +405,20 @@ def test_a_failing_query_fails_only_its_check(cli, conn, healthy, modal_token):
     assert s["stale_dispatched"] == "OK" and s["modal_credentials"] == "OK"
 
 
+@pytest.mark.parametrize("command", [("stats",), ("ui", "--port", "0"), ("doctor",)])
+def test_a_callback_timeout_under_a_second_is_the_same_usage_error_everywhere(
+    cli, conn, tmp_path, command
+):
+    """stats, ui and doctor take --callback-timeout (else [dispatch] callback_timeout) through
+    one check: under 1 s is exit 2 with one line, from the option or from wsctl.toml."""
+    message = "wsctl: error: --callback-timeout must be at least 1 second"
+    r = cli(*command, "--callback-timeout", "0")
+    assert (r.code, r.out, r.err.strip()) == (2, "", message)
+    (tmp_path / "wsctl.toml").write_text("[dispatch]\ncallback_timeout = 0\n")
+    r = cli(*command)
+    assert r.code == 2 and r.out == "" and len(r.err.strip().splitlines()) == 1
+
+
 def test_invalid_options_are_usage_errors(cli, conn, healthy):
     before = table_snapshot(conn)
     r = cli("doctor", "--callback-timeout", "0")

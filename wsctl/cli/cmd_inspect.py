@@ -179,23 +179,15 @@ def doctor(
     """Check the database, schema, data and Modal; exit 1 when any check FAILs."""
     from wsctl.cli import output
     from wsctl.doctor import doctor as run_doctor
-    from wsctl.errors import UsageError
 
     st = state(ctx)
     settings = st.settings()
-    cfg = settings.dispatch.resolve(
-        backend=backend,
-        app=app,
-        modal_environment=modal_environment,
-        callback_timeout=callback_timeout,
-    )
-    if cfg.callback_timeout < 1:
-        raise UsageError("--callback-timeout must be at least 1 second")
+    cfg = settings.dispatch.resolve(backend=backend, app=app, modal_environment=modal_environment)
     report = run_doctor(
         lambda: st.connect(require_schema=False),
         backend=cfg.backend,
         backend_source=_backend_source(cfg.source("backend")),
-        callback_timeout=cfg.callback_timeout,
+        callback_timeout=st.callback_timeout(callback_timeout),
         check_modal=check_modal,
         modal_app=cfg.app,
         modal_environment=cfg.modal_environment,

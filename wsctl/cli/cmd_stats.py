@@ -103,11 +103,7 @@ def stats(
     if prometheus and as_json:
         raise UsageError("--json and --prometheus exclude each other")
     st_ = state(ctx)
-    timeout = callback_timeout
-    if timeout is None:
-        timeout = st_.settings().dispatch.callback_timeout
-    if timeout < 1:
-        raise UsageError("--callback-timeout must be at least 1 second")
+    timeout = st_.callback_timeout(callback_timeout)
     result = st_.call(collect, workstream=workstream, callback_timeout=timeout)
     if prometheus:
         sys.stdout.write(render_prometheus(result))

@@ -43,11 +43,7 @@ def ui(
 
     st = state(ctx)
     settings = st.settings()
-    timeout = callback_timeout
-    if timeout is None:
-        timeout = settings.dispatch.callback_timeout
-    if timeout < 1:
-        raise UsageError("--callback-timeout must be at least 1 second")
+    timeout = st.callback_timeout(callback_timeout)
     if token is not None and len(token) < 16:
         raise UsageError("--token must be at least 16 characters")
     generated = token is None and not is_loopback(host)

@@ -71,6 +71,16 @@ class CliState:
                 raise
         return conn
 
+    def callback_timeout(self, given: int | None) -> int:
+        """``--callback-timeout`` when given, else ``[dispatch] callback_timeout``: how long
+        a DISPATCHED state may wait (stats, doctor and the dashboard count it); at least 1 s."""
+        from wsctl.errors import UsageError
+
+        timeout = given if given is not None else self.settings().dispatch.callback_timeout
+        if timeout < 1:
+            raise UsageError("--callback-timeout must be at least 1 second")
+        return timeout
+
     def call(
         self,
         fn: Callable[Concatenate[psycopg.Connection, _P], _R],
