@@ -36,7 +36,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.benchmarks.benchdb import admin_url, connect, fresh_db  # noqa: E402
+from tests.benchmarks.benchdb import admin_url, connect, run_db  # noqa: E402
 from tests.support import factories as f  # noqa: E402
 from wsctl.dispatch import PassOptions, run_pass  # noqa: E402
 from wsctl.dispatch.journal import Journal  # noqa: E402
@@ -63,7 +63,7 @@ def seed(url: str, n: int, sender: str = "start_normalize_all_core_values") -> N
 
 
 def bench_noop(admin: str, app: str, n: int) -> dict:
-    url = fresh_db(admin, "wsctl_bench_noop")
+    url = run_db(admin, "wsctl_bench_noop")
     seed(url, n)
     backend = LocalBackend(app)
     # As `wsctl dispatch` runs it: outcomes journaled (fsynced) before they are recorded.
@@ -86,7 +86,7 @@ def bench_noop(admin: str, app: str, n: int) -> dict:
 
 
 def bench_sleepy(admin: str, app: str, n: int, concurrency: int) -> dict:
-    url = fresh_db(admin, "wsctl_bench_sleepy")
+    url = run_db(admin, "wsctl_bench_sleepy")
     seed(url, n, sender="sleepy")
     with connect(url) as c, connect(url) as w:
         s = run_pass(
@@ -108,7 +108,7 @@ def bench_sleepy(admin: str, app: str, n: int, concurrency: int) -> dict:
 
 def bench_seed_loop(admin: str, n: int) -> dict:
     """The seed's orchestrator shape: fetch pending (no lock), dispatch and update one by one."""
-    url = fresh_db(admin, "wsctl_bench_seed")
+    url = run_db(admin, "wsctl_bench_seed")
     seed(url, n)
     q_fetch = """
         SELECT ws.id, ws.item_id, ws.step_name, ws.batch_id, b.workstream_slug,
@@ -149,7 +149,7 @@ def bench_pgqueuer(admin: str, n: int) -> dict | None:
         from pgqueuer.queries import Queries
     except ImportError:
         return None
-    url = fresh_db(admin, "wsctl_bench_pgq")
+    url = run_db(admin, "wsctl_bench_pgq")
 
     async def main() -> dict:
         conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
@@ -240,7 +240,7 @@ def bench_modal(admin: str, n: int, concurrency: int) -> dict:
         return time.perf_counter() - t
 
     bare_secs = asyncio.run(bare())
-    url = fresh_db(admin, "wsctl_bench_modal")
+    url = run_db(admin, "wsctl_bench_modal")
     seed(url, n)
     from wsctl.dispatch.modal_backend import ModalBackend
 

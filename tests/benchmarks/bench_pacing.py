@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.benchmarks.benchdb import admin_url, connect, fresh_db  # noqa: E402
+from tests.benchmarks.benchdb import admin_url, connect, run_db  # noqa: E402
 from tests.support import factories as f  # noqa: E402
 from tests.support.clay_standin import ClayStandIn, max_in_window  # noqa: E402
 from wsctl import limits  # noqa: E402
@@ -64,7 +64,7 @@ def _registry_id(c, step: str):
 
 
 def bench_rate(admin: str, app: Path, n: int, rate: int, burst: int, dispatchers: int) -> dict:
-    url = fresh_db(admin, "wsctl_bench_pacing_rate")
+    url = run_db(admin, "wsctl_bench_pacing_rate")
     stand_in = ClayStandIn()
     with connect(url) as c:
         f.register(c, CLAY, "apollo_scrape", "async", "start_clay", "receive_clay")
@@ -127,7 +127,7 @@ def bench_rate(admin: str, app: Path, n: int, rate: int, burst: int, dispatchers
 
 
 def bench_noop(admin: str, app: Path, n: int, mode: str) -> dict:
-    url = fresh_db(admin, f"wsctl_bench_pacing_{mode}")
+    url = run_db(admin, f"wsctl_bench_pacing_{mode}")
     with connect(url) as c:
         f.register(c, NOOP, "apollo_scrape", "sync", "start_normalize_all_core_values")
         client = f.add_client(c)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import tempfile
@@ -54,3 +56,17 @@ def fresh_db(admin: str, name: str) -> str:
 def drop_db(admin: str, name: str) -> None:
     with psycopg.connect(admin, autocommit=True) as c:
         c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def run_db(admin: str, name: str) -> str:
+    """A fresh database of this run's own (``name`` with the process id: two runs at once do
+    not collide), dropped when the script exits; returns its URL."""
+    own = f"{name}_{os.getpid()}"
+    url = fresh_db(admin, own)
+
+    def drop() -> None:
+        with contextlib.suppress(psycopg.Error):  # the server may be gone (embedded, stopped)
+            drop_db(admin, own)
+
+    atexit.register(drop)
+    return url
