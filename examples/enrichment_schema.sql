@@ -78,16 +78,8 @@ CREATE TABLE IF NOT EXISTS enrichment_example.clay_sends (
 );
 
 -- A table made by an earlier version of this file kept the URL in clear
--- (webhook_url): its digest is kept, the URL dropped.
+-- (webhook_url): the column goes. Its rows keep no digest: the URL they named
+-- was the config's first source, not always the one that took the POST, and a
+-- source given as a secret reference is counted under the reference's name.
 ALTER TABLE enrichment_example.clay_sends ADD COLUMN IF NOT EXISTS webhook_digest text;
-DO $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM information_schema.columns
-               WHERE table_schema = 'enrichment_example' AND table_name = 'clay_sends'
-                 AND column_name = 'webhook_url') THEN
-        UPDATE enrichment_example.clay_sends
-        SET webhook_digest = encode(sha256(convert_to(btrim(webhook_url), 'UTF8')), 'hex')
-        WHERE webhook_digest IS NULL;
-        ALTER TABLE enrichment_example.clay_sends DROP COLUMN webhook_url;
-    END IF;
-END $$;
+ALTER TABLE enrichment_example.clay_sends DROP COLUMN IF EXISTS webhook_url;

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from wsctl.db import first_line, settings_of, tx
 from wsctl.domain import Inference, infer_workstreams, parse_uuid, validate_slug
-from wsctl.errors import OperationalError
+from wsctl.errors import NotFound, OperationalError
 from wsctl.jsondoc import OMIT, JsonDoc
 from wsctl.queries import column, named, q, scalar
 
@@ -133,7 +133,7 @@ def _check_scope(
         )
     missing = [str(b) for b in ids if b not in found]
     if missing:
-        raise OperationalError(f"no batch with id {', '.join(missing)}")
+        raise NotFound("batch", ", ".join(missing))
     report.already_set = sum(1 for b in ids if found[b])
     return ids
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
-from wsctl.errors import EnvError, OperationalError, WsctlError
+from wsctl.errors import EnvError, NotFound, OperationalError, WsctlError
 from wsctl.queries import one, q
 from wsctl.redact import redact, redact_text
 from wsctl.states import ORDER
@@ -337,7 +337,7 @@ class _Pages:
 
             rows = _batches(conn, 1, batch_id)
             if not rows:
-                raise OperationalError(f"no batch with id {batch_id}")
+                raise NotFound("batch", batch_id)
             with conn.cursor(row_factory=dict_row) as cur:
                 items = cur.execute(
                     q("ui_batch_items"), {"batch_id": batch_id, "limit": 200}
