@@ -104,6 +104,26 @@ def test_init_writes_commented_toml_and_refuses_overwrite(run_cli, tmp_path):
     assert settings.load().dispatch.lease_seconds == 300
 
 
+def test_init_says_what_each_dispatch_setting_is_in_the_words_of_its_option(run_cli, tmp_path):
+    """One description per dispatch setting (DispatchSettings): the comment `wsctl init`
+    writes beside the key, and the help of the `dispatch` option of that name."""
+    from wsctl.settings import DEFAULT_DISPATCH, DispatchSettings
+
+    assert run_cli("init").code == 0
+    lines = (tmp_path / "wsctl.toml").read_text().split("[dispatch]\n", 1)[1].splitlines()
+    written = dict(line.split(" = ", 1) for line in lines if " = " in line)
+    expected = {k for k, v in DEFAULT_DISPATCH.values().items() if v is not None}
+    assert set(written) == expected
+    for key in expected:
+        assert written[key].endswith(f"  # {DispatchSettings.about(key)}"), written[key]
+    help_text = " ".join(run_cli("dispatch", "--help").out.split())
+    for key in ("limit", "lease_seconds", "grace", "callback_timeout"):
+        assert " ".join(DispatchSettings.about(key).split()) in help_text, key
+    assert tomllib.loads((tmp_path / "wsctl.toml").read_text())["dispatch"] == {
+        k: DEFAULT_DISPATCH.values()[k] for k in expected
+    }
+
+
 @pytest.mark.parametrize(
     "url, masked",
     [

@@ -235,9 +235,10 @@ class Backend(StrEnum):
     local = "local"
 
 
-def _setting(default: Any, check: Callable[[Any], Any]) -> Any:
-    """A ``[dispatch]`` field: its default and the check a wsctl.toml value must pass."""
-    return field(default=default, metadata={"check": check})
+def _setting(default: Any, check: Callable[[Any], Any], about: str) -> Any:
+    """A ``[dispatch]`` field: its default, the check a wsctl.toml value must pass, and what
+    it is in a few words (the option's help, the comment ``wsctl init`` writes beside it)."""
+    return field(default=default, metadata={"check": check, "about": about})
 
 
 @dataclass(frozen=True)
@@ -251,27 +252,45 @@ class DispatchSettings:
     value not at its default came from: ``file:PATH`` or ``option --NAME``.
     """
 
-    backend: str = _setting(Backend.modal.value, _one_of(*(b.value for b in Backend)))
-    app: str = _setting("enrichment-worker", _text)
-    modal_environment: str | None = _setting(None, _optional_text)
-    limit: int = _setting(1000, _whole_number)
-    concurrency: int = _setting(32, _whole_number)
-    lease_seconds: int = _setting(300, _whole_number)
-    spawn_timeout: float = _setting(30.0, _positive_seconds)
-    #: the modal backend's cap of calls at Modal at once per function (Modal queues at most
-    #: 2,000 pending inputs per function); a limit `modal:FUNCTION` says otherwise for one
-    modal_function_cap: int = _setting(2000, _whole_number)
-    max_attempts: int = _setting(5, _whole_number)
-    callback_timeout: int = _setting(3600, _whole_number)
-    interval: float = _setting(10.0, _seconds)
-    #: recording a chunk's outcomes is retried on fresh connections this long
-    record_retry_seconds: float = _setting(30.0, _seconds)
-    #: the local journal of outcomes not yet recorded (None: the user data dir)
-    journal_dir: str | None = _setting(None, _optional_text)
-    #: a pass stops claiming after max_seconds; running functions then get grace
-    #: seconds (45 + 10 < cron's minute, with `timeout -s TERM 55` as the backstop)
-    max_seconds: float = _setting(45.0, _positive_seconds)
-    grace: float = _setting(10.0, _seconds)
+    backend: str = _setting(
+        Backend.modal.value, _one_of(*(b.value for b in Backend)), "Where functions run"
+    )
+    app: str = _setting(
+        "enrichment-worker", _text, "The Modal app, or for the local backend a file or module"
+    )
+    modal_environment: str | None = _setting(
+        None, _optional_text, "The Modal environment (unset: Modal's default)"
+    )
+    limit: int = _setting(1000, _whole_number, "Most states claimed in a pass")
+    concurrency: int = _setting(32, _whole_number, "Concurrent spawns/calls")
+    lease_seconds: int = _setting(300, _whole_number, "Seconds a claim's lease lasts")
+    spawn_timeout: float = _setting(30.0, _positive_seconds, "Seconds per spawn")
+    # Modal queues at most 2,000 pending inputs per function
+    modal_function_cap: int = _setting(
+        2000,
+        _whole_number,
+        "Calls at Modal at once per function (a limit modal:FUNCTION says otherwise for one)",
+    )
+    max_attempts: int = _setting(5, _whole_number, "Attempts before FAILED")
+    callback_timeout: int = _setting(
+        3600, _whole_number, "Seconds a DISPATCHED state may wait for completion"
+    )
+    interval: float = _setting(10.0, _seconds, "Seconds between --loop passes")
+    record_retry_seconds: float = _setting(
+        30.0, _seconds, "Seconds a chunk's outcomes are retried on fresh connections"
+    )
+    journal_dir: str | None = _setting(
+        None, _optional_text, "The journal of outcomes not yet recorded (unset: the user data dir)"
+    )
+    # 45 + 10 < cron's minute, with `timeout -s TERM 55` as the backstop
+    max_seconds: float = _setting(
+        45.0, _positive_seconds, "A pass stops claiming after this many seconds"
+    )
+    grace: float = _setting(
+        10.0,
+        _seconds,
+        "Once stopping (SIGTERM/SIGINT, --max-seconds), seconds running functions get to finish",
+    )
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -282,6 +301,11 @@ class DispatchSettings:
     @classmethod
     def default(cls, key: str) -> Any:
         return _DISPATCH_FIELDS[key].default
+
+    @classmethod
+    def about(cls, key: str) -> str:
+        """What the setting is, in a few words (no final period)."""
+        return str(_DISPATCH_FIELDS[key].metadata["about"])
 
     def source(self, key: str) -> str:
         """Where ``key``'s value came from: ``default``, ``file:PATH`` or ``option --NAME``."""
@@ -581,6 +605,19 @@ INIT_TEMPLATE_HEADER = """\
 """
 
 
+def _with_abouts(body: str) -> str:
+    """The ``[dispatch]`` keys of a written wsctl.toml, each with what it is as a comment."""
+    out, section = [], ""
+    for line in body.splitlines():
+        if line.startswith("["):
+            section = line
+        key = line.split(" = ", 1)[0]
+        if section == "[dispatch]" and " = " in line and key in _DISPATCH_FIELDS:
+            line = f"{line}  # {DispatchSettings.about(key)}"
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
 def write_init_file(path: Path, database_url: str | None, *, force: bool) -> Path:
     """Write a commented wsctl.toml, readable by its owner only (mode 0600: it may hold a
     password); refuse to overwrite an existing file without ``force`` (exit 1)."""
@@ -592,7 +629,7 @@ def write_init_file(path: Path, database_url: str | None, *, force: bool) -> Pat
         database["url"] = database_url
     database.update(DATABASE_DEFAULTS)
     dispatch = {k: v for k, v in DEFAULT_DISPATCH.values().items() if v is not None}
-    body = tomli_w.dumps({"database": database, "dispatch": dispatch})
+    body = _with_abouts(tomli_w.dumps({"database": database, "dispatch": dispatch}))
     if not database_url:  # a placeholder to fill in, commented out until then
         body = body.replace(
             "[database]\n",

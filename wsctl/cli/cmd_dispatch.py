@@ -18,13 +18,13 @@ def _d(key: str) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _from_config(flag: str, what: str, **kwargs: Any) -> Any:
-    """An option whose help names the dispatch default it falls back to (None unless given).
-
-    The settings key is the flag's name (``--lease-seconds`` -> ``lease_seconds``).
-    """
+def _from_config(flag: str, **kwargs: Any) -> Any:
+    """The option of a dispatch setting: its help is the setting's own words and the default
+    it falls back to (None unless given). The settings key is the flag's name
+    (``--lease-seconds`` -> ``lease_seconds``)."""
     key = flag.removeprefix("--").replace("-", "_")
-    return typer.Option(flag, help=f"{what} ({_FROM_CONFIG}: {_d(key)}).", **kwargs)
+    about = DispatchSettings.about(key)
+    return typer.Option(flag, help=f"{about} ({_FROM_CONFIG}: {_d(key)}).", **kwargs)
 
 
 def dispatch(
@@ -33,16 +33,10 @@ def dispatch(
         bool, typer.Option("--once", help="Run one pass and exit (the default).")
     ] = False,
     loop: Annotated[bool, typer.Option("--loop", help="Run passes until SIGTERM/SIGINT.")] = False,
-    interval: Annotated[
-        float | None, _from_config("--interval", "Seconds between --loop passes")
-    ] = None,
-    limit: Annotated[int | None, _from_config("--limit", "Most states claimed in a pass")] = None,
-    concurrency: Annotated[
-        int | None, _from_config("--concurrency", "Concurrent spawns/calls")
-    ] = None,
-    backend: Annotated[
-        Backend | None, _from_config("--backend", "Where functions run", metavar=choices(Backend))
-    ] = None,
+    interval: Annotated[float | None, _from_config("--interval")] = None,
+    limit: Annotated[int | None, _from_config("--limit")] = None,
+    concurrency: Annotated[int | None, _from_config("--concurrency")] = None,
+    backend: Annotated[Backend | None, _from_config("--backend", metavar=choices(Backend))] = None,
     app: Annotated[
         str | None,
         typer.Option("--app", help="Modal app name, or for --backend local a file path or module."),
@@ -53,27 +47,12 @@ def dispatch(
     workstream: Annotated[
         str | None, typer.Option("--workstream", help="Only states of batches in this workstream.")
     ] = None,
-    lease_seconds: Annotated[int | None, _from_config("--lease-seconds", "Claim lease")] = None,
-    spawn_timeout: Annotated[
-        float | None, _from_config("--spawn-timeout", "Seconds per spawn")
-    ] = None,
-    max_attempts: Annotated[
-        int | None, _from_config("--max-attempts", "Attempts before FAILED")
-    ] = None,
-    callback_timeout: Annotated[
-        int | None,
-        _from_config("--callback-timeout", "Seconds a DISPATCHED state may wait for completion"),
-    ] = None,
-    max_seconds: Annotated[
-        float | None, _from_config("--max-seconds", "A pass stops claiming after this many seconds")
-    ] = None,
-    grace: Annotated[
-        float | None,
-        _from_config(
-            "--grace",
-            "Once stopping (SIGTERM/SIGINT, --max-seconds), seconds running functions get to finish",
-        ),
-    ] = None,
+    lease_seconds: Annotated[int | None, _from_config("--lease-seconds")] = None,
+    spawn_timeout: Annotated[float | None, _from_config("--spawn-timeout")] = None,
+    max_attempts: Annotated[int | None, _from_config("--max-attempts")] = None,
+    callback_timeout: Annotated[int | None, _from_config("--callback-timeout")] = None,
+    max_seconds: Annotated[float | None, _from_config("--max-seconds")] = None,
+    grace: Annotated[float | None, _from_config("--grace")] = None,
     no_reconcile: Annotated[
         bool, typer.Option("--no-reconcile", help="Skip polling spawned calls.")
     ] = False,
