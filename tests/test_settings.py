@@ -363,8 +363,15 @@ def test_dispatch_help_shows_the_defaults_of_the_settings(run_cli, monkeypatch):
     assert r.code == 0
     d = settings.DEFAULT_DISPATCH
     text = " ".join(r.out.split())
-    assert f"else: {d.limit})" in text and f"else: {d.concurrency})" in text
-    assert f"else: {d.max_seconds:g})" in text and f"else: {d.grace:g})" in text
+    assert f"(default: dispatch.limit of wsctl.toml, else {d.limit})" in text
+    assert f"dispatch.concurrency of wsctl.toml, else {d.concurrency})" in text
+    assert f"dispatch.max_seconds of wsctl.toml, else {d.max_seconds:g})" in text
+    assert f"dispatch.grace of wsctl.toml, else {d.grace:g})" in text
+    assert "(default: dispatch.modal_environment of wsctl.toml)" in text  # no default: unset
+    # doctor, stats and ui say their dispatch defaults in the same words
+    for command in ("doctor", "stats", "ui"):
+        shown = " ".join(run_cli(command, "--help").out.split())
+        assert f"dispatch.callback_timeout of wsctl.toml, else {d.callback_timeout})" in shown
 
 
 def test_journal_path_defaults_to_the_user_data_dir(tmp_path):

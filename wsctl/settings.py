@@ -259,7 +259,7 @@ class DispatchSettings:
         "enrichment-worker", _text, "The Modal app, or for the local backend a file or module"
     )
     modal_environment: str | None = _setting(
-        None, _optional_text, "The Modal environment (unset: Modal's default)"
+        None, _optional_text, "The Modal environment, Modal's default when unset"
     )
     limit: int = _setting(1000, _whole_number, "Most states claimed in a pass")
     concurrency: int = _setting(32, _whole_number, "Concurrent spawns/calls")

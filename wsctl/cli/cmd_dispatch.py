@@ -2,29 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from wsctl.cli.common import Json, choices, state
-from wsctl.settings import Backend, DispatchSettings
-
-_FROM_CONFIG = "default: the dispatch table of wsctl.toml, else"
-
-
-def _d(key: str) -> str:
-    """A dispatch default as the help shows it (from settings.DispatchSettings, the one source)."""
-    value = DispatchSettings.default(key)
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _from_config(flag: str, **kwargs: Any) -> Any:
-    """The option of a dispatch setting: its help is the setting's own words and the default
-    it falls back to (None unless given). The settings key is the flag's name
-    (``--lease-seconds`` -> ``lease_seconds``)."""
-    key = flag.removeprefix("--").replace("-", "_")
-    about = DispatchSettings.about(key)
-    return typer.Option(flag, help=f"{about} ({_FROM_CONFIG}: {_d(key)}).", **kwargs)
+from wsctl.cli.common import Json, choices, setting_option, state
+from wsctl.settings import Backend
 
 
 def dispatch(
@@ -33,26 +16,23 @@ def dispatch(
         bool, typer.Option("--once", help="Run one pass and exit (the default).")
     ] = False,
     loop: Annotated[bool, typer.Option("--loop", help="Run passes until SIGTERM/SIGINT.")] = False,
-    interval: Annotated[float | None, _from_config("--interval")] = None,
-    limit: Annotated[int | None, _from_config("--limit")] = None,
-    concurrency: Annotated[int | None, _from_config("--concurrency")] = None,
-    backend: Annotated[Backend | None, _from_config("--backend", metavar=choices(Backend))] = None,
-    app: Annotated[
-        str | None,
-        typer.Option("--app", help="Modal app name, or for --backend local a file path or module."),
+    interval: Annotated[float | None, setting_option("--interval")] = None,
+    limit: Annotated[int | None, setting_option("--limit")] = None,
+    concurrency: Annotated[int | None, setting_option("--concurrency")] = None,
+    backend: Annotated[
+        Backend | None, setting_option("--backend", metavar=choices(Backend))
     ] = None,
-    modal_environment: Annotated[
-        str | None, typer.Option("--modal-environment", help="Modal environment name.")
-    ] = None,
+    app: Annotated[str | None, setting_option("--app")] = None,
+    modal_environment: Annotated[str | None, setting_option("--modal-environment")] = None,
     workstream: Annotated[
         str | None, typer.Option("--workstream", help="Only states of batches in this workstream.")
     ] = None,
-    lease_seconds: Annotated[int | None, _from_config("--lease-seconds")] = None,
-    spawn_timeout: Annotated[float | None, _from_config("--spawn-timeout")] = None,
-    max_attempts: Annotated[int | None, _from_config("--max-attempts")] = None,
-    callback_timeout: Annotated[int | None, _from_config("--callback-timeout")] = None,
-    max_seconds: Annotated[float | None, _from_config("--max-seconds")] = None,
-    grace: Annotated[float | None, _from_config("--grace")] = None,
+    lease_seconds: Annotated[int | None, setting_option("--lease-seconds")] = None,
+    spawn_timeout: Annotated[float | None, setting_option("--spawn-timeout")] = None,
+    max_attempts: Annotated[int | None, setting_option("--max-attempts")] = None,
+    callback_timeout: Annotated[int | None, setting_option("--callback-timeout")] = None,
+    max_seconds: Annotated[float | None, setting_option("--max-seconds")] = None,
+    grace: Annotated[float | None, setting_option("--grace")] = None,
     no_reconcile: Annotated[
         bool, typer.Option("--no-reconcile", help="Skip polling spawned calls.")
     ] = False,

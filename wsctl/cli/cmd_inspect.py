@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from wsctl.cli.common import Json, Reveal, choices, state
-from wsctl.settings import Backend, DispatchSettings
+from wsctl.cli.common import CallbackTimeout, Json, Reveal, choices, setting_option, state
+from wsctl.settings import Backend
 
 item_app = typer.Typer(help="Batch items: where each one went and why.", no_args_is_help=True)
 
@@ -142,37 +142,15 @@ def doctor(
             "--check-modal", help="Also look every registry function up in the Modal app."
         ),
     ] = False,
-    app: Annotated[
-        str | None,
-        typer.Option(
-            "--app",
-            help="Modal app name (default: dispatch.app of wsctl.toml, else "
-            f"{DispatchSettings.default('app')}).",
-        ),
-    ] = None,
-    modal_environment: Annotated[
-        str | None,
-        typer.Option(
-            "--modal-environment", help="Modal environment (default: dispatch.modal_environment)."
-        ),
-    ] = None,
+    app: Annotated[str | None, setting_option("--app")] = None,
+    modal_environment: Annotated[str | None, setting_option("--modal-environment")] = None,
     backend: Annotated[
         Backend | None,
-        typer.Option(
-            "--backend",
-            metavar=choices(Backend),
-            help="The dispatch backend to judge credentials for (default: dispatch.backend, else "
-            f"{DispatchSettings.default('backend')}).",
+        setting_option(
+            "--backend", about="The backend to judge credentials for", metavar=choices(Backend)
         ),
     ] = None,
-    callback_timeout: Annotated[
-        int | None,
-        typer.Option(
-            "--callback-timeout",
-            help="Seconds a DISPATCHED state may wait (default: dispatch.callback_timeout, else "
-            f"{DispatchSettings.default('callback_timeout')}).",
-        ),
-    ] = None,
+    callback_timeout: CallbackTimeout = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Most rows listed per check.")] = 10,
     as_json: Json = False,
 ) -> None:

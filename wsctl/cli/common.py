@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Annotated, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Concatenate, ParamSpec, TypeVar
 
 import typer
 
@@ -105,6 +105,24 @@ def choices(enum: type[Enum]) -> str:
     return "[" + "|".join(str(member.value) for member in enum) + "]"
 
 
+def setting_option(flag: str, *, about: str | None = None, **kwargs: Any) -> Any:
+    """The option that overrides a ``[dispatch]`` setting for one command (None: not given).
+
+    The setting is the flag's name (``--lease-seconds``: ``lease_seconds``); the help says
+    what it is in the setting's own words (``DispatchSettings.about``, or ``about``) and
+    the default it falls back to."""
+    from wsctl.settings import DispatchSettings
+
+    key = flag.removeprefix("--").replace("-", "_")
+    default = DispatchSettings.default(key)
+    shown = f"{default:g}" if isinstance(default, float) else default
+    fallback = f", else {shown}" if default is not None else ""
+    text = about or DispatchSettings.about(key)
+    return typer.Option(
+        flag, help=f"{text} (default: dispatch.{key} of wsctl.toml{fallback}).", **kwargs
+    )
+
+
 # The parameters several commands share, each declared once (the same flag, help and type
 # everywhere) as an ``Annotated`` type; a command gives the default, if any, in its signature:
 # ``as_json: Json = False``, ``client: Client`` (required). Command modules import these at
@@ -127,10 +145,4 @@ LockTimeout = Annotated[
         help="Longest wait for a lock (PostgreSQL interval); then nothing changes.",
     ),
 ]
-CallbackTimeout = Annotated[
-    int | None,
-    typer.Option(
-        "--callback-timeout",
-        help="Seconds a DISPATCHED state may wait (default: dispatch.callback_timeout).",
-    ),
-]
+CallbackTimeout = Annotated[int | None, setting_option("--callback-timeout")]
