@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -13,6 +12,7 @@ import psycopg
 import pytest
 
 from tests.conftest import table_snapshot
+from tests.support.commands import wsctl_argv
 from tests.test_batch_create import run_with_stderr_on_a_pty
 from wsctl import backfill
 from wsctl.errors import OperationalError
@@ -466,9 +466,7 @@ def test_the_progress_bar_is_drawn_on_a_terminal_and_not_otherwise(conn, db_url)
     assert set(workstreams(conn).values()) == {"alpha"}
 
     reset()
-    plain = subprocess.run(
-        [sys.executable, "-m", "wsctl", *args], capture_output=True, env=env, text=True
-    )
+    plain = subprocess.run(wsctl_argv(None, *args), capture_output=True, env=env, text=True)
     assert plain.returncode == 0, plain.stderr
     assert plain.stderr == ""  # no bar, no escape codes
     assert plain.stdout == "inferred 5, defaulted 0, set 5, unresolved 0\n"

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -17,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import table_snapshot, url_for
+from tests.support.commands import wsctl_argv
 from wsctl import batches, db, itemfiles
 from wsctl import settings as wsctl_settings
 from wsctl.errors import OperationalError
@@ -186,9 +186,7 @@ def test_a_subprocess_reads_binary_stdin(db_url, conn, catalog, tmp_path):
     data = "\ufeffcompany,domain\r\nAcme,acme.com\r\n\r\nGlobex,globex.com\r\n".encode()
     env = {**os.environ, "WSCTL_DATABASE_URL": db_url}
     args = create_args("-", "--format", "csv", "--json")
-    proc = subprocess.run(
-        [sys.executable, "-m", "wsctl", *args], input=data, capture_output=True, env=env
-    )
+    proc = subprocess.run(wsctl_argv(None, *args), input=data, capture_output=True, env=env)
     assert proc.returncode == 0, proc.stderr.decode()
     assert json.loads(proc.stdout)["items"] == 2
     got = {
@@ -958,7 +956,7 @@ def run_with_stderr_on_a_pty(args: list[str], env: dict[str, str]) -> tuple[int,
     for var in ("NO_COLOR", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
         env.pop(var, None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wsctl", *args],
+        wsctl_argv(None, *args),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=slave,
@@ -1000,9 +998,7 @@ def test_the_progress_bar_is_drawn_on_a_terminal_and_not_otherwise(db_url, conn,
     assert "100%" in term and "(7 items)" in term, term
     assert "writing states, committing" in term, term
 
-    plain = subprocess.run(
-        [sys.executable, "-m", "wsctl", *args], capture_output=True, env=env, text=True
-    )
+    plain = subprocess.run(wsctl_argv(None, *args), capture_output=True, env=env, text=True)
     assert plain.returncode == 0, plain.stderr
     # No bar, no escape codes: nothing but the normal lines (acme lacks the clay step's config).
     warning = (

@@ -20,6 +20,7 @@ from psycopg import sql
 
 from tests.conftest import FIXTURES, table_snapshot
 from tests.support import factories as f
+from tests.support.commands import wsctl_argv
 
 LOCK_TIMEOUT_S = 0.3
 STATEMENT_TIMEOUT_S = 0.8
@@ -302,14 +303,13 @@ def test_dispatch_loop_logs_a_lock_timeout_and_goes_on(locked_world, db_url, tmp
     """--loop survives a lock timeout: it says so on stderr and passes again once it is free."""
     import os
     import subprocess
-    import sys
 
     env = {**os.environ, "WSCTL_TEST_CALLS": str(tmp_path / "calls.jsonl")}
     app = str(FIXTURES / "local_app.py")
     with psycopg.connect(db_url) as holder:
         _lock(holder, "public", "workflow_states")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "wsctl", "--database-url", db_url, "dispatch", "--loop"]
+            wsctl_argv(db_url, "dispatch", "--loop")
             + ["--interval", "0.2", "--backend", "local", "--app", app],
             cwd=tmp_path,
             env=env,

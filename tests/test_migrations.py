@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import psycopg
 import pytest
 
 from tests.conftest import table_snapshot, url_for
+from tests.support.commands import wsctl_argv
 from wsctl import db, migrations, settings
 from wsctl.errors import OperationalError
 
@@ -106,16 +106,7 @@ def test_four_concurrent_migrates_each_record_once(fresh_db):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "WSCTL_DATABASE_URL")}
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "wsctl",
-                "--database-url",
-                url,
-                "migrate",
-                "--lock-timeout",
-                "60",
-            ],
+            wsctl_argv(url, "migrate", "--lock-timeout", "60"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.commands import wsctl_argv
+
 FIXTURES_APP = Path(__file__).parent / "fixtures" / "local_app.py"
 
 
@@ -127,17 +129,16 @@ def test_version_has_a_short_flag(run_cli):
 def test_shell_completion_is_offered_and_completes_commands():
     import os
     import subprocess
-    import sys
 
     script = subprocess.run(
-        [sys.executable, "-m", "wsctl", "--show-completion", "bash"],
+        wsctl_argv(None, "--show-completion", "bash"),
         capture_output=True,
         text=True,
     )
     assert script.returncode == 0 and "_wsctl_completion" in script.stdout
     env = {**os.environ, "_WSCTL_COMPLETE": "complete_bash", "COMP_WORDS": "wsctl ba"}
     env["COMP_CWORD"] = "1"
-    done = subprocess.run([sys.executable, "-m", "wsctl"], capture_output=True, text=True, env=env)
+    done = subprocess.run(wsctl_argv(None), capture_output=True, text=True, env=env)
     assert set(done.stdout.split()) == {"batch", "backfill"}
 
 
@@ -249,10 +250,9 @@ def test_examples_says_where_the_files_are_and_copies_them(run_cli, tmp_path):
 def test_doctor_colours_its_statuses_on_a_terminal_only(db_url):
     import os
     import subprocess
-    import sys
 
     env = {**os.environ, "WSCTL_DATABASE_URL": db_url, "COLUMNS": "200"}
-    args = [sys.executable, "-m", "wsctl", "doctor", "--backend", "local"]
+    args = wsctl_argv(None, "doctor", "--backend", "local")
     master, slave = os.openpty()
     proc = subprocess.Popen(args, stdout=slave, stderr=subprocess.PIPE, env=env)
     os.close(slave)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -14,6 +13,7 @@ import pytest
 
 from tests.support import factories as f
 from tests.support.clay_standin import ClayStandIn, max_in_window
+from tests.support.commands import wsctl_argv
 
 STEP = "enrich_company_via_waterfall_in_clay"
 
@@ -36,11 +36,7 @@ def _fleet(db_url, app, n=3, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "wsctl",
-                "--database-url",
+            wsctl_argv(
                 db_url,
                 "dispatch",
                 "--loop",
@@ -52,7 +48,7 @@ def _fleet(db_url, app, n=3, *extra):
                 str(app),
                 "--json",
                 *extra,
-            ],
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -159,8 +155,8 @@ def test_a_once_pass_paces_to_max_seconds_and_reaches_90_percent(cli, conn, db_u
         _setup(cli, conn, stand_in, n=200, type_="async",
                limit_args=["--rate", "20/s", "--burst", "10"])  # fmt: skip
         p = subprocess.run(
-            [sys.executable, "-m", "wsctl", "--database-url", db_url, "dispatch", "--once",
-             "--backend", "local", "--app", str(app), "--max-seconds", "4", "--json"],
+            wsctl_argv(db_url, "dispatch", "--once",
+             "--backend", "local", "--app", str(app), "--max-seconds", "4", "--json"),
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     finally:

@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -32,6 +31,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from tests.conftest import FIXTURES, create_database, drop_database, url_for
 from tests.support import factories as f
+from tests.support.commands import wsctl_argv
 from wsctl import db, migrations, settings
 
 
@@ -197,7 +197,7 @@ def _start_loop(url: str, cwd: Path, calls: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "WSCTL_DATABASE_URL")}
     env["WSCTL_TEST_CALLS"] = str(calls)
     return subprocess.Popen(
-        [sys.executable, "-m", "wsctl", "--database-url", url, "dispatch", "--loop"]
+        wsctl_argv(url, "dispatch", "--loop")
         + ["--interval", "0.1", "--backend", "local", "--app", str(FIXTURES / "local_app.py")],
         cwd=cwd,
         env=env,
@@ -330,7 +330,7 @@ def test_migrate_lock_serializes_two_runs_through_the_pooler(pg_admin_url, tmp_p
             }
             procs = [
                 subprocess.Popen(
-                    [sys.executable, "-m", "wsctl", "--database-url", url, "migrate"],
+                    wsctl_argv(url, "migrate"),
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,

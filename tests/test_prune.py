@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from tests.conftest import table_snapshot
 from tests.support import factories as f
+from tests.support.commands import wsctl_argv
 
 STEPS = ["normalize_all_core_values", "enrich_company_via_waterfall_in_clay"]
 TWO_STEP_APP = """
@@ -236,7 +236,7 @@ def _prune_proc(url: str, *args: str, pause: float | None = None) -> subprocess.
     if pause is not None:
         env["WSCTL_TEST_PRUNE_PAUSE"] = str(pause)
     return subprocess.Popen(
-        [sys.executable, "-m", "wsctl", "--database-url", url, "prune", *args],
+        wsctl_argv(url, "prune", *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -345,11 +345,7 @@ def test_concurrent_dispatch_loop_loses_nothing(db_url, conn, client, tmp_path):
     active = f.add_batch(conn, client, STEPS, 300)
     _age(conn, active)  # its PENDING states are old: only the statuses keep it safe
     loop = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "wsctl",
-            "--database-url",
+        wsctl_argv(
             db_url,
             "dispatch",
             "--loop",
@@ -361,7 +357,7 @@ def test_concurrent_dispatch_loop_loses_nothing(db_url, conn, client, tmp_path):
             "local",
             "--app",
             str(app),
-        ],
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -25,6 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import create_database, drop_database, table_snapshot
+from tests.support.commands import wsctl_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -50,19 +51,7 @@ class Ui:
         self.err_path = tmp / f"ui-{self.port}.err"
         env = {k: v for k, v in os.environ.items() if k != "WSCTL_UI_TOKEN"}
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "wsctl",
-                "--database-url",
-                url,
-                "ui",
-                "--port",
-                str(self.port),
-                "--refresh",
-                "0",
-                *args,
-            ],
+            wsctl_argv(url, "ui", "--port", str(self.port), "--refresh", "0", *args),
             cwd=tmp,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -125,7 +114,7 @@ def demo(pg_admin_url, template_db, tmp_path_factory):
 
     def wsctl(*args: str) -> None:
         r = subprocess.run(
-            [sys.executable, "-m", "wsctl", "--database-url", url, *args],
+            wsctl_argv(url, *args),
             cwd=tmp,
             env=env,
             capture_output=True,
@@ -273,7 +262,7 @@ def test_counts_keep_up_with_the_database(page, ui, dconn):
 def test_the_dashboard_reloads_itself_by_default(demo, tmp_path):
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "wsctl", "--database-url", demo, "ui", "--port", str(port)],
+        wsctl_argv(demo, "ui", "--port", str(port)),
         cwd=tmp_path,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -466,7 +455,7 @@ def test_a_taken_port_is_one_line_and_exit_3(demo, tmp_path):
         s.listen()
         port = s.getsockname()[1]
         r = subprocess.run(
-            [sys.executable, "-m", "wsctl", "--database-url", demo, "ui", "--port", str(port)],
+            wsctl_argv(demo, "ui", "--port", str(port)),
             cwd=tmp_path,
             capture_output=True,
             text=True,
@@ -574,7 +563,7 @@ def test_every_query_runs_in_a_read_only_transaction(demo, dconn):
 def test_an_unmigrated_database_is_refused_before_listening(legacy_url, tmp_path):
     port = free_port()
     r = subprocess.run(
-        [sys.executable, "-m", "wsctl", "--database-url", legacy_url, "ui", "--port", str(port)],
+        wsctl_argv(legacy_url, "ui", "--port", str(port)),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -594,17 +583,7 @@ def test_open_hands_the_url_to_the_browser(demo, tmp_path):
     port = free_port()
     env = {**os.environ, "BROWSER": str(script)}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "wsctl",
-            "--database-url",
-            demo,
-            "ui",
-            "--port",
-            str(port),
-            "--open",
-        ],
+        wsctl_argv(demo, "ui", "--port", str(port), "--open"),
         cwd=tmp_path,
         env=env,
         stdin=subprocess.DEVNULL,

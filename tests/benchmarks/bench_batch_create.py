@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.benchmarks import benchdb  # noqa: E402
 from tests.benchmarks.benchdb import admin_url, drop_db  # noqa: E402
+from tests.support.commands import wsctl_argv  # noqa: E402
 
 APOLLO = ROOT / "examples" / "apollo_export_sample.csv"
 STEPS = ["normalize_all_core_values", "split_raw_apollo_scrape_data"]
@@ -127,10 +128,8 @@ def run_command(url: str, path: Path, expect: str) -> tuple[float, int]:
 
     ``expect``: the ``fk_checks`` its JSON must report (which path ran)."""
     env = {**os.environ, "WSCTL_DATABASE_URL": url}
-    args = [
-        sys.executable,
-        "-m",
-        "wsctl",
+    args = wsctl_argv(
+        None,
         "batch",
         "create",
         "--client",
@@ -142,7 +141,7 @@ def run_command(url: str, path: Path, expect: str) -> tuple[float, int]:
         "--items",
         str(path),
         "--json",
-    ]
+    )
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=err)

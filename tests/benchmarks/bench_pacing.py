@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from tests.benchmarks.benchdb import admin_url, connect, run_db  # noqa: E402
 from tests.support import factories as f  # noqa: E402
 from tests.support.clay_standin import ClayStandIn, max_in_window  # noqa: E402
+from tests.support.commands import wsctl_argv  # noqa: E402
 from wsctl import limits  # noqa: E402
 from wsctl.dispatch import PassOptions, run_pass  # noqa: E402
 from wsctl.dispatch.journal import Journal  # noqa: E402
@@ -78,11 +79,7 @@ def bench_rate(admin: str, app: Path, n: int, rate: int, burst: int, dispatchers
         f.add_batch(c, client, [CLAY], n)
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "wsctl",
-                "--database-url",
+            wsctl_argv(
                 url,
                 "dispatch",
                 "--loop",
@@ -92,7 +89,7 @@ def bench_rate(admin: str, app: Path, n: int, rate: int, burst: int, dispatchers
                 "local",
                 "--app",
                 str(app),
-            ],
+            ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=dict(os.environ),
