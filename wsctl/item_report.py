@@ -28,6 +28,7 @@ from wsctl.prune import PruneSummary, get_summary
 from wsctl.queries import named, one, q, rows_as
 from wsctl.redact import redact_text
 from wsctl.resolve import Resolution, resolve_config
+from wsctl.settings import DEFAULT_DISPATCH
 
 if TYPE_CHECKING:
     import psycopg
@@ -184,19 +185,17 @@ def _registry_note(workstream: str | None, step: str) -> str:
 
 
 def item_report(
-    conn: psycopg.Connection, item_id: str | uuid.UUID, *, function_cap: int | None = None
+    conn: psycopg.Connection,
+    item_id: str | uuid.UUID,
+    *,
+    function_cap: int = DEFAULT_DISPATCH.modal_function_cap,
 ) -> ItemReport:
     """Everything known about one item's way through its blueprint (read only).
 
     ``function_cap`` is the modal backend's cap of calls per function
-    (``[dispatch] modal_function_cap``; None: its default), counted in what
-    would hold a PENDING step back. A malformed or unknown id raises
-    ``OperationalError`` (exit 1).
+    (``[dispatch] modal_function_cap``), counted in what would hold a PENDING
+    step back. A malformed or unknown id raises ``OperationalError`` (exit 1).
     """
-    if function_cap is None:
-        from wsctl.settings import DEFAULT_DISPATCH
-
-        function_cap = DEFAULT_DISPATCH.modal_function_cap
     with tx(conn):  # read only; the transaction carries the statement timeout
         report = _item_report(conn, item_id)
         _limit_waits(conn, report, function_cap)

@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, urlencode
 from wsctl.errors import EnvError, NotFound, OperationalError, WsctlError
 from wsctl.queries import one, q
 from wsctl.redact import redact, redact_text
+from wsctl.settings import DEFAULT_DISPATCH
 from wsctl.states import ORDER
 from wsctl.ui.fixes import ReasonGroup, fix_commands
 
@@ -84,7 +85,7 @@ class UiConfig:
     batches_limit: int = 50
     database_label: str = ""
     statement_timeout: str = "15s"
-    modal_function_cap: int | None = None  # [dispatch] modal_function_cap (None: its default)
+    modal_function_cap: int = DEFAULT_DISPATCH.modal_function_cap  # [dispatch] modal_function_cap
 
 
 # --- the guard: methods, token, headers --------------------------------------------------
