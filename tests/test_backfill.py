@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -278,14 +279,14 @@ def test_enforce_that_can_succeed_runs_the_backfill_and_adds_the_check(conn, run
         (("--default", "Not A Slug"), "invalid default workstream"),
         (("--batch", "not-a-uuid"), "expected a UUID"),
         (("--batch", "00000000-0000-4000-8000-000000000000"), "no batch with id"),
-        (("--chunk-size", "0"), "chunk size must be between"),
+        (("--chunk-size", "0"), "--chunk-size must be between"),
     ],
 )
 def test_refusals_change_nothing(legacy, run_cli, args, message):
     url, conn, _ = legacy
     before = table_snapshot(conn)
     r = run_cli("backfill", "workstream-slug", *args, url=url)
-    assert r.code == 1
+    assert r.code == (2 if args[0] == "--chunk-size" else 1)  # a usage error, as in prune
     assert message in r.err and len(r.err.strip().splitlines()) == 1
     assert table_snapshot(conn) == before and progress_rows(conn) == []
 
@@ -420,6 +421,38 @@ def test_an_interrupted_run_resumes_after_its_last_chunk(conn):
     assert progress_rows(conn) == []
     got = workstreams(conn)
     assert all(got[i] == "alpha" for i in ids if i != ids[1])
+
+
+def test_a_resumed_run_says_so_before_it_walks(conn, run_cli, db_url):
+    """The notice comes when the checkpoint is taken up (on_resume), not after the walk, and
+    under --json too (on stderr; the document says resumed_after)."""
+    ids = make_batches(conn, 6)
+
+    def stop_after_first(chunk):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        backfill.backfill_workstream_slug(conn, chunk_size=2, on_chunk=stop_after_first)
+    events: list[str] = []
+    report = backfill.backfill_workstream_slug(
+        conn,
+        chunk_size=2,
+        dry_run=False,
+        on_chunk=lambda c: events.append(c.phase),
+        on_resume=lambda r: events.append(f"resume {r.resumed_after}"),
+    )
+    assert events[0] == f"resume {ids[1]}" and events.count(f"resume {ids[1]}") == 1
+    assert report.resumed_after == ids[1]
+
+    conn.execute("UPDATE public.batches SET workstream_slug = NULL WHERE id = ANY(%s)", (ids,))
+    with pytest.raises(KeyboardInterrupt):
+        backfill.backfill_workstream_slug(conn, chunk_size=2, on_chunk=stop_after_first)
+    r = run_cli("backfill", "workstream-slug", "--chunk-size", "2", "--json", url=db_url)
+    assert r.code == 0, r.err
+    assert f"wsctl: resuming after batch {ids[1]} (checkpoint of " in r.err
+    assert json.loads(r.out)["resumed_after"] == str(ids[1])
+    fresh = run_cli("backfill", "workstream-slug", url=db_url)
+    assert fresh.code == 0 and "resuming" not in fresh.err
 
 
 def test_a_lock_timeout_stops_the_run_and_a_rerun_finishes_it(conn, db_url):

@@ -113,7 +113,6 @@ def test_registry_add_and_upsert(cli, conn):
     [
         (["--step", HOSTILE, "--workstream", APOLLO, "--type", "sync", "--sender", "f"], "invalid step slug"),
         (["--step", ENRICH, "--workstream", HOSTILE, "--type", "sync", "--sender", "f"], "invalid workstream slug"),
-        (["--step", ENRICH, "--workstream", APOLLO, "--type", "batch", "--sender", "f"], "invalid type"),
         (["--step", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", HOSTILE], "invalid sender"),
         (["--step", ENRICH, "--workstream", APOLLO, "--type", "async", "--sender", "f"], "needs a receiver"),
         (["--step", ENRICH, "--workstream", APOLLO, "--type", "sync", "--sender", "f", "--receiver", "g"], "drop --receiver"),
@@ -122,6 +121,16 @@ def test_registry_add_and_upsert(cli, conn):
 def test_registry_add_refuses_bad_input(cli, conn, world, args, text):
     before = table_snapshot(conn)
     assert_refused(cli("registry", "add", *args), 1, text)
+    assert table_snapshot(conn) == before
+
+
+def test_registry_add_type_is_a_choice(cli, conn, world):
+    """--type takes sync or async, shown in help; anything else is a usage error (exit 2)
+    and nothing is written."""
+    assert "--type [sync|async]" in cli("registry", "add", "--help").out
+    before = table_snapshot(conn)
+    args = ["--step", ENRICH, "--workstream", APOLLO, "--type", "batch", "--sender", "f"]
+    assert_refused(cli("registry", "add", *args), 2, "'batch' is not one of 'sync', 'async'")
     assert table_snapshot(conn) == before
 
 

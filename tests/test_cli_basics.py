@@ -47,6 +47,61 @@ def test_every_command_has_help_text(run_cli):
         assert "Usage" in r.out
 
 
+def test_every_option_and_argument_has_help_and_no_args_section_shows():
+    """Each parameter's help comes from its command's docstring (``Args:``) or from a shared
+    alias; the section itself is not part of any command's help text."""
+    from wsctl.cli.app import command
+
+    root = command()
+    stack = [((), root)]
+    seen = 0
+    while stack:
+        path, cmd = stack.pop()
+        stack.extend(((*path, name), c) for name, c in getattr(cmd, "commands", {}).items())
+        assert "Args:" not in (cmd.help or ""), path
+        for param in cmd.params:
+            if getattr(param, "hidden", False) or param.name in ("help",):
+                continue
+            seen += 1
+            assert (getattr(param, "help", None) or "").strip(), (path, param.name)
+    assert seen > 100
+
+
+def test_param_docs_reads_an_args_section():
+    from wsctl.cli.app import param_docs
+
+    text, docs = param_docs(
+        "Do it.\n\nMore words.\n\nArgs:\n    dry_run: Say what; change nothing.\n"
+        "    archive: Append every row to this file,\n        fsynced first.\n"
+    )
+    assert text == "Do it.\n\nMore words."
+    assert docs == {"dry_run": "Say what; change nothing.",
+                    "archive": "Append every row to this file, fsynced first."}  # fmt: skip
+    assert param_docs("No section.") == ("No section.", {})
+    with pytest.raises(ValueError, match="cannot read"):
+        param_docs("Do it.\n\nArgs:\nnot indented: x\n")
+
+
+def test_a_docstring_that_documents_a_missing_parameter_fails_loudly():
+    import typer
+    import typer.main
+
+    from wsctl.cli.app import _document
+
+    app = typer.Typer()
+
+    @app.command()
+    def cmd(dry_run: bool = typer.Option(False, "--dry-run")) -> None:
+        """Do it.
+
+        Args:
+            dryrun: A typo of dry_run.
+        """
+
+    with pytest.raises(ValueError, match="documents 'dryrun', which it does not take"):
+        _document(typer.main.get_command(app))
+
+
 def test_every_command_is_in_the_readme():
     from pathlib import Path
 

@@ -333,6 +333,36 @@ def test_a_truncated_archive_is_refused(conn, client, cli, tmp_path):
     assert table_snapshot(conn, ["workflow_states"]) == before
 
 
+def test_an_uncommitted_archive_tail_is_cut_and_said(conn, client, cli, tmp_path):
+    """What an interrupted run appended but never committed is cut before the first chunk,
+    and the user is told (on stderr, --json too)."""
+    _finished_batch(conn, client, 3)
+    archive = tmp_path / "a.jsonl"
+    assert cli("prune", "--older-than", "30d", "--archive", str(archive)).code == 0
+    committed, first = archive.read_bytes(), _lines(archive)
+    tail = b'{"table": "workflow_states", "row": {"id": "half-writ'
+    with archive.open("ab") as fh:
+        fh.write(tail)
+    _finished_batch(conn, client, 2)
+    r = cli("prune", "--older-than", "30d", "--archive", str(archive), "--json")
+    assert r.code == 0, r.err
+    assert f"wsctl: resuming archive {archive.resolve()}: cut {len(tail)} byte(s)" in r.err
+    assert r.json()["archive_truncated_bytes"] == len(tail)
+    assert archive.read_bytes().startswith(committed) and _lines(archive) == first + 4
+    assert all(line["row"]["id"] for line in _archive(archive))
+
+
+def test_batch_takes_several_ids_comma_separated(conn, client, cli):
+    """--batch reads as in backfill: repeated, or comma-separated, or both."""
+    a, b, c = (_finished_batch(conn, client, 2) for _ in range(3))
+    r = cli("prune", "--older-than", "30d", "--batch", f"{a}, {b}", "--dry-run", "--json")
+    assert r.code == 0, r.err
+    assert {x["batch_id"] for x in r.json()["batches"]} == {str(a), str(b)}
+    r = cli("prune", "--older-than", "30d", "--batch", str(a), "--batch", f"{c},", "--json")
+    assert r.code == 0, r.err
+    assert {x["batch_id"] for x in r.json()["batches"]} == {str(a), str(c)}
+
+
 def test_concurrent_dispatch_loop_loses_nothing(db_url, conn, client, tmp_path):
     conn.execute(
         "UPDATE enrichment_registry SET type = 'sync', modal_sender_fn = 'start_second'"

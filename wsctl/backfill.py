@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from wsctl.db import first_line, settings_of, tx
 from wsctl.domain import Inference, infer_workstreams, parse_uuid, validate_slug
-from wsctl.errors import NotFound, OperationalError
+from wsctl.errors import NotFound, OperationalError, UsageError
 from wsctl.jsondoc import OMIT, JsonDoc
 from wsctl.queries import column, named, q, scalar
 
@@ -203,6 +203,7 @@ def backfill_workstream_slug(
     enforce: bool = False,
     lock_timeout: str | None = None,
     on_chunk: Callable[[ChunkReport], None] | None = None,
+    on_resume: Callable[[BackfillReport], None] | None = None,
 ) -> BackfillReport:
     """Set ``workstream_slug`` on batches that have none; see the module docstring.
 
@@ -213,10 +214,11 @@ def backfill_workstream_slug(
     decides first, read only, and refuses before writing anything when a batch
     would remain without one (``report.refused_before_writing``).
     ``on_chunk`` is called after each chunk (for ``--enforce``'s read-only
-    pass too, with phase "check").
+    pass too, with phase "check"); ``on_resume`` once, before the walk, when it
+    takes up an interrupted run's checkpoint (``report.resumed_after``).
     """
     if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
-        raise OperationalError(f"the chunk size must be between 1 and {MAX_CHUNK_SIZE}")
+        raise UsageError(f"--chunk-size must be between 1 and {MAX_CHUNK_SIZE}")
     import psycopg
 
     lock_timeout = lock_timeout or settings_of(conn).lock_timeout
@@ -242,6 +244,8 @@ def backfill_workstream_slug(
         if row is not None and row["last_id"] is not None:
             cursor = report.resumed_after = row["last_id"]
             report.resumed_checkpoint_at = row["updated_at"]
+            if on_resume:
+                on_resume(report)
     unresolved: dict[uuid.UUID, Inference] = {}
     # The walk: from the checkpoint to the end, checkpointing each chunk.
     total = _walk(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsctl.db import tx
-from wsctl.domain import Client, find_client, validate_filters, validate_slug
+from wsctl.domain import Client, StepType, find_client, validate_filters, validate_slug
 from wsctl.errors import OperationalError, UsageError
 from wsctl.jsondoc import FLATTEN, JsonDoc, fields_doc
 from wsctl.queries import named, one, q, rows_as
@@ -28,7 +28,7 @@ from wsctl.secret_refs import check_references, plaintext_credentials
 if TYPE_CHECKING:
     import psycopg
 
-STEP_TYPES = ("sync", "async")
+STEP_TYPES = tuple(t.value for t in StepType)
 # A Modal function name: a Python identifier, or Class.method for Modal classes.
 _FN_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 # Client names are free text in the dashboard; new ones stay printable and shell-safe.

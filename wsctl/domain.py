@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from wsctl.errors import OperationalError
@@ -17,6 +18,15 @@ from wsctl.queries import named, q, rows_as
 
 if TYPE_CHECKING:
     import psycopg
+
+
+class StepType(StrEnum):
+    """How a workflow step runs (a registry row's ``type``): ``sync``, completed by what its
+    sender returns, or ``async``, completed by its receiver when the webhook calls back."""
+
+    sync = "sync"
+    async_ = "async"
+
 
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 MAX_SLUG = 200

@@ -274,8 +274,8 @@ def _pause_for_tests() -> None:
 
 def prune(
     conn: psycopg.Connection,
-    *,
     older_than: str,
+    *,
     batch_ids: list[str] | None = None,
     dry_run: bool = False,
     archive: Path | None = None,
@@ -283,13 +283,16 @@ def prune(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     lock_timeout: str = LOCK_TIMEOUT,
     on_chunk: Callable[[ChunkProgress], None] | None = None,
+    on_resume: Callable[[PruneReport], None] | None = None,
 ) -> PruneReport:
     """Prune the finished batches older than ``older_than`` (a duration such as ``30d``).
 
     ``batch_ids`` restricts the run to those batches; one that is not finished
     or not old enough is refused (``OperationalError``) before anything is
     written. Batches a chunk cannot lock (after retries) are reported as
-    skipped and left for the next run.
+    skipped and left for the next run. ``on_resume`` is called once, before the first
+    chunk, when the archive held an interrupted run's uncommitted tail, now cut
+    (``report.archive_truncated_bytes``).
     """
     age = parse_duration(older_than)
     if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
@@ -331,6 +334,8 @@ def prune(
     with opened as arch:
         if arch is not None:
             report.archive_truncated_bytes = arch.truncated
+            if arch.truncated and on_resume:
+                on_resume(report)
         for result in found:
 
             def progress(table: str, n: int, bid: uuid.UUID = result.batch_id) -> None:

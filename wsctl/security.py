@@ -23,7 +23,7 @@ here prints or exits.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -379,27 +379,32 @@ def _created_tables(conn: psycopg.Connection) -> list[str]:
         return [r["table_name"] for r in cur.execute(q("security_created_list")).fetchall()]
 
 
-def _plan(
-    conn: psycopg.Connection,
-    *,
-    extra_roles: list[str],
-    leave_roles: list[str],
-    extra_tables: list[str],
-    leave_tables: list[str],
-) -> SecureReport:
+@dataclass(frozen=True)
+class Scope:
+    """What a lock-down covers besides the defaults (``wsctl secure --role/--table``) and
+    what it leaves as it is (``--leave-role/--leave-table``)."""
+
+    extra_roles: Sequence[str] = ()
+    leave_roles: Sequence[str] = ()
+    extra_tables: Sequence[str] = ()
+    leave_tables: Sequence[str] = ()
+
+
+def _plan(conn: psycopg.Connection, scope: Scope) -> SecureReport:
     from psycopg.rows import dict_row
 
     roles = api_roles(conn)
-    wanted_full = [roles.anon, *extra_roles, PUBLIC]
+    wanted_full = [roles.anon, *scope.extra_roles, PUBLIC]
     wanted_configs = [roles.authenticated]
     named = [r for r in dict.fromkeys(wanted_full + wanted_configs) if r != PUBLIC]
     present = set(existing_roles(conn, named))
-    left = set(leave_roles)
+    left = set(scope.leave_roles)
     full = [
         r for r in dict.fromkeys(wanted_full) if r not in left and (r == PUBLIC or r in present)
     ]
     configs_only = [r for r in wanted_configs if r in present and r not in left and r not in full]
-    tables = [t for t in dict.fromkeys([*PIPELINE_TABLES, *extra_tables]) if t not in leave_tables]
+    wanted_tables = dict.fromkeys([*PIPELINE_TABLES, *scope.extra_tables])
+    tables = [t for t in wanted_tables if t not in scope.leave_tables]
     report = SecureReport(
         applied=False,
         roles=[r for r in full + configs_only if r != PUBLIC],
@@ -458,39 +463,30 @@ def _remaining(conn: psycopg.Connection, report: SecureReport) -> list[str]:
 
 def secure(
     conn: psycopg.Connection,
+    scope: Scope = Scope(),
     *,
     apply: bool = False,
-    extra_roles: list[str] | None = None,
-    leave_roles: list[str] | None = None,
-    extra_tables: list[str] | None = None,
-    leave_tables: list[str] | None = None,
     lock_timeout: str = "5s",
 ) -> SecureReport:
-    """The minimal lock-down for the API roles that exist: ``anon`` (and ``extra_roles``, and
-    PUBLIC) lose their privileges on the pipeline tables, ``authenticated`` on the client configs,
-    all of them on wsctl's schema. Read only unless ``apply``; then one transaction with a
-    bounded lock wait, idempotent. Never drops or changes a policy."""
+    """The minimal lock-down for the API roles that exist: ``anon`` (and the scope's extra
+    roles, and PUBLIC) lose their privileges on the pipeline tables, ``authenticated`` on the
+    client configs, all of them on wsctl's schema. Read only unless ``apply``; then one
+    transaction with a bounded lock wait, idempotent. Never drops or changes a policy."""
 
     from wsctl.db import tx
 
-    options = {
-        "extra_roles": list(extra_roles or []),
-        "leave_roles": list(leave_roles or []),
-        "extra_tables": list(extra_tables or []),
-        "leave_tables": list(leave_tables or []),
-    }
-    unknown = [t for t in options["leave_tables"] if t not in PIPELINE_TABLES]
-    unknown += [t for t in options["extra_tables"] if t in missing_tables(conn, [t])]
+    unknown = [t for t in scope.leave_tables if t not in PIPELINE_TABLES]
+    unknown += [t for t in scope.extra_tables if t in missing_tables(conn, [t])]
     if unknown:
         raise UsageError(f"no table public.{unknown[0]} to include or leave")
-    absent = [r for r in options["extra_roles"] if not existing_roles(conn, [r])]
+    absent = [r for r in scope.extra_roles if not existing_roles(conn, [r])]
     if absent:
         raise UsageError(f"no role named {absent[0]!r} (--role)")
     if not apply:
         with tx(conn):
-            return _plan(conn, **options)
+            return _plan(conn, scope)
     with _one_transaction(conn, lock_timeout, "nothing changed"):
-        report = _plan(conn, **options)
+        report = _plan(conn, scope)
         for r in report.revocations:
             conn.execute(_revoke_sql(r))
         report.applied = True

@@ -12,8 +12,6 @@ from wsctl.cli.common import CliState
 
 app = typer.Typer(
     name="wsctl",
-    help="Operations CLI for the lead-enrichment pipeline: schema, batches, "
-    "workstream-aware config resolution and dispatch to Modal.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -31,24 +29,20 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     ctx: typer.Context,
-    database_url: Annotated[
-        str | None,
-        typer.Option(
-            "--database-url",
-            help="PostgreSQL URL (beats WSCTL_DATABASE_URL, DATABASE_URL and wsctl.toml).",
-            show_default=False,
-        ),
-    ] = None,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show tracebacks (also WSCTL_DEBUG=1).")
-    ] = False,
+    database_url: Annotated[str | None, typer.Option("--database-url", show_default=False)] = None,
+    debug: Annotated[bool, typer.Option("--debug")] = False,
     version: Annotated[
-        bool,
-        typer.Option(
-            "--version", "-V", callback=_version, is_eager=True, help="Print the version."
-        ),
+        bool, typer.Option("--version", "-V", callback=_version, is_eager=True)
     ] = False,
 ) -> None:
+    """Operations CLI for the lead-enrichment pipeline: schema, batches, workstream-aware
+    config resolution and dispatch to Modal.
+
+    Args:
+        database_url: PostgreSQL URL (beats WSCTL_DATABASE_URL, DATABASE_URL and wsctl.toml).
+        debug: Show tracebacks (also WSCTL_DEBUG=1).
+        version: Print the version.
+    """
     ctx.obj = CliState(database_url=database_url, debug=debug)
 
 
@@ -106,8 +100,50 @@ def _metavar(param) -> str | None:
     return None
 
 
+def param_docs(doc: str) -> tuple[str, dict[str, str]]:
+    """A command's docstring split into its help text and the help of each parameter.
+
+    The parameters are documented as in a Google-style docstring, in an ``Args:`` section
+    at its end (``name: text``, a longer text indented further on the next lines), so a
+    signature stays a table of names, types and flags and the prose reads as prose."""
+    text, found, section = doc.partition("\nArgs:\n")
+    if not found:
+        return doc, {}
+    docs: dict[str, str] = {}
+    name = ""
+    for line in section.splitlines():
+        entry = line[4:] if line.startswith("    ") and not line.startswith("     ") else ""
+        if entry and ":" in entry:
+            name, _, about = entry.partition(":")
+            docs[name] = about.strip()
+        elif line.startswith("        ") and name:
+            docs[name] += " " + line.strip()
+        elif line.strip():
+            raise ValueError(f"Args: cannot read {line.strip()!r}")
+    return text.rstrip(), docs
+
+
+def _document(cmd) -> None:
+    """Give each parameter of ``cmd`` the help its callback's docstring has for it."""
+    import inspect
+
+    callback = getattr(cmd, "callback", None)
+    doc = inspect.getdoc(callback) if callback is not None else None
+    if not doc:
+        return
+    _, docs = param_docs(doc)
+    if cmd.help:
+        cmd.help = param_docs(cmd.help)[0]
+    params = {param.name: param for param in cmd.params}
+    for name, about in docs.items():
+        if name not in params:
+            raise ValueError(f"{cmd.name}: Args: documents {name!r}, which it does not take")
+        params[name].help = about
+
+
 def command():
-    """The click command of the app, with readable metavars (built on each call)."""
+    """The click command of the app: help from the docstrings' ``Args:`` sections, readable
+    metavars, old option names hidden (built on each call)."""
     import typer.main
 
     root = typer.main.get_command(app)
@@ -115,6 +151,7 @@ def command():
     while stack:
         cmd = stack.pop()
         stack.extend(getattr(cmd, "commands", {}).values())
+        _document(cmd)
         for param in cmd.params:
             if type(param).__name__.endswith("Option"):
                 _hide_aliases(param)

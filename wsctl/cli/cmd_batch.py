@@ -6,7 +6,15 @@ from typing import Annotated
 
 import typer
 
-from wsctl.cli.common import BatchId, Client, Json, Workstream, WorkstreamFilter, state
+from wsctl.cli.common import (
+    BatchId,
+    BatchIds,
+    Client,
+    Json,
+    Workstream,
+    WorkstreamFilter,
+    state,
+)
 
 batch_app = typer.Typer(
     help="Batches: create one from a CSV or JSON Lines file, see where it stands, cancel it.",
@@ -20,43 +28,27 @@ def batch_create(
     ctx: typer.Context,
     client: Client,
     workstream: Workstream,
-    blueprint: Annotated[
-        str, typer.Option("--blueprint", help="Ordered workflow steps: step1,step2,...")
-    ],
-    items: Annotated[
-        str,
-        typer.Option(
-            "--items", help="Item file: CSV with a header row or JSON Lines; - reads stdin."
-        ),
-    ],
-    fmt: Annotated[
-        str | None,
-        typer.Option("--format", help="csv or jsonl (default: from the file's extension)."),
-    ] = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate and parse the whole file; write nothing.")
-    ] = False,
-    dedupe_key: Annotated[
-        str | None,
-        typer.Option(
-            "--dedupe-key",
-            help="A retried create with the same key returns the first batch instead of a copy.",
-        ),
-    ] = None,
-    delimiter: Annotated[
-        str, typer.Option("--delimiter", help="The CSV field separator (one character, e.g. ';').")
-    ] = ",",
-    check_every_row: Annotated[
-        bool,
-        typer.Option(
-            "--check-every-row",
-            help="Let PostgreSQL check each row's foreign keys even where they hold by "
-            "construction (slower; see README).",
-        ),
-    ] = False,
+    blueprint: Annotated[str, typer.Option("--blueprint")],
+    items: Annotated[str, typer.Option("--items")],
+    fmt: Annotated[str | None, typer.Option("--format")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    dedupe_key: Annotated[str | None, typer.Option("--dedupe-key")] = None,
+    delimiter: Annotated[str, typer.Option("--delimiter")] = ",",
+    check_every_row: Annotated[bool, typer.Option("--check-every-row")] = False,
     as_json: Json = False,
 ) -> None:
-    """Create a batch with its workstream, its items and their first PENDING states."""
+    """Create a batch with its workstream, its items and their first PENDING states.
+
+    Args:
+        blueprint: Ordered workflow steps: step1,step2,...
+        items: Item file: CSV with a header row or JSON Lines; - reads stdin.
+        fmt: csv or jsonl (default: from the file's extension).
+        dry_run: Validate and parse the whole file; write nothing.
+        dedupe_key: A retried create with the same key returns the first batch instead of a copy.
+        delimiter: The CSV field separator (one character, e.g. ';').
+        check_every_row: Let PostgreSQL check each row's foreign keys even where they hold by
+            construction (slower; see README).
+    """
     import sys
 
     from wsctl import batches
@@ -87,8 +79,7 @@ def batch_create(
             on_progress=on_progress,
             fk_checks="server" if check_every_row else "auto",
         )
-    for w in result.warnings:
-        output.warn(w)
+    output.warn(*result.warnings)
     if result.deduplicated:
         output.notice(f"dedupe key {dedupe_key!r} already made batch {result.batch_id}")
     output.show(result, as_json, _render_created)
@@ -162,21 +153,21 @@ def _render_status(st) -> None:
 @batch_app.command("list")
 def batch_list(
     ctx: typer.Context,
-    client: Annotated[
-        str | None, typer.Option("--client", help="Only this client's batches.")
-    ] = None,
+    client: Annotated[str | None, typer.Option("--client")] = None,
     workstream: WorkstreamFilter = None,
-    missing_workstream: Annotated[
-        bool,
-        typer.Option("--missing-workstream", help="Only batches without a workstream (legacy)."),
-    ] = False,
-    limit: Annotated[
-        int, typer.Option("--limit", min=1, help="At most this many, newest first.")
-    ] = LIST_PAGE,
-    all_: Annotated[bool, typer.Option("--all", help="Every batch (no --limit).")] = False,
+    missing_workstream: Annotated[bool, typer.Option("--missing-workstream")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = LIST_PAGE,
+    all_: Annotated[bool, typer.Option("--all")] = False,
     as_json: Json = False,
 ) -> None:
-    """List batches, newest first (a page of them unless --all)."""
+    """List batches, newest first (a page of them unless --all).
+
+    Args:
+        client: Only this client's batches.
+        missing_workstream: Only batches without a workstream (legacy).
+        limit: At most this many, newest first.
+        all_: Every batch (no --limit).
+    """
     from wsctl import batches
     from wsctl.cli import output
 
@@ -231,42 +222,32 @@ def _render_cancelled(result) -> None:
 @backfill_app.command("workstream-slug")
 def backfill_workstream_slug(
     ctx: typer.Context,
-    default: Annotated[
-        str | None,
-        typer.Option("--default", help="Workstream to set where inference cannot decide."),
-    ] = None,
-    batch: Annotated[
-        list[str] | None,
-        typer.Option("--batch", help="Only this batch (repeat, or comma-separate, for several)."),
-    ] = None,
-    chunk_size: Annotated[
-        int, typer.Option("--chunk-size", help="Batches per transaction.")
-    ] = 1000,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Report what would be set; write nothing.")
-    ] = False,
-    enforce: Annotated[
-        bool,
-        typer.Option(
-            "--enforce",
-            help="Then require a workstream on every batch (CHECK ... NOT NULL); refused, writing "
-            "nothing, if any batch would still lack one.",
-        ),
-    ] = False,
+    default: Annotated[str | None, typer.Option("--default")] = None,
+    batch: BatchIds = None,
+    chunk_size: Annotated[int, typer.Option("--chunk-size")] = 1000,
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    enforce: Annotated[bool, typer.Option("--enforce")] = False,
     as_json: Json = False,
 ) -> None:
-    """Infer and set batches.workstream_slug where it is NULL (exit 1 while any stays unresolved)."""
-    from wsctl import backfill
+    """Infer and set batches.workstream_slug where it is NULL (exit 1 while any stays unresolved).
+
+    Args:
+        default: Workstream to set where inference cannot decide.
+        chunk_size: Batches per transaction.
+        dry_run: Report what would be set; write nothing.
+        enforce: Then require a workstream on every batch (CHECK ... NOT NULL); refused, writing
+            nothing, if any batch would still lack one.
+    """
+    from wsctl.backfill import ChunkReport, backfill_workstream_slug
     from wsctl.cli import output
     from wsctl.errors import OperationalError
 
-    ids = [part.strip() for value in (batch or []) for part in value.split(",") if part.strip()]
     with state(ctx).connect() as conn, output.progress("backfilling", None) as bar:
         # --enforce's read-only check pass, then the walk: one bar over both.
         phases: list[str] = []
         done = [0]
 
-        def on_chunk(chunk: backfill.ChunkReport) -> None:
+        def on_chunk(chunk: ChunkReport) -> None:
             if chunk.phase == "sweep":
                 return
             if chunk.phase not in phases:
@@ -275,19 +256,15 @@ def backfill_workstream_slug(
             bar.advance(len(chunk.batch_ids))
             done[0] += len(chunk.batch_ids)
 
-        report = backfill.backfill_workstream_slug(
+        report = backfill_workstream_slug(
             conn,
             default=default,
-            batch_ids=ids or None,
+            batch_ids=batch,
             chunk_size=chunk_size,
             dry_run=dry_run,
             enforce=enforce,
             on_chunk=on_chunk,
-        )
-    if report.resumed_after:
-        output.notice(
-            f"resumed after batch {report.resumed_after} "
-            f"(checkpoint of {report.resumed_checkpoint_at:%Y-%m-%d %H:%M:%S %Z})"
+            on_resume=_notice_resumed,
         )
     if report.default_unregistered:
         sample = ", ".join(str(b) for b in report.default_unregistered[:5])
@@ -302,6 +279,15 @@ def backfill_workstream_slug(
         raise OperationalError(report.enforce.message)
     if report.unresolved:
         raise typer.Exit(1)
+
+
+def _notice_resumed(report) -> None:
+    from wsctl.cli import output
+
+    output.notice(
+        f"resuming after batch {report.resumed_after} "
+        f"(checkpoint of {report.resumed_checkpoint_at:%Y-%m-%d %H:%M:%S %Z})"
+    )
 
 
 def _render_backfill(report) -> None:

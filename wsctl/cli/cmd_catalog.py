@@ -15,8 +15,10 @@ from wsctl.cli.common import (
     StepFilter,
     Workstream,
     WorkstreamFilter,
+    choices,
     state,
 )
+from wsctl.domain import StepType
 
 client_app = typer.Typer(help="Clients (by name or id everywhere).", no_args_is_help=True)
 registry_app = typer.Typer(
@@ -34,10 +36,14 @@ config_app = typer.Typer(
 @client_app.command("add")
 def client_add(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(help="The client's name.")],
+    name: str,
     as_json: Json = False,
 ) -> None:
-    """Add a client and print its id (an existing name prints the existing id)."""
+    """Add a client and print its id (an existing name prints the existing id).
+
+    Args:
+        name: The client's name.
+    """
     from wsctl import catalog
     from wsctl.cli import output
 
@@ -93,27 +99,24 @@ def registry_add(
     ctx: typer.Context,
     step: Step,
     workstream: Workstream,
-    type_: Annotated[str, typer.Option("--type", help="sync or async.")],
-    sender: Annotated[str, typer.Option("--sender", help="Modal function that starts the step.")],
-    receiver: Annotated[
-        str | None,
-        typer.Option("--receiver", help="Modal function the webhook reaches (async steps)."),
-    ] = None,
-    limit_keys: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--limit-key",
-            metavar="KEY",
-            help="Bind the row to a limit key (repeatable; a template such as "
-            "clay:{config.clay_workspace}); replaces the row's keys.",
-        ),
-    ] = None,
-    no_limit_keys: Annotated[
-        bool, typer.Option("--no-limit-keys", help="Unbind the row from every limit key.")
-    ] = False,
+    type_: Annotated[StepType, typer.Option("--type", metavar=choices(StepType))],
+    sender: Annotated[str, typer.Option("--sender")],
+    receiver: Annotated[str | None, typer.Option("--receiver")] = None,
+    limit_keys: Annotated[list[str] | None, typer.Option("--limit-key", metavar="KEY")] = None,
+    no_limit_keys: Annotated[bool, typer.Option("--no-limit-keys")] = False,
     as_json: Json = False,
 ) -> None:
-    """Register a step's Modal functions in a workstream (upsert on the composite key)."""
+    """Register a step's Modal functions in a workstream (upsert on the composite key).
+
+    Args:
+        type_: How the step runs: sync (its sender returns the result) or async (its receiver
+            gets it from the webhook).
+        sender: Modal function that starts the step.
+        receiver: Modal function the webhook reaches (async steps).
+        limit_keys: Bind the row to a limit key (repeatable; a template such as
+            clay:{config.clay_workspace}); replaces the row's keys.
+        no_limit_keys: Unbind the row from every limit key.
+    """
     from wsctl import catalog
     from wsctl.cli import output
 
@@ -121,7 +124,7 @@ def registry_add(
         catalog.add_registry,
         step=step,
         workstream=workstream,
-        type=type_,
+        type=type_.value,
         sender=sender,
         receiver=receiver,
         limit_keys=[] if no_limit_keys else (limit_keys or None),
@@ -162,16 +165,14 @@ def registry_remove(
     ctx: typer.Context,
     step: Step,
     workstream: Workstream,
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force",
-            help="Remove even while states (waiting, in flight, BLOCKED) or active batches need it.",
-        ),
-    ] = False,
+    force: Annotated[bool, typer.Option("--force")] = False,
     as_json: Json = False,
 ) -> None:
-    """Remove a registry row (refused while states or active batches still need it)."""
+    """Remove a registry row (refused while states or active batches still need it).
+
+    Args:
+        force: Remove even while states (waiting, in flight, BLOCKED) or active batches need it.
+    """
     from wsctl import catalog
     from wsctl.cli import output
 
@@ -192,13 +193,16 @@ def _render_removed(removed) -> None:
 @registry_app.command("import")
 def registry_import(
     ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="TOML file of [[registry]] tables.")],
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate only; write nothing.")
-    ] = False,
+    file: Path,
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
     as_json: Json = False,
 ) -> None:
-    """Upsert many registry rows from a TOML file, all or nothing."""
+    """Upsert many registry rows from a TOML file, all or nothing.
+
+    Args:
+        file: TOML file of [[registry]] tables.
+        dry_run: Validate only; write nothing.
+    """
     from wsctl import catalog
     from wsctl.cli import output
 
@@ -234,36 +238,22 @@ def config_set(
     client: Client,
     step: Step,
     workstream: Workstream,
-    file: Annotated[
-        Path | None,
-        typer.Option("--file", help="A .json or .toml file: replaces the whole config."),
-    ] = None,
-    assignments: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set", help="key=value merged into the config (repeatable; JSON values parse)."
-        ),
-    ] = None,
-    new_workstream: Annotated[
-        bool,
-        typer.Option(
-            "--new-workstream",
-            help="The workstream has no registry rows yet: store the config anyway.",
-        ),
-    ] = False,
-    submitted: Annotated[
-        int | None,
-        typer.Option(
-            "--submitted",
-            metavar="N",
-            help="Clay webhook URLs this change adds already took N submissions (of Clay's "
-            "50,000 per source) before wsctl counted them.",
-        ),
-    ] = None,
+    file: Annotated[Path | None, typer.Option("--file")] = None,
+    assignments: Annotated[list[str] | None, typer.Option("--set")] = None,
+    new_workstream: Annotated[bool, typer.Option("--new-workstream")] = False,
+    submitted: Annotated[int | None, typer.Option("--submitted", metavar="N")] = None,
     reveal: Reveal = False,
     as_json: Json = False,
 ) -> None:
-    """Create or update a client config (--file replaces it, --set merges keys)."""
+    """Create or update a client config (--file replaces it, --set merges keys).
+
+    Args:
+        file: A .json or .toml file: replaces the whole config.
+        assignments: key=value merged into the config (repeatable; JSON values parse).
+        new_workstream: The workstream has no registry rows yet: store the config anyway.
+        submitted: Clay webhook URLs this change adds already took N submissions (of Clay's 50,000
+            per source) before wsctl counted them.
+    """
     from wsctl import catalog
     from wsctl.cli import output
     from wsctl.errors import UsageError
@@ -286,8 +276,7 @@ def config_set(
     if as_json:
         output.emit_json(w.to_json(reveal=reveal))
         return
-    for warning in w.warnings:
-        output.warn(warning)
+    output.warn(*w.warnings)
     r = w.row
     verb = "created" if w.created else "updated"
     output.line(f"{verb} config of {r.client.name} for {r.step} in {r.workstream}")
@@ -297,15 +286,17 @@ def config_set(
 @config_app.command("list")
 def config_list(
     ctx: typer.Context,
-    client: Annotated[
-        str | None, typer.Option("--client", help="Only this client (name or id).")
-    ] = None,
+    client: Annotated[str | None, typer.Option("--client")] = None,
     workstream: WorkstreamFilter = None,
     step: StepFilter = None,
     reveal: Reveal = False,
     as_json: Json = False,
 ) -> None:
-    """List client configs (secrets redacted unless --reveal)."""
+    """List client configs (secrets redacted unless --reveal).
+
+    Args:
+        client: Only this client (name or id).
+    """
     import json
 
     from wsctl import catalog
@@ -337,16 +328,15 @@ def config_unset(
     client: Client,
     step: Step,
     workstream: Workstream,
-    keys: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--key", help="Remove only this top-level key (repeatable); default: the whole row."
-        ),
-    ] = None,
+    keys: Annotated[list[str] | None, typer.Option("--key")] = None,
     reveal: Reveal = False,
     as_json: Json = False,
 ) -> None:
-    """Delete a client config, or only some of its keys."""
+    """Delete a client config, or only some of its keys.
+
+    Args:
+        keys: Remove only this top-level key (repeatable); default: the whole row.
+    """
     from wsctl import catalog
     from wsctl.cli import output
 
@@ -384,18 +374,19 @@ def _row_text(row: dict | None) -> str:
 def config_show(
     ctx: typer.Context,
     step: Step,
-    item: Annotated[
-        str | None,
-        typer.Option("--item", help="Batch item id (client and workstream from its batch)."),
-    ] = None,
-    client: Annotated[str | None, typer.Option("--client", help="Client name or id.")] = None,
-    workstream: Annotated[
-        str | None, typer.Option("--workstream", help="Explicit workstream slug.")
-    ] = None,
+    item: Annotated[str | None, typer.Option("--item")] = None,
+    client: Annotated[str | None, typer.Option("--client")] = None,
+    workstream: Annotated[str | None, typer.Option("--workstream")] = None,
     reveal: Reveal = False,
     as_json: Json = False,
 ) -> None:
-    """Resolve a client config and show how (exit 0 only when found)."""
+    """Resolve a client config and show how (exit 0 only when found).
+
+    Args:
+        item: Batch item id (client and workstream from its batch).
+        client: Client name or id.
+        workstream: Explicit workstream slug.
+    """
     from wsctl.cli import output
     from wsctl.errors import UsageError
     from wsctl.redact import redact
@@ -427,8 +418,7 @@ def config_show(
         if res.config is not None:
             output.line("config:")
             output.line(_dump(redact(res.config, reveal=reveal)))
-    for warning in res.warnings:
-        output.warn(warning)
+    output.warn(*res.warnings)
     if not res.found:
         from wsctl.errors import OperationalError
 

@@ -11,26 +11,9 @@ from wsctl.cli.common import Json, state
 
 def demo(
     ctx: typer.Context,
-    database_url: Annotated[
-        str | None,
-        typer.Option(
-            "--database-url",
-            help="Run in this database instead of the embedded one (beats the global option).",
-            show_default=False,
-        ),
-    ] = None,
-    timeout: Annotated[
-        float,
-        typer.Option("--timeout", help="Seconds before the demo gives up waiting for its batches."),
-    ] = 50.0,
-    verbose: Annotated[
-        bool,
-        typer.Option(
-            "--verbose",
-            "-v",
-            help="Also show the worker's log lines ([SYNC STEP], [ASYNC SENDER], [CONFIG]).",
-        ),
-    ] = False,
+    database_url: Annotated[str | None, typer.Option("--database-url", show_default=False)] = None,
+    timeout: Annotated[float, typer.Option("--timeout")] = 50.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     as_json: Json = False,
 ) -> None:
     """Run two workstreams' batches end to end: embedded PostgreSQL, local backend, Clay stand-in.
@@ -38,6 +21,11 @@ def demo(
     Uses a database of its own (wsctl_demo in the embedded PostgreSQL); a
     configured database is never touched unless --database-url is given.
     Safe to run again.
+
+    Args:
+        database_url: Run in this database instead of the embedded one (beats the global option).
+        timeout: Seconds before the demo gives up waiting for its batches.
+        verbose: Also show the worker's log lines ([SYNC STEP], [ASYNC SENDER], [CONFIG]).
     """
     from wsctl import db, demo
     from wsctl.cli import output

@@ -12,10 +12,8 @@ from wsctl.settings import Backend
 
 def dispatch(
     ctx: typer.Context,
-    once: Annotated[
-        bool, typer.Option("--once", help="Run one pass and exit (the default).")
-    ] = False,
-    loop: Annotated[bool, typer.Option("--loop", help="Run passes until SIGTERM/SIGINT.")] = False,
+    once: Annotated[bool, typer.Option("--once")] = False,
+    loop: Annotated[bool, typer.Option("--loop")] = False,
     interval: Annotated[float | None, setting_option("--interval")] = None,
     limit: Annotated[int | None, setting_option("--limit")] = None,
     concurrency: Annotated[int | None, setting_option("--concurrency")] = None,
@@ -24,27 +22,28 @@ def dispatch(
     ] = None,
     app: Annotated[str | None, setting_option("--app")] = None,
     modal_environment: Annotated[str | None, setting_option("--modal-environment")] = None,
-    workstream: Annotated[
-        str | None, typer.Option("--workstream", help="Only states of batches in this workstream.")
-    ] = None,
+    workstream: Annotated[str | None, typer.Option("--workstream")] = None,
     lease_seconds: Annotated[int | None, setting_option("--lease-seconds")] = None,
     spawn_timeout: Annotated[float | None, setting_option("--spawn-timeout")] = None,
     max_attempts: Annotated[int | None, setting_option("--max-attempts")] = None,
     callback_timeout: Annotated[int | None, setting_option("--callback-timeout")] = None,
     max_seconds: Annotated[float | None, setting_option("--max-seconds")] = None,
     grace: Annotated[float | None, setting_option("--grace")] = None,
-    no_reconcile: Annotated[
-        bool, typer.Option("--no-reconcile", help="Skip polling spawned calls.")
-    ] = False,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the plan; claim nothing.")
-    ] = False,
-    verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Log one line per dispatched item on stderr.")
-    ] = False,
+    no_reconcile: Annotated[bool, typer.Option("--no-reconcile")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     as_json: Json = False,
 ) -> None:
-    """Claim due workflow states and run them on their (step, workstream) function."""
+    """Claim due workflow states and run them on their (step, workstream) function.
+
+    Args:
+        once: Run one pass and exit (the default).
+        loop: Run passes until SIGTERM/SIGINT.
+        workstream: Only states of batches in this workstream.
+        no_reconcile: Skip polling spawned calls.
+        dry_run: Print the plan; claim nothing.
+        verbose: Log one line per dispatched item on stderr.
+    """
     from wsctl.cli import output
     from wsctl.cli.dispatch_render import render_plan, render_summary
     from wsctl.dispatch import run
@@ -118,14 +117,18 @@ def stop_line(summary) -> str:
 
 def retry(
     ctx: typer.Context,
-    batch: Annotated[str, typer.Option("--batch", help="Batch id.")],
-    step: Annotated[str | None, typer.Option("--step", help="Only this blueprint step.")] = None,
-    status: Annotated[
-        list[str] | None, typer.Option("--status", help="BLOCKED and/or FAILED (default: both).")
-    ] = None,
+    batch: Annotated[str, typer.Option("--batch")],
+    step: Annotated[str | None, typer.Option("--step")] = None,
+    status: Annotated[list[str] | None, typer.Option("--status")] = None,
     as_json: Json = False,
 ) -> None:
-    """Put a batch's BLOCKED/FAILED states back to PENDING after fixing the cause."""
+    """Put a batch's BLOCKED/FAILED states back to PENDING after fixing the cause.
+
+    Args:
+        batch: Batch id.
+        step: Only this blueprint step.
+        status: BLOCKED and/or FAILED (default: both).
+    """
     from wsctl.cli import output
     from wsctl.dispatch.engine import retry_states
     from wsctl.domain import parse_uuid, validate_slug

@@ -11,15 +11,16 @@ from wsctl.cli.common import Json
 
 
 def examples(
-    copy_to: Annotated[
-        Path | None, typer.Option("--copy", help="Copy the example files into this directory.")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="With --copy: overwrite existing files.")
-    ] = False,
+    copy_to: Annotated[Path | None, typer.Option("--copy")] = None,
+    force: Annotated[bool, typer.Option("--force")] = False,
     as_json: Json = False,
 ) -> None:
-    """Print where the example files (registry.toml, items, the example Modal app) are."""
+    """Print where the example files (registry.toml, items, the example Modal app) are.
+
+    Args:
+        copy_to: Copy the example files into this directory.
+        force: With --copy: overwrite existing files.
+    """
     from wsctl import shipped
     from wsctl.cli import output
 

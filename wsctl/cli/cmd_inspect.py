@@ -110,18 +110,21 @@ def _render_item(report, *, reveal: bool) -> None:
         for waiting in s.waiting_for:
             output.line(f"   {waiting}")
         output.line(f"   times       {_times(s)}")
-    for warning in report.warnings:
-        output.warn(warning)
+    output.warn(*report.warnings)
 
 
 @item_app.command("show")
 def item_show(
     ctx: typer.Context,
-    item_id: Annotated[str, typer.Argument(help="The batch item's id (a UUID).")],
+    item_id: str,
     reveal: Reveal = False,
     as_json: Json = False,
 ) -> None:
-    """Where an item went and why: per blueprint step, its state, function, call and config."""
+    """Where an item went and why: per blueprint step, its state, function, call and config.
+
+    Args:
+        item_id: The batch item's id (a UUID).
+    """
     from wsctl.cli import output
     from wsctl.item_report import item_report
 
@@ -136,12 +139,7 @@ def item_show(
 
 def doctor(
     ctx: typer.Context,
-    check_modal: Annotated[
-        bool,
-        typer.Option(
-            "--check-modal", help="Also look every registry function up in the Modal app."
-        ),
-    ] = False,
+    check_modal: Annotated[bool, typer.Option("--check-modal")] = False,
     app: Annotated[str | None, setting_option("--app")] = None,
     modal_environment: Annotated[str | None, setting_option("--modal-environment")] = None,
     backend: Annotated[
@@ -151,10 +149,15 @@ def doctor(
         ),
     ] = None,
     callback_timeout: CallbackTimeout = None,
-    top: Annotated[int, typer.Option("--top", min=1, help="Most rows listed per check.")] = 10,
+    top: Annotated[int, typer.Option("--top", min=1)] = 10,
     as_json: Json = False,
 ) -> None:
-    """Check the database, schema, data and Modal; exit 1 when any check FAILs."""
+    """Check the database, schema, data and Modal; exit 1 when any check FAILs.
+
+    Args:
+        check_modal: Also look every registry function up in the Modal app.
+        top: Most rows listed per check.
+    """
     from wsctl.cli import output
     from wsctl.doctor import doctor as run_doctor
 

@@ -31,27 +31,24 @@ def _describe(lim) -> str:
 @limit_app.command("set")
 def limit_set(
     ctx: typer.Context,
-    key: Annotated[str, typer.Argument(help="The limit key, e.g. clay:acme-workspace.")],
-    rate: Annotated[
-        str | None,
-        typer.Option("--rate", metavar="N/s|N/m|N/h", help="Spawns per second, minute or hour."),
-    ] = None,
-    burst: Annotated[
-        int | None,
-        typer.Option("--burst", help="Spawns allowed at once above the rate (default: 1 s worth)."),
-    ] = None,
-    max_in_flight: Annotated[
-        int | None, typer.Option("--max-in-flight", help="States in flight at once under the key.")
-    ] = None,
-    no_rate: Annotated[
-        bool, typer.Option("--no-rate", help="Drop the rate (keep the cap).")
-    ] = False,
-    no_max_in_flight: Annotated[
-        bool, typer.Option("--no-max-in-flight", help="Drop the cap (keep the rate).")
-    ] = False,
+    key: str,
+    rate: Annotated[str | None, typer.Option("--rate", metavar="N/s|N/m|N/h")] = None,
+    burst: Annotated[int | None, typer.Option("--burst")] = None,
+    max_in_flight: Annotated[int | None, typer.Option("--max-in-flight")] = None,
+    no_rate: Annotated[bool, typer.Option("--no-rate")] = False,
+    no_max_in_flight: Annotated[bool, typer.Option("--no-max-in-flight")] = False,
     as_json: Json = False,
 ) -> None:
-    """Define a limit, or change the parts given."""
+    """Define a limit, or change the parts given.
+
+    Args:
+        key: The limit key, e.g. clay:acme-workspace.
+        rate: Spawns per second, minute or hour.
+        burst: Spawns allowed at once above the rate (default: 1 s worth).
+        max_in_flight: States in flight at once under the key.
+        no_rate: Drop the rate (keep the cap).
+        no_max_in_flight: Drop the cap (keep the rate).
+    """
     from wsctl import limits
     from wsctl.cli import output
 

@@ -7,51 +7,34 @@ from typing import Annotated
 
 import typer
 
-from wsctl.cli.common import Json, state
+from wsctl.cli.common import BatchIds, Json, state
 
 
 def prune(
     ctx: typer.Context,
-    older_than: Annotated[
-        str,
-        typer.Option(
-            "--older-than",
-            help="Prune batches that finished longer ago than this (30d, 12h, 2w, 1d12h).",
-            show_default=False,
-        ),
-    ],
-    batch: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--batch", help="Only this batch (repeatable); refused if it is not prunable."
-        ),
-    ] = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="List what would be pruned; write nothing.")
-    ] = False,
-    archive: Annotated[
-        Path | None,
-        typer.Option(
-            "--archive",
-            help="Append every removed row to this JSON Lines file, fsynced before the delete "
-            "(an interrupted prune resumes it: each row exactly once).",
-        ),
-    ] = None,
-    include_items: Annotated[
-        bool,
-        typer.Option(
-            "--include-items",
-            help="ALSO DELETE THE BATCHES' batch_items, which hold the enrichment results. "
-            "Without it only workflow_states rows are removed.",
-        ),
-    ] = False,
-    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Rows per transaction.")] = 5000,
+    older_than: Annotated[str, typer.Option("--older-than", show_default=False)],
+    batch: BatchIds = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    archive: Annotated[Path | None, typer.Option("--archive")] = None,
+    include_items: Annotated[bool, typer.Option("--include-items")] = False,
+    chunk_size: Annotated[int, typer.Option("--chunk-size")] = 5000,
     as_json: Json = False,
 ) -> None:
     """Remove the workflow_states of batches finished longer ago than --older-than.
 
     Finished: every state COMPLETED, CANCELLED or FAILED. batch_items stay unless
     --include-items. Each chunk is its own short transaction; rerun to resume.
+
+    Args:
+        older_than: Prune batches that finished longer ago than this (30d, 12h, 2w, 1d12h).
+        batch: Only this batch (repeat, or comma-separate, for several); refused if it is not
+            prunable.
+        dry_run: List what would be pruned; write nothing.
+        archive: Append every removed row to this JSON Lines file, fsynced before the delete (an
+            interrupted prune resumes it: each row exactly once).
+        include_items: ALSO DELETE THE BATCHES' batch_items, which hold the enrichment results.
+            Without it only workflow_states rows are removed.
+        chunk_size: Rows per transaction.
     """
     from wsctl import prune as lib
     from wsctl.cli import output
@@ -72,22 +55,27 @@ def prune(
 
         report = lib.prune(
             conn,
-            older_than=older_than,
+            older_than,
             batch_ids=batch,
             dry_run=dry_run,
             archive=archive,
             include_items=include_items,
             chunk_size=chunk_size,
             on_chunk=on_chunk,
-        )
-    if report.archive_truncated_bytes:
-        output.notice(
-            f"resumed archive {report.archive}: cut {report.archive_truncated_bytes} byte(s) an "
-            "interrupted run wrote but never committed"
+            on_resume=_notice_resumed,
         )
     output.show(report, as_json, _render_pruned)
     if report.skipped:
         raise typer.Exit(1)
+
+
+def _notice_resumed(report) -> None:
+    from wsctl.cli import output
+
+    output.notice(
+        f"resuming archive {report.archive}: cut {report.archive_truncated_bytes} byte(s) an "
+        "interrupted run wrote but never committed"
+    )
 
 
 def _render_pruned(report) -> None:
@@ -135,12 +123,14 @@ db_app = typer.Typer(help="Database upkeep for a long-lived pipeline.", no_args_
 @db_app.command("tune")
 def db_tune(
     ctx: typer.Context,
-    apply: Annotated[
-        bool, typer.Option("--apply", help="Set them (otherwise only print).")
-    ] = False,
+    apply: Annotated[bool, typer.Option("--apply")] = False,
     as_json: Json = False,
 ) -> None:
-    """Per-table autovacuum settings for workflow_states: print them, or --apply them."""
+    """Per-table autovacuum settings for workflow_states: print them, or --apply them.
+
+    Args:
+        apply: Set them (otherwise only print).
+    """
     from wsctl import tune
     from wsctl.cli import output
 

@@ -18,46 +18,36 @@ secure_app = typer.Typer(
 @secure_app.callback()
 def secure(
     ctx: typer.Context,
-    apply: Annotated[
-        bool, typer.Option("--apply", help="Apply it (one transaction, idempotent).")
-    ] = False,
-    roles: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--role", help="Also lock this role out of every pipeline table (repeatable)."
-        ),
-    ] = None,
-    leave_roles: Annotated[
-        list[str] | None,
-        typer.Option("--leave-role", help="Leave this role's privileges as they are (repeatable)."),
-    ] = None,
-    tables: Annotated[
-        list[str] | None,
-        typer.Option("--table", help="Also lock down this table of public (repeatable)."),
-    ] = None,
-    leave_tables: Annotated[
-        list[str] | None,
-        typer.Option("--leave-table", help="Leave this pipeline table as it is (repeatable)."),
-    ] = None,
+    apply: Annotated[bool, typer.Option("--apply")] = False,
+    extra_roles: Annotated[list[str] | None, typer.Option("--role")] = None,
+    leave_roles: Annotated[list[str] | None, typer.Option("--leave-role")] = None,
+    extra_tables: Annotated[list[str] | None, typer.Option("--table")] = None,
+    leave_tables: Annotated[list[str] | None, typer.Option("--leave-table")] = None,
     lock_timeout: LockTimeout = "5s",
     as_json: Json = False,
 ) -> None:
     """Revoke anon's privileges on the pipeline tables and wsctl's schema, and authenticated's on
-    client_workflow_configs and wsctl's schema; policies are never dropped or changed."""
+    client_workflow_configs and wsctl's schema; policies are never dropped or changed.
+
+    Args:
+        apply: Apply it (one transaction, idempotent).
+        extra_roles: Also lock this role out of every pipeline table (repeatable).
+        leave_roles: Leave this role's privileges as they are (repeatable).
+        extra_tables: Also lock down this table of public (repeatable).
+        leave_tables: Leave this pipeline table as it is (repeatable).
+    """
     if ctx.invoked_subcommand is not None:
         return
     from wsctl import security
     from wsctl.cli import output
 
-    report = state(ctx).call(
-        security.secure,
-        apply=apply,
-        extra_roles=roles,
-        leave_roles=leave_roles,
-        extra_tables=tables,
-        leave_tables=leave_tables,
-        lock_timeout=lock_timeout,
+    scope = security.Scope(
+        extra_roles=extra_roles or (),
+        leave_roles=leave_roles or (),
+        extra_tables=extra_tables or (),
+        leave_tables=leave_tables or (),
     )
+    report = state(ctx).call(security.secure, scope, apply=apply, lock_timeout=lock_timeout)
     output.show(report, as_json, _render_secure)
 
 
@@ -68,8 +58,7 @@ def _render_secure(report) -> None:
         output.notice(f"no role {role} in this database: nothing to do for it")
     if not report.revocations:
         output.line("nothing to change: the Data API roles hold nothing wsctl would revoke")
-        for text in report.remaining:
-            output.warn(text)
+        output.warn(*report.remaining)
         return
     if not report.applied:
         output.line("-- the lock-down (nothing changed; run `wsctl secure --apply` to apply it):")
@@ -80,18 +69,21 @@ def _render_secure(report) -> None:
         output.line(f"{verb}: {text}")
     if report.applied:
         output.line(f"revoked {len(report.revocations)} grant(s); no policy was changed")
-    for text in report.remaining:
-        output.warn(text)
+    output.warn(*report.remaining)
 
 
 @secure_app.command("grant-worker")
 def grant_worker(
     ctx: typer.Context,
-    role: Annotated[str, typer.Argument(help="The role your Modal functions log in as.")],
+    role: str,
     lock_timeout: LockTimeout = "5s",
     as_json: Json = False,
 ) -> None:
-    """Grant ROLE what the worker helpers need (wsctl.worker, wsctl.complete_step, ...)."""
+    """Grant ROLE what the worker helpers need (wsctl.worker, wsctl.complete_step, ...).
+
+    Args:
+        role: The role your Modal functions log in as.
+    """
     from wsctl import security
     from wsctl.cli import output
 

@@ -12,20 +12,17 @@ from wsctl.cli.common import Json, state
 
 def init(
     ctx: typer.Context,
-    database_url: Annotated[
-        str | None,
-        typer.Option(
-            "--database-url", help="URL to write into the file (default: the global option)."
-        ),
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Overwrite an existing wsctl.toml.")
-    ] = False,
-    path: Annotated[Path, typer.Option("--path", help="Where to write the file.")] = Path(
-        "wsctl.toml"
-    ),
+    database_url: Annotated[str | None, typer.Option("--database-url")] = None,
+    force: Annotated[bool, typer.Option("--force")] = False,
+    path: Annotated[Path, typer.Option("--path")] = Path("wsctl.toml"),
 ) -> None:
-    """Write a commented wsctl.toml in the current directory (mode 0600: it may hold a password)."""
+    """Write a commented wsctl.toml in the current directory (mode 0600: it may hold a password).
+
+    Args:
+        database_url: URL to write into the file (default: the global option).
+        force: Overwrite an existing wsctl.toml.
+        path: Where to write the file.
+    """
     from wsctl.cli.output import line
     from wsctl.settings import write_init_file
 
@@ -51,28 +48,20 @@ def show_settings(ctx: typer.Context, as_json: Json = False) -> None:
 
 def migrate(
     ctx: typer.Context,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the SQL of pending files.")
-    ] = False,
-    show_status: Annotated[
-        bool,
-        typer.Option(
-            "--status", help="List applied, pending and changed migrations (exit 1 if any pending)."
-        ),
-    ] = False,
-    lock_timeout: Annotated[
-        float, typer.Option("--lock-timeout", help="Seconds to wait for another migrate's lock.")
-    ] = 60.0,
-    ddl_lock_timeout: Annotated[
-        str,
-        typer.Option(
-            "--ddl-lock-timeout",
-            help="Longest wait of a schema change for a table lock (PostgreSQL interval).",
-        ),
-    ] = "10s",
+    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    show_status: Annotated[bool, typer.Option("--status")] = False,
+    lock_timeout: Annotated[float, typer.Option("--lock-timeout")] = 60.0,
+    ddl_lock_timeout: Annotated[str, typer.Option("--ddl-lock-timeout")] = "10s",
     as_json: Json = False,
 ) -> None:
-    """Bring the database schema up to date (needs a direct or session-mode connection)."""
+    """Bring the database schema up to date (needs a direct or session-mode connection).
+
+    Args:
+        dry_run: Print the SQL of pending files.
+        show_status: List applied, pending and changed migrations (exit 1 if any pending).
+        lock_timeout: Seconds to wait for another migrate's lock.
+        ddl_lock_timeout: Longest wait of a schema change for a table lock (PostgreSQL interval).
+    """
     from wsctl import migrations
     from wsctl.cli import output
     from wsctl.errors import EnvError

@@ -87,13 +87,15 @@ def _render(st) -> None:
 def stats(
     ctx: typer.Context,
     workstream: WorkstreamFilter = None,
-    prometheus: Annotated[
-        bool, typer.Option("--prometheus", help="Print Prometheus's text exposition format.")
-    ] = False,
+    prometheus: Annotated[bool, typer.Option("--prometheus")] = False,
     callback_timeout: CallbackTimeout = None,
     as_json: Json = False,
 ) -> None:
-    """States per workstream, step and status; backlog, recent rates, reasons (read only)."""
+    """States per workstream, step and status; backlog, recent rates, reasons (read only).
+
+    Args:
+        prometheus: Print Prometheus's text exposition format.
+    """
     import sys
 
     from wsctl.cli import output

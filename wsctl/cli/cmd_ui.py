@@ -11,29 +11,25 @@ from wsctl.cli.common import CallbackTimeout, state
 
 def ui(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[
-        int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")
-    ] = 8765,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8765,
     token: Annotated[
-        str | None,
-        typer.Option(
-            "--token",
-            envvar="WSCTL_UI_TOKEN",
-            help="Required on every request (Bearer header, or once as ?token= in the URL). "
-            "Off a loopback address one is generated and printed when none is given.",
-            show_default=False,
-        ),
+        str | None, typer.Option("--token", envvar="WSCTL_UI_TOKEN", show_default=False)
     ] = None,
-    open_browser: Annotated[
-        bool, typer.Option("--open", help="Open the dashboard in a browser.")
-    ] = False,
-    refresh: Annotated[
-        int, typer.Option("--refresh", min=0, help="Seconds between reloads (0: none).")
-    ] = 5,
+    open_browser: Annotated[bool, typer.Option("--open")] = False,
+    refresh: Annotated[int, typer.Option("--refresh", min=0)] = 5,
     callback_timeout: CallbackTimeout = None,
 ) -> None:
-    """Serve a read-only dashboard: batches, reasons, items, and /metrics for Prometheus."""
+    """Serve a read-only dashboard: batches, reasons, items, and /metrics for Prometheus.
+
+    Args:
+        host: Address to listen on.
+        port: Port (0: any free one).
+        token: Required on every request (Bearer header, or once as ?token= in the URL). Off a
+            loopback address one is generated and printed when none is given.
+        open_browser: Open the dashboard in a browser.
+        refresh: Seconds between reloads (0: none).
+    """
     import secrets
 
     from wsctl import db

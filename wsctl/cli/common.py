@@ -100,6 +100,12 @@ def state(ctx: typer.Context) -> CliState:
     return root.obj
 
 
+def _split_commas(values: list[str] | None) -> list[str] | None:
+    """A repeatable option's values, each of which may list several, comma-separated."""
+    parts = [part.strip() for value in values or () for part in value.split(",") if part.strip()]
+    return parts or None
+
+
 def choices(enum: type[Enum]) -> str:
     """The metavar of an option taking one of an Enum's values: ``[modal|local]``."""
     return "[" + "|".join(str(member.value) for member in enum) + "]"
@@ -127,7 +133,9 @@ def setting_option(flag: str, *, about: str | None = None, **kwargs: Any) -> Any
 # everywhere) as an ``Annotated`` type; a command gives the default, if any, in its signature:
 # ``as_json: Json = False``, ``client: Client`` (required). Command modules import these at
 # module level: Typer reads the string annotations (``from __future__ import annotations``)
-# with the module's globals.
+# with the module's globals. A command's own parameters carry no help here: it is in the
+# ``Args:`` section of the command's docstring (``app.param_docs``), which may also give a
+# shared one a help of its own.
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 Reveal = Annotated[bool, typer.Option("--reveal", help="Print secrets instead of ***.")]
 Client = Annotated[str, typer.Option("--client", help="Client name or id.")]
@@ -137,6 +145,14 @@ WorkstreamFilter = Annotated[str | None, typer.Option("--workstream", help="Only
 Step = Annotated[str, typer.Option("--step", "--workflow", help="Workflow step slug.")]
 StepFilter = Annotated[str | None, typer.Option("--step", "--workflow", help="Only this step.")]
 BatchId = Annotated[str, typer.Argument(help="Batch id.")]
+BatchIds = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--batch",
+        callback=_split_commas,
+        help="Only this batch (repeat, or comma-separate, for several).",
+    ),
+]
 LimitKey = Annotated[str, typer.Argument(help="The limit key.")]
 LockTimeout = Annotated[
     str,

@@ -184,8 +184,10 @@ def generated_secret_notice(text: str) -> None:
         stream.write(line)
 
 
-def warn(text: str) -> None:
-    sys.stderr.write(f"wsctl: warning: {' '.join(str(text).split())}\n")
+def warn(*texts: str) -> None:
+    """One ``wsctl: warning:`` line on stderr per text (each folded onto one line)."""
+    for text in texts:
+        sys.stderr.write(f"wsctl: warning: {' '.join(str(text).split())}\n")
 
 
 _STATUS_STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
