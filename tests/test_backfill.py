@@ -280,13 +280,16 @@ def test_enforce_that_can_succeed_runs_the_backfill_and_adds_the_check(conn, run
         (("--batch", "not-a-uuid"), "expected a UUID"),
         (("--batch", "00000000-0000-4000-8000-000000000000"), "no batch with id"),
         (("--chunk-size", "0"), "--chunk-size must be between"),
+        (("--batch", ""), "Invalid value for '--batch': names no id"),
+        (("--batch", " , "), "Invalid value for '--batch': names no id"),
     ],
 )
 def test_refusals_change_nothing(legacy, run_cli, args, message):
     url, conn, _ = legacy
     before = table_snapshot(conn)
     r = run_cli("backfill", "workstream-slug", *args, url=url)
-    assert r.code == (2 if args[0] == "--chunk-size" else 1)  # a usage error, as in prune
+    usage = args[0] == "--chunk-size" or not args[1].strip(" ,")
+    assert r.code == (2 if usage else 1)  # usage errors as in prune
     assert message in r.err and len(r.err.strip().splitlines()) == 1
     assert table_snapshot(conn) == before and progress_rows(conn) == []
 
@@ -449,7 +452,7 @@ def test_a_resumed_run_says_so_before_it_walks(conn, run_cli, db_url):
         backfill.backfill_workstream_slug(conn, chunk_size=2, on_chunk=stop_after_first)
     r = run_cli("backfill", "workstream-slug", "--chunk-size", "2", "--json", url=db_url)
     assert r.code == 0, r.err
-    assert f"wsctl: resuming after batch {ids[1]} (checkpoint of " in r.err
+    assert r.err.count(f"wsctl: resuming after batch {ids[1]} (checkpoint of ") == 1
     assert json.loads(r.out)["resumed_after"] == str(ids[1])
     fresh = run_cli("backfill", "workstream-slug", url=db_url)
     assert fresh.code == 0 and "resuming" not in fresh.err

@@ -263,6 +263,7 @@ GOOD_ROW = '[[registry]]\nstep = "a"\nworkstream = "w"\ntype = "sync"\nsender = 
         (GOOD_ROW + '[[registry]]\nstep = "c"\nworkstream = "w"\ntype = "sync"\n', "row 2: missing sender"),
         (GOOD_ROW + '[[registry]]\nstep = "c"\nworkstream = "w"\ntype = "sync"\nsender = "s"\ncolour = "x"\n', "unknown key(s): colour"),
         (GOOD_ROW + GOOD_ROW, "already defined by row 1"),
+        (GOOD_ROW + '[[registry]]\nstep = "c"\nworkstream = "w"\ntype = "batch"\nsender = "s"\n', "registry row 2: invalid type 'batch': use sync or async"),
         (GOOD_ROW + f'[[registry]]\nstep = "c"\nworkstream = "w"\ntype = "sync"\nsender = "{HOSTILE}"\n', "invalid sender"),
         (GOOD_ROW + '[[registry]]\nstep = "c"\nworkflow = "c"\nworkstream = "w"\ntype = "sync"\nsender = "s"\n', "row 2: give step or workflow (its old name), not both"),
         ('registry = "nope"', "expected one or more [[registry]] tables"),

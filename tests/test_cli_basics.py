@@ -80,6 +80,8 @@ def test_param_docs_reads_an_args_section():
     assert param_docs("No section.") == ("No section.", {})
     with pytest.raises(ValueError, match="cannot read"):
         param_docs("Do it.\n\nArgs:\nnot indented: x\n")
+    with pytest.raises(ValueError, match="'a' documented twice"):
+        param_docs("Do it.\n\nArgs:\n    a: One.\n    a: Two.\n")
 
 
 def test_a_docstring_that_documents_a_missing_parameter_fails_loudly():

@@ -346,10 +346,20 @@ def test_an_uncommitted_archive_tail_is_cut_and_said(conn, client, cli, tmp_path
     _finished_batch(conn, client, 2)
     r = cli("prune", "--older-than", "30d", "--archive", str(archive), "--json")
     assert r.code == 0, r.err
-    assert f"wsctl: resuming archive {archive.resolve()}: cut {len(tail)} byte(s)" in r.err
+    assert r.err.count(f"wsctl: resuming archive {archive.resolve()}: cut {len(tail)} byte(s)") == 1
     assert r.json()["archive_truncated_bytes"] == len(tail)
     assert archive.read_bytes().startswith(committed) and _lines(archive) == first + 4
     assert all(line["row"]["id"] for line in _archive(archive))
+
+
+@pytest.mark.parametrize("value", ["", ",", " , "])
+def test_an_empty_batch_value_is_refused_not_taken_for_every_batch(conn, client, cli, value):
+    """`--batch "$ID"` with $ID unset must not prune every finished batch."""
+    _finished_batch(conn, client, 2)
+    before = table_snapshot(conn, ["workflow_states"])
+    r = cli("prune", "--older-than", "30d", "--batch", value)
+    assert r.code == 2 and "Invalid value for '--batch': names no id" in r.err
+    assert table_snapshot(conn, ["workflow_states"]) == before
 
 
 def test_batch_takes_several_ids_comma_separated(conn, client, cli):

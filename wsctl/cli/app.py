@@ -115,9 +115,11 @@ def param_docs(doc: str) -> tuple[str, dict[str, str]]:
         entry = line[4:] if line.startswith("    ") and not line.startswith("     ") else ""
         if entry and ":" in entry:
             name, _, about = entry.partition(":")
+            if name in docs:
+                raise ValueError(f"Args: {name!r} documented twice")
             docs[name] = about.strip()
         elif line.startswith("        ") and name:
-            docs[name] += " " + line.strip()
+            docs[name] = f"{docs[name]} {line.strip()}".strip()
         elif line.strip():
             raise ValueError(f"Args: cannot read {line.strip()!r}")
     return text.rstrip(), docs
@@ -162,8 +164,9 @@ def command():
 
 
 def _register() -> None:
-    # Each command module imports only typer at its top (the work is imported lazily
-    # inside each command), so registering all of them costs nothing measurable.
+    # Each command module imports at its top only typer and wsctl's light modules (settings,
+    # domain: no psycopg, modal or rich; the work is imported lazily inside each command),
+    # so registering all of them costs a few milliseconds.
     from wsctl.cli import (
         cmd_batch,
         cmd_catalog,

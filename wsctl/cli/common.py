@@ -101,9 +101,16 @@ def state(ctx: typer.Context) -> CliState:
 
 
 def _split_commas(values: list[str] | None) -> list[str] | None:
-    """A repeatable option's values, each of which may list several, comma-separated."""
-    parts = [part.strip() for value in values or () for part in value.split(",") if part.strip()]
-    return parts or None
+    """A repeatable option's values, each of which may list several, comma-separated.
+
+    Given but empty (``--batch ""``, an unset shell variable) is a usage error, never "not
+    given": for prune, no ``--batch`` means every finished batch."""
+    if not values:
+        return None
+    parts = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    if not parts:
+        raise typer.BadParameter("names no id (an empty value?)")
+    return parts
 
 
 def choices(enum: type[Enum]) -> str:
