@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -97,12 +98,20 @@ def bench_sleepy(admin: str, app: str, n: int, concurrency: int) -> dict:
             journal=Journal(tempfile.mkdtemp(prefix="wsctl-bench-journal-")),
         )
     ideal = n * 0.02 / concurrency
+    # The same sleeps on a bare thread pool, no database, in the same run: what this machine
+    # makes of the ideal today (its timers and thread switches), to read the ratio against.
+    t = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda _: time.sleep(0.02), range(n)))
+    bare = time.perf_counter() - t
     return {
         "items": n,
         "concurrency": concurrency,
         "seconds": s.seconds,
         "ideal": ideal,
         "ratio_to_ideal": round(s.seconds / ideal, 3),
+        "bare_threads_seconds": round(bare, 3),
+        "bare_threads_ratio_to_ideal": round(bare / ideal, 3),
     }
 
 
