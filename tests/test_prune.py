@@ -352,6 +352,15 @@ def test_an_uncommitted_archive_tail_is_cut_and_said(conn, client, cli, tmp_path
     assert all(line["row"]["id"] for line in _archive(archive))
 
 
+@pytest.mark.parametrize("size", ["0", "100001"])
+def test_a_chunk_size_out_of_range_is_a_usage_error(conn, client, cli, size):
+    _finished_batch(conn, client, 2)
+    before = table_snapshot(conn, ["workflow_states"])
+    r = cli("prune", "--older-than", "30d", "--chunk-size", size)
+    assert r.code == 2 and "--chunk-size must be between 1 and 100000" in r.err
+    assert table_snapshot(conn, ["workflow_states"]) == before
+
+
 @pytest.mark.parametrize("value", ["", ",", " , "])
 def test_an_empty_batch_value_is_refused_not_taken_for_every_batch(conn, client, cli, value):
     """`--batch "$ID"` with $ID unset must not prune every finished batch."""

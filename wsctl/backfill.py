@@ -34,8 +34,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from wsctl.db import first_line, settings_of, tx
-from wsctl.domain import Inference, infer_workstreams, parse_uuid, validate_slug
-from wsctl.errors import NotFound, OperationalError, UsageError
+from wsctl.domain import (
+    Inference,
+    check_chunk_size,
+    infer_workstreams,
+    parse_uuid,
+    validate_slug,
+)
+from wsctl.errors import NotFound, OperationalError
 from wsctl.jsondoc import OMIT, JsonDoc
 from wsctl.queries import column, named, q, scalar
 
@@ -45,7 +51,6 @@ if TYPE_CHECKING:
 JOB = "workstream_slug"
 CHECK_NAME = "batches_workstream_slug_not_null"
 DEFAULT_CHUNK_SIZE = 1000
-MAX_CHUNK_SIZE = 100_000
 
 
 @dataclass(frozen=True)
@@ -217,8 +222,7 @@ def backfill_workstream_slug(
     pass too, with phase "check"); ``on_resume`` once, before the walk, when it
     takes up an interrupted run's checkpoint (``report.resumed_after``).
     """
-    if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
-        raise UsageError(f"--chunk-size must be between 1 and {MAX_CHUNK_SIZE}")
+    check_chunk_size(chunk_size)
     import psycopg
 
     lock_timeout = lock_timeout or settings_of(conn).lock_timeout

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from wsctl.errors import OperationalError
+from wsctl.errors import OperationalError, UsageError
 from wsctl.queries import named, q, rows_as
 
 if TYPE_CHECKING:
@@ -54,6 +54,17 @@ def validate_filters(*, workstream: str | None, step: str | None) -> None:
         validate_slug(workstream, "workstream slug")
     if step is not None:
         validate_slug(step, "step slug")
+
+
+MAX_CHUNK_SIZE = 100_000
+
+
+def check_chunk_size(chunk_size: int) -> int:
+    """``--chunk-size`` of the long maintenance runs (backfill, prune): 1 to 100,000 rows or
+    batches per transaction, else a usage error (exit 2)."""
+    if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise UsageError(f"--chunk-size must be between 1 and {MAX_CHUNK_SIZE}")
+    return chunk_size
 
 
 def parse_uuid(value: str, what: str = "id") -> uuid.UUID:

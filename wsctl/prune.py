@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from wsctl.db import tx
-from wsctl.domain import parse_uuid
+from wsctl.domain import check_chunk_size, parse_uuid
 from wsctl.errors import NotFound, OperationalError, UsageError
 from wsctl.jsondoc import JsonDoc, fields_doc
 from wsctl.queries import named, one, q, scalar
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     import psycopg
 
 DEFAULT_CHUNK_SIZE = 5000
-MAX_CHUNK_SIZE = 100_000
 LOCK_TIMEOUT = "2s"
 # A chunk that cannot get its locks (a dispatcher or callback holds the batch) is retried
 # this many times, then the batch is left for the next run.
@@ -295,8 +294,7 @@ def prune(
     (``report.archive_truncated_bytes``).
     """
     age = parse_duration(older_than)
-    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
-        raise UsageError(f"--chunk-size must be between 1 and {MAX_CHUNK_SIZE}")
+    check_chunk_size(chunk_size)
     ids = [parse_uuid(b, "batch id") for b in batch_ids] if batch_ids else None
     report = PruneReport(
         older_than=older_than,

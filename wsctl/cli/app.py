@@ -133,9 +133,9 @@ def _document(cmd) -> None:
     doc = inspect.getdoc(callback) if callback is not None else None
     if not doc:
         return
-    _, docs = param_docs(doc)
-    if cmd.help:
-        cmd.help = param_docs(cmd.help)[0]
+    text, docs = param_docs(doc)
+    if cmd.help == doc:  # the help is the docstring (not a help= of its own): drop Args:
+        cmd.help = text
     params = {param.name: param for param in cmd.params}
     for name, about in docs.items():
         if name not in params:

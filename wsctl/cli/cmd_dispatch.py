@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from wsctl.cli.common import Json, choices, setting_option, state
+from wsctl.cli.common import CallbackTimeout, Json, choices, setting_option, state
 from wsctl.settings import Backend
 
 
@@ -26,7 +26,7 @@ def dispatch(
     lease_seconds: Annotated[int | None, setting_option("--lease-seconds")] = None,
     spawn_timeout: Annotated[float | None, setting_option("--spawn-timeout")] = None,
     max_attempts: Annotated[int | None, setting_option("--max-attempts")] = None,
-    callback_timeout: Annotated[int | None, setting_option("--callback-timeout")] = None,
+    callback_timeout: CallbackTimeout = None,
     max_seconds: Annotated[float | None, setting_option("--max-seconds")] = None,
     grace: Annotated[float | None, setting_option("--grace")] = None,
     no_reconcile: Annotated[bool, typer.Option("--no-reconcile")] = False,
